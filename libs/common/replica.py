@@ -1,0 +1,244 @@
+"""The replica process: one engine (the weights, loaded once) hosting a swappable phase role.
+
+`python -m thunderserve.prefill` and `python -m thunderserve.decode` both run `ReplicaHost`;
+they differ only in the role it starts with. A role is found by name (`ROLE_MODULES`), so
+this shared library never imports a service statically, and a plan can flip a running
+replica's phase: the host drains the old role and starts the other, the engine stays.
+
+The host owns what outlives a role: the NATS connection, the heartbeat, the abort
+subscription, the KV channel endpoints and the threads that run model work off the loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import os
+import signal
+import socket
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
+
+import nats
+from thunderserve.common import config, protocol
+from thunderserve.common.engine import Engine
+from thunderserve.common.kvchannel import ChannelClient, ChannelHost
+from thunderserve.common.protocol import Abort, ControlCommand, Heartbeat, Subjects
+
+log = logging.getLogger(__name__)
+
+ROLE_MODULES = {"prefill": "thunderserve.prefill.role", "decode": "thunderserve.decode.role"}
+HEARTBEAT_INTERVAL_S = 0.5
+
+
+class PhaseRole(Protocol):
+    """What a phase role gives its host. Each role module exposes `create_role(host) -> PhaseRole`."""
+
+    phase: str
+
+    async def start(self) -> None: ...
+
+    async def drain(self) -> None:
+        """Stop taking new work and return once everything taken has finished."""
+
+    async def stop(self) -> None: ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    def load(self) -> tuple[int, int, int]:
+        """(running, waiting, capacity)."""
+
+
+def load_role(phase: str, host: ReplicaHost) -> PhaseRole:
+    if phase not in ROLE_MODULES:
+        raise ValueError(f"unknown phase {phase!r}; choose one of {', '.join(ROLE_MODULES)}")
+    return importlib.import_module(ROLE_MODULES[phase]).create_role(host)
+
+
+class ReplicaHost:
+    def __init__(self, args: argparse.Namespace, phase: str):
+        self.args = args
+        self.phase = phase
+        self.replica_id: str = args.replica_id or f"{phase}-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+        self.subjects = Subjects(args.subject_prefix)
+        self.engine: Engine | None = None
+        self.nc: nats.NATS | None = None
+        self.role: PhaseRole | None = None
+        self.state = "starting"
+        self.plan_epoch = 0
+        # One thread runs the model (torch work is serial per replica); others move KV.
+        self.model_executor = ThreadPoolExecutor(1, thread_name_prefix="model")
+        self.channel_executor = ThreadPoolExecutor(8, thread_name_prefix="kvchannel")
+        self._channel_host: ChannelHost | None = None
+        self.channel_client = ChannelClient(timeout_s=args.channel_timeout)
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+
+    # --- shared resources for roles ---------------------------------------------------------
+
+    @property
+    def channel_host(self) -> ChannelHost:
+        if self._channel_host is None:
+            self._channel_host = ChannelHost(
+                host=self.args.channel_host, port=self.args.channel_port, timeout_s=self.args.channel_timeout
+            )
+        return self._channel_host
+
+    def publish_soon(self, subject: str, message, headers: dict | None = None) -> None:
+        """Publish from any thread (the decode step loop publishes tokens this way)."""
+        data = protocol.encode(message)
+        self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._publish(subject, data, headers)))
+
+    async def _publish(self, subject: str, data: bytes, headers: dict | None) -> None:
+        try:
+            await self.nc.publish(subject, data, headers=headers)
+        except Exception as exc:  # a closed connection during shutdown is not worth a crash
+            log.warning("publish to %s failed: %s", subject, exc)
+
+    # --- life cycle -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.loop.add_signal_handler(sig, self._stop.set)
+        log.info("%s: loading model %s", self.replica_id, self.args.model)
+        self.engine = await self.loop.run_in_executor(
+            self.model_executor, lambda: Engine(self.args.model, self.args.dtype, self.args.threads)
+        )
+        self.nc = await nats.connect(
+            self.args.nats, name=self.replica_id, max_reconnect_attempts=-1, reconnect_time_wait=0.5
+        )
+        await self.nc.subscribe(self.subjects.abort, cb=self._on_abort)
+        await self.nc.subscribe(self.subjects.control(self.replica_id), cb=self._on_control)
+        self.role = load_role(self.phase, self)
+        await self.role.start()
+        self.state = "ready"
+        self._tasks.append(asyncio.create_task(self._heartbeat_loop()))
+        log.info("%s: ready as %s (model %s)", self.replica_id, self.phase, self.engine.name)
+        await self._stop.wait()
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        log.info("%s: stopping (draining in-flight work)", self.replica_id)
+        self.state = "stopping"
+        await self._send_heartbeat()
+        if self.role is not None:
+            try:
+                await asyncio.wait_for(self.role.drain(), timeout=self.args.drain_timeout)
+            except TimeoutError:
+                log.warning("%s: drain timed out; stopping anyway", self.replica_id)
+            await self.role.stop()
+        for task in self._tasks:
+            task.cancel()
+        if self.nc is not None and not self.nc.is_closed:
+            await self.nc.drain()
+        self.model_executor.shutdown(wait=False, cancel_futures=True)
+        self.channel_executor.shutdown(wait=False, cancel_futures=True)
+
+    async def set_phase(self, phase: str) -> None:
+        """Swap the phase role in place: drain the old one, start the new one; weights stay."""
+        if phase == self.phase:
+            return
+        new_role = load_role(phase, self)  # validate the name before draining anything
+        self.state = "draining"
+        await self._send_heartbeat()
+        await self.role.drain()
+        await self.role.stop()
+        self.role, self.phase = new_role, phase
+        await self.role.start()
+        self.state = "ready"
+        await self._send_heartbeat()
+        log.info("%s: now serving %s", self.replica_id, phase)
+
+    # --- NATS handlers ----------------------------------------------------------------------
+
+    async def _on_abort(self, msg) -> None:
+        try:
+            abort = protocol.decode(Abort, msg.data)
+        except protocol.ProtocolError as exc:
+            log.warning("bad abort message: %s", exc)
+            return
+        if self.role is not None:
+            self.role.abort(abort.request_id)
+
+    async def _on_control(self, msg) -> None:
+        try:
+            command = protocol.decode(ControlCommand, msg.data)
+            if command.phase:
+                await self.set_phase(command.phase)
+            reply = {"ok": True, "phase": self.phase}
+        except Exception as exc:
+            reply = {"ok": False, "error": str(exc)}
+        if msg.reply:
+            await msg.respond(protocol.encode(reply))
+
+    def heartbeat(self) -> Heartbeat:
+        running, waiting, capacity = self.role.load() if self.role else (0, 0, 0)
+        endpoint = self._channel_host.endpoint if self._channel_host is not None else ""
+        return Heartbeat(
+            replica_id=self.replica_id,
+            phase=self.phase,
+            model=self.engine.name if self.engine else "",
+            endpoint=endpoint,
+            running=running,
+            waiting=waiting,
+            capacity=capacity,
+            plan_epoch=self.plan_epoch,
+            state=self.state,
+            max_context=self.engine.max_context if self.engine else 0,
+        )
+
+    async def _send_heartbeat(self) -> None:
+        if self.nc is None or self.nc.is_closed:
+            return
+        try:
+            await self.nc.publish(self.subjects.heartbeat(self.replica_id), protocol.encode(self.heartbeat()))
+        except Exception as exc:
+            log.debug("heartbeat failed: %s", exc)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await self._send_heartbeat()
+            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+
+
+def build_parser(phase: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"python -m thunderserve.{phase}",
+        description=f"A ThunderServe replica that starts in the {phase} phase. It loads the model "
+        "once, serves its phase over NATS, and can be flipped to the other phase by a plan "
+        "without reloading weights.",
+    )
+    config.add_nats_args(parser)
+    config.add_model_args(parser)
+    group = parser.add_argument_group("replica")
+    group.add_argument("--replica-id", default=config.env("REPLICA_ID", ""),
+                       help="unique name of this replica (default: <phase>-<host>-<random>)")
+    group.add_argument("--kv-codec", default=config.env("KV_CODEC", None),
+                       help="KV codec for transfers this replica sends (default: the codec library's default)")
+    group.add_argument("--max-batch", type=int, default=config.env("MAX_BATCH", 64, int),
+                       help="decode: most sequences in the running batch (default 64)")
+    group.add_argument("--channel-host", default=config.env("CHANNEL_HOST", "127.0.0.1"),
+                       help="decode: address the KV channel rendezvous listens on and advertises")
+    group.add_argument("--channel-port", type=int, default=config.env("CHANNEL_PORT", 0, int),
+                       help="decode: port of the KV channel rendezvous (0 = any free port)")
+    group.add_argument("--channel-timeout", type=float, default=config.env("CHANNEL_TIMEOUT", 30.0, float),
+                       help="seconds a KV transfer may take before it fails (default 30)")
+    group.add_argument("--drain-timeout", type=float, default=config.env("DRAIN_TIMEOUT", 30.0, float),
+                       help="seconds to finish in-flight work on shutdown or phase change (default 30)")
+    config.add_logging_args(parser)
+    return parser
+
+
+def main(phase: str, argv: list[str] | None = None) -> int:
+    args = build_parser(phase).parse_args(argv)
+    logging.basicConfig(level=args.log_level, format=f"%(asctime)s {phase} %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        asyncio.run(ReplicaHost(args, phase).run())
+    except KeyboardInterrupt:
+        pass
+    return 0

@@ -1,0 +1,138 @@
+"""Per-request token choice and output bookkeeping, shared by both phase roles.
+
+`sample_token` turns one position's logits into a token under a request's SamplingParams
+(logit bias, min_tokens, temperature, top-p, a per-request seed). `OutputTracker` keeps
+the generated tokens, turns them into text deltas (never splitting a UTF-8 character or
+leaking the start of a stop string) and decides when the request is finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+from thunderserve.common.protocol import SamplingParams
+
+
+def _generator(seed: int, step: int) -> torch.Generator:
+    # One generator per (seed, step): the same seed gives the same tokens whichever
+    # replica draws a step, so a request can move between replicas and stay reproducible.
+    digest = hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+
+
+def sample_token(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    step: int,
+    eos_token_ids: frozenset[int],
+) -> int:
+    """Choose the token at generation step `step` (0 = the first generated token)."""
+    logits = logits.float()
+    if params.logit_bias:
+        logits = logits.clone()
+        for token, bias in params.logit_bias.items():
+            if 0 <= token < logits.shape[-1]:
+                logits[token] += bias
+    if step < params.min_tokens and not params.ignore_eos:
+        logits = logits.clone()
+        for token in eos_token_ids | set(params.stop_token_ids):
+            if 0 <= token < logits.shape[-1]:
+                logits[token] = float("-inf")
+    if params.greedy:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        cumulative = torch.cumsum(sorted_probs, dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+        cut = cumulative - sorted_probs > params.top_p
+        sorted_probs[cut] = 0.0
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    generator = _generator(params.seed, step) if params.seed is not None else None
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@dataclass
+class StepOutput:
+    text: str  # new text to send (may be empty while a character or stop string is pending)
+    finish_reason: str | None  # "stop" | "length" | None
+
+
+@dataclass
+class OutputTracker:
+    """The generated side of one request."""
+
+    params: SamplingParams
+    prompt_len: int
+    max_context: int
+    eos_token_ids: frozenset[int]
+    tokenizer: object
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""  # the full decoded text so far (stop strings removed at the end)
+    sent: int = 0  # characters of `text` already sent
+    finish_reason: str | None = None
+
+    def add(self, token: int) -> StepOutput:
+        """Record the next generated token; returns the text to emit and whether it finished."""
+        if self.finish_reason is not None:
+            raise RuntimeError("request already finished")
+        step = len(self.token_ids)
+        is_eos = (token in self.eos_token_ids and not self.params.ignore_eos) or token in set(
+            self.params.stop_token_ids
+        )
+        if is_eos and step >= self.params.min_tokens:
+            self.token_ids.append(token)
+            self.finish_reason = "stop"
+            return StepOutput(self._flush(final=True), "stop")
+        self.token_ids.append(token)
+        self.text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        if self.params.stop and len(self.token_ids) >= self.params.min_tokens:
+            hit = _first_stop(self.text, self.params.stop, self.sent)
+            if hit is not None:
+                self.text = self.text[:hit]
+                self.finish_reason = "stop"
+                return StepOutput(self._flush(final=True), "stop")
+        if len(self.token_ids) >= self.params.max_tokens or self.prompt_len + len(self.token_ids) >= (
+            self.max_context
+        ):
+            self.finish_reason = "length"
+            return StepOutput(self._flush(final=True), "length")
+        return StepOutput(self._flush(final=False), None)
+
+    def _flush(self, final: bool) -> str:
+        end = len(self.text)
+        if not final:
+            # Hold back a trailing replacement char (half a UTF-8 sequence) and anything
+            # that could still grow into a stop string.
+            while end > self.sent and self.text[end - 1] == "\ufffd":
+                end -= 1
+            if self.params.stop:
+                end = min(end, len(self.text) - _pending_stop_prefix(self.text, self.params.stop))
+        end = max(end, self.sent)
+        delta = self.text[self.sent : end]
+        self.sent = end
+        return delta
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+def _first_stop(text: str, stops: list[str], sent: int) -> int | None:
+    # A stop string can only newly appear in the unsent tail (plus an overlap).
+    start = max(0, sent - max(len(s) for s in stops))
+    hits = [i for s in stops if s and (i := text.find(s, start)) >= 0]
+    return min(hits) if hits else None
+
+
+def _pending_stop_prefix(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                best = max(best, n)
+                break
+    return best

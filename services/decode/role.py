@@ -1,0 +1,237 @@
+"""The decode phase role: receive KV over the direct channel, join the continuous batch, stream tokens.
+
+Handoffs arrive on `<prefix>.decode.<replica>`; their KV comes on the channel pair they name.
+A dedicated step thread owns the `DecodeBatch`: between steps it admits received sequences
+and drops finished or aborted ones, then advances every sequence by one token and publishes
+each new token to the request's reply subject. The event loop only moves messages, so
+heartbeats and aborts keep flowing while the batch computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+
+from thunderserve.common import protocol, tracing
+from thunderserve.common.kvcodec import unpack_cache
+from thunderserve.common.protocol import ConnectReply, ConnectRequest, KVHandoff, TokenChunk, Usage
+from thunderserve.common.sequence import OutputTracker, sample_token
+
+log = logging.getLogger(__name__)
+
+PAIR_WAIT_S = 15.0
+
+
+@dataclass
+class _Sequence:
+    handoff: KVHandoff
+    tracker: OutputTracker
+    headers: dict[str, str]
+    index: int = 0  # the next chunk index
+
+
+class DecodeRole:
+    phase = "decode"
+
+    def __init__(self, host):
+        self.host = host
+        self.engine = host.engine
+        self.channel = host.channel_host  # created on first use; outlives the role
+        self.max_batch = host.args.max_batch
+        self._subs = []
+        self._pairs: dict[str, asyncio.Future] = {}
+        self._joins: queue.Queue = queue.Queue()
+        self._aborts: queue.Queue = queue.Queue()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._receiving = 0
+        self._active: dict[str, _Sequence] = {}
+        self._aborted: dict[str, None] = {}  # aborted before they joined (ordered, bounded)
+        self._accepting = False
+
+    async def start(self) -> None:
+        self._accepting = True
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._step_loop, name="decode-steps", daemon=True)
+        self._thread.start()
+        nc, subjects, rid = self.host.nc, self.host.subjects, self.host.replica_id
+        self._subs = [
+            await nc.subscribe(subjects.decode(rid), cb=self._on_handoff),
+            await nc.subscribe(subjects.connect(rid), cb=self._on_connect),
+        ]
+
+    async def drain(self) -> None:
+        self._accepting = False
+        for sub in self._subs:
+            await sub.unsubscribe()
+        self._subs = []
+        while self._receiving or self._active or not self._joins.empty():
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        await self.drain()
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 5)
+
+    def abort(self, request_id: str) -> None:
+        self._aborts.put(request_id)
+        self._wake.set()
+
+    def load(self) -> tuple[int, int, int]:
+        return len(self._active), self._joins.qsize() + self._receiving, self.max_batch
+
+    # --- channel set-up ---------------------------------------------------------------------
+
+    async def _on_connect(self, msg) -> None:
+        try:
+            request = protocol.decode(ConnectRequest, msg.data)
+        except protocol.ProtocolError as exc:
+            await msg.respond(protocol.encode(ConnectReply(False, str(exc))))
+            return
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self.host.channel_executor, self.channel.accept, request.pair_id)
+        self._pairs[request.pair_id] = future
+        await msg.respond(protocol.encode(ConnectReply(True)))
+        try:
+            await future
+            log.info("channel pair %s with %s is up", request.pair_id, request.prefill_replica)
+        except Exception as exc:
+            log.warning("channel pair %s failed: %s", request.pair_id, exc)
+            self._pairs.pop(request.pair_id, None)
+
+    # --- receiving --------------------------------------------------------------------------
+
+    async def _on_handoff(self, msg) -> None:
+        headers = tracing.headers_for(tracing.traceparent_of(msg))
+        try:
+            handoff = protocol.decode(KVHandoff, msg.data)
+        except protocol.ProtocolError as exc:
+            log.warning("dropping undecodable handoff: %s", exc)
+            return
+        self._receiving += 1
+        try:
+            await self._receive(handoff, headers)
+        except Exception as exc:
+            log.warning("request %s: KV receive failed: %s", handoff.request_id, exc)
+            self._publish_error(handoff, f"KV receive failed: {exc}", headers)
+        finally:
+            self._receiving -= 1
+
+    async def _receive(self, handoff: KVHandoff, headers: dict[str, str]) -> None:
+        future = self._pairs.get(handoff.pair_id)
+        if future is None:
+            raise RuntimeError(f"unknown channel pair {handoff.pair_id}")
+        pair = await asyncio.wait_for(asyncio.shield(future), PAIR_WAIT_S)
+        loop = asyncio.get_running_loop()
+
+        def receive():
+            payload = pair.recv(int(handoff.kv_manifest["nbytes"]), handoff.tag)
+            return unpack_cache(payload, handoff.kv_manifest)
+
+        kv = await loop.run_in_executor(self.host.channel_executor, receive)
+        tracker = OutputTracker(
+            params=handoff.sampling,
+            prompt_len=len(handoff.prompt_token_ids),
+            max_context=self.engine.max_context,
+            eos_token_ids=self.engine.eos_token_ids,
+            tokenizer=self.engine.tokenizer,
+        )
+        self._joins.put((_Sequence(handoff, tracker, headers), kv))
+        self._wake.set()
+
+    # --- the step thread --------------------------------------------------------------------
+
+    def _step_loop(self) -> None:
+        batch = self.engine.new_batch()
+        while not self._stopping.is_set():
+            self._apply_aborts(batch)
+            self._admit(batch)
+            if not len(batch):
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            try:
+                logits = batch.step()
+            except Exception as exc:  # a broken step fails its sequences, not the replica
+                log.exception("decode step failed")
+                for seq_id in list(batch.seq_ids):
+                    seq = self._active.pop(seq_id)
+                    batch.remove(seq_id)
+                    self._publish_error(seq.handoff, f"decode step failed: {exc}", seq.headers)
+                continue
+            for seq_id, row in logits.items():
+                seq = self._active[seq_id]
+                step = seq.tracker.completion_tokens
+                token = sample_token(row, seq.handoff.sampling, step, self.engine.eos_token_ids)
+                if self._emit(seq, token):
+                    batch.remove(seq_id)
+                    del self._active[seq_id]
+                else:
+                    batch.set_next_token(seq_id, token)
+
+    def _admit(self, batch) -> None:
+        while len(batch) < self.max_batch:
+            try:
+                seq, kv = self._joins.get_nowait()
+            except queue.Empty:
+                return
+            request_id = seq.handoff.request_id
+            if self._aborted.pop(request_id, 1) is None:
+                continue
+            if self._emit(seq, seq.handoff.first_token_id):
+                continue  # finished on its first token (EOS, max_tokens=1, ...)
+            batch.add(request_id, kv, seq.handoff.first_token_id)
+            self._active[request_id] = seq
+
+    def _apply_aborts(self, batch) -> None:
+        while True:
+            try:
+                request_id = self._aborts.get_nowait()
+            except queue.Empty:
+                return
+            if request_id in self._active:
+                seq = self._active.pop(request_id)
+                batch.remove(request_id)
+                log.info("request %s aborted after %d tokens", request_id, seq.tracker.completion_tokens)
+            else:
+                self._aborted[request_id] = None
+                while len(self._aborted) > 10_000:
+                    self._aborted.pop(next(iter(self._aborted)))
+
+    def _emit(self, seq: _Sequence, token: int) -> bool:
+        """Record and publish one generated token; True when the request is finished."""
+        out = seq.tracker.add(token)
+        usage = None
+        if out.finish_reason is not None:
+            usage = Usage(seq.tracker.prompt_len, seq.tracker.completion_tokens)
+        chunk = TokenChunk(
+            request_id=seq.handoff.request_id,
+            index=seq.index,
+            token_ids=[token],
+            text=out.text,
+            finish_reason=out.finish_reason,
+            usage=usage,
+        )
+        seq.index += 1
+        self.host.publish_soon(seq.handoff.reply_subject, chunk, seq.headers)
+        return out.finish_reason is not None
+
+    def _publish_error(self, handoff: KVHandoff, error: str, headers: dict[str, str]) -> None:
+        chunk = TokenChunk(
+            request_id=handoff.request_id,
+            index=0,
+            finish_reason="error",
+            usage=Usage(len(handoff.prompt_token_ids), 0),
+            error=error,
+        )
+        self.host.publish_soon(handoff.reply_subject, chunk, headers)
+
+
+def create_role(host) -> DecodeRole:
+    return DecodeRole(host)

@@ -1,0 +1,39 @@
+"""Command-line arguments of `thunderserve up`."""
+
+from __future__ import annotations
+
+import argparse
+
+from thunderserve.common import config
+from thunderserve.common.kvcodec import codec_names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="thunderserve up",
+        description="Serve a model locally: starts an embedded nats-server (unless --nats is given), "
+        "one router with an OpenAI-compatible HTTP API, and prefill and decode replica processes. "
+        "Prints the URL once everything is ready; Ctrl-C stops it all.",
+    )
+    parser.add_argument("--nats", default=config.env("NATS_URL", None), metavar="URL",
+                        help="use this NATS server instead of starting one (env THUNDERSERVE_NATS_URL)")
+    parser.add_argument("--subject-prefix", default=config.env("SUBJECT_PREFIX", config.DEFAULT_SUBJECT_PREFIX),
+                        help="NATS subject prefix (default 'ts')")
+    parser.add_argument("--model", default=config.env("MODEL", config.DEFAULT_MODEL),
+                        help="'smollm2' (default), 'tiny-random', or a local HuggingFace model folder")
+    parser.add_argument("--dtype", default=config.env("DTYPE", "float32"),
+                        choices=["float32", "bfloat16", "float16"], help="model compute dtype (default float32)")
+    parser.add_argument("--prefill", type=int, default=1, metavar="N", help="prefill replicas (default 1)")
+    parser.add_argument("--decode", type=int, default=1, metavar="M", help="decode replicas (default 1)")
+    parser.add_argument("--kv-codec", default=config.env("KV_CODEC", None), choices=codec_names(),
+                        help="KV-cache codec on the prefill->decode hop (default: the library default)")
+    parser.add_argument("--host", default=config.env("HTTP_HOST", "127.0.0.1"), help="HTTP listen address")
+    parser.add_argument("--http-port", type=int, default=config.env("HTTP_PORT", 8000, int),
+                        help="HTTP port (default 8000)")
+    parser.add_argument("--threads-per-replica", type=int, default=0,
+                        help="torch threads per replica (default: the cores shared out among replicas)")
+    parser.add_argument("--max-batch", type=int, default=64, help="most sequences per decode batch")
+    parser.add_argument("--ready-timeout", type=float, default=300.0,
+                        help="seconds to wait for every service to be ready (default 300)")
+    config.add_logging_args(parser)
+    return parser

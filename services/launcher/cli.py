@@ -1,0 +1,45 @@
+"""`thunderserve up`: start everything, print the URL, stop everything on Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+
+from thunderserve.launcher.args import build_parser
+from thunderserve.launcher.cluster import LocalCluster
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s up %(levelname)s %(message)s")
+    if args.prefill < 1 or args.decode < 1:
+        print("error: --prefill and --decode need at least 1 replica each", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    cluster = LocalCluster(
+        model=args.model, prefill=args.prefill, decode=args.decode, kv_codec=args.kv_codec, dtype=args.dtype,
+        http_host=args.host, http_port=args.http_port, nats_url=args.nats, subject_prefix=args.subject_prefix,
+        threads_per_replica=args.threads_per_replica, max_batch=args.max_batch, log_level=args.log_level,
+    )
+    print(f"starting ThunderServe: model {args.model}, {args.prefill} prefill + {args.decode} decode "
+          "replica(s) (the first start converts the model once)...", flush=True)
+    try:
+        cluster.start(timeout=args.ready_timeout)
+    except Exception as exc:
+        print(f"error: could not start: {exc}", file=sys.stderr)
+        return 1
+    print(f"ThunderServe ready: {cluster.http_url}/v1  (NATS {cluster.nats_url}, model {args.model})", flush=True)
+    try:
+        while not stop.wait(1.0):
+            for name, proc in list(cluster.procs.items()):
+                if proc.poll() is not None:
+                    print(f"warning: {name} exited with code {proc.returncode}", file=sys.stderr, flush=True)
+                    del cluster.procs[name]
+    finally:
+        print("stopping...", flush=True)
+        cluster.stop()
+    return 0

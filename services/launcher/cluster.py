@@ -1,0 +1,169 @@
+"""A whole ThunderServe deployment as local processes: NATS, a router, prefill and decode replicas.
+
+`thunderserve up` runs one; the end-to-end tests and benchmarks run the same class, so the
+tested path is the one users start. Children get SIGTERM on stop (they drain and exit) and
+die with the launcher if it is killed (PR_SET_PDEATHSIG), so nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from thunderserve.common.models import resolve_model
+from thunderserve.common.natsserver import NatsServer, free_port
+
+log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+@dataclass
+class LocalCluster:
+    model: str = "smollm2"
+    prefill: int = 1
+    decode: int = 1
+    kv_codec: str | None = None
+    dtype: str = "float32"
+    http_host: str = "127.0.0.1"
+    http_port: int = 0  # 0 = a free port
+    nats_url: str | None = None  # None = start an embedded nats-server
+    subject_prefix: str = "ts"
+    threads_per_replica: int = 0  # 0 = share the cores out
+    max_batch: int = 64
+    log_dir: str | None = None  # None = children inherit this process's stdout/stderr
+    log_level: str = "INFO"
+    extra_env: dict[str, str] = field(default_factory=dict)
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict, init=False)
+    nats: NatsServer | None = field(default=None, init=False)
+    _expected_dead: set[str] = field(default_factory=set, init=False)  # killed on purpose
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.http_host}:{self.http_port}"
+
+    def _threads(self) -> int:
+        if self.threads_per_replica > 0:
+            return self.threads_per_replica
+        return max(1, (os.cpu_count() or 1) // max(1, self.prefill + self.decode))
+
+    def _spawn(self, name: str, module: str, args: list[str]) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", module, *args]
+        env = {**os.environ, **self.extra_env, "TOKENIZERS_PARALLELISM": "false"}
+        if self.log_dir:
+            Path(self.log_dir).mkdir(parents=True, exist_ok=True)
+            out = open(Path(self.log_dir) / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+        else:
+            out = None
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
+                                preexec_fn=_die_with_parent)
+        if out is not None:
+            out.close()
+        self.procs[name] = proc
+        return proc
+
+    def _common(self) -> list[str]:
+        return ["--nats", self.nats_url, "--subject-prefix", self.subject_prefix, "--log-level", self.log_level]
+
+    def start_replica(self, phase: str, index: int) -> subprocess.Popen:
+        name = f"{phase}-{index}"
+        args = [*self._common(), "--model", self.model, "--dtype", self.dtype, "--replica-id", name,
+                "--threads", str(self._threads()), "--max-batch", str(self.max_batch)]
+        if self.kv_codec:
+            args += ["--kv-codec", self.kv_codec]
+        return self._spawn(name, f"thunderserve.{phase}", args)
+
+    def start(self, timeout: float = 300.0) -> LocalCluster:
+        resolve_model(self.model)  # convert/cache weights once, before several processes want them
+        if self.nats_url is None:
+            self.nats = NatsServer().start()
+            self.nats_url = self.nats.url
+        if not self.http_port:
+            self.http_port = free_port(self.http_host)
+        try:
+            for i in range(self.prefill):
+                self.start_replica("prefill", i)
+            for i in range(self.decode):
+                self.start_replica("decode", i)
+            router_args = [*self._common(), "--model", self.model, "--host", self.http_host,
+                           "--http-port", str(self.http_port)]
+            if self.kv_codec:
+                router_args += ["--kv-codec", self.kv_codec]
+            self._spawn("router", "thunderserve.router", router_args)
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def health(self) -> dict | None:
+        try:
+            with urllib.request.urlopen(self.http_url + "/health", timeout=2) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return json.loads(exc.read() or b"{}")
+        except (OSError, ValueError):
+            return None
+
+    def wait_ready(self, timeout: float = 300.0, prefill: int | None = None, decode: int | None = None) -> dict:
+        """Block until the router sees the wanted number of ready replicas of each phase."""
+        want_p = self.prefill if prefill is None else prefill
+        want_d = self.decode if decode is None else decode
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for name, proc in self.procs.items():
+                if proc.poll() is not None and (name == "router" or name not in self._expected_dead):
+                    raise RuntimeError(f"{name} exited with code {proc.returncode} during start-up")
+            body = self.health()
+            if body and body.get("prefill_replicas", 0) >= want_p and body.get("decode_replicas", 0) >= want_d:
+                return body
+            time.sleep(0.2)
+        raise TimeoutError(f"services not ready within {timeout} s (last health: {self.health()})")
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs[name]
+        self._expected_dead.add(name)
+        proc.send_signal(sig)
+        proc.wait(timeout=30)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        # Router first (no new work), then replicas (they drain), then NATS.
+        order = sorted(self.procs, key=lambda n: 0 if n == "router" else 1)
+        for name in order:
+            proc = self.procs[name]
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs.clear()
+        if self.nats is not None:
+            self.nats.stop()
+            self.nats = None
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

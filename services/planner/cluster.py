@@ -1,0 +1,121 @@
+"""Cluster spec: nodes of identical GPUs, the intra-node link, and the inter-node bandwidth matrix."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .catalog import Catalog, GPUSpec, default_catalog
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    gpu: GPUSpec
+    count: int
+    intra_gbps: float  # link between this node's GPUs, Gbit/s
+    price_per_gpu_hour: float
+
+    def gpu_ids(self) -> list[str]:
+        return [f"{self.name}:{i}" for i in range(self.count)]
+
+
+@dataclass
+class Cluster:
+    name: str
+    nodes: list[Node]
+    default_gbps: float = 10.0
+    links: dict[tuple[str, str], float] = field(default_factory=dict)  # unordered pair -> Gbit/s
+
+    def __post_init__(self) -> None:
+        self._by_name = {n.name: n for n in self.nodes}
+        if len(self._by_name) != len(self.nodes):
+            raise ValueError(f"cluster {self.name!r}: duplicate node names")
+
+    # --- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], catalog: Catalog | None = None) -> Cluster:
+        catalog = catalog or default_catalog()
+        if not isinstance(d, dict) or not d.get("nodes"):
+            raise ValueError("cluster spec needs a non-empty 'nodes' list")
+        nodes = []
+        for i, nd in enumerate(d["nodes"]):
+            if not isinstance(nd, dict) or "gpu" not in nd:
+                raise ValueError(f"cluster node #{i}: needs at least 'gpu' and 'count'")
+            name = str(nd.get("name", f"n{i}"))
+            if ":" in name:
+                raise ValueError(f"node name {name!r} must not contain ':'")
+            try:
+                gpu = catalog.get(str(nd["gpu"]))
+            except KeyError as exc:
+                raise ValueError(f"node {name}: {exc.args[0]}") from None
+            count = int(nd.get("count", 1))
+            if count < 1:
+                raise ValueError(f"node {name}: count must be >= 1")
+            intra = float(nd.get("intra_gbps", 128.0))
+            price = float(nd.get("price_per_gpu_hour", gpu.price))
+            nodes.append(Node(name, gpu, count, intra, price))
+        net = d.get("network") or {}
+        default = float(net.get("default_gbps", 10.0))
+        links: dict[tuple[str, str], float] = {}
+        names = {n.name for n in nodes}
+        for link in net.get("links") or []:
+            if not isinstance(link, (list, tuple)) or len(link) != 3:
+                raise ValueError(f"network link {link!r}: expected [nodeA, nodeB, gbps]")
+            a, b, g = str(link[0]), str(link[1]), float(link[2])
+            if a not in names or b not in names:
+                raise ValueError(f"network link {link!r}: unknown node")
+            links[_pair(a, b)] = g
+        return cls(str(d.get("name", "cluster")), nodes, default, links)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, catalog: Catalog | None = None) -> Cluster:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+        return cls.from_dict(data, catalog)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "nodes": [
+                {"name": n.name, "gpu": n.gpu.name, "count": n.count, "intra_gbps": n.intra_gbps,
+                 "price_per_gpu_hour": n.price_per_gpu_hour}
+                for n in self.nodes
+            ],
+            "network": {"default_gbps": self.default_gbps,
+                        "links": [[a, b, g] for (a, b), g in sorted(self.links.items())]},
+        }
+
+    # --- queries ------------------------------------------------------------------------------
+    def gpu_ids(self) -> list[str]:
+        return [g for n in self.nodes for g in n.gpu_ids()]
+
+    def node(self, name: str) -> Node:
+        return self._by_name[name]
+
+    def node_of(self, gpu_id: str) -> Node:
+        return self._by_name[gpu_id.split(":", 1)[0]]
+
+    def gbps(self, a: str, b: str) -> float:
+        """Bandwidth between two nodes (or inside one node when a == b), Gbit/s."""
+        if a == b:
+            return self._by_name[a].intra_gbps
+        return self.links.get(_pair(a, b), self.default_gbps)
+
+    def bytes_per_s(self, a: str, b: str) -> float:
+        return self.gbps(a, b) * 1e9 / 8
+
+    def price_per_hour(self, gpu_ids: list[str] | None = None) -> float:
+        ids = self.gpu_ids() if gpu_ids is None else gpu_ids
+        return sum(self.node_of(g).price_per_gpu_hour for g in ids)
+
+    @property
+    def n_gpus(self) -> int:
+        return sum(n.count for n in self.nodes)
+
+
+def _pair(a: str, b: str) -> tuple[str, str]:
+    return (a, b) if a <= b else (b, a)

@@ -1,0 +1,142 @@
+"""Lower level, step 2: orchestration as a two-stage transportation LP (scipy HiGHS).
+
+Stage 1 ships requests from the dispatcher to prefill replicas, stage 2 ships prefilled requests to
+decode replicas. A flow x[p, d] (requests/s prefilled on p and decoded on d) pays the KV transfer
+between them twice over:
+  * in latency: the transfer is part of TTFT (the first token reaches the client from the decode
+    side), so route (p, d) leaves p less queueing budget: p's capacity on that route is cap[p, d];
+  * in bandwidth: every node pair's link carries at most its bandwidth of KV bytes per second.
+
+    maximise  sum x[p, d]
+    s.t.      sum_d x[p, d] / cap[p, d]            <= 1    for each prefill replica p (its time)
+              sum_p x[p, d]                        <= C_d  for each decode replica d
+              sum_{p,d} x[p, d] * bytes_ab[p, d]   <= B_ab for each node pair / node (a, b)
+              x >= 0
+
+The optimum is the SLO-meeting request rate the plan sustains; the flows give the dispatch weights
+and the prefill->decode routing matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.optimize import linprog
+
+from . import costmodel as cm
+from .cluster import Cluster
+from .model import ModelSpec
+from .workload import Workload
+
+LayerMap = tuple[tuple[str, int, int], ...]  # (node, first layer, end layer) per stage
+
+
+@dataclass(frozen=True)
+class ReplicaLoad:
+    """What the LP needs to know about one replica."""
+
+    id: str
+    capacity: float  # req/s; prefill: before KV-transfer time
+    layer_map: LayerMap
+    latency: float = 0.0  # prefill: latency at the attainment-quantile prompt
+    service: float = 0.0  # prefill: s per prompt
+
+
+@dataclass(frozen=True)
+class Route:
+    cap: float  # req/s the prefill replica can send on this route within the TTFT SLO
+    transfer_s: float  # KV transfer time of an attainment-quantile prompt
+    link_bytes: tuple[tuple[tuple[str, str], float], ...]  # node pair -> KV bytes per (mean) request
+
+
+@dataclass
+class Orchestration:
+    rate: float  # req/s sustained within SLOs (the objective)
+    flows: dict[tuple[str, str], float] = field(default_factory=dict)
+    routes: dict[tuple[str, str], Route] = field(default_factory=dict)
+
+    def dispatch(self, prefill_ids: list[str]) -> dict[str, float]:
+        out = {p: sum(f for (pp, _), f in self.flows.items() if pp == p) for p in prefill_ids}
+        total = sum(out.values())
+        return {p: (v / total if total > 0 else 0.0) for p, v in out.items()}
+
+    def routing(self, prefill_ids: list[str], decode_ids: list[str]) -> dict[str, dict[str, float]]:
+        table: dict[str, dict[str, float]] = {}
+        for p in prefill_ids:
+            row = {d: self.flows.get((p, d), 0.0) for d in decode_ids}
+            row = {d: v for d, v in row.items() if v > 1e-12}
+            tot = sum(row.values())
+            if tot > 0:
+                table[p] = {d: v / tot for d, v in row.items()}
+            else:  # idle prefill replica: still give the router somewhere to send (fail-over)
+                cands = [(r.cap, d) for (pp, d), r in self.routes.items() if pp == p and r.cap > 0]
+                table[p] = {max(cands)[1]: 1.0} if cands else {}
+        return table
+
+
+def _pair(a: str, b: str) -> tuple[str, str]:
+    return (a, b) if a <= b else (b, a)
+
+
+def route_metrics(cluster: Cluster, model: ModelSpec, workload: Workload, p: ReplicaLoad, d: ReplicaLoad,
+                  codec: str, calib: cm.Calibration = cm.DEFAULT_CALIBRATION) -> Route:
+    """KV bytes per node pair and transfer time of route p -> d (layer l's KV goes from the node
+    holding layer l on p to the node holding it on d; node pairs transfer in parallel)."""
+    layers: dict[tuple[str, str], int] = {}
+    for na, a0, a1 in p.layer_map:
+        for nb, b0, b1 in d.layer_map:
+            ov = min(a1, b1) - max(a0, b0)
+            if ov > 0:
+                key = _pair(na, nb)
+                layers[key] = layers.get(key, 0) + ov
+    t = 0.0
+    link_bytes = []
+    for (a, b), n in sorted(layers.items()):
+        t = max(t, cm.kv_transfer_time(model, workload.prompt_q, n, cluster.gbps(a, b), codec, calib))
+        link_bytes.append(((a, b), cm.kv_transfer_bytes(model, workload.prompt_mean, n, codec)))
+    cap = cm.prefill_capacity(p.latency, p.service, workload.ttft_slo, t, workload.attainment)
+    return Route(cap, t, tuple(link_bytes))
+
+
+def upper_bound(prefills: list[ReplicaLoad], decodes: list[ReplicaLoad]) -> float:
+    """No plan beats min(total prefill capacity, total decode capacity): prunes LP solves."""
+    return min(sum(p.capacity for p in prefills), sum(d.capacity for d in decodes))
+
+
+def solve(cluster: Cluster, prefills: list[ReplicaLoad], decodes: list[ReplicaLoad],
+          route_fn, calib: cm.Calibration = cm.DEFAULT_CALIBRATION) -> Orchestration:
+    """Solve the LP. `route_fn(p, d) -> Route` (cached by the caller) supplies route costs."""
+    prefills = [p for p in prefills if p.capacity > 0]
+    decodes = [d for d in decodes if d.capacity > 0]
+    if not prefills or not decodes:
+        return Orchestration(0.0)
+    routes: dict[tuple[str, str], Route] = {}
+    cols: list[tuple[int, int]] = []
+    for i, p in enumerate(prefills):
+        for j, d in enumerate(decodes):
+            r = route_fn(p, d)
+            routes[(p.id, d.id)] = r
+            if r.cap > 0:
+                cols.append((i, j))
+    if not cols:
+        return Orchestration(0.0, routes=routes)
+    links: dict[tuple[str, str], int] = {}
+    for i, j in cols:
+        for key, _ in routes[(prefills[i].id, decodes[j].id)].link_bytes:
+            links.setdefault(key, len(links))
+    n_p, n_d = len(prefills), len(decodes)
+    A = np.zeros((n_p + n_d + len(links), len(cols)))
+    b = np.ones(A.shape[0])
+    for c, (i, j) in enumerate(cols):
+        r = routes[(prefills[i].id, decodes[j].id)]
+        A[i, c] = 1.0 / r.cap
+        A[n_p + j, c] = 1.0 / decodes[j].capacity  # rows scaled to "fraction of capacity used"
+        for key, nbytes in r.link_bytes:
+            A[n_p + n_d + links[key], c] += nbytes / cm.gbps_to_Bps(cluster.gbps(*key), calib)
+    res = linprog(-np.ones(len(cols)), A_ub=A, b_ub=b, bounds=(0, None), method="highs")
+    if res.status != 0:
+        return Orchestration(0.0, routes=routes)
+    flows = {(prefills[i].id, decodes[j].id): float(x) for (i, j), x in zip(cols, res.x, strict=True)
+             if x > 1e-12}
+    return Orchestration(float(-res.fun), flows, routes)

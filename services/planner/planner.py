@@ -1,0 +1,250 @@
+"""The planner: two-level scheduling of a heterogeneous cluster (DESIGN.md §3).
+
+Upper level (search.py): tabu search over GPU grouping and phase designation.
+Lower level (here): per-group parallel configuration (parallel.py, cached per group composition and
+phase) and the orchestration LP (orchestration.py). `score()` is the objective the search maximises.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+from thunderserve.common.plan import Plan, Replica, Stage
+
+from . import costmodel as cm
+from . import orchestration as orch
+from .cluster import Cluster
+from .model import ModelSpec
+from .parallel import PHASES, GroupPerf, Layout, StageSpec, best_layout, evaluate_layout
+from .workload import Workload
+
+Signature = tuple[tuple[str, int], ...]  # (node, GPU count) per node: GPUs of a node are interchangeable
+Progress = Callable[[int, float, float], None]  # (iteration, best score, elapsed s)
+
+
+class Planner:
+    def __init__(self, cluster: Cluster, model: ModelSpec, workload: Workload, codec: str = "auto",
+                 calibration: cm.Calibration | None = None, seed: int = 0, codec_tolerance: float = 0.01,
+                 max_pp: int = 4, **search_opts: int):
+        if codec != "auto" and codec not in cm.CODECS:
+            raise ValueError(f"codec must be auto or one of {', '.join(cm.CODECS)}")
+        self.cluster = cluster
+        self.model = model
+        self.workload = workload
+        self.codec = codec
+        self.calib = calibration or cm.DEFAULT_CALIBRATION
+        self.seed = seed
+        self.codec_tolerance = codec_tolerance  # "auto" accepts this fraction of goodput for less loss
+        self.max_pp = max_pp
+        self.search_opts = search_opts
+        self._node_rank = {n.name: i for i, n in enumerate(cluster.nodes)}
+        self._groups: dict[tuple[Signature, str], GroupPerf | None] = {}
+        self._routes: dict[tuple, orch.Route] = {}
+        self._scores: dict[tuple, float] = {}
+        self.lp_solves = 0
+
+    # --- lower level: groups ---------------------------------------------------------------------
+    def signature(self, group: Iterable[str]) -> Signature:
+        counts: dict[str, int] = {}
+        for g in group:
+            n = g.split(":", 1)[0]
+            counts[n] = counts.get(n, 0) + 1
+        return tuple(sorted(counts.items(), key=lambda kv: self._node_rank[kv[0]]))
+
+    def _sig_perf(self, sig: Signature, phase: str) -> GroupPerf | None:
+        key = (sig, phase)
+        if key not in self._groups:
+            ids = [f"{n}:{i}" for n, c in sig for i in range(c)]
+            perf = best_layout(self.cluster, self.model, self.workload, ids, phase, self.calib, self.max_pp)
+            self._groups[key] = perf if perf is not None and perf.capacity > 0 else None
+        return self._groups[key]
+
+    def capacity(self, group: Iterable[str], phase: str) -> float:
+        perf = self._sig_perf(self.signature(group), phase)
+        return perf.capacity if perf else 0.0
+
+    def group_perf(self, group: Sequence[str], phase: str) -> GroupPerf | None:
+        """Best layout of this group for the phase, on its actual GPU ids (None: cannot serve it)."""
+        perf = self._sig_perf(self.signature(group), phase)
+        if perf is None:
+            return None
+        by_node: dict[str, list[str]] = {}
+        for g in sorted(group, key=_gpu_key):
+            by_node.setdefault(g.split(":", 1)[0], []).append(g)
+        return _with_layout(perf, perf.layout.remap(by_node))
+
+    # --- lower level: orchestration -----------------------------------------------------------------
+    def _route(self, codec: str) -> Callable[[orch.ReplicaLoad, orch.ReplicaLoad], orch.Route]:
+        def fn(p: orch.ReplicaLoad, d: orch.ReplicaLoad) -> orch.Route:
+            key = (p.layer_map, p.latency, p.service, d.layer_map, codec)
+            r = self._routes.get(key)
+            if r is None:
+                r = orch.route_metrics(self.cluster, self.model, self.workload, p, d, codec, self.calib)
+                self._routes[key] = r
+            return r
+        return fn
+
+    @staticmethod
+    def _loads(items: Sequence[tuple[str, GroupPerf]]) -> tuple[list[orch.ReplicaLoad], list[orch.ReplicaLoad]]:
+        pre, dec = [], []
+        for rid, perf in items:
+            load = orch.ReplicaLoad(rid, perf.capacity, perf.layout.layer_map(), perf.latency, perf.service)
+            (pre if perf.phase == "prefill" else dec).append(load)
+        return pre, dec
+
+    def orchestrate(self, items: Sequence[tuple[str, GroupPerf]], codec: str) -> orch.Orchestration:
+        pre, dec = self._loads(items)
+        self.lp_solves += 1
+        return orch.solve(self.cluster, pre, dec, self._route(codec), self.calib)
+
+    def choose_codec(self, items: Sequence[tuple[str, GroupPerf]]) -> tuple[str, orch.Orchestration]:
+        """The KV codec and the LP result for these replicas.
+
+        "auto": compression only shrinks transfer bytes, so int4 reaches the highest rate; take the
+        least lossy codec (none, then int8) whose rate is within `codec_tolerance` of it.
+        """
+        if self.codec != "auto":
+            return self.codec, self.orchestrate(items, self.codec)
+        best = self.orchestrate(items, "int4")
+        if best.rate <= 0:
+            return "int4", best
+        for codec in ("none", "int8"):
+            res = self.orchestrate(items, codec)
+            if res.rate >= best.rate * (1 - self.codec_tolerance):
+                return codec, res
+        return "int4", best
+
+    # --- the objective -----------------------------------------------------------------------------
+    def _key(self, groups: Sequence[Sequence[str]], phases: Sequence[str]) -> tuple[tuple, list]:
+        if len(groups) != len(phases):
+            raise ValueError("groups and phases differ in length")
+        parts = []
+        for g, ph in zip(groups, phases, strict=True):
+            if ph not in PHASES:
+                raise ValueError(f"unknown phase {ph!r}")
+            sig = self.signature(g)
+            if self._sig_perf(sig, ph) is not None:  # groups that cannot serve their phase are idle
+                parts.append((sig, ph))
+        return tuple(sorted(parts)), parts
+
+    def bound(self, groups: Sequence[Sequence[str]], phases: Sequence[str]) -> float:
+        """Upper bound on score(): min(total prefill capacity, total decode capacity)."""
+        pre = dec = 0.0
+        for g, ph in zip(groups, phases, strict=True):
+            c = self.capacity(g, ph)
+            if ph == "prefill":
+                pre += c
+            else:
+                dec += c
+        return min(pre, dec)
+
+    def score(self, groups: Sequence[Sequence[str]], phases: Sequence[str]) -> float:
+        """SLO-meeting request rate (req/s) this grouping and phase designation sustains; 0 if infeasible."""
+        key, parts = self._key(groups, phases)
+        if key in self._scores:
+            return self._scores[key]
+        items = [(f"g{i}", self._sig_perf(sig, ph)) for i, (sig, ph) in enumerate(parts)]
+        val = self.choose_codec(items)[1].rate  # type: ignore[arg-type]
+        self._scores[key] = val
+        return val
+
+    # --- the search --------------------------------------------------------------------------------
+    def solve(self, time_limit_s: float | None = None, progress: Progress | None = None) -> Plan:
+        from .search import tabu_search  # search imports this module's types
+
+        t0 = time.monotonic()
+        res = tabu_search(self, time_limit_s=time_limit_s, progress=progress, seed=self.seed,
+                          **self.search_opts)
+        plan = self.build_plan(res.groups, res.phases)
+        plan.meta.update({"method": "tabu", "iterations": res.iterations, "lp_solves": self.lp_solves,
+                          "layouts_evaluated": len(self._groups), "search_s": round(time.monotonic() - t0, 3)})
+        return plan
+
+    # --- plans -------------------------------------------------------------------------------------
+    def build_plan(self, groups: Sequence[Sequence[str]], phases: Sequence[str], epoch: int = 1,
+                   ids: Sequence[str] | None = None, perfs: Sequence[GroupPerf | None] | None = None) -> Plan:
+        """Turn a grouping + phases (or fixed per-group perfs) into a Plan, choosing the KV codec."""
+        ids = list(ids) if ids is not None else [f"r{i}" for i in range(len(groups))]
+        if perfs is None:
+            perfs = [self.group_perf(list(g), ph) for g, ph in zip(groups, phases, strict=True)]
+        items = [(rid, p) for rid, p in zip(ids, perfs, strict=True) if p is not None and p.capacity > 0]
+        best_codec, result = self.choose_codec(items)
+        replicas: list[Replica] = []
+        used: set[str] = set()
+        for rid, perf in items:
+            gpus = list(perf.layout.gpus)
+            used |= set(gpus)
+            replicas.append(self._replica(rid, perf, gpus))
+        unused = [g for g in self.cluster.gpu_ids() if g not in used]
+        pre_ids = [r.id for r in replicas if r.phase == "prefill"]
+        dec_ids = [r.id for r in replicas if r.phase == "decode"]
+        goodput = min(self.workload.rate, result.rate)
+        return Plan(
+            replicas=replicas,
+            dispatch=result.dispatch(pre_ids),
+            routing=result.routing(pre_ids, dec_ids),
+            kv_codec=best_codec,
+            epoch=epoch,
+            model=self.model.name,
+            model_layers=self.model.layers,
+            cluster=self.cluster.name,
+            objective=result.rate,
+            predicted_goodput=goodput,
+            predicted_tokens_per_s=goodput * self.workload.output_mean,
+            price_per_hour=round(sum(r.price_per_hour for r in replicas), 4),
+            workload=self.workload.summary(),
+            unused_gpus=unused,
+            meta={"cluster_price_per_hour": round(self.cluster.price_per_hour(), 4),
+                  "kv_transfer_s": {f"{p}->{d}": round(r.transfer_s, 4) for (p, d), r in result.routes.items()
+                                    if (p, d) in result.flows}},
+        )
+
+    def _replica(self, rid: str, perf: GroupPerf, gpus: list[str]) -> Replica:
+        stages = [Stage(list(s.gpus), s.tp, s.layer_start, s.layer_end, s.node, self.cluster.node(s.node).gpu.name)
+                  for s in perf.layout.stages]
+        return Replica(id=rid, phase=perf.phase, gpus=gpus, stages=stages, capacity=perf.capacity,
+                       tokens_per_s=perf.tokens_per_s, price_per_hour=round(self.cluster.price_per_hour(gpus), 4),
+                       latency_s=perf.latency, tpot_s=perf.tpot, max_sequences=perf.sequences)
+
+    # --- lightweight re-scheduling -------------------------------------------------------------------
+    def reschedule(self, plan: Plan, workload: Workload | None = None, failed: Iterable[str] = ()) -> Plan:
+        """Re-decide phases and orchestration only: grouping and layouts stay (no weights move).
+
+        `failed` holds replica ids or GPU ids; a replica with a failed GPU is dropped.
+        """
+        if workload is not None and workload is not self.workload:
+            other = Planner(self.cluster, self.model, workload, self.codec, self.calib, self.seed,
+                            self.codec_tolerance, self.max_pp, **self.search_opts)
+            return other.reschedule(plan, None, failed)
+        failed = set(failed)
+        keep = [r for r in plan.replicas if r.id not in failed and not (set(r.gpus) & failed)]
+        layouts = [_layout_of(r) for r in keep]
+        # a fixed layout's capacity in either phase (cheap: no layout search)
+        perf = {(r.id, ph): evaluate_layout(self.cluster, self.model, self.workload, lay, ph, self.calib)
+                for r, lay in zip(keep, layouts, strict=True) for ph in PHASES}
+        from .search import phase_search
+
+        phases = phase_search(self, [r.id for r in keep], perf, [r.phase for r in keep])
+        new = self.build_plan([list(r.gpus) for r in keep], phases, epoch=plan.epoch + 1,
+                              ids=[r.id for r in keep], perfs=[perf[(r.id, ph)] for r, ph in
+                                                               zip(keep, phases, strict=True)])
+        # replicas that serve neither phase stay out of the plan but keep their (unchanged) layout
+        new.meta["rescheduled_from"] = plan.epoch
+        new.meta["failed"] = sorted(failed)
+        return new
+
+
+def _with_layout(perf: GroupPerf, layout: Layout) -> GroupPerf:
+    return GroupPerf(layout, perf.phase, perf.capacity, perf.tokens_per_s, perf.latency, perf.service,
+                     perf.tpot, perf.sequences)
+
+
+def _layout_of(r: Replica) -> Layout:
+    return Layout(tuple(StageSpec(s.node or s.gpus[0].split(":", 1)[0], tuple(s.gpus), s.tp, s.layer_start,
+                                  s.layer_end) for s in r.stages))
+
+
+def _gpu_key(g: str) -> tuple[str, int]:
+    node, _, idx = g.rpartition(":")
+    return (node, int(idx) if idx.isdigit() else 0)

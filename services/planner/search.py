@@ -1,0 +1,319 @@
+"""Upper level: tabu search over GPU grouping and phase designation (plus the exhaustive reference
+and the phase-only search used by re-scheduling).
+
+A state is a list of GPU groups and one phase per group. Moves: flip a group's phase, move a GPU
+between groups, swap GPUs of different nodes, merge two groups, split one (by node or in half).
+GPUs of one node are interchangeable, so moves pick a node rather than a GPU id. The tabu list holds
+recently destroyed (group composition, phase) pairs; a move that recreates one is tabu unless it
+beats the best score so far (aspiration). The search stops at an iteration cap, after `patience`
+iterations without improvement, or at the time limit. Candidates are scored best-bound-first and
+the scan stops once no remaining upper bound can beat the best candidate seen.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .parallel import PHASES, GroupPerf
+from .planner import Planner, Progress, Signature
+
+Group = tuple[str, ...]
+OTHER = {"prefill": "decode", "decode": "prefill"}
+
+
+@dataclass(frozen=True)
+class State:
+    groups: tuple[Group, ...]
+    phases: tuple[str, ...]
+
+
+@dataclass
+class SearchResult:
+    groups: list[list[str]]
+    phases: list[str]
+    score: float
+    iterations: int
+    seconds: float
+
+
+def _gkey(g: Sequence[str]) -> tuple:
+    return tuple(sorted(g, key=_gpu_key))
+
+
+def _gpu_key(g: str) -> tuple[str, int]:
+    node, _, idx = g.rpartition(":")
+    return (node, int(idx) if idx.isdigit() else 0)
+
+
+def _node(g: str) -> str:
+    return g.split(":", 1)[0]
+
+
+# --- initial state: bandwidth clustering -------------------------------------------------------------
+def initial_state(planner: Planner) -> State:
+    """Nodes are the natural fast-link clusters. Merge a node that cannot hold the model with its
+    best-linked neighbour (agglomerative, by bandwidth); split a node that can into the smallest
+    groups that still hold the model; then give phases by the prefill/decode capacity ratio."""
+    cl = planner.cluster
+    clusters: list[list[str]] = [[n.name] for n in cl.nodes]
+
+    def ids(nodes: list[str]) -> list[str]:
+        return [g for n in nodes for g in cl.node(n).gpu_ids()]
+
+    def ok(group: Sequence[str]) -> bool:
+        return any(planner.capacity(group, ph) > 0 for ph in PHASES)
+
+    while True:
+        bad = [c for c in clusters if not ok(ids(c))]
+        if not bad or len(clusters) == 1:
+            break
+        c = bad[0]
+        others = [o for o in clusters if o is not c]
+        best = max(others, key=lambda o: (max(cl.gbps(a, b) for a in c for b in o), -len(ids(o))))
+        clusters.remove(c)
+        clusters.remove(best)
+        clusters.append(c + best)
+    groups: list[Group] = []
+    for c in clusters:
+        members = ids(c)
+        if len(c) == 1:
+            k = len(members)
+            size = next((m for m in range(1, k + 1) if k % m == 0 and ok(members[:m])), k)
+            groups += [tuple(members[i:i + size]) for i in range(0, k, size)]
+        else:
+            groups.append(tuple(members))
+    phases = _ratio_phases(planner, groups)
+    return State(tuple(groups), tuple(phases))
+
+
+def _ratio_phases(planner: Planner, groups: Sequence[Group]) -> list[str]:
+    """Prefill to the groups best at it (by capacity ratio), as many as balance the two sides."""
+    caps = [(planner.capacity(g, "prefill"), planner.capacity(g, "decode")) for g in groups]
+    order = sorted(range(len(groups)), key=lambda i: -(caps[i][0] / (caps[i][1] + 1e-9)))
+    best_n, best_b = 0, -1.0
+    for n in range(len(groups) + 1):
+        pre = sum(caps[i][0] for i in order[:n])
+        dec = sum(caps[i][1] for i in order[n:])
+        if min(pre, dec) > best_b:
+            best_n, best_b = n, min(pre, dec)
+    chosen = set(order[:best_n])
+    return ["prefill" if i in chosen else "decode" for i in range(len(groups))]
+
+
+# --- neighbourhood -----------------------------------------------------------------------------------
+def _make(groups: list[Group], phases: list[str]) -> State:
+    pairs = sorted(((_gkey(g), p) for g, p in zip(groups, phases, strict=True) if g))
+    return State(tuple(g for g, _ in pairs), tuple(p for _, p in pairs))
+
+
+def _take(group: Group, node: str) -> tuple[str, Group]:
+    """Remove one GPU of `node` (the highest index, so equivalent moves coincide)."""
+    cand = [g for g in group if _node(g) == node]
+    g = max(cand, key=_gpu_key)
+    return g, tuple(x for x in group if x != g)
+
+
+def neighbours(state: State) -> list[State]:
+    G, P = list(state.groups), list(state.phases)
+    k = len(G)
+    out: list[State] = []
+
+    def replace(idx: Sequence[int], new_groups: list[Group], new_phases: list[str]) -> None:
+        gs = [g for i, g in enumerate(G) if i not in idx] + new_groups
+        ps = [p for i, p in enumerate(P) if i not in idx] + new_phases
+        out.append(_make(gs, ps))
+
+    for i in range(k):  # flip
+        replace([i], [G[i]], [OTHER[P[i]]])
+    for i, j in itertools.combinations(range(k), 2):  # merge
+        for ph in {P[i], P[j]}:
+            replace([i, j], [G[i] + G[j]], [ph])
+    for i in range(k):  # split: by node, or a single-node group in halves
+        nodes = sorted({_node(g) for g in G[i]})
+        parts: list[tuple[Group, Group]] = []
+        if len(nodes) > 1:
+            for n in nodes:
+                parts.append((tuple(g for g in G[i] if _node(g) == n), tuple(g for g in G[i] if _node(g) != n)))
+        elif len(G[i]) > 1:
+            s = _gkey(G[i])
+            parts.append((s[: len(s) // 2], s[len(s) // 2:]))
+        for a, b in parts:
+            for pb in (P[i], OTHER[P[i]]):
+                replace([i], [a, b], [P[i], pb])
+    for i in range(k):  # move one GPU of a node from group i to group j
+        for n in sorted({_node(g) for g in G[i]}):
+            g, rest = _take(G[i], n)
+            for j in range(k):
+                if j != i:
+                    replace([i, j], [rest, G[j] + (g,)], [P[i], P[j]])
+    for i, j in itertools.combinations(range(k), 2):  # swap GPUs of different nodes
+        ni = sorted({_node(g) for g in G[i]})
+        nj = sorted({_node(g) for g in G[j]})
+        for a in ni:
+            for b in nj:
+                if a == b:
+                    continue
+                ga, ri = _take(G[i], a)
+                gb, rj = _take(G[j], b)
+                replace([i, j], [ri + (gb,), rj + (ga,)], [P[i], P[j]])
+    return out
+
+
+def _attrs(planner: Planner, s: State) -> set[tuple[Signature, str]]:
+    return {(planner.signature(g), p) for g, p in zip(s.groups, s.phases, strict=True)}
+
+
+# --- tabu search ---------------------------------------------------------------------------------------
+def default_options(n_gpus: int) -> dict[str, int]:
+    return {
+        "max_iters": 40 + 2 * n_gpus,
+        "patience": 12 if n_gpus > 32 else 20,
+        "tenure": 7,
+        "max_neighbours": 10_000 if n_gpus <= 16 else 60,
+    }
+
+
+def tabu_search(planner: Planner, time_limit_s: float | None = None, progress: Progress | None = None,
+                seed: int = 0, **opts: int) -> SearchResult:
+    t0 = time.monotonic()
+    o = default_options(planner.cluster.n_gpus)
+    o.update(opts)
+    rng = random.Random(seed)
+    cur = initial_state(planner)
+    cur_score = planner.score(cur.groups, cur.phases)
+    best, best_score = cur, cur_score
+    tabu: dict[tuple[Signature, str], int] = {}
+    since_best = 0
+    it = 0
+    while it < o["max_iters"] and since_best < o["patience"]:
+        if time_limit_s is not None and time.monotonic() - t0 > time_limit_s:
+            break
+        it += 1
+        cands = neighbours(cur)
+        if len(cands) > o["max_neighbours"]:
+            flips = cands[: len(cur.groups)]  # always look at every phase flip
+            cands = flips + rng.sample(cands[len(cur.groups):], o["max_neighbours"] - len(flips))
+        cur_attrs = _attrs(planner, cur)
+        ranked = sorted(((planner.bound(c.groups, c.phases), i) for i, c in enumerate(cands)), reverse=True)
+        chosen, chosen_score = None, -1.0
+        for b, i in ranked:
+            if b <= chosen_score + 1e-12:
+                break  # nothing further down can beat the best candidate found
+            c = cands[i]
+            sc = planner.score(c.groups, c.phases)
+            created = _attrs(planner, c) - cur_attrs
+            is_tabu = any(tabu.get(a, 0) >= it for a in created)
+            if is_tabu and not sc > best_score * (1 + 1e-9):
+                continue
+            if sc > chosen_score:
+                chosen, chosen_score = c, sc
+        if chosen is None:
+            break
+        for a in cur_attrs - _attrs(planner, chosen):  # forbid re-creating what the move destroyed
+            tabu[a] = it + o["tenure"]
+        cur, cur_score = chosen, chosen_score
+        if cur_score > best_score * (1 + 1e-9):
+            best, best_score = cur, cur_score
+            since_best = 0
+        else:
+            since_best += 1
+        if progress:
+            progress(it, best_score, time.monotonic() - t0)
+    return SearchResult([list(g) for g in best.groups], list(best.phases), best_score, it,
+                        time.monotonic() - t0)
+
+
+# --- phase-only search (lightweight re-scheduling) -----------------------------------------------------
+def phase_search(planner: Planner, ids: list[str], perf: dict[tuple[str, str], GroupPerf],
+                 start: list[str], max_rounds: int = 50) -> list[str]:
+    """Best-improvement phase flips from the current designation (layouts fixed), bound-pruned.
+    A flip must gain more than a hair: needless flips cost a drain on the replica."""
+    cache: dict[tuple[str, ...], float] = {}
+
+    def score(ph: tuple[str, ...]) -> float:
+        if ph not in cache:
+            items = [(r, perf[(r, p)]) for r, p in zip(ids, ph, strict=True) if perf[(r, p)].capacity > 0]
+            cache[ph] = planner.choose_codec(items)[1].rate
+        return cache[ph]
+
+    def bound(ph: tuple[str, ...]) -> float:
+        pre = sum(perf[(r, p)].capacity for r, p in zip(ids, ph, strict=True) if p == "prefill")
+        dec = sum(perf[(r, p)].capacity for r, p in zip(ids, ph, strict=True) if p == "decode")
+        return min(pre, dec)
+
+    cur = tuple(p if p in OTHER else "decode" for p in start)
+    cur_score = score(cur)
+    for _ in range(max_rounds):
+        cands = [cur[:i] + (OTHER[cur[i]],) + cur[i + 1:] for i in range(len(cur))]
+        best, best_score = None, cur_score * (1 + 1e-6)
+        for b, c in sorted(((bound(c), c) for c in cands), reverse=True):
+            if b <= best_score:
+                break
+            sc = score(c)
+            if sc > best_score:
+                best, best_score = c, sc
+        if best is None:
+            break
+        cur, cur_score = best, best_score
+    return list(cur)
+
+
+# --- exhaustive reference (small clusters) -------------------------------------------------------------
+def exhaustive_search(planner: Planner) -> SearchResult:
+    """Best score over every grouping and phase designation, up to the interchangeability of a
+    node's GPUs (which leaves the score unchanged). Groups that cannot serve their phase score as
+    idle GPUs, so only servable (composition, phase) types are combined. For tests and benchmarks."""
+    t0 = time.monotonic()
+    cl = planner.cluster
+    counts = [n.count for n in cl.nodes]
+    names = [n.name for n in cl.nodes]
+    types: list[tuple[tuple[int, ...], str, float]] = []
+    for vec in itertools.product(*(range(c + 1) for c in counts)):
+        if not any(vec):
+            continue
+        ids = [f"{names[i]}:{j}" for i, c in enumerate(vec) for j in range(c)]
+        for ph in PHASES:
+            cap = planner.capacity(ids, ph)
+            if cap > 0:
+                types.append((vec, ph, cap))
+    combos: list[tuple[float, list[int]]] = []
+
+    def rec(start: int, remaining: list[int], chosen: list[int], pre: float, dec: float) -> None:
+        if pre > 0 and dec > 0:
+            combos.append((min(pre, dec), list(chosen)))
+        for t in range(start, len(types)):
+            vec, ph, cap = types[t]
+            if all(v <= r for v, r in zip(vec, remaining, strict=True)):
+                chosen.append(t)
+                rec(t, [r - v for r, v in zip(remaining, vec, strict=True)], chosen,
+                    pre + (cap if ph == "prefill" else 0), dec + (cap if ph == "decode" else 0))
+                chosen.pop()
+
+    rec(0, counts, [], 0.0, 0.0)
+    combos.sort(key=lambda x: -x[0])
+    best_score, best_state = 0.0, ([], [])
+    for b, chosen in combos:
+        if b <= best_score * (1 + 1e-9):
+            break
+        groups, phases = _materialise(names, [types[t] for t in chosen])
+        sc = planner.score(groups, phases)
+        if sc > best_score:
+            best_score, best_state = sc, (groups, phases)
+    return SearchResult(best_state[0], best_state[1], best_score, len(combos), time.monotonic() - t0)
+
+
+def _materialise(names: list[str], chosen: list[tuple[tuple[int, ...], str, float]]) -> tuple[list, list]:
+    nxt = [0] * len(names)
+    groups, phases = [], []
+    for vec, ph, _ in chosen:
+        g = []
+        for i, c in enumerate(vec):
+            g += [f"{names[i]}:{nxt[i] + j}" for j in range(c)]
+            nxt[i] += c
+        groups.append(g)
+        phases.append(ph)
+    return groups, phases

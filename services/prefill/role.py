@@ -1,0 +1,176 @@
+"""The prefill phase role: prompt -> KV cache -> compressed -> direct channel -> decode replica.
+
+Requests arrive on `<prefix>.prefill.<replica>`. The model thread runs one prompt at a time;
+while it computes the next prompt, channel threads ship the previous one's KV, so compute
+and transfer overlap. Any failure ends that request with an error chunk on its reply
+subject, so the router never waits on a request that is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+from thunderserve.common import protocol, tracing
+from thunderserve.common.kvchannel import ChannelError, ChannelPair
+from thunderserve.common.kvcodec import DEFAULT_CODEC, get_codec, pack_cache
+from thunderserve.common.protocol import (
+    ConnectReply,
+    ConnectRequest,
+    KVHandoff,
+    PrefillRequest,
+    TokenChunk,
+    Usage,
+)
+from thunderserve.common.sequence import sample_token
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 10.0
+
+
+class PrefillRole:
+    phase = "prefill"
+
+    def __init__(self, host):
+        self.host = host
+        self.engine = host.engine
+        self.default_codec = host.args.kv_codec or DEFAULT_CODEC
+        self._sub = None
+        self._waiting = 0
+        self._running = 0
+        self._inflight: set[asyncio.Task] = set()
+        self._aborted: set[str] = set()
+        self._connect_locks: dict[str, asyncio.Lock] = {}
+        self._accepting = False
+
+    async def start(self) -> None:
+        self._accepting = True
+        self._sub = await self.host.nc.subscribe(self.host.subjects.prefill(self.host.replica_id), cb=self._on_request)
+
+    async def drain(self) -> None:
+        self._accepting = False
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+            self._sub = None
+        while self._inflight:
+            await asyncio.gather(*list(self._inflight), return_exceptions=True)
+
+    async def stop(self) -> None:
+        await self.drain()
+
+    def abort(self, request_id: str) -> None:
+        self._aborted.add(request_id)
+
+    def load(self) -> tuple[int, int, int]:
+        return self._running, self._waiting, 1
+
+    async def _on_request(self, msg) -> None:
+        parent = tracing.traceparent_of(msg)
+        try:
+            request = protocol.decode(PrefillRequest, msg.data)
+        except protocol.ProtocolError as exc:
+            log.warning("dropping undecodable prefill request: %s", exc)
+            return
+        if not self._accepting:
+            await self._fail(request, "replica is no longer serving prefill", parent)
+            return
+        task = asyncio.create_task(self._handle(request, parent))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    async def _handle(self, request: PrefillRequest, parent: str | None) -> None:
+        loop = asyncio.get_running_loop()
+        self._waiting += 1
+        try:
+            # Connect first (cheap when the pair exists) so a dead decode replica fails fast.
+            pair = await self._pair_for(request.decode_replica, request.decode_endpoint)
+            payload, manifest, first = await loop.run_in_executor(
+                self.host.model_executor, self._compute, request
+            )
+        except Exception as exc:
+            self._waiting -= 1
+            await self._fail(request, f"prefill failed: {exc}", parent)
+            return
+        self._waiting -= 1
+        if payload is None:  # aborted while queued
+            return
+        handoff = KVHandoff(
+            request_id=request.request_id,
+            prefill_replica=self.host.replica_id,
+            pair_id=pair.pair_id,
+            tag=pair.next_tag(),
+            prompt_token_ids=request.prompt_token_ids,
+            first_token_id=first,
+            sampling=request.sampling,
+            reply_subject=request.reply_subject,
+            kv_manifest=manifest,
+        )
+        try:
+            await self.host.nc.publish(
+                self.host.subjects.decode(request.decode_replica),
+                protocol.encode(handoff),
+                headers=tracing.headers_for(parent),
+            )
+            await loop.run_in_executor(self.host.channel_executor, pair.send, payload, handoff.tag)
+        except (ChannelError, Exception) as exc:
+            self.host.channel_client.drop(request.decode_endpoint)
+            await self._fail(request, f"KV transfer to {request.decode_replica} failed: {exc}", parent)
+
+    def _compute(self, request: PrefillRequest):
+        """Model thread: prefill, choose the first token, compress the KV."""
+        if request.request_id in self._aborted:
+            self._aborted.discard(request.request_id)
+            return None, None, None
+        self._running += 1
+        try:
+            result = self.engine.prefill(request.prompt_token_ids)
+            first = sample_token(result.logits, request.sampling, 0, self.engine.eos_token_ids)
+            codec = get_codec(request.kv_codec or self.default_codec)
+            payload, manifest = pack_cache(codec, result.kv)
+            return payload, manifest, first
+        finally:
+            self._running -= 1
+
+    async def _pair_for(self, decode_replica: str, endpoint: str) -> ChannelPair:
+        pair = self.host.channel_client.get(endpoint)
+        if pair is not None:
+            return pair
+        lock = self._connect_locks.setdefault(endpoint, asyncio.Lock())
+        async with lock:
+            pair = self.host.channel_client.get(endpoint)
+            if pair is not None:
+                return pair
+            pair_id = f"{self.host.replica_id}-{uuid.uuid4().hex[:8]}"
+            reply = await self.host.nc.request(
+                self.host.subjects.connect(decode_replica),
+                protocol.encode(ConnectRequest(self.host.replica_id, pair_id)),
+                timeout=CONNECT_TIMEOUT_S,
+            )
+            answer = protocol.decode(ConnectReply, reply.data)
+            if not answer.ok:
+                raise ChannelError(f"decode replica {decode_replica} refused the channel: {answer.error}")
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(
+                self.host.channel_executor, self.host.channel_client.connect, endpoint, pair_id
+            )
+
+    async def _fail(self, request: PrefillRequest, error: str, parent: str | None) -> None:
+        log.warning("request %s: %s", request.request_id, error)
+        chunk = TokenChunk(
+            request_id=request.request_id,
+            index=0,
+            finish_reason="error",
+            usage=Usage(len(request.prompt_token_ids), 0),
+            error=error,
+        )
+        try:
+            headers = tracing.headers_for(parent)
+            await self.host.nc.publish(request.reply_subject, protocol.encode(chunk), headers=headers)
+        except Exception as exc:
+            log.warning("could not report failure of %s: %s", request.request_id, exc)
+
+
+def create_role(host) -> PrefillRole:
+    return PrefillRole(host)

@@ -1,0 +1,170 @@
+"""The HTTP front end: OpenAI-compatible completions and chat, models, health and metrics."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from thunderserve.common import tracing
+from thunderserve.router.core import RequestError, RouterCore
+from thunderserve.router.natsapi import NatsEntry
+from thunderserve.router.openai_schema import ChatBody, CompletionBody, ResponseBuilder, error_body
+
+log = logging.getLogger(__name__)
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+def _error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, status, param, code), status_code=status)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return "the request body is not valid JSON", None
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    msg = first.get("msg", "invalid value").removeprefix("Value error, ")
+    if first.get("type") == "missing":
+        return f"missing required field '{param}'", param
+    return (f"invalid '{param}': {msg}" if param else msg), param
+
+
+def create_app(core: RouterCore) -> FastAPI:
+    entry = NatsEntry(core)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await core.start()
+        await entry.start()
+        try:
+            yield
+        finally:
+            await entry.stop()
+            await core.stop()
+
+    app = FastAPI(title="ThunderServe router", lifespan=lifespan)
+    app.state.core = core
+
+    @app.exception_handler(RequestValidationError)
+    async def _on_invalid(request: Request, exc: RequestValidationError):
+        message, param = _validation_message(exc)
+        return _error(400, message, param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http(request: Request, exc: StarletteHTTPException):
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestError)
+    async def _on_request_error(request: Request, exc: RequestError):
+        return _error(exc.status, exc.message, exc.param, exc.code)
+
+    @app.exception_handler(Exception)
+    async def _on_unexpected(request: Request, exc: Exception):
+        log.exception("unexpected error")
+        return _error(500, f"internal error: {type(exc).__name__}")
+
+    @app.get("/health")
+    async def health():
+        body = core.health()
+        return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
+
+    @app.get("/v1/models")
+    async def models():
+        return {
+            "object": "list",
+            "data": [{"id": core.model_name, "object": "model", "created": 0, "owned_by": "thunderserve"}],
+        }
+
+    @app.get("/metrics")
+    async def metrics():
+        s = core.stats
+        lines = [
+            "# TYPE thunderserve_requests_total counter",
+            f"thunderserve_requests_total {s.requests}",
+            "# TYPE thunderserve_request_errors_total counter",
+            f"thunderserve_request_errors_total {s.errors}",
+            "# TYPE thunderserve_requests_rejected_total counter",
+            f"thunderserve_requests_rejected_total {s.rejected}",
+            "# TYPE thunderserve_prompt_tokens_total counter",
+            f"thunderserve_prompt_tokens_total {s.prompt_tokens}",
+            "# TYPE thunderserve_completion_tokens_total counter",
+            f"thunderserve_completion_tokens_total {s.completion_tokens}",
+            "# TYPE thunderserve_requests_in_flight gauge",
+            f"thunderserve_requests_in_flight {len(core.inflight)}",
+        ]
+        for phase in ("prefill", "decode"):
+            lines.append(f'thunderserve_replicas_ready{{phase="{phase}"}} {len(core.replicas.ready(phase))}')
+        return PlainTextResponse("\n".join(lines) + "\n")
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody, request: Request):
+        core.check_model(body.model)
+        if isinstance(body.prompt, str):
+            prompt_ids = core.tokenize_prompt(body.prompt)
+        else:
+            prompt_ids = list(body.prompt)
+            vocab = len(core.tokenizer)
+            if any(not 0 <= t < vocab for t in prompt_ids):
+                raise RequestError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+        sampling = body.sampling(COMPLETIONS_DEFAULT_MAX_TOKENS)
+        return await _serve(core, request, prompt_ids, sampling, body, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatBody, request: Request):
+        core.check_model(body.model)
+        prompt_ids = core.tokenize_chat(body.chat())
+        # Chat has no fixed default: generate until the model stops or the context is full.
+        sampling = body.sampling(max(core.max_context - len(prompt_ids), 1))
+        return await _serve(core, request, prompt_ids, sampling, body, chat=True)
+
+    return app
+
+
+async def _serve(core: RouterCore, request: Request, prompt_ids, sampling, body, chat: bool):
+    parent = request.headers.get(tracing.TRACEPARENT)
+    flight = await core.submit(prompt_ids, sampling, tracing.child_traceparent(parent))
+    builder = ResponseBuilder(flight.request_id, core.model_name, chat)
+    if body.stream:
+        return StreamingResponse(
+            _sse(core, flight, builder, body.include_usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Request-Id": flight.request_id},
+        )
+    parts: list[str] = []
+    last = None
+    async for chunk in core.events(flight):
+        parts.append(chunk.text)
+        last = chunk
+    if last is None or last.finish_reason == "error":
+        message = last.error if last is not None else "request ended without output"
+        return _error(503, message, code="replica_failure")
+    return JSONResponse(builder.full("".join(parts), last.finish_reason, last.usage))
+
+
+def _sse_line(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _sse(core: RouterCore, flight, builder: ResponseBuilder, include_usage: bool) -> AsyncIterator[str]:
+    first = True
+    async for chunk in core.events(flight):
+        if chunk.finish_reason == "error":
+            yield _sse_line(error_body(chunk.error, 503, code="replica_failure"))
+            break
+        if chunk.text or chunk.finish_reason is not None or first:
+            yield _sse_line(builder.chunk(chunk.text, chunk.finish_reason, first=first))
+            first = False
+        if chunk.finish_reason is not None and include_usage:
+            yield _sse_line(builder.usage_chunk(chunk.usage))
+    yield "data: [DONE]\n\n"

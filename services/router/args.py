@@ -1,0 +1,33 @@
+"""Command-line arguments of `python -m thunderserve.router`."""
+
+from __future__ import annotations
+
+import argparse
+
+from thunderserve.common import config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m thunderserve.router",
+        description="The ThunderServe router: an OpenAI-compatible HTTP API and the NATS entry of the "
+        "client SDK. It tokenizes requests, picks a prefill and a decode replica for each, and "
+        "streams the tokens back.",
+    )
+    config.add_nats_args(parser)
+    group = parser.add_argument_group("router")
+    group.add_argument("--model", default=config.env("MODEL", config.DEFAULT_MODEL),
+                       help="the served model (for its tokenizer and name): 'smollm2', 'tiny-random' or a "
+                       "local HuggingFace folder (env THUNDERSERVE_MODEL)")
+    group.add_argument("--host", default=config.env("HTTP_HOST", "127.0.0.1"),
+                       help="HTTP listen address (env THUNDERSERVE_HTTP_HOST; default 127.0.0.1)")
+    group.add_argument("--http-port", type=int, default=config.env("HTTP_PORT", 8000, int),
+                       help="HTTP port (env THUNDERSERVE_HTTP_PORT; default 8000)")
+    group.add_argument("--kv-codec", default=config.env("KV_CODEC", None),
+                       help="KV codec requested for transfers (none, int8, int4; default: the replicas')")
+    group.add_argument("--replica-timeout", type=float, default=config.env("REPLICA_TIMEOUT", 2.0, float),
+                       help="seconds without a heartbeat before a replica counts as dead (default 2)")
+    group.add_argument("--request-timeout", type=float, default=config.env("REQUEST_TIMEOUT", 120.0, float),
+                       help="seconds without progress before a request fails (default 120)")
+    config.add_logging_args(parser)
+    return parser

@@ -1,0 +1,293 @@
+"""The router's engine room: validate, dispatch to a prefill and a decode replica, track to the end.
+
+Both front doors (HTTP in `app`, the SDK's NATS entry in `natsapi`) go through `RouterCore`:
+`prepare` checks a request against the model, `submit` dispatches it, `events` yields its
+token chunks in order and ends with the final one. Every request in flight is watched: if a
+replica it depends on stops heart-beating, or nothing arrives for `request_timeout_s`, the
+request ends with an error instead of hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import nats
+from thunderserve.common import protocol, tracing
+from thunderserve.common.protocol import (
+    Abort,
+    Heartbeat,
+    PrefillRequest,
+    SamplingParams,
+    Subjects,
+    TokenChunk,
+    Usage,
+)
+from thunderserve.router.replicas import NoReplicaError, ReplicaTable
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(Exception):
+    """A request the router refuses or cannot finish; `status` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+@dataclass
+class InFlight:
+    request_id: str
+    prompt_len: int
+    prefill_id: str
+    decode_id: str
+    traceparent: str
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    next_index: int = 0
+    pending: dict[int, TokenChunk] = field(default_factory=dict)
+    in_decode: bool = False  # the first token arrived: the prefill replica is done with it
+    finished: bool = False
+    last_activity: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class RouterStats:
+    requests: int = 0
+    errors: int = 0
+    rejected: int = 0
+    completion_tokens: int = 0
+    prompt_tokens: int = 0
+
+
+class RouterCore:
+    def __init__(
+        self,
+        nats_url: str,
+        subjects: Subjects,
+        tokenizer,
+        model_name: str,
+        model_aliases: set[str],
+        max_context: int,
+        kv_codec: str | None = None,
+        replica_timeout_s: float = 2.0,
+        request_timeout_s: float = 120.0,
+    ):
+        self.nats_url = nats_url
+        self.subjects = subjects
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.model_aliases = model_aliases | {model_name}
+        self.max_context = max_context
+        self.kv_codec = kv_codec
+        self.request_timeout_s = request_timeout_s
+        self.router_id = f"router-{uuid.uuid4().hex[:8]}"
+        self.replicas = ReplicaTable(replica_timeout_s)
+        self.inflight: dict[str, InFlight] = {}
+        self.stats = RouterStats()
+        self.nc: nats.NATS | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        self.nc = await nats.connect(
+            self.nats_url, name=self.router_id, max_reconnect_attempts=-1, reconnect_time_wait=0.5
+        )
+        await self.nc.subscribe(self.subjects.heartbeats, cb=self._on_heartbeat)
+        await self.nc.subscribe(self.subjects.tokens_wildcard(self.router_id), cb=self._on_chunk)
+        self._tasks.append(asyncio.create_task(self._watchdog()))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for flight in list(self.inflight.values()):
+            self._fail(flight, "router is shutting down")
+        if self.nc is not None and not self.nc.is_closed:
+            await self.nc.drain()
+
+    # --- request preparation ----------------------------------------------------------------
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model not in self.model_aliases:
+            raise RequestError(
+                404, f"The model '{model}' does not exist; this server serves '{self.model_name}'",
+                param="model", code="model_not_found",
+            )
+
+    def tokenize_prompt(self, prompt: str) -> list[int]:
+        return list(self.tokenizer.encode(prompt, add_special_tokens=False))
+
+    def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        try:
+            encoded = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=True
+            )
+        except Exception as exc:
+            raise RequestError(400, f"cannot apply the chat template: {exc}", param="messages") from None
+        return list(encoded["input_ids"])
+
+    def check_lengths(self, prompt_ids: list[int], sampling: SamplingParams) -> None:
+        if not prompt_ids:
+            raise RequestError(400, "the prompt is empty", param="prompt")
+        if len(prompt_ids) >= self.max_context:
+            raise RequestError(
+                400,
+                f"This model's maximum context length is {self.max_context} tokens; the prompt has "
+                f"{len(prompt_ids)} tokens.",
+                param="prompt", code="context_length_exceeded",
+            )
+        if sampling.max_tokens < 1:
+            raise RequestError(400, "max_tokens must be at least 1", param="max_tokens")
+        if len(prompt_ids) + sampling.max_tokens > self.max_context:
+            raise RequestError(
+                400,
+                f"This model's maximum context length is {self.max_context} tokens; the prompt has "
+                f"{len(prompt_ids)} tokens and max_tokens asks for {sampling.max_tokens} more.",
+                param="max_tokens", code="context_length_exceeded",
+            )
+        if sampling.min_tokens > sampling.max_tokens:
+            raise RequestError(400, "min_tokens cannot exceed max_tokens", param="min_tokens")
+        vocab = len(self.tokenizer)
+        if any(not 0 <= t < vocab for t in sampling.logit_bias):
+            raise RequestError(400, f"logit_bias keys must be token ids in [0, {vocab})", param="logit_bias")
+
+    # --- dispatch and tracking --------------------------------------------------------------
+
+    async def submit(self, prompt_ids: list[int], sampling: SamplingParams, traceparent: str | None = None) -> InFlight:
+        self.check_lengths(prompt_ids, sampling)
+        try:
+            prefill = self.replicas.choose("prefill")
+            decode = self.replicas.choose("decode")
+        except NoReplicaError as exc:
+            self.stats.rejected += 1
+            raise RequestError(503, f"{exc}; try again shortly", code="no_replica") from None
+        request_id = uuid.uuid4().hex
+        traceparent = traceparent or tracing.new_traceparent()
+        flight = InFlight(
+            request_id, len(prompt_ids), prefill.beat.replica_id, decode.beat.replica_id, traceparent
+        )
+        self.inflight[request_id] = flight
+        prefill.assigned += 1
+        decode.assigned += 1
+        message = PrefillRequest(
+            request_id=request_id,
+            prompt_token_ids=prompt_ids,
+            sampling=sampling,
+            reply_subject=self.subjects.tokens(self.router_id, request_id),
+            decode_replica=decode.beat.replica_id,
+            decode_endpoint=decode.beat.endpoint,
+            kv_codec=self.kv_codec or "",
+        )
+        self.stats.requests += 1
+        self.stats.prompt_tokens += len(prompt_ids)
+        await self.nc.publish(
+            self.subjects.prefill(prefill.beat.replica_id),
+            protocol.encode(message),
+            headers=tracing.headers_for(traceparent),
+        )
+        return flight
+
+    async def events(self, flight: InFlight) -> AsyncIterator[TokenChunk]:
+        """The request's chunks in order; the last has `finish_reason` set. Aborts if abandoned."""
+        try:
+            while True:
+                chunk = await flight.queue.get()
+                yield chunk
+                if chunk.finish_reason is not None:
+                    return
+        finally:
+            if not flight.finished:
+                await self.abort(flight, "client went away")
+
+    async def abort(self, flight: InFlight, reason: str) -> None:
+        self._finish(flight)
+        with contextlib.suppress(Exception):
+            await self.nc.publish(self.subjects.abort, protocol.encode(Abort(flight.request_id, reason)))
+
+    def _finish(self, flight: InFlight) -> None:
+        if flight.finished:
+            return
+        flight.finished = True
+        self.inflight.pop(flight.request_id, None)
+        for rid in (flight.decode_id,) if flight.in_decode else (flight.prefill_id, flight.decode_id):
+            view = self.replicas.replicas.get(rid)
+            if view is not None and view.assigned > 0:
+                view.assigned -= 1
+
+    def _fail(self, flight: InFlight, error: str) -> None:
+        if flight.finished:
+            return
+        self.stats.errors += 1
+        chunk = TokenChunk(flight.request_id, flight.next_index, finish_reason="error", error=error,
+                           usage=Usage(flight.prompt_len, flight.next_index))
+        self._finish(flight)
+        flight.queue.put_nowait(chunk)
+
+    async def _on_heartbeat(self, msg) -> None:
+        try:
+            self.replicas.update(protocol.decode(Heartbeat, msg.data))
+        except protocol.ProtocolError as exc:
+            log.warning("bad heartbeat: %s", exc)
+
+    async def _on_chunk(self, msg) -> None:
+        try:
+            chunk = protocol.decode(TokenChunk, msg.data)
+        except protocol.ProtocolError as exc:
+            log.warning("bad token chunk: %s", exc)
+            return
+        flight = self.inflight.get(chunk.request_id)
+        if flight is None or flight.finished:
+            return
+        flight.last_activity = time.monotonic()
+        if chunk.finish_reason == "error":
+            self._fail(flight, chunk.error or "request failed")
+            return
+        flight.pending[chunk.index] = chunk
+        while flight.next_index in flight.pending:
+            ready = flight.pending.pop(flight.next_index)
+            flight.next_index += 1
+            if not flight.in_decode:
+                flight.in_decode = True
+                view = self.replicas.replicas.get(flight.prefill_id)
+                if view is not None and view.assigned > 0:
+                    view.assigned -= 1
+            self.stats.completion_tokens += len(ready.token_ids)
+            if ready.finish_reason is not None:
+                self._finish(flight)
+            flight.queue.put_nowait(ready)
+
+    async def _watchdog(self) -> None:
+        while True:
+            await asyncio.sleep(0.2)
+            gone = set(self.replicas.expired())
+            if gone:
+                log.warning("replicas stopped responding: %s", ", ".join(sorted(gone)))
+            now = time.monotonic()
+            for flight in list(self.inflight.values()):
+                lost = flight.decode_id if flight.decode_id in gone else None
+                if not flight.in_decode and flight.prefill_id in gone:
+                    lost = flight.prefill_id
+                if lost is not None:
+                    self._fail(flight, f"replica {lost} stopped responding")
+                    await self.abort(flight, "replica lost")
+                elif now - flight.last_activity > self.request_timeout_s:
+                    self._fail(flight, f"no progress for {self.request_timeout_s:.0f} s")
+                    await self.abort(flight, "timeout")
+
+    def health(self) -> dict:
+        prefill, decode = self.replicas.ready("prefill"), self.replicas.ready("decode")
+        return {
+            "status": "ok" if prefill and decode else "unavailable",
+            "model": self.model_name,
+            "prefill_replicas": len(prefill),
+            "decode_replicas": len(decode),
+            "in_flight": len(self.inflight),
+            "replicas": self.replicas.snapshot(),
+        }

@@ -1,0 +1,93 @@
+"""The router's live view of the replicas, built from their heartbeats, and replica choice."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+from thunderserve.common.protocol import Heartbeat
+
+
+class NoReplicaError(RuntimeError):
+    """No live replica can take the request's phase right now."""
+
+
+@dataclass
+class ReplicaView:
+    beat: Heartbeat
+    last_seen: float
+    assigned: int = 0  # requests this router sent there that have not finished
+
+    @property
+    def load(self) -> float:
+        capacity = max(self.beat.capacity, 1)
+        # The router's own count reacts at once; the heartbeat's catches other routers' work.
+        return max(self.assigned, self.beat.running + self.beat.waiting) / capacity
+
+
+class ReplicaTable:
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self.replicas: dict[str, ReplicaView] = {}
+        self._tiebreak = itertools.count()
+
+    def update(self, beat: Heartbeat) -> None:
+        view = self.replicas.get(beat.replica_id)
+        if view is None:
+            self.replicas[beat.replica_id] = ReplicaView(beat, time.monotonic())
+        else:
+            view.beat, view.last_seen = beat, time.monotonic()
+        if beat.state == "stopping":
+            # A replica that says it is leaving takes no new work; it still finishes its own.
+            self.replicas[beat.replica_id].last_seen = 0.0
+
+    def alive(self, replica_id: str) -> bool:
+        view = self.replicas.get(replica_id)
+        return view is not None and time.monotonic() - view.last_seen <= self.timeout_s
+
+    def expired(self) -> list[str]:
+        """Replicas whose heartbeats stopped: forget them and return their ids."""
+        now = time.monotonic()
+        gone = [rid for rid, v in self.replicas.items() if now - v.last_seen > self.timeout_s]
+        for rid in gone:
+            del self.replicas[rid]
+        return gone
+
+    def ready(self, phase: str) -> list[ReplicaView]:
+        now = time.monotonic()
+        return [
+            v
+            for v in self.replicas.values()
+            if v.beat.phase == phase and v.beat.state == "ready" and now - v.last_seen <= self.timeout_s
+        ]
+
+    def choose(self, phase: str, weights: dict[str, float] | None = None) -> ReplicaView:
+        """The least-loaded ready replica of `phase`; plan weights scale its share when given."""
+        candidates = self.ready(phase)
+        if weights:
+            weighted = [v for v in candidates if weights.get(v.beat.replica_id, 0.0) > 0]
+            candidates = weighted or candidates
+        if not candidates:
+            raise NoReplicaError(f"no {phase} replica is available")
+
+        def key(v: ReplicaView):
+            w = weights.get(v.beat.replica_id, 1.0) if weights else 1.0
+            return (v.load / max(w, 1e-9), v.assigned, next(self._tiebreak))
+
+        return min(candidates, key=key)
+
+    def snapshot(self) -> list[dict]:
+        now = time.monotonic()
+        return [
+            {
+                "id": rid,
+                "phase": v.beat.phase,
+                "state": v.beat.state,
+                "running": v.beat.running,
+                "waiting": v.beat.waiting,
+                "assigned": v.assigned,
+                "seen_s_ago": round(now - v.last_seen, 3),
+            }
+            for rid, v in sorted(self.replicas.items())
+        ]

@@ -1,0 +1,39 @@
+"""Start the router: load the tokenizer, build the app, serve HTTP and the NATS entry."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import uvicorn
+from thunderserve.common.models import ALIASES, load_tokenizer, resolve_model
+from thunderserve.common.protocol import Subjects
+from thunderserve.router.app import create_app
+from thunderserve.router.core import RouterCore
+from transformers import AutoConfig
+
+
+def build_core(args: argparse.Namespace) -> RouterCore:
+    info = resolve_model(args.model)
+    tokenizer = load_tokenizer(str(info.path))
+    max_context = int(getattr(AutoConfig.from_pretrained(info.path), "max_position_embeddings", 2048))
+    aliases = {args.model} | {k for k, v in ALIASES.items() if v == info.name}
+    return RouterCore(
+        nats_url=args.nats,
+        subjects=Subjects(args.subject_prefix),
+        tokenizer=tokenizer,
+        model_name=info.name,
+        model_aliases=aliases,
+        max_context=max_context,
+        kv_codec=args.kv_codec,
+        replica_timeout_s=args.replica_timeout,
+        request_timeout_s=args.request_timeout,
+    )
+
+
+def serve(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=args.log_level, format="%(asctime)s router %(levelname)s %(name)s: %(message)s")
+    core = build_core(args)
+    app = create_app(core)
+    uvicorn.run(app, host=args.host, port=args.http_port, log_level=args.log_level.lower(),
+                access_log=False, timeout_graceful_shutdown=5)

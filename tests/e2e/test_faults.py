@@ -1,0 +1,70 @@
+"""Replica failures end requests with an error in bounded time, and service resumes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import start_cluster
+from thunderserve.common.client import Client, ThunderServeError
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def tiny_cluster(tmp_path_factory):
+    cluster = start_cluster(tmp_path_factory, model="tiny-random", threads_per_replica=1)
+    yield cluster
+    cluster.stop()
+
+
+async def _long_request(client: Client) -> str:
+    try:
+        await client.complete("Tell me everything.", max_tokens=1500, ignore_eos=True, temperature=0)
+    except ThunderServeError as exc:
+        return str(exc)
+    return "finished"
+
+
+async def test_killed_decode_replica_fails_requests_then_recovers(tiny_cluster):
+    async with Client(tiny_cluster.nats_url, timeout_s=60) as client:
+        tasks = [asyncio.create_task(_long_request(client)) for _ in range(3)]
+        # wait until they are decoding
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            health = tiny_cluster.health() or {}
+            if sum(r["running"] for r in health.get("replicas", []) if r["phase"] == "decode") == 3:
+                break
+            await asyncio.sleep(0.1)
+        killed_at = time.monotonic()
+        tiny_cluster.kill("decode-0")
+        outcomes = await asyncio.wait_for(asyncio.gather(*tasks), timeout=20)
+        elapsed = time.monotonic() - killed_at
+        assert all("decode-0" in o and "stopped responding" in o for o in outcomes), outcomes
+        assert elapsed < 10, f"requests took {elapsed:.1f} s to fail"
+
+        # no decode replica: new requests are refused quickly with 503, not left hanging
+        resp = httpx.post(tiny_cluster.http_url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2},
+                          timeout=30)
+        assert resp.status_code == 503 and "decode" in resp.json()["error"]["message"]
+
+        tiny_cluster.start_replica("decode", 0)
+        tiny_cluster.wait_ready(timeout=120)
+        done = await client.complete("Hello again", max_tokens=6, temperature=0)
+        assert done.finish_reason == "length" and len(done.token_ids) == 6
+
+
+async def test_killed_prefill_replica_fails_queued_requests(tiny_cluster):
+    tiny_cluster.start_replica("prefill", 1)
+    tiny_cluster.wait_ready(timeout=120, prefill=2)
+    tiny_cluster.kill("prefill-0")
+    # the router notices the lost heartbeat and keeps serving on the other prefill replica
+    deadline = time.monotonic() + 10
+    while (tiny_cluster.health() or {}).get("prefill_replicas") != 1 and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    async with Client(tiny_cluster.nats_url) as client:
+        results = await asyncio.gather(*(client.complete(f"Prompt {i}", max_tokens=4) for i in range(4)))
+    assert all(len(r.token_ids) == 4 for r in results)

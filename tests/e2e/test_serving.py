@@ -1,0 +1,199 @@
+"""End to end: the real SmolLM2 served through router -> prefill -> KV channel -> decode."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+
+from thunderserve.common.client import Client, ThunderServeError
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    ("What is the capital of France?", 12),
+    ("Write a haiku about the sea.", 24),
+    ("List three prime numbers.", 7),
+    ("Explain gravity to a child in two sentences.", 30),
+    ("def fibonacci(n):", 16),
+]
+
+
+def _chat_ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                              tokenize=True, return_dict=True)["input_ids"])
+
+
+def _generate(model, ids: list[int], max_new: int) -> list[int]:
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=max_new, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+def _trim_eos(tokens: list[int], eos: int) -> list[int]:
+    return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+
+
+async def test_greedy_matches_generate(smollm2_cluster, smollm2_reference):
+    """Token for token equal to in-process model.generate(do_sample=False), KV uncompressed."""
+    model, tokenizer = smollm2_reference
+    eos = tokenizer.eos_token_id
+    async with Client(smollm2_cluster.nats_url) as client:
+        for text, n in PROMPTS:
+            expected = _trim_eos(_generate(model, _chat_ids(tokenizer, text), n), eos)
+            got = await client.complete(messages=[{"role": "user", "content": text}], max_tokens=n, temperature=0)
+            assert got.token_ids == expected, text
+            assert got.finish_reason == ("stop" if expected[-1] == eos else "length")
+            assert got.usage.completion_tokens == len(expected)
+            assert got.text == tokenizer.decode(expected, skip_special_tokens=True)
+        # a raw completion prompt too (no chat template)
+        ids = tokenizer.encode("The three primary colors are", add_special_tokens=False)
+        expected = _trim_eos(_generate(model, ids, 20), eos)
+        got = await client.complete("The three primary colors are", max_tokens=20, temperature=0)
+        assert got.token_ids == expected
+
+
+def test_openai_sdk(smollm2_cluster, smollm2_reference):
+    _, tokenizer = smollm2_reference
+    client = openai.OpenAI(base_url=smollm2_cluster.http_url + "/v1", api_key="unused")
+    models = client.models.list()
+    model = models.data[0].id
+    assert model == "SmolLM2-135M-Instruct"
+
+    chat = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=12, temperature=0)
+    assert "Paris" in chat.choices[0].message.content
+    assert chat.usage.completion_tokens >= 1
+    assert chat.usage.prompt_tokens == len(_chat_ids(tokenizer, "What is the capital of France?"))
+
+    stream = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=12, temperature=0, stream=True, stream_options={"include_usage": True})
+    parts, usage, finish = [], None, None
+    for event in stream:
+        if event.usage is not None:
+            usage = event.usage
+        for choice in event.choices:
+            parts.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    assert "".join(parts) == chat.choices[0].message.content
+    assert usage is not None and usage.completion_tokens == chat.usage.completion_tokens
+    assert finish == chat.choices[0].finish_reason
+
+    comp = client.completions.create(model=model, prompt="The capital of Germany is", max_tokens=8, temperature=0)
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(model=model, prompt="The capital of Germany is", max_tokens=8,
+                                           temperature=0, stream=True)
+        if c.choices
+    )
+    assert comp.choices[0].text == streamed
+    assert comp.usage.completion_tokens == 8 and comp.choices[0].finish_reason == "length"
+
+
+async def test_concurrent_streams_are_independent(smollm2_cluster, smollm2_reference):
+    """8 streamed requests at once, different prompts and lengths: each gets its own right output."""
+    model, tokenizer = smollm2_reference
+    cases = [
+        ("Name a color.", 6), ("What is 2 plus 2?", 10), ("Write a short poem about cats.", 28),
+        ("Who wrote Hamlet?", 9), ("Give me a synonym for happy.", 14), ("Describe the moon.", 22),
+        ("What is Python?", 18), ("Say hello in Spanish.", 5),
+    ]
+    expected = {text: tokenizer.decode(_generate(model, _chat_ids(tokenizer, text), n), skip_special_tokens=True)
+                for text, n in cases}
+    client = openai.AsyncOpenAI(base_url=smollm2_cluster.http_url + "/v1", api_key="unused")
+
+    async def one(text: str, n: int) -> str:
+        stream = await client.chat.completions.create(
+            model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": text}], max_tokens=n,
+            temperature=0, stream=True)
+        return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+    results = await asyncio.gather(*(one(t, n) for t, n in cases))
+    for (text, _), got in zip(cases, results):
+        assert got == expected[text], text
+
+
+BAD_REQUESTS = [
+    ("/v1/completions", b"{not json", "JSON"),
+    ("/v1/completions", {"max_tokens": 4}, "prompt"),
+    ("/v1/completions", {"prompt": 42}, "prompt"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": "many"}, "max_tokens"),
+    ("/v1/completions", {"prompt": ""}, "empty"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": -3}, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 10_000_000}, "context"),
+    ("/v1/completions", {"prompt": "hello " * 9000, "max_tokens": 4}, "context"),
+    ("/v1/completions", {"prompt": "hi", "model": "gpt-5"}, "gpt-5"),
+    ("/v1/completions", {"prompt": "hi", "n": 2}, "n"),
+    ("/v1/completions", {"prompt": "hi", "temperature": "hot"}, "temperature"),
+    ("/v1/completions", {"prompt": "hi", "temperature": 5}, "temperature"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"abc": 1}}, "logit_bias"),
+    ("/v1/chat/completions", {"messages": []}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
+    ("/v1/chat/completions", {"messages": "hi"}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, "stream"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "mentions"), BAD_REQUESTS)
+def test_bad_input_gets_clear_4xx(smollm2_cluster, path, body, mentions):
+    url = smollm2_cluster.http_url + path
+    if isinstance(body, bytes):
+        resp = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=30)
+    else:
+        resp = httpx.post(url, json=body, timeout=30)
+    assert 400 <= resp.status_code < 500, resp.text
+    error = resp.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert mentions.lower() in error["message"].lower() or mentions == error.get("param")
+    # ... and the service keeps serving
+    ok = httpx.post(smollm2_cluster.http_url + "/v1/completions",
+                    json={"prompt": "Hi", "max_tokens": 2, "temperature": 0}, timeout=60)
+    assert ok.status_code == 200
+
+
+def _decode_running(cluster) -> int:
+    health = cluster.health() or {}
+    return sum(r["running"] + r["waiting"] for r in health.get("replicas", []) if r["phase"] == "decode")
+
+
+def test_client_disconnect_frees_its_batch_slot(smollm2_cluster):
+    body = {"prompt": "Count from one to one thousand:", "max_tokens": 2000, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", smollm2_cluster.http_url + "/v1/completions", json=body) as resp:
+            assert resp.status_code == 200
+            lines = 0
+            for line in resp.iter_lines():
+                if line.startswith("data: {"):
+                    json.loads(line[6:])
+                    lines += 1
+                if lines >= 3:
+                    break
+            deadline = time.monotonic() + 5
+            while _decode_running(smollm2_cluster) == 0 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert _decode_running(smollm2_cluster) == 1
+    # the connection is closed: the decode replica must drop the sequence
+    deadline = time.monotonic() + 10
+    while _decode_running(smollm2_cluster) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _decode_running(smollm2_cluster) == 0
+
+
+async def test_sdk_reports_bad_input(smollm2_cluster):
+    async with Client(smollm2_cluster.nats_url) as client:
+        with pytest.raises(ThunderServeError) as err:
+            await client.complete("hi", max_tokens=0)
+        assert err.value.status == 400
+        with pytest.raises(ThunderServeError) as err:
+            await client.complete("hi", model="not-a-model")
+        assert err.value.status == 404
+        chunks = [c async for c in client.stream("Once upon a time", max_tokens=5, temperature=0)]
+        assert chunks[-1].finish_reason == "length" and sum(len(c.token_ids) for c in chunks) == 5

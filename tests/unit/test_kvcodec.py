@@ -1,0 +1,201 @@
+"""KV codec: round-trip error, shapes, dtypes, exact wire size, cache framing (DESIGN.md §4)."""
+
+from __future__ import annotations
+
+import math
+
+import msgpack
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from thunderserve.common import kvquant
+from thunderserve.common.kvcodec import (
+    DEFAULT_CODEC,
+    GroupQuantCodec,
+    QuantSpec,
+    codec_names,
+    get_codec,
+    pack_cache,
+    unpack_cache,
+)
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+QUANT_CODECS = ["int8", "int4"]
+
+
+def _kv(shape: tuple[int, ...], seed: int, dtype: torch.dtype = torch.float32, outliers: bool = True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    if outliers and shape[-1] > 2:
+        x[..., 1] *= 20.0  # an outlier channel, as real keys have
+    return x.to(dtype)
+
+
+def _output_rounding(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Error that casting the fp32 decode back to `dtype` may add."""
+    return x.float().abs() * torch.finfo(dtype).eps + torch.finfo(dtype).tiny
+
+
+def _assert_within_bound(codec, x: torch.Tensor, kind: str) -> None:
+    packed = codec.encode(x, kind=kind)
+    y = codec.decode(packed)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    bound = kvquant.error_bound(packed.buffers, packed.shape, **packed.params)
+    # fp16 sink tokens and the fp32 arithmetic round too: a relative slack of a few ulps.
+    slack = _output_rounding(x, x.dtype) + _output_rounding(x, torch.float16) + bound * 1e-4 + 1e-6
+    err = (y.float() - x.float()).abs()
+    assert bool((err <= bound + slack).all()), float((err - bound - slack).max())
+
+
+def test_registry_and_default() -> None:
+    assert {"none", "int8", "int4"} <= set(codec_names())
+    assert DEFAULT_CODEC == "int4"
+    with pytest.raises(ValueError):
+        get_codec("int3")
+
+
+@pytest.mark.parametrize("name", ["none", *QUANT_CODECS])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 3, 37, 64), (2, 3, 1, 64), (0, 3, 5, 64), (1, 2, 70, 48), (1, 1, 130, 33), (1, 3, 0, 64)]
+    + [(1, 3, 4, 1)],
+)
+@pytest.mark.parametrize("kind", ["key", "value"])
+def test_shapes_dtypes_and_bound(name: str, dtype: torch.dtype, shape: tuple[int, ...], kind: str) -> None:
+    codec = get_codec(name)
+    x = _kv(shape, seed=sum(shape), dtype=dtype)
+    if name == "none":
+        y = codec.decode(codec.encode(x, kind=kind))
+        assert y.dtype == dtype and torch.equal(y, x)
+    else:
+        _assert_within_bound(codec, x, kind)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(0, 6),
+    n=st.integers(0, 200),
+    group=st.sampled_from([1, 3, 16, 32, 64, 128]),
+    bits=st.sampled_from([4, 8]),
+    scale=st.floats(1e-3, 1e3),
+    offset=st.floats(-100, 100),
+    seed=st.integers(0, 2**16),
+)
+def test_kernel_half_step(rows: int, n: int, group: int, bits: int, scale: float, offset: float, seed: int):
+    x = torch.randn(rows, n, generator=torch.Generator().manual_seed(seed)) * scale + offset
+    codes, zero, step = kvquant.quantize_rows(x, bits, group)
+    assert codes.numel() == rows * n and int(codes.max()) < (1 << bits) if codes.numel() else True
+    if bits == 4:
+        codes = kvquant.unpack_nibbles(kvquant.pack_nibbles(codes), rows * n)
+    y = kvquant.dequantize_rows(codes, zero, step, rows, n, group)
+    half = (step.float().repeat_interleave(group, dim=1)[:, :n] / 2) if rows and n else torch.zeros(rows, n)
+    # Half a step of each group, up to fp32 rounding of code * scale + zero.
+    tol = half * 1e-4 + (x.abs() + half) * 4 * torch.finfo(torch.float32).eps
+    assert bool(((y - x).abs() <= half + tol).all())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    name=st.sampled_from(QUANT_CODECS),
+    batch=st.integers(0, 2),
+    heads=st.integers(1, 3),
+    seq=st.integers(1, 80),
+    head_dim=st.sampled_from([1, 7, 16, 48, 64, 80, 128]),
+    dtype=st.sampled_from(DTYPES),
+    kind=st.sampled_from(["key", "value"]),
+    seed=st.integers(0, 2**16),
+)
+def test_codec_roundtrip_property(name, batch, heads, seq, head_dim, dtype, kind, seed) -> None:
+    _assert_within_bound(get_codec(name), _kv((batch, heads, seq, head_dim), seed, dtype), kind)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    bits=st.sampled_from([4, 8]),
+    group=st.sampled_from([16, 32, 64, 128]),
+    axis=st.sampled_from(["token", "channel"]),
+    rotate=st.booleans(),
+    sink=st.integers(0, 6),
+    seq=st.integers(1, 50),
+    seed=st.integers(0, 2**16),
+)
+def test_any_spec_roundtrip(bits, group, axis, rotate, sink, seq, seed) -> None:
+    spec = QuantSpec(bits, group, axis, rotate, sink)
+    _assert_within_bound(GroupQuantCodec(spec, spec), _kv((1, 3, seq, 64), seed), "key")
+
+
+def test_decode_uses_transmitted_params() -> None:
+    """The header names the codec; the params travel: the receiver's defaults don't matter."""
+    spec = QuantSpec(4, 32, "token", rotate=True, sink_tokens=2)
+    x = _kv((1, 3, 40, 64), 7)
+    payload, manifest = pack_cache(GroupQuantCodec(spec, spec), [(x, x)])
+    manifest = msgpack.unpackb(msgpack.packb(manifest))
+    manifest["codec"] = "int8"  # GroupQuantCodec's registered name
+    (k, _v), = unpack_cache(payload, manifest)
+    _assert_within_bound(GroupQuantCodec(spec, spec), x, "key")
+    assert (k - x).abs().max() < 1.0
+
+
+def _expected_nbytes(name: str, shape: tuple[int, ...], kind: str) -> int:
+    """Wire bytes from first principles: codes + fp16 zero and scale per group + fp16 sink tokens."""
+    codec = get_codec(name)
+    spec = codec.key_spec if kind == "key" else codec.value_spec
+    *lead, s, d = shape
+    sink = min(spec.sink_tokens, s)
+    qs = s - sink
+    rows, n = (math.prod(lead) * qs, d) if spec.axis == "token" else (math.prod(lead) * d, qs)
+    values = rows * n
+    code_bytes = values if spec.bits == 8 else (values + 1) // 2
+    groups = rows * math.ceil(n / spec.group)
+    return code_bytes + 4 * groups + 2 * math.prod(lead) * sink * d
+
+
+@pytest.mark.parametrize("name", QUANT_CODECS)
+@pytest.mark.parametrize(
+    "shape", [(1, 3, 2000, 64), (1, 3, 37, 64), (2, 3, 1, 64), (1, 2, 70, 48), (0, 3, 5, 64)]
+)
+def test_exact_wire_size(name: str, shape: tuple[int, ...]) -> None:
+    codec = get_codec(name)
+    for kind in ("key", "value"):
+        packed = codec.encode(_kv(shape, 0), kind=kind)
+        assert packed.nbytes == _expected_nbytes(name, shape, kind)
+        assert packed.nbytes == sum(b.numel() * b.element_size() for b in packed.buffers.values())
+
+
+def test_wire_size_ratio_targets() -> None:
+    """A 2,000-token SmolLM2 cache (30 layers, 3 KV heads, head_dim 64)."""
+    layers = [(_kv((1, 3, 2000, 64), i), _kv((1, 3, 2000, 64), 100 + i)) for i in range(30)]
+    values = sum(k.numel() + v.numel() for k, v in layers)
+    fp16_bytes = values * 2
+    sizes = {name: pack_cache(get_codec(name), layers)[0].numel() for name in QUANT_CODECS}
+    assert fp16_bytes / sizes["int8"] >= 1.8
+    assert fp16_bytes / sizes["int4"] >= 3.5
+    assert sizes["int4"] * 8 / values <= 4.57
+
+
+@pytest.mark.parametrize("name", ["none", *QUANT_CODECS])
+def test_pack_cache_roundtrip(name: str) -> None:
+    codec = get_codec(name)
+    half = torch.float16
+    layers = [(_kv((1, 3, 21, 64), i, half), _kv((1, 3, 21, 64), 50 + i, half)) for i in range(4)]
+    payload, manifest = pack_cache(codec, layers)
+    assert payload.dtype == torch.uint8 and payload.numel() == manifest["nbytes"]
+    packed = [codec.encode(t, kind=kd) for k, v in layers for t, kd in ((k, "key"), (v, "value"))]
+    assert manifest["nbytes"] == sum(p.nbytes for p in packed)
+    manifest = msgpack.unpackb(msgpack.packb(manifest))  # travels as msgpack
+    out = unpack_cache(payload.clone(), manifest)
+    assert len(out) == len(layers)
+    for (k, v), (k2, v2) in zip(layers, out, strict=True):
+        assert k2.shape == k.shape and k2.dtype == k.dtype and v2.dtype == v.dtype
+    # Framing adds nothing: what comes out is exactly what the codec decodes per tensor.
+    flat = [t for kv in out for t in kv]
+    for p, t in zip(packed, flat, strict=True):
+        assert torch.equal(codec.decode(p), t)
+
+
+def test_unpack_rejects_truncated_payload() -> None:
+    payload, manifest = pack_cache(get_codec("int4"), [(_kv((1, 3, 8, 64), 0), _kv((1, 3, 8, 64), 1))])
+    with pytest.raises(ValueError):
+        unpack_cache(payload[:-1], manifest)
