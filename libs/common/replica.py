@@ -24,7 +24,7 @@ from typing import Protocol
 
 import nats
 from thunderserve.common import config, protocol
-from thunderserve.common.engine import Engine
+from thunderserve.common.engine import Engine, MockEngine, create_engine
 from thunderserve.common.kvchannel import ChannelClient, ChannelHost
 from thunderserve.common.protocol import Abort, ControlCommand, Heartbeat, Subjects
 
@@ -64,7 +64,7 @@ class ReplicaHost:
         self.phase = phase
         self.replica_id: str = args.replica_id or f"{phase}-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
         self.subjects = Subjects(args.subject_prefix)
-        self.engine: Engine | None = None
+        self.engine: Engine | MockEngine | None = None
         self.nc: nats.NATS | None = None
         self.role: PhaseRole | None = None
         self.state = "starting"
@@ -106,7 +106,7 @@ class ReplicaHost:
             self.loop.add_signal_handler(sig, self._stop.set)
         log.info("%s: loading model %s", self.replica_id, self.args.model)
         self.engine = await self.loop.run_in_executor(
-            self.model_executor, lambda: Engine(self.args.model, self.args.dtype, self.args.threads)
+            self.model_executor, lambda: create_engine(self.args.model, self.args.dtype, self.args.threads)
         )
         self.nc = await nats.connect(
             self.args.nats, name=self.replica_id, max_reconnect_attempts=-1, reconnect_time_wait=0.5
