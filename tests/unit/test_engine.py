@@ -1,0 +1,95 @@
+"""The engine's continuous batch gives the same tokens as decoding each sequence alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from thunderserve.common.engine import Engine, MockEngine
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Engine:
+    return Engine("tiny-random", threads=1)
+
+
+def _reference(engine: Engine, ids: list[int], n: int) -> list[int]:
+    with torch.inference_mode():
+        out = engine.model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+def test_prefill_returns_per_layer_kv(tiny):
+    result = tiny.prefill([5, 6, 7, 8])
+    cfg = tiny.config
+    assert len(result.kv) == cfg.num_hidden_layers
+    k, v = result.kv[0]
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    assert k.shape == v.shape == (1, cfg.num_key_value_heads, 4, head_dim)
+    assert result.logits.shape == (cfg.vocab_size,)
+
+
+def test_prefill_rejects_empty_prompt(tiny):
+    with pytest.raises(ValueError):
+        tiny.prefill([])
+
+
+def test_batch_with_joins_and_leaves_matches_single_sequence_decoding(tiny):
+    prompts = {"a": [11, 12, 13, 14, 15, 16, 17], "b": [200, 201], "c": list(range(300, 320)), "d": [7] * 5}
+    lengths = {"a": 12, "b": 5, "c": 9, "d": 14}
+    expected = {k: _reference(tiny, ids, lengths[k]) for k, ids in prompts.items()}
+    got: dict[str, list[int]] = {k: [] for k in prompts}
+    batch = tiny.new_batch()
+
+    def join(key):
+        result = tiny.prefill(prompts[key])
+        token = int(result.logits.argmax())
+        got[key].append(token)
+        batch.add(key, result.kv, token)
+
+    def step():
+        for key, logits in batch.step().items():
+            token = int(logits.argmax())
+            got[key].append(token)
+            if len(got[key]) >= lengths[key]:
+                batch.remove(key)
+            else:
+                batch.set_next_token(key, token)
+
+    join("a")
+    step()
+    step()
+    join("b")  # shorter than the batch: left-padded
+    step()
+    join("c")  # longer than the batch: everyone else is padded
+    for _ in range(3):
+        step()
+    join("d")
+    while len(batch):
+        step()
+    assert got == expected
+
+
+def test_batch_rejects_duplicate_ids_and_trims_padding(tiny):
+    batch = tiny.new_batch()
+    long = tiny.prefill(list(range(1, 30)))
+    short = tiny.prefill([1, 2])
+    batch.add("long", long.kv, 3)
+    batch.add("short", short.kv, 4)
+    with pytest.raises(ValueError):
+        batch.add("short", short.kv, 4)
+    assert batch.width == 29
+    assert batch.remove("long")
+    assert batch.width == 2  # the padding only "long" needed is gone
+    assert not batch.remove("long")
+    assert set(batch.step()) == {"short"}
+
+
+def test_mock_engine_is_deterministic_and_never_eos():
+    engine = MockEngine()
+    batch = engine.new_batch()
+    result = engine.prefill([1, 2, 3])
+    batch.add("x", result.kv, int(result.logits.argmax()))
+    tokens = [int(batch.step()["x"].argmax()) for _ in range(20)]
+    assert not set(tokens) & engine.eos_token_ids
+    assert tokens[:9] != tokens[1:10]  # it cycles through several words

@@ -1,0 +1,80 @@
+"""Sampling and output bookkeeping: stop strings, EOS, min_tokens, seeds, UTF-8 safety."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from thunderserve.common.models import load_tokenizer
+from thunderserve.common.protocol import SamplingParams
+from thunderserve.common.sequence import OutputTracker, sample_token
+
+EOS = frozenset({2})
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("smollm2")
+
+
+def _tracker(tokenizer, **params) -> OutputTracker:
+    return OutputTracker(SamplingParams(**params), prompt_len=3, max_context=100, eos_token_ids=EOS,
+                         tokenizer=tokenizer)
+
+
+def _feed(tracker, tokens):
+    out = []
+    for t in tokens:
+        step = tracker.add(t)
+        out.append(step.text)
+        if step.finish_reason:
+            break
+    return "".join(out), tracker.finish_reason
+
+
+def test_stop_string_is_cut_and_never_leaked(tokenizer):
+    tokens = tokenizer.encode("Hello world. The end. More text", add_special_tokens=False)
+    text, reason = _feed(_tracker(tokenizer, max_tokens=50, stop=["The end"]), tokens)
+    assert reason == "stop"
+    assert text == "Hello world. "
+
+
+def test_eos_stops_unless_ignored_or_too_early(tokenizer):
+    hello = tokenizer.encode("Hi there", add_special_tokens=False)
+    assert _feed(_tracker(tokenizer, max_tokens=10), [*hello, 2, *hello]) == ("Hi there", "stop")
+    text, reason = _feed(_tracker(tokenizer, max_tokens=len(hello) + 1, ignore_eos=True), [*hello, 2])
+    assert reason == "length"
+    tracker = _tracker(tokenizer, max_tokens=10, min_tokens=3)
+    tracker.add(2)  # EOS before min_tokens does not finish
+    assert tracker.finish_reason is None
+
+
+def test_length_and_context_limits(tokenizer):
+    assert _feed(_tracker(tokenizer, max_tokens=2), [100, 101, 102])[1] == "length"
+    tracker = OutputTracker(SamplingParams(max_tokens=50), 98, 100, EOS, tokenizer)
+    assert _feed(tracker, [100, 101, 102])[1] == "length" and tracker.completion_tokens == 2
+
+
+def test_multibyte_characters_are_not_split(tokenizer):
+    tokens = tokenizer.encode("Ünïcödé 🚀 done", add_special_tokens=False)
+    text, _ = _feed(_tracker(tokenizer, max_tokens=len(tokens)), tokens)
+    assert text == "Ünïcödé 🚀 done"
+    assert "\ufffd" not in text
+
+
+def test_greedy_min_tokens_and_logit_bias():
+    logits = torch.tensor([0.0, 1.0, 5.0, 2.0])
+    assert sample_token(logits, SamplingParams(temperature=0), 0, EOS) == 2
+    assert sample_token(logits, SamplingParams(temperature=0, min_tokens=1), 0, EOS) == 3  # EOS masked
+    assert sample_token(logits, SamplingParams(temperature=0, logit_bias={0: 10.0}), 0, EOS) == 0
+
+
+def test_seeded_sampling_is_reproducible_and_top_p_restricts():
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(1))
+    p = SamplingParams(temperature=1.0, seed=7)
+    first = [sample_token(logits, p, step, EOS) for step in range(20)]
+    assert first == [sample_token(logits, p, step, EOS) for step in range(20)]
+    assert len(set(first)) > 1
+    top = int(logits.argmax())
+    narrow = SamplingParams(temperature=1.0, top_p=1e-6, seed=1)
+    assert {sample_token(logits, narrow, s, EOS) for s in range(10)} == {top}
