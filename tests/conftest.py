@@ -45,6 +45,14 @@ def smollm2_cluster(tmp_path_factory):
     cluster.stop()
 
 
+@pytest.fixture
+def tiny_cluster(tmp_path_factory):
+    """A fresh deployment of the tiny random model, for tests that break or change it."""
+    cluster = start_cluster(tmp_path_factory, model="tiny-random", threads_per_replica=1)
+    yield cluster
+    cluster.stop()
+
+
 @pytest.fixture(scope="session")
 def smollm2_reference():
     """The in-process model the served outputs are compared against."""

@@ -8,17 +8,9 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import start_cluster
 from thunderserve.common.client import Client, ThunderServeError
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def tiny_cluster(tmp_path_factory):
-    cluster = start_cluster(tmp_path_factory, model="tiny-random", threads_per_replica=1)
-    yield cluster
-    cluster.stop()
 
 
 async def _long_request(client: Client) -> str:
