@@ -80,11 +80,13 @@ class Client:
         return result
 
     async def stream(self, prompt: str | None = None, *, messages: list[dict[str, str]] | None = None,
-                     model: str | None = None, **params) -> AsyncIterator[Chunk]:
+                     model: str | None = None, kv_codec: str | None = None,
+                     **params) -> AsyncIterator[Chunk]:
         """Yield the request's text chunks as they are generated; the last has `finish_reason`.
 
         Keyword parameters are SamplingParams fields: max_tokens, temperature, top_p, seed,
-        stop, ignore_eos, min_tokens, logit_bias.
+        stop, ignore_eos, min_tokens, logit_bias. `kv_codec` ("none", "int8", "int4")
+        overrides the deployment's KV compression for this request.
         """
         if self.nc is None:
             raise RuntimeError("Client is not connected: use `async with Client(...)` or await connect()")
@@ -105,7 +107,7 @@ class Client:
         sub = await self.nc.subscribe(inbox, cb=on_event)
         try:
             request = CompletionRequest(prompt=prompt, messages=messages, model=model, sampling=sampling,
-                                        reply_subject=inbox)
+                                        reply_subject=inbox, kv_codec=kv_codec)
             try:
                 reply = await self.nc.request(self.subjects.api_completions, protocol.encode(request),
                                               timeout=10.0, headers=tracing.headers_for(None))

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from thunderserve.common.models import load_model, resolve_model
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +77,19 @@ class DecodeBatch:
     the true positions and the output matches decoding the sequence alone.
     """
 
+    # Columns reserved past the current width, so most steps append in place.
+    HEADROOM = 64
+
     def __init__(self, engine: Engine):
         self.engine = engine
         self.slots: list[_Slot] = []
         self.keys: list[torch.Tensor] = []  # per layer [B, H, T, D]
         self.values: list[torch.Tensor] = []
         self.mask = torch.zeros(0, 0, dtype=torch.long)  # [B, T]: 1 = real position
+        # Preallocated storage that self.keys/values are views of, while `_slabs_valid`.
+        self._slab_k: list[torch.Tensor] = []
+        self._slab_v: list[torch.Tensor] = []
+        self._slabs_valid = False
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -113,12 +121,14 @@ class DecodeBatch:
             row = torch.cat([torch.zeros(pad, dtype=torch.long), torch.ones(length, dtype=torch.long)])
             self.mask = torch.cat([self.mask, row[None]])
         self.slots.append(_Slot(seq_id, length, next_token))
+        self._slabs_valid = False
 
     def remove(self, seq_id: str) -> bool:
         idx = next((i for i, s in enumerate(self.slots) if s.seq_id == seq_id), None)
         if idx is None:
             return False
         del self.slots[idx]
+        self._slabs_valid = False
         keep = torch.tensor([i for i in range(self.mask.shape[0]) if i != idx], dtype=torch.long)
         if not self.slots:
             self.keys, self.values = [], []
@@ -151,6 +161,26 @@ class DecodeBatch:
         self.keys = [_left_pad(k, pad) for k in self.keys]
         self.values = [_left_pad(v, pad) for v in self.values]
         self.mask = F.pad(self.mask, (pad, 0))
+        self._slabs_valid = False
+
+    def _ensure_room(self) -> None:
+        """Make keys/values views of slabs with room for the next token (copying only when needed)."""
+        width = self.width
+        if self._slabs_valid and width < self._slab_k[0].shape[2]:
+            return
+        capacity = width + self.HEADROOM
+        batch, heads, _, dim = self.keys[0].shape
+        self._slab_k, self._slab_v = [], []
+        for k, v in zip(self.keys, self.values):
+            slab_k = torch.empty(batch, heads, capacity, dim, dtype=k.dtype)
+            slab_v = torch.empty(batch, heads, capacity, dim, dtype=v.dtype)
+            slab_k[:, :, :width] = k
+            slab_v[:, :, :width] = v
+            self._slab_k.append(slab_k)
+            self._slab_v.append(slab_v)
+        self.keys = [s[:, :, :width] for s in self._slab_k]
+        self.values = [s[:, :, :width] for s in self._slab_v]
+        self._slabs_valid = True
 
     @torch.inference_mode()
     def step(self) -> dict[str, torch.Tensor]:
@@ -160,7 +190,9 @@ class DecodeBatch:
         model = self.engine.model
         input_ids = torch.tensor([[s.next_token] for s in self.slots], dtype=torch.long)
         position_ids = torch.tensor([[s.length] for s in self.slots], dtype=torch.long)
-        cache = DynamicCache(list(zip(self.keys, self.values)), config=self.engine.config)
+        self._ensure_room()
+        cache = DynamicCache(config=self.engine.config)
+        cache.layers = [_SlabLayer(k, v, self.width) for k, v in zip(self._slab_k, self._slab_v)]
         mask = F.pad(self.mask, (0, 1), value=1)
         cache_position = torch.tensor([self.width], dtype=torch.long)
         out = model(
@@ -178,6 +210,28 @@ class DecodeBatch:
             s.length += 1
         logits = out.logits[:, -1].float()
         return {s.seq_id: logits[i] for i, s in enumerate(self.slots)}
+
+
+class _SlabLayer(DynamicLayer):
+    """A cache layer that appends into preallocated storage: one column copied per token,
+    where the default layer re-concatenates the whole cache every step."""
+
+    def __init__(self, slab_k: torch.Tensor, slab_v: torch.Tensor, width: int):
+        super().__init__()
+        self.slab_k, self.slab_v, self.width = slab_k, slab_v, width
+        self.keys, self.values = slab_k[:, :, :width], slab_v[:, :, :width]
+        self.dtype, self.device = slab_k.dtype, slab_k.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        end = self.width + key_states.shape[-2]
+        if end > self.slab_k.shape[2]:
+            raise RuntimeError("decode batch slab overflow")  # _ensure_room reserves the room
+        self.slab_k[:, :, self.width : end] = key_states
+        self.slab_v[:, :, self.width : end] = value_states
+        self.width = end
+        self.keys, self.values = self.slab_k[:, :, :end], self.slab_v[:, :, :end]
+        return self.keys, self.values
 
 
 class MockEngine:

@@ -190,30 +190,33 @@ def pack_cache(codec: KVCodec, layers: Sequence[tuple[torch.Tensor, torch.Tensor
     entries: list[dict[str, Any]] = []
     chunks: list[torch.Tensor] = []
     offset = 0
-    for key, value in layers:
-        for packed in (codec.encode(key, kind="key"), codec.encode(value, kind="value")):
+    for index, (key, value) in enumerate(layers):
+        # A codec may choose per layer (e.g. more bits for sensitive layers); params say which.
+        layer_codec = codec.for_layer(index, len(layers)) if hasattr(codec, "for_layer") else codec
+        for packed in (layer_codec.encode(key, kind="key"), layer_codec.encode(value, kind="value")):
             bufs = []
             for bname, buf in packed.buffers.items():
                 raw = _as_bytes(buf)
                 bufs.append([bname, dtype_name(buf.dtype), list(buf.shape), offset, raw.numel()])
                 chunks.append(raw)
                 offset += raw.numel()
-            entries.append(
-                {
-                    "kind": packed.kind,
-                    "shape": list(packed.shape),
-                    "dtype": packed.dtype,
-                    "params": packed.params,
-                    "buffers": bufs,
-                }
-            )
+            entry = {
+                "kind": packed.kind,
+                "shape": list(packed.shape),
+                "dtype": packed.dtype,
+                "params": packed.params,
+                "buffers": bufs,
+            }
+            if packed.codec != codec.name:  # a per-layer choice: name it for the decoder
+                entry["codec"] = packed.codec
+            entries.append(entry)
     payload = torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.uint8)
     return payload, {"codec": codec.name, "entries": entries, "nbytes": offset}
 
 
 def unpack_cache(payload: torch.Tensor, manifest: dict[str, Any]) -> KVLayers:
     """Inverse of `pack_cache`: returns [(key, value), ...] in the original dtype."""
-    codec = get_codec(manifest["codec"])
+    codecs = {manifest["codec"]: get_codec(manifest["codec"])}
     if payload.numel() != manifest["nbytes"]:
         raise ValueError(f"KV payload has {payload.numel()} bytes, manifest says {manifest['nbytes']}")
     tensors = []
@@ -221,8 +224,9 @@ def unpack_cache(payload: torch.Tensor, manifest: dict[str, Any]) -> KVLayers:
         buffers = {}
         for bname, bdtype, bshape, off, n in entry["buffers"]:
             buffers[bname] = payload[off : off + n].view(dtype_from_name(bdtype)).reshape(bshape)
-        packed = PackedTensor(
-            manifest["codec"], entry["kind"], tuple(entry["shape"]), entry["dtype"], buffers, entry["params"]
-        )
-        tensors.append(codec.decode(packed))
+        name = entry.get("codec", manifest["codec"])
+        if name not in codecs:
+            codecs[name] = get_codec(name)
+        packed = PackedTensor(name, entry["kind"], tuple(entry["shape"]), entry["dtype"], buffers, entry["params"])
+        tensors.append(codecs[name].decode(packed))
     return [(tensors[i], tensors[i + 1]) for i in range(0, len(tensors), 2)]

@@ -107,7 +107,7 @@ class PrefillRequest:
     reply_subject: str  # where the decode replica streams TokenChunks
     decode_replica: str
     decode_endpoint: str  # the decode replica's channel rendezvous, "host:port"
-    kv_codec: str = "none"
+    kv_codec: str = ""  # "" = the prefill replica's default
 
 
 @dataclass
@@ -205,6 +205,7 @@ class CompletionRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     reply_subject: str = ""
     request_id: str = ""
+    kv_codec: str | None = None  # override the deployment's KV codec for this request
 
 
 @dataclass

@@ -42,10 +42,19 @@ class Planner:
         self._groups: dict[tuple[Signature, str], GroupPerf | None] = {}
         self._routes: dict[tuple, orch.Route] = {}
         self._scores: dict[tuple, float] = {}
+        self._sigs: dict[tuple[str, ...], Signature] = {}
         self.lp_solves = 0
 
     # --- lower level: groups ---------------------------------------------------------------------
     def signature(self, group: Iterable[str]) -> Signature:
+        if isinstance(group, tuple):  # the search's groups are tuples: memoise
+            sig = self._sigs.get(group)
+            if sig is None:
+                sig = self._sigs[group] = self._signature(group)
+            return sig
+        return self._signature(group)
+
+    def _signature(self, group: Iterable[str]) -> Signature:
         counts: dict[str, int] = {}
         for g in group:
             n = g.split(":", 1)[0]
@@ -165,9 +174,11 @@ class Planner:
     def build_plan(self, groups: Sequence[Sequence[str]], phases: Sequence[str], epoch: int = 1,
                    ids: Sequence[str] | None = None, perfs: Sequence[GroupPerf | None] | None = None) -> Plan:
         """Turn a grouping + phases (or fixed per-group perfs) into a Plan, choosing the KV codec."""
-        ids = list(ids) if ids is not None else [f"r{i}" for i in range(len(groups))]
         if perfs is None:
             perfs = [self.group_perf(list(g), ph) for g, ph in zip(groups, phases, strict=True)]
+        if ids is None:  # number the replicas that serve, in order
+            n = iter(range(len(perfs)))
+            ids = [f"r{next(n)}" if p is not None and p.capacity > 0 else "" for p in perfs]
         items = [(rid, p) for rid, p in zip(ids, perfs, strict=True) if p is not None and p.capacity > 0]
         best_codec, result = self.choose_codec(items)
         replicas: list[Replica] = []

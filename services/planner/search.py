@@ -54,10 +54,11 @@ def _node(g: str) -> str:
 
 
 # --- initial state: bandwidth clustering -------------------------------------------------------------
-def initial_state(planner: Planner) -> State:
-    """Nodes are the natural fast-link clusters. Merge a node that cannot hold the model with its
-    best-linked neighbour (agglomerative, by bandwidth); split a node that can into the smallest
-    groups that still hold the model; then give phases by the prefill/decode capacity ratio."""
+def initial_state(planner: Planner, granularity: str = "min") -> State:
+    """Nodes are the natural fast-link clusters. Merge a node none of whose GPU subsets can hold the
+    model with its best-linked neighbour (agglomerative, by bandwidth); cut a node that can into
+    the smallest groups that hold the model ("min") or keep it whole ("node"); then give phases by
+    the prefill/decode capacity ratio."""
     cl = planner.cluster
     clusters: list[list[str]] = [[n.name] for n in cl.nodes]
 
@@ -67,9 +68,12 @@ def initial_state(planner: Planner) -> State:
     def ok(group: Sequence[str]) -> bool:
         return any(planner.capacity(group, ph) > 0 for ph in PHASES)
 
-    while True:
-        bad = [c for c in clusters if not ok(ids(c))]
-        if not bad or len(clusters) == 1:
+    def smallest(members: list[str]) -> int | None:
+        return next((m for m in range(1, len(members) + 1) if ok(members[:m])), None)
+
+    while len(clusters) > 1:
+        bad = [c for c in clusters if smallest(ids(c)) is None]
+        if not bad:
             break
         c = bad[0]
         others = [o for o in clusters if o is not c]
@@ -77,15 +81,25 @@ def initial_state(planner: Planner) -> State:
         clusters.remove(c)
         clusters.remove(best)
         clusters.append(c + best)
+    if granularity.startswith("random"):  # a random cut of each cluster, for restarts
+        rng = random.Random(granularity)
+        groups_r: list[Group] = []
+        for c in clusters:
+            members = ids(c)
+            rng.shuffle(members)
+            while members:
+                m = rng.randint(1, min(4, len(members)))
+                groups_r.append(tuple(members[:m]))
+                members = members[m:]
+        return State(tuple(groups_r), tuple(_ratio_phases(planner, groups_r)))
     groups: list[Group] = []
     for c in clusters:
         members = ids(c)
-        if len(c) == 1:
-            k = len(members)
-            size = next((m for m in range(1, k + 1) if k % m == 0 and ok(members[:m])), k)
-            groups += [tuple(members[i:i + size]) for i in range(0, k, size)]
-        else:
+        size = smallest(members) if len(c) == 1 else None
+        if size is None or (granularity == "node" and ok(members)):
             groups.append(tuple(members))
+        else:
+            groups += [tuple(members[i:i + size]) for i in range(0, len(members), size)]
     phases = _ratio_phases(planner, groups)
     return State(tuple(groups), tuple(phases))
 
@@ -117,20 +131,22 @@ def _take(group: Group, node: str) -> tuple[str, Group]:
     return g, tuple(x for x in group if x != g)
 
 
-def neighbours(state: State) -> list[State]:
+Move = tuple[tuple[int, ...], list[Group], list[str]]  # (groups removed, groups added, their phases)
+
+
+def moves(state: State) -> list[Move]:
+    """Every move from a state, cheaply described (flips first); `apply` builds the states."""
     G, P = list(state.groups), list(state.phases)
     k = len(G)
-    out: list[State] = []
+    out: list[Move] = []
 
     def replace(idx: Sequence[int], new_groups: list[Group], new_phases: list[str]) -> None:
-        gs = [g for i, g in enumerate(G) if i not in idx] + new_groups
-        ps = [p for i, p in enumerate(P) if i not in idx] + new_phases
-        out.append(_make(gs, ps))
+        out.append((tuple(idx), new_groups, new_phases))
 
     for i in range(k):  # flip
         replace([i], [G[i]], [OTHER[P[i]]])
     for i, j in itertools.combinations(range(k), 2):  # merge
-        for ph in {P[i], P[j]}:
+        for ph in dict.fromkeys((P[i], P[j])):  # ordered: the search must be deterministic
             replace([i, j], [G[i] + G[j]], [ph])
     for i in range(k):  # split: by node, or a single-node group in halves
         nodes = sorted({_node(g) for g in G[i]})
@@ -144,6 +160,12 @@ def neighbours(state: State) -> list[State]:
         for a, b in parts:
             for pb in (P[i], OTHER[P[i]]):
                 replace([i], [a, b], [P[i], pb])
+    for i in range(k):  # detach one GPU of a node into a group of its own
+        if len(G[i]) > 1:
+            for n in sorted({_node(g) for g in G[i]}):
+                g, rest = _take(G[i], n)
+                for ph in PHASES:
+                    replace([i], [rest, (g,)], [P[i], ph])
     for i in range(k):  # move one GPU of a node from group i to group j
         for n in sorted({_node(g) for g in G[i]}):
             g, rest = _take(G[i], n)
@@ -163,6 +185,24 @@ def neighbours(state: State) -> list[State]:
     return out
 
 
+def apply(state: State, move: Move, planner: Planner | None = None) -> list[State]:
+    """The state after a move; with a planner, a regrouping move also comes with its phases
+    re-balanced by capacity ratio (a compound move that crosses phase plateaus)."""
+    idx, new_groups, new_phases = move
+    gs = [g for i, g in enumerate(state.groups) if i not in idx] + new_groups
+    ps = [p for i, p in enumerate(state.phases) if i not in idx] + new_phases
+    out = [_make(gs, ps)]
+    if planner is not None and len(idx) + len(new_groups) > 1:
+        live = [g for g in gs if g]
+        out.append(_make(live, _ratio_phases(planner, live)))
+    return out
+
+
+def neighbours(state: State, planner: Planner | None = None) -> list[State]:
+    """Every state one move away."""
+    return list(dict.fromkeys(s for m in moves(state) for s in apply(state, m, planner)))
+
+
 def _attrs(planner: Planner, s: State) -> set[tuple[Signature, str]]:
     return {(planner.signature(g), p) for g, p in zip(s.groups, s.phases, strict=True)}
 
@@ -171,60 +211,94 @@ def _attrs(planner: Planner, s: State) -> set[tuple[Signature, str]]:
 def default_options(n_gpus: int) -> dict[str, int]:
     return {
         "max_iters": 40 + 2 * n_gpus,
-        "patience": 12 if n_gpus > 32 else 20,
+        "patience": 12 if n_gpus > 32 else 20 if n_gpus > 16 else 30,
         "tenure": 7,
-        "max_neighbours": 10_000 if n_gpus <= 16 else 60,
+        "max_neighbours": 10_000 if n_gpus <= 16 else 120 if n_gpus <= 64 else 80,
+        "restarts": 3 if n_gpus <= 16 else 0,
     }
 
 
 def tabu_search(planner: Planner, time_limit_s: float | None = None, progress: Progress | None = None,
                 seed: int = 0, **opts: int) -> SearchResult:
+    """Tabu search from the bandwidth-clustering start, restarted from other starts while the
+    restart budget (small clusters) and the time limit allow; the best state wins."""
     t0 = time.monotonic()
     o = default_options(planner.cluster.n_gpus)
     o.update(opts)
-    rng = random.Random(seed)
-    cur = initial_state(planner)
-    cur_score = planner.score(cur.groups, cur.phases)
-    best, best_score = cur, cur_score
+    starts = ["min", "node", *(f"random-{seed}-{i}" for i in range(max(0, o["restarts"] - 1)))]
+    starts = starts[: 1 + max(0, o["restarts"])]
+    best: SearchResult | None = None
+    total_it = 0
+    for k, gran in enumerate(starts):
+        left = None if time_limit_s is None else time_limit_s - (time.monotonic() - t0)
+        if left is not None and left <= 0:
+            break
+        start = initial_state(planner, gran)
+        res = _tabu(planner, start, o, random.Random(seed + k), left, progress, t0, total_it,
+                    best.score if best else 0.0)
+        total_it += res.iterations
+        if best is None or res.score > best.score * (1 + 1e-9):
+            best = res
+    assert best is not None
+    best.iterations = total_it
+    best.seconds = time.monotonic() - t0
+    return best
+
+
+def _secondary(planner: Planner, s: State) -> float:
+    """Tie-break on plateaus: more total capacity leaves room for a later flip to pay off."""
+    return sum(planner.capacity(g, p) for g, p in zip(s.groups, s.phases, strict=True))
+
+
+def _tabu(planner: Planner, start: State, o: dict[str, int], rng: random.Random, time_limit_s: float | None,
+          progress: Progress | None, t0: float, it0: int, best_before: float) -> SearchResult:
+    t_start = time.monotonic()
+    cur = start
+    best, best_score = cur, planner.score(cur.groups, cur.phases)
     tabu: dict[tuple[Signature, str], int] = {}
     since_best = 0
     it = 0
     while it < o["max_iters"] and since_best < o["patience"]:
-        if time_limit_s is not None and time.monotonic() - t0 > time_limit_s:
+        if time_limit_s is not None and time.monotonic() - t_start > time_limit_s:
             break
         it += 1
-        cands = neighbours(cur)
-        if len(cands) > o["max_neighbours"]:
-            flips = cands[: len(cur.groups)]  # always look at every phase flip
-            cands = flips + rng.sample(cands[len(cur.groups):], o["max_neighbours"] - len(flips))
+        ms = moves(cur)
+        n_flip = len(cur.groups)  # always look at every phase flip, sample the other moves
+        if len(ms) - n_flip > o["max_neighbours"] // 2:
+            ms = ms[:n_flip] + rng.sample(ms[n_flip:], o["max_neighbours"] // 2)
+        cands = list(dict.fromkeys(s for m in ms for s in apply(cur, m, planner)))
         cur_attrs = _attrs(planner, cur)
         ranked = sorted(((planner.bound(c.groups, c.phases), i) for i, c in enumerate(cands)), reverse=True)
-        chosen, chosen_score = None, -1.0
+        chosen, chosen_key = None, (-1.0, -1.0)
         for b, i in ranked:
-            if b <= chosen_score + 1e-12:
+            if b < chosen_key[0] * (1 - 1e-9):
                 break  # nothing further down can beat the best candidate found
             c = cands[i]
+            sec = _secondary(planner, c)
+            if b <= chosen_key[0] * (1 + 1e-9) and sec <= chosen_key[1]:
+                continue  # can at best tie on score and loses the tie-break
             sc = planner.score(c.groups, c.phases)
             created = _attrs(planner, c) - cur_attrs
             is_tabu = any(tabu.get(a, 0) >= it for a in created)
             if is_tabu and not sc > best_score * (1 + 1e-9):
                 continue
-            if sc > chosen_score:
-                chosen, chosen_score = c, sc
+            key = (sc, sec)
+            if sc > chosen_key[0] * (1 + 1e-9) or (sc >= chosen_key[0] * (1 - 1e-9) and sec > chosen_key[1]):
+                chosen, chosen_key = c, key
         if chosen is None:
             break
         for a in cur_attrs - _attrs(planner, chosen):  # forbid re-creating what the move destroyed
             tabu[a] = it + o["tenure"]
-        cur, cur_score = chosen, chosen_score
+        cur, cur_score = chosen, chosen_key[0]
         if cur_score > best_score * (1 + 1e-9):
             best, best_score = cur, cur_score
             since_best = 0
         else:
             since_best += 1
         if progress:
-            progress(it, best_score, time.monotonic() - t0)
+            progress(it0 + it, max(best_score, best_before), time.monotonic() - t0)
     return SearchResult([list(g) for g in best.groups], list(best.phases), best_score, it,
-                        time.monotonic() - t0)
+                        time.monotonic() - t_start)
 
 
 # --- phase-only search (lightweight re-scheduling) -----------------------------------------------------

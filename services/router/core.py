@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import nats
 from thunderserve.common import protocol, tracing
+from thunderserve.common.kvcodec import codec_names
 from thunderserve.common.protocol import (
     Abort,
     Heartbeat,
@@ -160,8 +161,18 @@ class RouterCore:
 
     # --- dispatch and tracking --------------------------------------------------------------
 
-    async def submit(self, prompt_ids: list[int], sampling: SamplingParams, traceparent: str | None = None) -> InFlight:
+    async def submit(
+        self,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        traceparent: str | None = None,
+        kv_codec: str | None = None,
+    ) -> InFlight:
+        """Dispatch a request. `kv_codec` overrides the deployment's codec for this request."""
         self.check_lengths(prompt_ids, sampling)
+        if kv_codec is not None and kv_codec not in codec_names():
+            raise RequestError(400, f"unknown kv_codec {kv_codec!r}; choose one of {', '.join(codec_names())}",
+                               param="kv_codec")
         try:
             prefill = self.replicas.choose("prefill")
             decode = self.replicas.choose("decode")
@@ -183,7 +194,7 @@ class RouterCore:
             reply_subject=self.subjects.tokens(self.router_id, request_id),
             decode_replica=decode.beat.replica_id,
             decode_endpoint=decode.beat.endpoint,
-            kv_codec=self.kv_codec or "",
+            kv_codec=kv_codec or self.kv_codec or "",
         )
         self.stats.requests += 1
         self.stats.prompt_tokens += len(prompt_ids)

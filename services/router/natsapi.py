@@ -49,8 +49,9 @@ class NatsEntry:
                 prompt_ids = core.tokenize_prompt(request.prompt)
             else:
                 raise RequestError(400, "either prompt or messages is required", param="prompt")
-            flight = await core.submit(prompt_ids, request.sampling, tracing.child_traceparent(
-                tracing.traceparent_of(msg)))
+            parent = tracing.traceparent_of(msg)
+            flight = await core.submit(prompt_ids, request.sampling, tracing.child_traceparent(parent),
+                                       kv_codec=request.kv_codec)
         except RequestError as exc:
             await msg.respond(protocol.encode(CompletionEvent("", error=exc.message, status=exc.status)))
             return

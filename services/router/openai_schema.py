@@ -29,6 +29,7 @@ class _Common(BaseModel):
     ignore_eos: StrictBool = False
     min_tokens: Annotated[int, Field(ge=0)] = 0
     user: str | None = None
+    kv_codec: StrictStr | None = None  # extension: KV compression for this request
 
     @field_validator("n")
     @classmethod

@@ -34,12 +34,14 @@ def test_prefill_rejects_empty_prompt(tiny):
         tiny.prefill([])
 
 
-def test_batch_with_joins_and_leaves_matches_single_sequence_decoding(tiny):
+@pytest.mark.parametrize("headroom", [64, 2])  # 2: the preallocated cache regrows every other step
+def test_batch_with_joins_and_leaves_matches_single_sequence_decoding(tiny, headroom):
     prompts = {"a": [11, 12, 13, 14, 15, 16, 17], "b": [200, 201], "c": list(range(300, 320)), "d": [7] * 5}
     lengths = {"a": 12, "b": 5, "c": 9, "d": 14}
     expected = {k: _reference(tiny, ids, lengths[k]) for k, ids in prompts.items()}
     got: dict[str, list[int]] = {k: [] for k in prompts}
     batch = tiny.new_batch()
+    batch.HEADROOM = headroom
 
     def join(key):
         result = tiny.prefill(prompts[key])

@@ -1,0 +1,88 @@
+"""Time to move one long prompt's SmolLM2 KV cache prefill -> decode, per codec, over the real channel.
+
+Two processes, as in serving: this one prefills the prompt with the real model and plays the
+prefill replica (encode + send); a child plays the decode replica (receive + decode). The
+manifest goes over a multiprocessing queue where the services use NATS. Prints JSON.
+
+    python benchmarks/kv_transfer.py [--tokens 2000] [--repeat 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import statistics
+import time
+
+import torch
+
+from thunderserve.common.kvchannel import ChannelClient, ChannelHost
+from thunderserve.common.kvcodec import codec_names, get_codec, pack_cache, unpack_cache
+
+
+def _decode_side(endpoint_q: mp.Queue, work_q: mp.Queue, done_q: mp.Queue) -> None:
+    torch.set_num_threads(1)
+    host = ChannelHost(timeout_s=60)
+    endpoint_q.put(host.endpoint)
+    pair = host.accept("bench")
+    while True:
+        item = work_q.get()
+        if item is None:
+            return
+        tag, manifest = item
+        payload = pair.recv(manifest["nbytes"], tag)
+        received = time.perf_counter()
+        unpack_cache(payload, manifest)
+        done_q.put((received, time.perf_counter()))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=2000, help="prompt length (default 2000)")
+    parser.add_argument("--repeat", type=int, default=5, help="transfers per codec; the median is reported")
+    parser.add_argument("--model", default="smollm2")
+    args = parser.parse_args(argv)
+
+    from thunderserve.common.engine import Engine
+
+    torch.set_num_threads(1)
+    engine = Engine(args.model, threads=1)
+    prompt = (torch.arange(args.tokens) % 5000 + 100).tolist()
+    kv = engine.prefill(prompt).kv
+    fp32_bytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
+
+    ctx = mp.get_context("spawn")
+    endpoint_q, work_q, done_q = ctx.Queue(), ctx.Queue(), ctx.Queue()
+    child = ctx.Process(target=_decode_side, args=(endpoint_q, work_q, done_q), daemon=True)
+    child.start()
+    pair = ChannelClient(timeout_s=60).connect(endpoint_q.get(timeout=60), "bench")
+
+    results = {}
+    tag = 0
+    for name in codec_names():
+        codec = get_codec(name)
+        runs = []
+        for _ in range(args.repeat + 1):  # the first run warms up
+            tag += 1
+            t0 = time.perf_counter()
+            payload, manifest = pack_cache(codec, kv)
+            t1 = time.perf_counter()
+            work_q.put((tag, manifest))
+            pair.send(payload, tag)
+            received, decoded = done_q.get(timeout=120)
+            runs.append({"encode_s": t1 - t0, "wire_s": received - t1, "decode_s": decoded - received,
+                         "total_s": decoded - t0, "bytes": manifest["nbytes"]})
+        runs = runs[1:]
+        results[name] = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+        results[name]["ratio_vs_fp32"] = fp32_bytes / results[name]["bytes"]
+    work_q.put(None)
+    child.join(10)
+    report = {"benchmark": "kv_transfer", "model": engine.name, "prompt_tokens": args.tokens,
+              "fp32_kv_bytes": fp32_bytes, "threads": 1, "codecs": results}
+    print(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()

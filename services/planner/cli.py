@@ -1,0 +1,185 @@
+"""`thunderserve plan`: plan a cluster and print the plan (optionally write it as JSON)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from thunderserve.common.plan import Plan
+
+from .cluster import Cluster
+from .costmodel import CODECS
+from .model import BUILTIN_MODELS, ModelSpec
+from .planner import Planner
+from .workload import DEFAULT_SLOS, Workload
+
+PROG = "thunderserve plan"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
+        print(f"{PROG}: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(
+        prog=PROG,
+        description="Plan a heterogeneous GPU cluster for disaggregated LLM serving: group GPUs into "
+                    "replicas, give each a phase (prefill/decode) and a parallel layout, and route "
+                    "requests between them so the SLO-meeting request rate is as high as possible.",
+        epilog="example: thunderserve plan --cluster deploy/clusters/cloud-32.yaml --model llama-30b "
+               "--workload code --rate 2 --json plan.json",
+    )
+    ap.add_argument("--cluster", required=True, metavar="FILE",
+                    help="cluster spec YAML (nodes: name, gpu, count, intra_gbps; network: default_gbps, links)")
+    ap.add_argument("--model", required=True, metavar="NAME|config.json",
+                    help=f"built-in model ({', '.join(BUILTIN_MODELS)}) or a HuggingFace config.json / model folder")
+    ap.add_argument("--workload", required=True, metavar="code|conversation|TRACE.csv",
+                    help="named workload shape (ships with a synthetic trace) or an Azure-format trace CSV "
+                         "(TIMESTAMP,ContextTokens,GeneratedTokens)")
+    ap.add_argument("--rate", type=float, metavar="R",
+                    help="arrival rate, requests/s (required for named shapes; a trace defaults to its own rate)")
+    ap.add_argument("--ttft", type=float, metavar="S",
+                    help="TTFT SLO in seconds (default: " + ", ".join(f"{k} {v[0]}" for k, v in DEFAULT_SLOS.items())
+                    + ")")
+    ap.add_argument("--tpot", type=float, metavar="S",
+                    help="TPOT (time per output token) SLO in seconds (default: 0.1)")
+    ap.add_argument("--attainment", type=float, default=0.9, metavar="F",
+                    help="fraction of requests that must meet both SLOs (default 0.9)")
+    ap.add_argument("--codec", choices=("auto", *CODECS), default="auto",
+                    help="KV transfer codec; auto picks the least lossy one within 1%% of the best goodput")
+    ap.add_argument("--time-limit", type=float, metavar="S", dest="time_limit",
+                    help="stop the search after S seconds (default: iteration cap / no-improvement stop)")
+    ap.add_argument("--max-pp", type=int, default=4, metavar="N", dest="max_pp",
+                    help="deepest pipeline a replica may have (default 4)")
+    ap.add_argument("--seed", type=int, default=0, help="random seed of the search (default 0)")
+    ap.add_argument("--json", metavar="OUT", help="write the plan as JSON to this file ('-' for stdout)")
+    ap.add_argument("--quiet", action="store_true", help="no progress line on stderr")
+    return ap
+
+
+def _workload(args: argparse.Namespace) -> Workload:
+    if args.rate is not None and args.rate <= 0:
+        raise ValueError("--rate must be > 0")
+    if args.workload in DEFAULT_SLOS:
+        if args.rate is None:
+            raise ValueError(f"--rate is required with the named workload {args.workload!r}")
+        return Workload.from_name(args.workload, rate=args.rate, ttft=args.ttft, tpot=args.tpot,
+                                  attainment=args.attainment)
+    if not Path(args.workload).exists():
+        raise ValueError(f"workload {args.workload!r} is neither code, conversation nor an existing trace CSV")
+    return Workload.from_trace(args.workload, rate=args.rate, ttft=args.ttft, tpot=args.tpot,
+                               attainment=args.attainment)
+
+
+def _gpus(ids: list[str]) -> str:
+    """n0:0,n0:1,n0:2,n1:0 -> n0:0-2,n1:0"""
+    by: dict[str, list[int]] = {}
+    for g in ids:
+        n, _, i = g.rpartition(":")
+        by.setdefault(n, []).append(int(i))
+    parts = []
+    for n, idx in by.items():
+        idx.sort()
+        runs, start = [], idx[0]
+        for a, b in zip(idx, idx[1:] + [None], strict=True):
+            if b != a + 1:
+                runs.append(f"{start}" if start == a else f"{start}-{a}")
+                start = b
+        parts.append(f"{n}:{'+'.join(runs)}")
+    return ",".join(parts)
+
+
+def format_plan(plan: Plan) -> str:
+    head = ("replica", "phase", "GPUs", "type", "TPxPP", "tok/s", "req/s", "$/h")
+    rows = []
+    for r in plan.replicas:
+        types = "/".join(dict.fromkeys(s.gpu_type for s in r.stages))
+        rows.append((r.id, r.phase, _gpus(r.gpus), types, r.layout.removeprefix("TP").replace("xPP", "x"),
+                     f"{r.tokens_per_s:,.0f}", f"{r.capacity:.2f}", f"{r.price_per_hour:.2f}"))
+    w = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
+    line = "  ".join(h.ljust(w[i]) for i, h in enumerate(head))
+    out = [line, "-" * len(line)]
+    out += ["  ".join(c.ljust(w[i]) if i < 5 else c.rjust(w[i]) for i, c in enumerate(row)) for row in rows]
+    n_pre, n_dec = len(plan.prefill_ids), len(plan.decode_ids)
+    wl = plan.workload
+    per_dollar = plan.objective / plan.price_per_hour if plan.price_per_hour else 0.0
+    out += [
+        "",
+        f"plan epoch {plan.epoch}: {plan.model} on {plan.cluster}: {len(plan.replicas)} replicas "
+        f"({n_pre} prefill, {n_dec} decode), KV codec {plan.kv_codec}",
+        f"workload {wl.get('name')}: rate {wl.get('rate', 0):.3g} req/s, prompt {wl.get('prompt_mean', 0):.0f} / "
+        f"output {wl.get('output_mean', 0):.0f} tokens (mean), TTFT SLO {wl.get('ttft_slo')} s, "
+        f"TPOT SLO {wl.get('tpot_slo')} s, attainment {wl.get('attainment')}",
+        f"sustainable SLO-meeting rate (objective): {plan.objective:.3f} req/s",
+        f"predicted goodput at the given rate:      {plan.predicted_goodput:.3f} req/s "
+        f"({plan.predicted_tokens_per_s:,.0f} output tok/s)",
+        f"price: ${plan.price_per_hour:.2f}/h for the GPUs used "
+        f"(cluster ${plan.meta.get('cluster_price_per_hour', 0):.2f}/h), {per_dollar:.3f} req/s per $/h",
+    ]
+    if plan.unused_gpus:
+        out.append(f"unused GPUs: {_gpus(plan.unused_gpus)}")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cluster = Cluster.from_yaml(args.cluster)
+        model = ModelSpec.load(args.model)
+        workload = _workload(args)
+        if args.max_pp < 1:
+            raise ValueError("--max-pp must be >= 1")
+        if args.time_limit is not None and args.time_limit <= 0:
+            raise ValueError("--time-limit must be > 0")
+        planner = Planner(cluster, model, workload, codec=args.codec, seed=args.seed, max_pp=args.max_pp)
+    except FileNotFoundError as exc:
+        return _fail(f"file not found: {exc.filename}")
+    except yaml.YAMLError as exc:
+        return _fail(f"cannot parse {args.cluster}: {str(exc).splitlines()[0]}")
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        return _fail(str(exc.args[0]) if exc.args else repr(exc))
+
+    tty = sys.stderr.isatty()
+    last = [0.0]
+
+    def progress(it: int, best: float, elapsed: float) -> None:
+        if args.quiet:
+            return
+        msg = f"searching: iteration {it}, best {best:.3f} req/s, {elapsed:.1f} s"
+        if tty:
+            print(f"\r{msg}", end="", file=sys.stderr, flush=True)
+        elif elapsed - last[0] >= 2.0 or it == 1:
+            last[0] = elapsed
+            print(msg, file=sys.stderr, flush=True)
+
+    if not args.quiet:
+        print(f"planning {model.name} on {cluster.name} ({cluster.n_gpus} GPUs)...", file=sys.stderr)
+    t0 = time.monotonic()
+    plan = planner.solve(time_limit_s=args.time_limit, progress=progress)
+    if not args.quiet:
+        print(("\r" if tty else "") + f"search done: {plan.meta.get('iterations')} iterations, "
+              f"{plan.meta.get('lp_solves')} LP solves, {time.monotonic() - t0:.1f} s", file=sys.stderr)
+    if args.json == "-":
+        print(plan.to_json(indent=2))
+    else:
+        print(format_plan(plan))
+        if args.json:
+            try:
+                Path(args.json).write_text(plan.to_json(indent=2) + "\n")
+            except OSError as exc:
+                return _fail(f"cannot write {args.json}: {exc.strerror}")
+            print(f"plan written to {args.json}")
+    if plan.objective <= 0:
+        print(f"{PROG}: warning: no feasible plan (the model does not fit or the SLOs cannot be met)",
+              file=sys.stderr)
+    return 0
+
+
+def _fail(msg: str) -> int:
+    print(f"{PROG}: error: {msg}", file=sys.stderr)
+    return 2
