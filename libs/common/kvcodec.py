@@ -145,16 +145,21 @@ class GroupQuantCodec:
         return out.to(dtype_from_name(packed.dtype))
 
 
+# Choices measured on SmolLM2 (docs/benchmarks.md, "KV codec"): keys are ~5x more sensitive
+# than values, per-channel key groups beat per-token ones, and the first (attention-sink)
+# token's key in fp16 halves the KL; a Hadamard rotation helps int4 keys but not int8.
+
+
 class Int8Codec(GroupQuantCodec):
     name = "int8"
-    key_spec = QuantSpec(8, 64, "token")
+    key_spec = QuantSpec(8, 64, "channel", sink_tokens=1)
     value_spec = QuantSpec(8, 64, "token")
 
 
 class Int4Codec(GroupQuantCodec):
     name = "int4"
-    key_spec = QuantSpec(4, 64, "channel")
-    value_spec = QuantSpec(4, 64, "token")
+    key_spec = QuantSpec(4, 64, "channel", rotate=True, sink_tokens=1)
+    value_spec = QuantSpec(4, 64, "token", rotate=True)
 
 
 _CODECS: dict[str, type] = {"none": NoneCodec, "int8": Int8Codec, "int4": Int4Codec}

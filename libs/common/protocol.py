@@ -165,6 +165,13 @@ class TokenChunk:
     usage: Usage | None = None
     error: str = ""
 
+    @classmethod
+    def failure(cls, request_id: str, error: str, prompt_tokens: int, index: int = 0,
+                completion_tokens: int = 0) -> TokenChunk:
+        """The last chunk of a request that failed."""
+        return cls(request_id, index, finish_reason="error", usage=Usage(prompt_tokens, completion_tokens),
+                   error=error)
+
 
 @dataclass
 class Abort:
@@ -226,6 +233,15 @@ class CompletionEvent:
 
 def encode(message: Any) -> bytes:
     return msgpack.packb(_to_plain(message), use_bin_type=True)
+
+
+def decode_or_warn(cls: type[T], data: bytes, log) -> T | None:
+    """Decode, or log a warning and return None: a bad message must not kill a subscription."""
+    try:
+        return decode(cls, data)
+    except ProtocolError as exc:
+        log.warning("dropping an undecodable message: %s", exc)
+        return None
 
 
 def decode(cls: type[T], data: bytes) -> T:

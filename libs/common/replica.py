@@ -156,12 +156,8 @@ class ReplicaHost:
     # --- NATS handlers ----------------------------------------------------------------------
 
     async def _on_abort(self, msg) -> None:
-        try:
-            abort = protocol.decode(Abort, msg.data)
-        except protocol.ProtocolError as exc:
-            log.warning("bad abort message: %s", exc)
-            return
-        if self.role is not None:
+        abort = protocol.decode_or_warn(Abort, msg.data, log)
+        if abort is not None and self.role is not None:
             self.role.abort(abort.request_id)
 
     async def _on_control(self, msg) -> None:

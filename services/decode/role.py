@@ -109,10 +109,8 @@ class DecodeRole:
 
     async def _on_handoff(self, msg) -> None:
         headers = tracing.headers_for(tracing.traceparent_of(msg))
-        try:
-            handoff = protocol.decode(KVHandoff, msg.data)
-        except protocol.ProtocolError as exc:
-            log.warning("dropping undecodable handoff: %s", exc)
+        handoff = protocol.decode_or_warn(KVHandoff, msg.data, log)
+        if handoff is None:
             return
         self._receiving += 1
         try:
@@ -223,13 +221,7 @@ class DecodeRole:
         return out.finish_reason is not None
 
     def _publish_error(self, handoff: KVHandoff, error: str, headers: dict[str, str]) -> None:
-        chunk = TokenChunk(
-            request_id=handoff.request_id,
-            index=0,
-            finish_reason="error",
-            usage=Usage(len(handoff.prompt_token_ids), 0),
-            error=error,
-        )
+        chunk = TokenChunk.failure(handoff.request_id, error, len(handoff.prompt_token_ids))
         self.host.publish_soon(handoff.reply_subject, chunk, headers)
 
 

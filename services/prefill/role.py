@@ -21,7 +21,6 @@ from thunderserve.common.protocol import (
     KVHandoff,
     PrefillRequest,
     TokenChunk,
-    Usage,
 )
 from thunderserve.common.sequence import sample_token
 
@@ -68,10 +67,8 @@ class PrefillRole:
 
     async def _on_request(self, msg) -> None:
         parent = tracing.traceparent_of(msg)
-        try:
-            request = protocol.decode(PrefillRequest, msg.data)
-        except protocol.ProtocolError as exc:
-            log.warning("dropping undecodable prefill request: %s", exc)
+        request = protocol.decode_or_warn(PrefillRequest, msg.data, log)
+        if request is None:
             return
         if not self._accepting:
             await self._fail(request, "replica is no longer serving prefill", parent)
@@ -158,13 +155,7 @@ class PrefillRole:
 
     async def _fail(self, request: PrefillRequest, error: str, parent: str | None) -> None:
         log.warning("request %s: %s", request.request_id, error)
-        chunk = TokenChunk(
-            request_id=request.request_id,
-            index=0,
-            finish_reason="error",
-            usage=Usage(len(request.prompt_token_ids), 0),
-            error=error,
-        )
+        chunk = TokenChunk.failure(request.request_id, error, len(request.prompt_token_ids))
         try:
             headers = tracing.headers_for(parent)
             await self.host.nc.publish(request.reply_subject, protocol.encode(chunk), headers=headers)

@@ -27,7 +27,6 @@ from thunderserve.common.protocol import (
     SamplingParams,
     Subjects,
     TokenChunk,
-    Usage,
 )
 from thunderserve.router.replicas import NoReplicaError, ReplicaTable
 
@@ -236,22 +235,18 @@ class RouterCore:
         if flight.finished:
             return
         self.stats.errors += 1
-        chunk = TokenChunk(flight.request_id, flight.next_index, finish_reason="error", error=error,
-                           usage=Usage(flight.prompt_len, flight.next_index))
+        chunk = TokenChunk.failure(flight.request_id, error, flight.prompt_len, flight.next_index, flight.next_index)
         self._finish(flight)
         flight.queue.put_nowait(chunk)
 
     async def _on_heartbeat(self, msg) -> None:
-        try:
-            self.replicas.update(protocol.decode(Heartbeat, msg.data))
-        except protocol.ProtocolError as exc:
-            log.warning("bad heartbeat: %s", exc)
+        beat = protocol.decode_or_warn(Heartbeat, msg.data, log)
+        if beat is not None:
+            self.replicas.update(beat)
 
     async def _on_chunk(self, msg) -> None:
-        try:
-            chunk = protocol.decode(TokenChunk, msg.data)
-        except protocol.ProtocolError as exc:
-            log.warning("bad token chunk: %s", exc)
+        chunk = protocol.decode_or_warn(TokenChunk, msg.data, log)
+        if chunk is None:
             return
         flight = self.inflight.get(chunk.request_id)
         if flight is None or flight.finished:
