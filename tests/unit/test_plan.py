@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from thunderserve.common.plan import Plan, Replica, Stage
 
 
