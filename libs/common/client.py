@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import nats
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
+
 from thunderserve.common import protocol, tracing
 from thunderserve.common.protocol import CompletionEvent, CompletionRequest, SamplingParams, Subjects, Usage
 

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from thunderserve.common.models import load_model, resolve_model
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+from thunderserve.common.models import load_model, resolve_model
 
 log = logging.getLogger(__name__)
 

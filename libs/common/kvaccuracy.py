@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
 from thunderserve.common.kvcodec import KVCodec, KVLayers, get_codec, pack_cache, unpack_cache
 
 MAX_NEW_TOKENS = 32

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
+
 from thunderserve.common import kvquant
 
 KVLayers = list[tuple[torch.Tensor, torch.Tensor]]

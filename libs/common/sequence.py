@@ -12,6 +12,7 @@ import hashlib
 from dataclasses import dataclass, field
 
 import torch
+
 from thunderserve.common.protocol import SamplingParams
 
 

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import yaml
+
 from thunderserve.common.plan import Plan
 
 from .cluster import Cluster

@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from thunderserve.common import tracing
 from thunderserve.router.core import RequestError, RouterCore
 from thunderserve.router.natsapi import NatsEntry

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import nats
+
 from thunderserve.common import protocol, tracing
 from thunderserve.common.kvcodec import codec_names
 from thunderserve.common.protocol import (

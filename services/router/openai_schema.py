@@ -6,6 +6,7 @@ import time
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
+
 from thunderserve.common.protocol import SamplingParams, Usage
 
 

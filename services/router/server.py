@@ -6,11 +6,12 @@ import argparse
 import logging
 
 import uvicorn
+from transformers import AutoConfig
+
 from thunderserve.common.models import ALIASES, load_tokenizer, resolve_model
 from thunderserve.common.protocol import Subjects
 from thunderserve.router.app import create_app
 from thunderserve.router.core import RouterCore
-from transformers import AutoConfig
 
 
 def build_core(args: argparse.Namespace) -> RouterCore:

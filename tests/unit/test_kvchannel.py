@@ -16,7 +16,6 @@ CTX = mp.get_context("spawn")
 
 def _prefill_side(endpoint: str, pair_id: str, payloads: list[tuple[int, bytes]], die_after: bool) -> None:
     import os
-
     from concurrent.futures import ThreadPoolExecutor
 
     pair = ChannelClient(timeout_s=10).connect(endpoint, pair_id)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from thunderserve.common import kvquant
 from thunderserve.common.kvcodec import (
     DEFAULT_CODEC,

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+
 from thunderserve.common.plan import Plan, Replica, Stage
 
 

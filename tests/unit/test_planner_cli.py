@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from thunderserve.common.plan import Plan
 from thunderserve.planner.cli import main
 

@@ -5,6 +5,7 @@ import math
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from thunderserve.planner import Cluster, ModelSpec, Workload
 from thunderserve.planner import costmodel as cm
 from thunderserve.planner.catalog import GPUSpec, default_catalog

@@ -6,6 +6,7 @@ import itertools
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from thunderserve.planner import Cluster, ModelSpec, Workload
 from thunderserve.planner import costmodel as cm
 from thunderserve.planner import orchestration as orch

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+
 from thunderserve.common.plan import Plan
 from thunderserve.planner import Cluster, ModelSpec, Planner, Workload
 

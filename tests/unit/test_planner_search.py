@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+
 from thunderserve.planner import Cluster, ModelSpec, Planner, Workload
 from thunderserve.planner.search import exhaustive_search
 from thunderserve.planner.synthetic import random_cluster
