@@ -56,14 +56,15 @@ def quantize(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torc
     """
     levels = (1 << bits) - 1
     x = x.float()
-    if x.numel() and float(x.abs().max()) > _F16_MAX:
-        x = x.clamp(-_F16_MAX, _F16_MAX)  # fp16 scales cannot describe a wider range
     outer, n, inner = x.shape
     codes = torch.empty(x.shape, dtype=torch.uint8)
     zeros, scales = [], []
     for start, stop, g in _parts(n, group):
         part = x[:, start:stop].view(outer, (stop - start) // g, g, inner)
-        zero, scale = _ranges(part.amin(2), part.amax(2), levels)
+        lo, hi = part.amin(2), part.amax(2)
+        if lo.numel() and (float(lo.min()) < -_F16_MAX or float(hi.max()) > _F16_MAX):
+            part = part.clamp(-_F16_MAX, _F16_MAX)  # fp16 scales cannot describe a wider range
+        zero, scale = _ranges(lo, hi, levels)
         z = zero.float().unsqueeze(2)
         s = scale.float().unsqueeze(2)
         inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))

@@ -27,6 +27,8 @@ import nats
 from thunderserve.common import config, protocol
 from thunderserve.common.engine import Engine, MockEngine, create_engine
 from thunderserve.common.kvchannel import ChannelClient, ChannelHost
+from thunderserve.common.plan import Plan
+from thunderserve.common.planstore import PlanWatcher
 from thunderserve.common.protocol import Abort, ControlCommand, Heartbeat, Subjects
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,8 @@ class ReplicaHost:
         self.role: PhaseRole | None = None
         self.state = "starting"
         self.plan_epoch = 0
+        self.plan_kv_codec: str | None = None  # the current plan's codec, when a plan names one
+        self._plan_watcher: PlanWatcher | None = None
         # One thread runs the model (torch work is serial per replica); others move KV.
         self.model_executor = ThreadPoolExecutor(1, thread_name_prefix="model")
         self.channel_executor = ThreadPoolExecutor(8, thread_name_prefix="kvchannel")
@@ -118,6 +122,8 @@ class ReplicaHost:
         await self.role.start()
         self.state = "ready"
         self._tasks.append(asyncio.create_task(self._heartbeat_loop()))
+        self._plan_watcher = PlanWatcher(self.nc, self.subjects, self.apply_plan)
+        await self._plan_watcher.start()
         log.info("%s: ready as %s (model %s)", self.replica_id, self.phase, self.engine.name)
         await self._stop.wait()
         await self.shutdown()
@@ -125,6 +131,8 @@ class ReplicaHost:
     async def shutdown(self) -> None:
         log.info("%s: stopping (draining in-flight work)", self.replica_id)
         self.state = "stopping"
+        if self._plan_watcher is not None:
+            await self._plan_watcher.stop()
         await self._send_heartbeat()
         if self.role is not None:
             try:
@@ -153,6 +161,15 @@ class ReplicaHost:
         self.state = "ready"
         await self._send_heartbeat()
         log.info("%s: now serving %s", self.replica_id, phase)
+
+    async def apply_plan(self, plan: Plan) -> None:
+        """Hot-apply a plan: take the phase it gives this replica (weights stay), adopt its codec."""
+        mine = next((r for r in plan.replicas if r.id == self.replica_id), None)
+        if mine is not None and mine.phase in ROLE_MODULES and mine.phase != self.phase:
+            await self.set_phase(mine.phase)
+        self.plan_kv_codec = plan.kv_codec or None
+        self.plan_epoch = plan.epoch  # the heartbeat carries it: the planner's acknowledgement
+        await self._send_heartbeat()
 
     # --- NATS handlers ----------------------------------------------------------------------
 

@@ -124,7 +124,8 @@ class PrefillRole:
         try:
             result = self.engine.prefill(request.prompt_token_ids)
             first = sample_token(result.logits, request.sampling, 0, self.engine.eos_token_ids)
-            codec = get_codec(request.kv_codec or self.default_codec)
+            # The request's codec, else the current plan's, else this replica's default.
+            codec = get_codec(request.kv_codec or self.host.plan_kv_codec or self.default_codec)
             payload, manifest = pack_cache(codec, result.kv)
             return payload, manifest, first
         finally:

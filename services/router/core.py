@@ -21,6 +21,8 @@ import nats
 
 from thunderserve.common import protocol, tracing
 from thunderserve.common.kvcodec import codec_names
+from thunderserve.common.plan import Plan
+from thunderserve.common.planstore import PlanWatcher
 from thunderserve.common.protocol import (
     Abort,
     Heartbeat,
@@ -95,6 +97,8 @@ class RouterCore:
         self.inflight: dict[str, InFlight] = {}
         self.stats = RouterStats()
         self.nc: nats.NATS | None = None
+        self.plan: Plan | None = None  # replaced whole, never mutated: a request sees one plan
+        self._plan_watcher: PlanWatcher | None = None
         self._tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
@@ -104,8 +108,18 @@ class RouterCore:
         await self.nc.subscribe(self.subjects.heartbeats, cb=self._on_heartbeat)
         await self.nc.subscribe(self.subjects.tokens_wildcard(self.router_id), cb=self._on_chunk)
         self._tasks.append(asyncio.create_task(self._watchdog()))
+        self._plan_watcher = PlanWatcher(self.nc, self.subjects, self._apply_plan)
+        await self._plan_watcher.start()
+
+    async def _apply_plan(self, plan: Plan) -> None:
+        """New requests follow the new plan's tables; requests in flight keep their replicas."""
+        self.plan = plan
+        log.info("plan epoch %d: %d prefill, %d decode replicas", plan.epoch, len(plan.prefill_ids),
+                 len(plan.decode_ids))
 
     async def stop(self) -> None:
+        if self._plan_watcher is not None:
+            await self._plan_watcher.stop()
         for task in self._tasks:
             task.cancel()
         for flight in list(self.inflight.values()):
@@ -173,9 +187,11 @@ class RouterCore:
         if kv_codec is not None and kv_codec not in codec_names():
             raise RequestError(400, f"unknown kv_codec {kv_codec!r}; choose one of {', '.join(codec_names())}",
                                param="kv_codec")
+        plan = self.plan
         try:
-            prefill = self.replicas.choose("prefill")
-            decode = self.replicas.choose("decode")
+            prefill = self.replicas.choose("prefill", plan.dispatch if plan else None)
+            routes = plan.routing.get(prefill.beat.replica_id) if plan else None
+            decode = self.replicas.choose("decode", routes)
         except NoReplicaError as exc:
             self.stats.rejected += 1
             raise RequestError(503, f"{exc}; try again shortly", code="no_replica") from None
@@ -185,8 +201,9 @@ class RouterCore:
             request_id, len(prompt_ids), prefill.beat.replica_id, decode.beat.replica_id, traceparent
         )
         self.inflight[request_id] = flight
-        prefill.assigned += 1
-        decode.assigned += 1
+        for view in (prefill, decode):
+            view.assigned += 1
+            view.dispatched += 1
         message = PrefillRequest(
             request_id=request_id,
             prompt_token_ids=prompt_ids,
@@ -296,5 +313,6 @@ class RouterCore:
             "prefill_replicas": len(prefill),
             "decode_replicas": len(decode),
             "in_flight": len(self.inflight),
+            "plan_epoch": self.plan.epoch if self.plan else 0,
             "replicas": self.replicas.snapshot(),
         }

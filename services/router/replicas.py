@@ -18,6 +18,7 @@ class ReplicaView:
     beat: Heartbeat
     last_seen: float
     assigned: int = 0  # requests this router sent there that have not finished
+    dispatched: int = 0  # requests this router ever sent there
 
     @property
     def load(self) -> float:
@@ -87,6 +88,8 @@ class ReplicaTable:
                 "running": v.beat.running,
                 "waiting": v.beat.waiting,
                 "assigned": v.assigned,
+                "dispatched": v.dispatched,
+                "plan_epoch": v.beat.plan_epoch,
                 "seen_s_ago": round(now - v.last_seen, 3),
             }
             for rid, v in sorted(self.replicas.items())
