@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("thunderserve.launcher.cli", "serve a model locally: NATS, router, prefill and decode replicas"),
     "plan": ("thunderserve.planner.cli", "plan a cluster: grouping, phases, parallel layout, routing"),
     "simulate": ("thunderserve.planner.simulate_cli", "simulate a plan under a request stream"),
+    "apply": ("thunderserve.planner.apply_cli", "publish a plan to a running deployment (hot-applied)"),
 }
 
 

@@ -66,3 +66,19 @@ async def test_watcher_applies_current_then_each_newer_plan(nc):
         assert watcher.epoch == 4
     finally:
         await watcher.stop()
+
+
+def test_apply_cli_publishes_and_refuses_stale(nats_url, tmp_path, capsys):
+    from thunderserve.planner.apply_cli import main
+
+    prefix = f"t{uuid.uuid4().hex[:6]}"
+    path = tmp_path / "plan.json"
+    path.write_text(_plan(5).to_json())
+    assert main([str(path), "--nats", nats_url, "--subject-prefix", prefix]) == 0
+    assert "epoch 5" in capsys.readouterr().out
+    assert main([str(path), "--nats", nats_url, "--subject-prefix", prefix]) == 2
+    assert "not newer" in capsys.readouterr().err
+    assert main([str(path), "--nats", nats_url, "--subject-prefix", prefix, "--bump"]) == 0
+    assert "epoch 6" in capsys.readouterr().out
+    (tmp_path / "bad.json").write_text("{nope")
+    assert main([str(tmp_path / "bad.json"), "--nats", nats_url]) == 2
