@@ -232,7 +232,7 @@ class CompletionEvent:
 
 
 def encode(message: Any) -> bytes:
-    return msgpack.packb(_to_plain(message), use_bin_type=True)
+    return msgpack.packb(_encoder(type(message))(message), use_bin_type=True)
 
 
 def decode_or_warn(cls: type[T], data: bytes, log) -> T | None:
@@ -252,52 +252,95 @@ def decode(cls: type[T], data: bytes) -> T:
     return from_plain(cls, raw)
 
 
-def _to_plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, list | tuple):
-        return [_to_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _to_plain(v) for k, v in value.items()}
-    return value
-
-
-@cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 def from_plain(cls: type[T], raw: Any) -> T:
     """Build a dataclass from plain msgpack/JSON data, recursing into nested dataclasses."""
-    if not isinstance(raw, dict):
-        raise ProtocolError(f"{cls.__name__}: expected a map, got {type(raw).__name__}")
-    hints = _hints(cls)
-    kwargs = {}
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if f.name in raw:
-            kwargs[f.name] = _convert(hints[f.name], raw[f.name])
     try:
-        return cls(**kwargs)
-    except TypeError as exc:
+        return _decoder(cls)(raw)
+    except ProtocolError:
+        raise
+    except (TypeError, ValueError, AttributeError) as exc:
         raise ProtocolError(f"{cls.__name__}: {exc}") from None
 
 
-def _convert(tp: Any, value: Any) -> Any:
-    if value is None:
-        return None
+# Converters are built once per message class from its type hints: fields of plain types pass
+# through untouched, so the hot path is a dict comprehension, not a walk over typing objects.
+
+Converter = typing.Callable[[Any], Any] | None
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else tp
+    return tp
+
+
+def _plain_to(tp: Any) -> Converter:
+    """A converter from plain data to `tp`, or None when the plain value already is one."""
+    tp = _unwrap_optional(tp)
     origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            if arg is not type(None):
-                return _convert(arg, value)
     if dataclasses.is_dataclass(tp):
-        return from_plain(tp, value)
+        return _decoder(tp)
+    if origin is list:
+        item = _plain_to(typing.get_args(tp)[0])
+        return None if item is None else (lambda v: [item(x) for x in v])
     if origin is dict:
         key_t, val_t = typing.get_args(tp)
-        return {_convert(key_t, k): _convert(val_t, v) for k, v in value.items()}
+        val = _plain_to(val_t)
+        key = int if key_t is int else None  # JSON-born maps have string keys
+        if key is None and val is None:
+            return None
+        return lambda v: {(key(k) if key else k): (val(x) if val and x is not None else x) for k, x in v.items()}
+    return None
+
+
+@cache
+def _decoder(cls: type) -> typing.Callable[[Any], Any]:
+    hints = typing.get_type_hints(cls)
+    convs = [(f.name, _plain_to(hints[f.name])) for f in dataclasses.fields(cls)]
+    names = {name for name, _ in convs}
+    special = [(name, conv) for name, conv in convs if conv is not None]
+
+    def build(raw: Any):
+        if not isinstance(raw, dict):
+            raise ProtocolError(f"{cls.__name__}: expected a map, got {type(raw).__name__}")
+        kwargs = {k: v for k, v in raw.items() if k in names}
+        for name, conv in special:
+            value = kwargs.get(name)
+            if value is not None:
+                kwargs[name] = conv(value)
+        return cls(**kwargs)
+
+    return build
+
+
+def _to_plain(tp: Any) -> Converter:
+    """A converter from `tp` values to plain data, or None when they are plain already."""
+    tp = _unwrap_optional(tp)
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _encoder(tp)
     if origin is list:
-        (item_t,) = typing.get_args(tp)
-        return [_convert(item_t, v) for v in value]
-    if tp is int and isinstance(value, str):
-        return int(value)
-    return value
+        item = _to_plain(typing.get_args(tp)[0])
+        return None if item is None else (lambda v: [item(x) for x in v])
+    if origin is dict:
+        val = _to_plain(typing.get_args(tp)[1])
+        return None if val is None else (lambda v: {k: val(x) for k, x in v.items()})
+    return None
+
+
+@cache
+def _encoder(cls: type) -> typing.Callable[[Any], Any]:
+    if not dataclasses.is_dataclass(cls):
+        return lambda v: v  # already plain (a dict reply, say)
+    hints = typing.get_type_hints(cls)
+    convs = [(f.name, _to_plain(hints[f.name])) for f in dataclasses.fields(cls)]
+
+    def plain(obj):
+        out = {}
+        for name, conv in convs:
+            value = getattr(obj, name)
+            out[name] = conv(value) if conv is not None and value is not None else value
+        return out
+
+    return plain

@@ -21,8 +21,9 @@ from thunderserve.common.protocol import (
     KVHandoff,
     PrefillRequest,
     TokenChunk,
+    Usage,
 )
-from thunderserve.common.sequence import sample_token
+from thunderserve.common.sequence import OutputTracker, sample_token
 
 log = logging.getLogger(__name__)
 
@@ -83,16 +84,19 @@ class PrefillRole:
         try:
             # Connect first (cheap when the pair exists) so a dead decode replica fails fast.
             pair = await self._pair_for(request.decode_replica, request.decode_endpoint)
-            payload, manifest, first = await loop.run_in_executor(
-                self.host.model_executor, self._compute, request
-            )
+            outcome = await loop.run_in_executor(self.host.model_executor, self._compute, request)
         except Exception as exc:
             self._waiting -= 1
             await self._fail(request, f"prefill failed: {exc}", parent)
             return
         self._waiting -= 1
-        if payload is None:  # aborted while queued
+        if outcome is None:  # aborted while queued
             return
+        if isinstance(outcome, TokenChunk):  # the first token finished it: nothing to hand off
+            await self.host.nc.publish(request.reply_subject, protocol.encode(outcome),
+                                       headers=tracing.headers_for(parent))
+            return
+        payload, manifest, first = outcome
         handoff = KVHandoff(
             request_id=request.request_id,
             prefill_replica=self.host.replica_id,
@@ -116,14 +120,24 @@ class PrefillRole:
             await self._fail(request, f"KV transfer to {request.decode_replica} failed: {exc}", parent)
 
     def _compute(self, request: PrefillRequest):
-        """Model thread: prefill, choose the first token, compress the KV."""
+        """Model thread: prefill, choose the first token, compress the KV.
+
+        Returns None if aborted, the final chunk if the first token ends the request (EOS,
+        a stop, max_tokens=1: no KV needs to move), else (payload, manifest, first token).
+        """
         if request.request_id in self._aborted:
             self._aborted.discard(request.request_id)
-            return None, None, None
+            return None
         self._running += 1
         try:
             result = self.engine.prefill(request.prompt_token_ids)
             first = sample_token(result.logits, request.sampling, 0, self.engine.eos_token_ids)
+            tracker = OutputTracker(request.sampling, len(request.prompt_token_ids), self.engine.max_context,
+                                    self.engine.eos_token_ids, self.engine.tokenizer)
+            out = tracker.add(first)
+            if out.finish_reason is not None:
+                return TokenChunk(request.request_id, 0, [first], out.text, out.finish_reason,
+                                  Usage(tracker.prompt_len, tracker.completion_tokens))
             # The request's codec, else the current plan's, else this replica's default.
             codec = get_codec(request.kv_codec or self.host.plan_kv_codec or self.default_codec)
             payload, manifest = pack_cache(codec, result.kv)

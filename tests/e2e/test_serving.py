@@ -197,3 +197,14 @@ async def test_sdk_reports_bad_input(smollm2_cluster):
         assert err.value.status == 404
         chunks = [c async for c in client.stream("Once upon a time", max_tokens=5, temperature=0)]
         assert chunks[-1].finish_reason == "length" and sum(len(c.token_ids) for c in chunks) == 5
+
+
+async def test_requests_that_end_on_their_first_token(smollm2_cluster, smollm2_reference):
+    """Finished at prefill (no KV moves): max_tokens=1, or EOS forced by logit_bias."""
+    model, tokenizer = smollm2_reference
+    async with Client(smollm2_cluster.nats_url) as client:
+        one = await client.complete("The capital of France is", max_tokens=1, temperature=0)
+        expected = _generate(model, tokenizer.encode("The capital of France is", add_special_tokens=False), 1)
+        assert one.token_ids == expected and one.finish_reason == "length"
+        eos = await client.complete("Hello", max_tokens=10, logit_bias={tokenizer.eos_token_id: 100.0})
+        assert eos.finish_reason == "stop" and eos.text == "" and eos.usage.completion_tokens == 1
