@@ -123,6 +123,7 @@ class KVHandoff:
     sampling: SamplingParams
     reply_subject: str
     kv_manifest: dict[str, Any]  # codec, per-tensor layout, byte count (see kvcodec.pack_cache)
+    first_chunk_sent: bool = False  # the prefill replica already streamed the first token (index 0)
 
 
 @dataclass

@@ -182,7 +182,11 @@ class DecodeRole:
             request_id = seq.handoff.request_id
             if self._aborted.pop(request_id, 1) is None:
                 continue
-            if self._emit(seq, seq.handoff.first_token_id):
+            if seq.handoff.first_chunk_sent:
+                # Prefill streamed it; track it so text deltas and stops continue from there.
+                seq.tracker.add(seq.handoff.first_token_id)
+                seq.index = 1
+            elif self._emit(seq, seq.handoff.first_token_id):
                 continue  # finished on its first token (EOS, max_tokens=1, ...)
             batch.add(request_id, kv, seq.handoff.first_token_id)
             self._active[request_id] = seq

@@ -96,17 +96,21 @@ class PrefillRole:
             await self.host.nc.publish(request.reply_subject, protocol.encode(outcome),
                                        headers=tracing.headers_for(parent))
             return
-        payload, manifest, first = outcome
+        payload, manifest, first_chunk = outcome
+        # Stream the first token now (TTFT does not wait for the KV transfer and decode admission).
+        await self.host.nc.publish(request.reply_subject, protocol.encode(first_chunk),
+                                   headers=tracing.headers_for(parent))
         handoff = KVHandoff(
             request_id=request.request_id,
             prefill_replica=self.host.replica_id,
             pair_id=pair.pair_id,
             tag=pair.next_tag(),
             prompt_token_ids=request.prompt_token_ids,
-            first_token_id=first,
+            first_token_id=first_chunk.token_ids[0],
             sampling=request.sampling,
             reply_subject=request.reply_subject,
             kv_manifest=manifest,
+            first_chunk_sent=True,
         )
         try:
             await self.host.nc.publish(
@@ -123,7 +127,7 @@ class PrefillRole:
         """Model thread: prefill, choose the first token, compress the KV.
 
         Returns None if aborted, the final chunk if the first token ends the request (EOS,
-        a stop, max_tokens=1: no KV needs to move), else (payload, manifest, first token).
+        a stop, max_tokens=1: no KV needs to move), else (payload, manifest, first chunk).
         """
         if request.request_id in self._aborted:
             self._aborted.discard(request.request_id)
@@ -135,13 +139,14 @@ class PrefillRole:
             tracker = OutputTracker(request.sampling, len(request.prompt_token_ids), self.engine.max_context,
                                     self.engine.eos_token_ids, self.engine.tokenizer)
             out = tracker.add(first)
-            if out.finish_reason is not None:
-                return TokenChunk(request.request_id, 0, [first], out.text, out.finish_reason,
-                                  Usage(tracker.prompt_len, tracker.completion_tokens))
+            first_chunk = TokenChunk(request.request_id, 0, [first], out.text, out.finish_reason)
+            if out.finish_reason is not None:  # the first token ends it: nothing to hand off
+                first_chunk.usage = Usage(tracker.prompt_len, tracker.completion_tokens)
+                return first_chunk
             # The request's codec, else the current plan's, else this replica's default.
             codec = get_codec(request.kv_codec or self.host.plan_kv_codec or self.default_codec)
             payload, manifest = pack_cache(codec, result.kv)
-            return payload, manifest, first
+            return payload, manifest, first_chunk
         finally:
             self._running -= 1
 

@@ -57,7 +57,7 @@ class InFlight:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     next_index: int = 0
     pending: dict[int, TokenChunk] = field(default_factory=dict)
-    in_decode: bool = False  # the first token arrived: the prefill replica is done with it
+    in_decode: bool = False  # decode's tokens arrive: the prefill replica is done with it
     finished: bool = False
     last_activity: float = field(default_factory=time.monotonic)
 
@@ -277,7 +277,8 @@ class RouterCore:
         while flight.next_index in flight.pending:
             ready = flight.pending.pop(flight.next_index)
             flight.next_index += 1
-            if not flight.in_decode:
+            # The prefill replica streams index 0 itself; it is done once decode's tokens flow.
+            if not flight.in_decode and (ready.index >= 1 or ready.finish_reason is not None):
                 flight.in_decode = True
                 view = self.replicas.replicas.get(flight.prefill_id)
                 if view is not None and view.assigned > 0:
