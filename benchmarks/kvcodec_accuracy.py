@@ -1,0 +1,130 @@
+"""KV codec accuracy on the real SmolLM2-135M-Instruct (issue 3). Prints JSON, writes a plot.
+
+    python benchmarks/kvcodec_accuracy.py [--limit N] [--plot docs/kvcodec_accuracy.png]
+
+For every prompt of tests/data/kv_prompts.json: greedy prefix agreement over 32 tokens and
+mean next-token KL against the uncompressed path (see thunderserve.common.kvaccuracy), and the
+wire bits per value of the whole cache. The registered codecs (none, int8, int4) are measured
+by free-running greedy generation (the metric's definition); the trade-off curve (agreement
+vs bits/value for other quantizer settings, plus plain fp16/bf16 casts of the cache as the
+noise floor of the metric) uses teacher-forced argmax, which gives the same prefix up to fp
+rounding of a batched forward; the JSON reports both for int8/int4 so the two can be compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from thunderserve.common import kvaccuracy as ka
+from thunderserve.common.kvcodec import GroupQuantCodec, PackedTensor, QuantSpec, dtype_name, get_codec
+from thunderserve.common.models import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class CastCodec:
+    """The cache cast to fp16/bf16 and back: how sensitive the metric is to tiny changes."""
+
+    name = "none"
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+    def encode(self, tensor: torch.Tensor, kind: str = "key") -> PackedTensor:
+        data = tensor.to(self.dtype).contiguous()
+        return PackedTensor("none", kind, tuple(tensor.shape), dtype_name(tensor.dtype), {"data": data})
+
+    def decode(self, packed: PackedTensor) -> torch.Tensor:  # decoded by the registered `none`
+        return get_codec("none").decode(packed)
+
+
+def curve_points() -> list[tuple[str, str, object]]:
+    """(series, label, codec) for the trade-off plot."""
+    points: list[tuple[str, str, object]] = [
+        ("cast", "fp16 cast", CastCodec(torch.float16)),
+        ("cast", "bf16 cast", CastCodec(torch.bfloat16)),
+    ]
+    for group in (32, 64, 128):  # the issue's baseline: KIVI-style, no outlier handling
+        spec_k, spec_v = QuantSpec(4, group, "channel"), QuantSpec(4, group, "token")
+        points.append(("plain int4 (K/channel, V/token)", f"plain int4 g{group}", GroupQuantCodec(spec_k, spec_v)))
+    for bits in (3, 4, 5, 6, 8):  # the int4 codec's scheme at other widths
+        spec_k = QuantSpec(bits, 64, "channel", rotate=True, sink_tokens=1)
+        spec_v = QuantSpec(bits, 64, "token", rotate=True)
+        points.append(("rotated + key sink (int4 scheme)", f"scheme {bits}-bit", GroupQuantCodec(spec_k, spec_v)))
+    return points
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series: dict[str, list[dict]] = {}
+    for p in result["curve"]:
+        series.setdefault(p["series"], []).append(p)
+    for name, pts in series.items():
+        pts.sort(key=lambda p: p["bits_per_value"])
+        style = "s" if name == "cast" else "o-"
+        ax.plot([p["bits_per_value"] for p in pts], [100 * p["agreement"] for p in pts], style, label=name)
+        for p in pts:
+            ax.annotate(p["label"], (p["bits_per_value"], 100 * p["agreement"]), fontsize=7,
+                        xytext=(3, -9), textcoords="offset points")
+    for c in result["codecs"]:
+        ax.plot(c["bits_per_value"], 100 * c["agreement"], "k*", markersize=11)
+        ax.annotate(c["codec"], (c["bits_per_value"], 100 * c["agreement"]), xytext=(4, 4),
+                    textcoords="offset points", fontweight="bold")
+    ax.axvline(4.57, color="grey", ls=":", lw=1)
+    ax.axhline(90, color="grey", ls=":", lw=1)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("wire bits per KV value (whole cache, scales included)")
+    ax.set_ylabel("greedy prefix agreement, % (32 tokens)")
+    ax.set_title(f"SmolLM2-135M KV codec accuracy, {result['prompts']} prompts")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    parser.add_argument("--plot", default=str(ROOT / "docs" / "kvcodec_accuracy.png"))
+    parser.add_argument("--no-curve", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    t0 = time.time()
+    model, tokenizer = load_model("smollm2")
+    prompts = ka.load_prompts()[: args.limit]
+    cases = ka.build_cases(model, tokenizer, prompts)
+    eos = tokenizer.eos_token_id
+    result: dict = {"model": "SmolLM2-135M-Instruct", "prompts": len(cases), "max_new_tokens": ka.MAX_NEW_TOKENS,
+                    "prompt_tokens": sorted(c.layers[0][0].shape[2] + 1 for c in cases),
+                    "codecs": [], "curve": []}
+    for name in ("int8", "int4"):
+        exact = ka.evaluate(model, cases, get_codec(name), exact=True, eos=eos)
+        fast = ka.evaluate(model, cases, get_codec(name), exact=False, eos=eos)
+        row = exact.summary()
+        row["agreement_teacher_forced"] = round(fast.agreement, 4)
+        row["per_prompt"] = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
+                             for r in exact.per_prompt]
+        result["codecs"].append(row)
+    if not args.no_curve:
+        for series, label, codec in curve_points():
+            r = ka.evaluate(model, cases, codec, exact=False, eos=eos)
+            result["curve"].append({"series": series, "label": label, **r.summary(), "codec": codec.name})
+    result["seconds"] = round(time.time() - t0, 1)
+    if args.plot and result["curve"]:
+        plot(result, Path(args.plot))
+        result["plot"] = args.plot
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

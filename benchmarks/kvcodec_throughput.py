@@ -1,0 +1,87 @@
+"""KV codec throughput and wire size (issue 3). Prints JSON.
+
+    python benchmarks/kvcodec_throughput.py [--tokens 2000] [--repeats 5]
+
+Encode = quantize + pack, decode = unpack + dequantize, in GB/s of fp32 input, on one core
+(torch.set_num_threads(1)). The tensor set is a SmolLM2-shaped cache: 30 layers x (key,
+value) of [1, 3 KV heads, tokens, 64], with a few outlier key channels like the real model's.
+Wire size counts everything `pack_cache` puts on the wire (codes, scales, zeros, fp16 parts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from thunderserve.common.kvcodec import codec_names, get_codec, pack_cache, unpack_cache
+
+LAYERS, KV_HEADS, HEAD_DIM = 30, 3, 64
+
+
+def smollm2_like_cache(tokens: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    layers = []
+    for _ in range(LAYERS):
+        k = torch.randn(1, KV_HEADS, tokens, HEAD_DIM, generator=g)
+        k[..., :4] *= 8.0  # outlier channels
+        v = torch.randn(1, KV_HEADS, tokens, HEAD_DIM, generator=g) * 0.5
+        layers.append((k, v))
+    return layers
+
+
+def _best_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure(name: str, layers, repeats: int) -> dict:
+    codec = get_codec(name)
+    values = sum(k.numel() + v.numel() for k, v in layers)
+    fp32_bytes = values * 4
+    payload, manifest = pack_cache(codec, layers)
+    t_enc = _best_time(lambda: pack_cache(codec, layers), repeats)
+    t_dec = _best_time(lambda: unpack_cache(payload, manifest), repeats)
+    wire = int(payload.numel())
+    return {
+        "codec": name,
+        "encode_gbps": round(fp32_bytes / t_enc / 1e9, 3),
+        "decode_gbps": round(fp32_bytes / t_dec / 1e9, 3),
+        "encode_ms": round(t_enc * 1e3, 2),
+        "decode_ms": round(t_dec * 1e3, 2),
+        "wire_bytes": wire,
+        "bits_per_value": round(wire * 8 / values, 4),
+        "ratio_vs_fp16": round(values * 2 / wire, 3),
+        "ratio_vs_fp32": round(fp32_bytes / wire, 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--codecs", nargs="*", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    layers = smollm2_like_cache(args.tokens)
+    names = args.codecs or [n for n in codec_names()]
+    result = {
+        "tokens": args.tokens,
+        "shape": [1, KV_HEADS, args.tokens, HEAD_DIM],
+        "layers": LAYERS,
+        "fp32_mb": round(sum(k.numel() + v.numel() for k, v in layers) * 4 / 1e6, 2),
+        "threads": torch.get_num_threads(),
+        "codecs": [measure(n, layers, args.repeats) for n in names],
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
