@@ -6,10 +6,11 @@ For every size, each repetition moves one payload with each method, in rotation,
 on the shared host hits all methods alike:
 
 - `tcp`: `socket.sendall` of the tensor's memory, `recv_into` one preallocated buffer (loopback);
-- `channel`: the product path, `ChannelPair.send` / `ChannelPair.recv` (a fresh buffer per recv);
-- `channel_prealloc`: the same gloo pair, receiving into one preallocated tensor;
-- `channel_split4`: the payload as 4 tagged sends in flight at once, received into slices of one
-  preallocated tensor (tests whether several gloo transfers in flight beat one).
+- `channel`: the product path as the decode role runs it: `ChannelPair.send` / `ChannelPair.recv`
+  into a buffer from the host's `BufferPool` (payloads over 4 MB travel as up to 4 tagged parts in
+  flight at once);
+- `channel_fresh_buffer`: the same, but a freshly allocated receive buffer every time (what the
+  page faults of a new buffer cost).
 
 A transfer's time runs on the sender from the start of the send until a 1-byte acknowledgement,
 sent over the TCP socket after the receiver holds the whole payload, arrives; the same for every
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 from backbone_common import DOCS, emit, host_info, median, progress, r
 
-METHODS = ["tcp", "channel", "channel_prealloc", "channel_split4"]
+METHODS = ["tcp", "channel", "channel_fresh_buffer"]
 MB = 1 << 20
 
 
@@ -74,16 +75,12 @@ def receiver(conn, sizes_mb: list[int], warmup: int, repeats: int, pair_id: str)
                 tag = int.from_bytes(_recv_n(sock, 4), "little")
                 if method == "tcp":
                     _recv_exact(sock, tcp_buf)
-                elif method == "channel":
-                    pair.recv(nbytes, tag)
-                elif method == "channel_prealloc":
-                    w = pair.group.recv([pre], pair.peer, tag)
-                    w.wait()
+                elif method == "channel":  # as the decode role receives: a pooled buffer
+                    buf = host.buffers.take(nbytes)
+                    pair.recv(nbytes, tag, out=buf)
+                    host.buffers.give(buf)
                 else:
-                    parts = pre.chunk(4)
-                    works = [pair.group.recv([p], pair.peer, tag + i) for i, p in enumerate(parts)]
-                    for w in works:
-                        w.wait()
+                    pair.recv(nbytes, tag)
                 sock.sendall(ack)
     sock.close()
     conn.send("done")
@@ -123,12 +120,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 t0 = time.perf_counter()
                 if method == "tcp":
                     sock.sendall(view)
-                elif method in ("channel", "channel_prealloc"):
-                    pair.send(payload, tag)
                 else:
-                    works = [pair.group.send([p], pair.peer, tag + i) for i, p in enumerate(payload.chunk(4))]
-                    for w in works:
-                        w.wait()
+                    pair.send(payload, tag)
                 _recv_exact(sock, memoryview(ack))
                 dt = time.perf_counter() - t0
                 if rnd >= args.warmup:

@@ -24,7 +24,7 @@ from typing import Protocol
 
 import nats
 
-from thunderserve.common import config, protocol
+from thunderserve.common import aio, config, protocol
 from thunderserve.common.engine import Engine, MockEngine, create_engine
 from thunderserve.common.kvchannel import ChannelClient, ChannelHost
 from thunderserve.common.plan import Plan
@@ -252,7 +252,7 @@ def main(phase: str, argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format=f"%(asctime)s {phase} %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        asyncio.run(ReplicaHost(args, phase).run())
+        aio.run(ReplicaHost(args, phase).run())
     except KeyboardInterrupt:
         pass
     return 0

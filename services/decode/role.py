@@ -16,6 +16,7 @@ import threading
 from dataclasses import dataclass
 
 from thunderserve.common import protocol, tracing
+from thunderserve.common.kvchannel import detach_from
 from thunderserve.common.kvcodec import unpack_cache
 from thunderserve.common.protocol import ConnectReply, ConnectRequest, KVHandoff, TokenChunk, Usage
 from thunderserve.common.sequence import OutputTracker, sample_token
@@ -129,8 +130,15 @@ class DecodeRole:
         loop = asyncio.get_running_loop()
 
         def receive():
-            payload = pair.recv(int(handoff.kv_manifest["nbytes"]), handoff.tag)
-            return unpack_cache(payload, handoff.kv_manifest)
+            nbytes = int(handoff.kv_manifest["nbytes"])
+            buf = self.channel.buffers.take(nbytes)
+            try:
+                payload = pair.recv(nbytes, handoff.tag, out=buf)
+                layers = unpack_cache(payload, handoff.kv_manifest)
+                flat = detach_from(buf, [t for kv in layers for t in kv])
+                return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+            finally:
+                self.channel.buffers.give(buf)
 
         kv = await loop.run_in_executor(self.host.channel_executor, receive)
         tracker = OutputTracker(

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from thunderserve.common.kvchannel import ChannelClient, ChannelError, ChannelHost
+from thunderserve.common.kvchannel import ChannelClient, ChannelError, ChannelHost, split_points
 from thunderserve.common.kvcodec import get_codec, pack_cache, unpack_cache
 
 CTX = mp.get_context("spawn")
@@ -37,12 +37,15 @@ def _start_sender(endpoint, pair_id, payloads, die_after=False):
 
 def test_transfers_arrive_intact_and_matched_by_tag():
     host = ChannelHost(timeout_s=10)
-    payloads = [(7, bytes(range(256)) * 4096), (3, b"hello channel"), (11, bytes(3 * 1024 * 1024))]
+    big = torch.randint(0, 256, (9 * 1024 * 1024 + 7,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    # the last one is over SPLIT_BYTES: it travels as several tagged parts in flight at once
+    payloads = [(7, bytes(range(256)) * 4096), (3, b"hello channel"), (11, bytes(big.numpy()))]
     proc = _start_sender(host.endpoint, "pair-a", payloads)
     pair = host.accept("pair-a")
     # receive in a different order than sent: tags, not order, match them up
+    reused = torch.empty(16 * 1024 * 1024, dtype=torch.uint8)
     for tag, data in sorted(payloads):
-        got = pair.recv(len(data), tag)
+        got = pair.recv(len(data), tag, out=reused if tag == 11 else None)
         assert bytes(got.numpy()) == data
     proc.join(10)
     assert proc.exitcode == 0
@@ -80,3 +83,27 @@ def test_connecting_to_nothing_fails_quickly():
     with pytest.raises(ChannelError):
         ChannelClient(timeout_s=2).connect("127.0.0.1:1", "pair-none")
     assert time.monotonic() - start < 10
+
+
+def test_split_points_cover_the_payload_exactly():
+    for n in (0, 1, 4 << 20, (4 << 20) + 1, 9 << 20, 64 << 20, (64 << 20) + 3):
+        parts = split_points(n)
+        assert parts[0][0] == 0 and parts[-1][1] == n and len(parts) <= 4
+        assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+
+
+def test_buffer_pool_recycles_and_detach_copies_only_views():
+    from thunderserve.common.kvchannel import BufferPool, detach_from
+
+    pool = BufferPool(max_buffers=1)
+    buf = pool.take(100)
+    pool.give(buf)
+    again = pool.take(50)
+    assert again.data_ptr() == buf.data_ptr()  # recycled, no new allocation
+    view, own = again[:10].view(torch.uint8), torch.zeros(3, dtype=torch.uint8)
+    out = detach_from(again, [view, own])
+    assert out[0].data_ptr() != again.data_ptr() and torch.equal(out[0], view)
+    assert out[1] is own
+    pool.give(torch.empty(10, dtype=torch.uint8))
+    pool.give(torch.empty(1000, dtype=torch.uint8))  # over max_buffers: the smallest is dropped
+    assert pool.take(500).numel() == 1000
