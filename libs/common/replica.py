@@ -243,6 +243,9 @@ def build_parser(phase: str) -> argparse.ArgumentParser:
                        help="seconds a KV transfer may take before it fails (default 30)")
     group.add_argument("--drain-timeout", type=float, default=config.env("DRAIN_TIMEOUT", 30.0, float),
                        help="seconds to finish in-flight work on shutdown or phase change (default 30)")
+    group.add_argument("--nice", type=int, default=config.env("NICE", 0, int),
+                       help="raise this process's nice value (lower CPU priority) by N; on a shared host, "
+                       "decode replicas yield to prefill so prompts are not starved (default 0)")
     config.add_logging_args(parser)
     return parser
 
@@ -251,6 +254,8 @@ def main(phase: str, argv: list[str] | None = None) -> int:
     args = build_parser(phase).parse_args(argv)
     logging.basicConfig(level=args.log_level, format=f"%(asctime)s {phase} %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.nice:
+        os.nice(args.nice)
     try:
         aio.run(ReplicaHost(args, phase).run())
     except KeyboardInterrupt:

@@ -48,6 +48,9 @@ class LocalCluster:
     subject_prefix: str = "ts"
     threads_per_replica: int = 0  # 0 = share the cores out
     max_batch: int = 64
+    # Replicas here share one host's cores. Prefill is what time-to-first-token waits on, so decode
+    # replicas run at a lower CPU priority and take the cycles prefill leaves (0 = equal priority).
+    decode_nice: int = 5
     log_dir: str | None = None  # None = children inherit this process's stdout/stderr
     log_level: str = "INFO"
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -88,6 +91,8 @@ class LocalCluster:
                 "--threads", str(self._threads()), "--max-batch", str(self.max_batch)]
         if self.kv_codec:
             args += ["--kv-codec", self.kv_codec]
+        if phase == "decode" and self.decode_nice:
+            args += ["--nice", str(self.decode_nice)]
         return self._spawn(name, f"thunderserve.{phase}", args)
 
     def start(self, timeout: float = 300.0) -> LocalCluster:
