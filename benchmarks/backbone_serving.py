@@ -126,10 +126,11 @@ def thunderserve_config(spec: str, bodies, warm, args) -> dict[str, Any]:
     parts = spec.split(":")
     p, d = (int(x) for x in parts[0].split("x"))
     dtype, threads = parts[1], int(parts[2])
-    codec = parts[3] if len(parts) > 3 else args.kv_codec
+    codec = (parts[3] or None) if len(parts) > 3 else args.kv_codec
+    decode_nice = int(parts[4]) if len(parts) > 4 else 0
     log_dir = tempfile.mkdtemp(prefix="bb-serving-")
     cluster = LocalCluster(model=args.model, prefill=p, decode=d, dtype=dtype, threads_per_replica=threads,
-                           kv_codec=codec, log_dir=log_dir, log_level="WARNING")
+                           kv_codec=codec, decode_nice=decode_nice, log_dir=log_dir, log_level="WARNING")
     progress(f"ThunderServe {spec}: starting")
     t0 = time.perf_counter()
     cluster.start(timeout=240)
@@ -142,7 +143,7 @@ def thunderserve_config(spec: str, bodies, warm, args) -> dict[str, Any]:
     finally:
         cluster.stop()
     return {"server": "thunderserve", "config": spec, "prefill": p, "decode": d, "dtype": dtype,
-            "threads_per_replica": threads, "kv_codec": codec or "default (int4)", "startup_s": r(startup, 1),
+            "threads_per_replica": threads, "kv_codec": codec or "default (int4)", "decode_nice": decode_nice, "startup_s": r(startup, 1),
             **res}
 
 
@@ -270,7 +271,7 @@ def plot(result: dict[str, Any], path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", nargs="*", default=DEFAULT_CONFIGS,
-                   help="ThunderServe configurations PxD:dtype:threads[:kv_codec] "
+                   help="ThunderServe configurations PxD:dtype:threads[:kv_codec[:decode_nice]] "
                         f"(default {' '.join(DEFAULT_CONFIGS)})")
     p.add_argument("--model", default="smollm2", help="model (default smollm2)")
     p.add_argument("--kv-codec", default=None, help="ThunderServe KV codec (default: the product default)")

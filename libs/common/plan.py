@@ -155,8 +155,9 @@ class Plan:
         if seen & set(self.unused_gpus):
             raise ValueError("a GPU is both used and unused")
         pre, dec = set(self.prefill_ids), set(self.decode_ids)
-        if not set(self.dispatch) <= pre:
-            raise ValueError("dispatch names a replica that is not a prefill replica")
+        colo = {r.id for r in self.replicas if r.phase == "colocated"}
+        if not set(self.dispatch) <= pre | colo:  # colocated replicas take requests directly too
+            raise ValueError("dispatch names a replica that is not a prefill or colocated replica")
         if any(w < 0 for w in self.dispatch.values()):
             raise ValueError("negative dispatch weight")
         total = sum(self.dispatch.values())

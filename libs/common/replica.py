@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
@@ -256,6 +257,9 @@ def main(phase: str, argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.nice:
         os.nice(args.nice)
+    # Tokens cross threads here (event loop <-> model/step/channel threads); a thread waiting for
+    # the GIL otherwise waits up to 5 ms for a busy one to yield it.
+    sys.setswitchinterval(0.0005)
     try:
         aio.run(ReplicaHost(args, phase).run())
     except KeyboardInterrupt:

@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads-per-replica", type=int, default=0,
                         help="torch threads per replica (default: the cores shared out among replicas)")
     parser.add_argument("--max-batch", type=int, default=64, help="most sequences per decode batch")
+    parser.add_argument("--decode-nice", type=int, default=0,
+                        help="lower the decode replicas' CPU priority by N, so prompts go first on a shared "
+                        "host (shorter time to first token; default 0)")
     parser.add_argument("--ready-timeout", type=float, default=300.0,
                         help="seconds to wait for every service to be ready (default 300)")
     config.add_logging_args(parser)

@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
         model=args.model, prefill=args.prefill, decode=args.decode, kv_codec=args.kv_codec, dtype=args.dtype,
         http_host=args.host, http_port=args.http_port, nats_url=args.nats, subject_prefix=args.subject_prefix,
         threads_per_replica=args.threads_per_replica, max_batch=args.max_batch, log_level=args.log_level,
+        decode_nice=args.decode_nice,
     )
     print(f"starting ThunderServe: model {args.model}, {args.prefill} prefill + {args.decode} decode "
           "replica(s) (the first start converts the model once)...", flush=True)

@@ -48,9 +48,9 @@ class LocalCluster:
     subject_prefix: str = "ts"
     threads_per_replica: int = 0  # 0 = share the cores out
     max_batch: int = 64
-    # Replicas here share one host's cores. Prefill is what time-to-first-token waits on, so decode
-    # replicas run at a lower CPU priority and take the cycles prefill leaves (0 = equal priority).
-    decode_nice: int = 5
+    # Replicas here share one host's cores. A positive value runs decode replicas at a lower CPU
+    # priority, so prompts (what time-to-first-token waits on) go first (0 = equal priority).
+    decode_nice: int = 0
     log_dir: str | None = None  # None = children inherit this process's stdout/stderr
     log_level: str = "INFO"
     extra_env: dict[str, str] = field(default_factory=dict)

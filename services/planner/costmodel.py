@@ -35,6 +35,9 @@ class Calibration:
     mem_usable: float = 0.90  # fraction of device memory left after CUDA context, allocator slack
     prefill_kv_buffers: int = 2  # prompts whose KV a prefill stage holds at once (compute + send)
     stage_overhead: float = 1e-3  # per stage and forward pass: kernel launches, scheduling, sync, s
+    link_util_max: float = 0.6  # KV links are FIFO servers: the LP loads them at most this much, and TTFT
+    # pays the M/G/1 mean wait at that load
+    ttft_miss_share: float = 0.5  # share of the miss budget (1 - attainment) planned for TTFT; TPOT gets the rest
 
 
 DEFAULT_CALIBRATION = Calibration()
@@ -153,24 +156,75 @@ def prefill_fits(model: ModelSpec, stages: list[StageHW], tokens: float,
 
 
 def queue_wait_factor(attainment: float) -> float:
-    """Quantile of the waiting time in units of its mean (exponential-tail approximation)."""
+    """Quantile of the waiting time in units of its mean (exponential-tail approximation).
+
+    Kept for callers that want the old M/D/1-style shortcut; the planner uses `mg1_wait` / `wait_tail`."""
     return math.log(1.0 / (1.0 - attainment))
 
 
-def prefill_capacity(latency_q: float, service: float, ttft_slo: float, extra: float = 0.0,
-                     attainment: float = 0.9) -> float:
-    """Requests/s a prefill replica takes while the `attainment` quantile of TTFT meets the SLO.
+def split_attainment(attainment: float, share: float = 0.5) -> float:
+    """Per-SLO attainment target when a request must meet TTFT and TPOT at once: the miss budget
+    1 - attainment is split, `share` of it to this SLO (0.5: plan each at 1 - (1 - a)/2)."""
+    return 1.0 - (1.0 - attainment) * share
 
-    TTFT = wait + prefill latency (+ `extra`, e.g. the KV transfer to the decode replica).
-    The wait is M/D/1: mean rho*S / (2 (1 - rho)); its quantile ~ f * mean. Solving
-    f * rho * S / (2 (1 - rho)) <= budget for rho gives rho = 2B / (f S + 2B).
-    """
+
+def mg1_wait(rate: float, s1: float, s2: float) -> float:
+    """Mean waiting time of an M/G/1 FIFO queue (Pollaczek-Khinchine): E[W] = rate E[S^2] / (2 (1 - rho)),
+    rho = rate E[S]; s1 = E[S], s2 = E[S^2]. inf when rho >= 1."""
+    rho = rate * s1
+    if rho >= 1.0:
+        return math.inf
+    return rate * s2 / (2.0 * (1.0 - rho))
+
+
+def wait_tail(t: float, rho: float, s1: float, s2: float) -> float:
+    """P(wait > t) in an M/G/1 queue at utilisation rho: the wait is 0 with probability 1 - rho, else
+    approximately exponential with mean E[W] / rho = E[S^2] / (2 E[S] (1 - rho)) (exact for M/M/1)."""
+    if t < 0:
+        return 1.0
+    if rho <= 0:
+        return 0.0
+    if rho >= 1:
+        return 1.0
+    cond_mean = s2 / (2.0 * s1 * (1.0 - rho))
+    return rho * math.exp(-t / cond_mean)
+
+
+def prefill_miss(rho: float, budgets: tuple[float, ...] | list[float], s1: float, s2: float) -> float:
+    """Fraction of requests whose TTFT misses the SLO at utilisation rho: `budgets` holds, for prompts
+    spread evenly over the length distribution (equal weights), SLO - (latency + transfer) of each."""
+    return sum(wait_tail(b, rho, s1, s2) for b in budgets) / len(budgets)
+
+
+def prefill_capacity_dist(budgets: tuple[float, ...] | list[float], s1: float, s2: float,
+                          attainment: float) -> float:
+    """Largest request rate at which at most 1 - attainment of the TTFTs miss (M/G/1 waits, FIFO; the
+    wait is independent of the request's own prompt). `budgets` as in `prefill_miss`."""
+    if s1 <= 0 or not budgets:
+        return 0.0
+    miss = 1.0 - attainment
+    if prefill_miss(1e-9, budgets, s1, s2) > miss:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if prefill_miss(mid, budgets, s1, s2) <= miss:
+            lo = mid
+        else:
+            hi = mid
+    return lo / s1
+
+
+def prefill_capacity(latency_q: float, service: float, ttft_slo: float, extra: float = 0.0,
+                     attainment: float = 0.9, service2: float | None = None) -> float:
+    """Requests/s a prefill replica takes while the `attainment` quantile of TTFT meets the SLO, for
+    one prompt length: TTFT = M/G/1 wait + latency_q (+ `extra`, e.g. the KV transfer) <= ttft_slo.
+    `service2` = E[S^2] (default service^2, i.e. M/D/1)."""
     budget = ttft_slo - latency_q - extra
     if budget <= 0 or service <= 0:
         return 0.0
-    f = queue_wait_factor(attainment)
-    rho = 2 * budget / (f * service + 2 * budget)
-    return rho / service
+    s2 = service * service if service2 is None else service2
+    return prefill_capacity_dist((budget,), service, s2, attainment)
 
 
 # --- decode ---------------------------------------------------------------------------------------
@@ -216,6 +270,46 @@ def decode_max_sequences(model: ModelSpec, stages: list[StageHW], context: float
     return max(0, int(n)) if n != math.inf else 0
 
 
+def erlang_c(servers: int, load: float) -> float:
+    """Probability that an arrival waits in an M/M/c queue (Erlang C), c = servers, load = lambda / mu."""
+    if load <= 0:
+        return 0.0
+    if load >= servers:
+        return 1.0
+    blocking = 1.0
+    for k in range(1, servers + 1):  # Erlang B by recursion
+        blocking = load * blocking / (k + load * blocking)
+    rho = load / servers
+    return blocking / (1.0 - rho * (1.0 - blocking))
+
+
+def decode_capacity(sequences: int, tpot: float, output_mean: float, tpot_slo: float,
+                    output_points: tuple[float, ...] | list[float], attainment: float) -> float:
+    """Requests/s a decode replica of `sequences` slots takes while at most 1 - attainment of the
+    requests miss the TPOT SLO. A request waits for a slot (M/M/c: P(wait > t) = C(c, A) e^{-(c mu -
+    lambda) t}, mu = 1 / (output_mean * tpot)); the wait is spread over its output tokens, so an
+    output of o tokens tolerates (tpot_slo - tpot) * (o - 1) of waiting."""
+    if sequences < 1 or tpot <= 0 or tpot > tpot_slo:
+        return 0.0
+    mu = 1.0 / (max(output_mean, 1.0) * tpot)
+    slack = [(tpot_slo - tpot) * max(o - 1.0, 0.0) for o in output_points] or [math.inf]
+    miss_budget = 1.0 - attainment
+
+    def miss(lam: float) -> float:
+        c_wait = erlang_c(sequences, lam / mu)
+        rate = sequences * mu - lam
+        return sum(c_wait * math.exp(-rate * t) if math.isfinite(t) else 0.0 for t in slack) / len(slack)
+
+    lo, hi = 0.0, sequences * mu
+    for _ in range(25):
+        mid = (lo + hi) / 2
+        if miss(mid) <= miss_budget:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
 @dataclass(frozen=True)
 class DecodePerf:
     sequences: int  # concurrent sequences (all micro-batches)
@@ -225,8 +319,13 @@ class DecodePerf:
 
 
 def decode_perf(model: ModelSpec, stages: list[StageHW], prompt_mean: float, output_mean: float,
-                tpot_slo: float, calib: Calibration = DEFAULT_CALIBRATION) -> DecodePerf:
-    """Largest batch that meets the TPOT SLO and fits KV memory, and the throughput it gives."""
+                tpot_slo: float, calib: Calibration = DEFAULT_CALIBRATION,
+                output_points: tuple[float, ...] | list[float] = (), attainment: float = 0.95) -> DecodePerf:
+    """Largest batch that meets the TPOT SLO and fits KV memory, and the throughput it gives.
+
+    With `output_points` (output lengths spread over the distribution), requests/s is the rate at
+    which waiting for a free slot still leaves `attainment` of the requests within the TPOT SLO
+    (`decode_capacity`); without, the saturation rate tokens/s / output_mean."""
     zero = DecodePerf(0, 0.0, 0.0, 0.0)
     pp = len(stages)
     ctx_mem = prompt_mean + output_mean  # KV held by a sequence near its end
@@ -247,28 +346,47 @@ def decode_perf(model: ModelSpec, stages: list[StageHW], prompt_mean: float, out
             hi = mid - 1
     tpot = decode_step_time(model, stages, lo, ctx_read, calib)
     tok_s = pp * lo / tpot
+    if output_points:
+        req_s = decode_capacity(pp * lo, tpot, output_mean, tpot_slo, output_points, attainment)
+        return DecodePerf(pp * lo, tpot, req_s * output_mean, req_s)
     return DecodePerf(pp * lo, tpot, tok_s, tok_s / output_mean)
 
 
 @dataclass(frozen=True)
 class PrefillPerf:
     latency: float  # s, prompt at the attainment quantile, no queueing
-    service: float  # s per prompt at steady state (mean prompt)
+    service: float  # s per prompt at steady state (mean over the prompt lengths): E[S]
     tokens_per_s: float  # prompt tokens/s at saturation
     requests_per_s: float  # capacity under the TTFT SLO with no KV-transfer time
+    service2: float = 0.0  # E[S^2] over the prompt lengths (M/G/1 waits)
+    latencies: tuple[float, ...] = ()  # latency of each of the workload's prompt points
 
 
 def prefill_perf(model: ModelSpec, stages: list[StageHW], prompt_mean: float, prompt_q: float,
-                 ttft_slo: float, attainment: float, calib: Calibration = DEFAULT_CALIBRATION) -> PrefillPerf:
+                 ttft_slo: float, attainment: float, calib: Calibration = DEFAULT_CALIBRATION,
+                 prompt_points: tuple[float, ...] | list[float] = ()) -> PrefillPerf:
+    """Prefill latency, service-time moments and TTFT-feasible capacity.
+
+    With `prompt_points` (prompt lengths spread evenly over the workload's distribution), the service
+    time's moments come from them and the capacity counts each point's own latency (M/G/1); without,
+    the mean prompt sets a deterministic service time and prompt_q the latency (M/D/1)."""
     zero = PrefillPerf(0.0, 0.0, 0.0, 0.0)
     if not prefill_fits(model, stages, prompt_q, calib):
         return zero
     lat = prefill_latency(model, stages, prompt_q, calib)
-    svc = prefill_service_time(model, stages, prompt_mean, calib)
-    cap = prefill_capacity(lat, svc, ttft_slo, 0.0, attainment)
+    if prompt_points:
+        svcs = [prefill_service_time(model, stages, x, calib) for x in prompt_points]
+        lats = tuple(prefill_latency(model, stages, x, calib) for x in prompt_points)
+        s1 = sum(svcs) / len(svcs)
+        s2 = sum(v * v for v in svcs) / len(svcs)
+        cap = prefill_capacity_dist([ttft_slo - x for x in lats], s1, s2, attainment)
+    else:
+        s1 = prefill_service_time(model, stages, prompt_mean, calib)
+        s2, lats = s1 * s1, ()
+        cap = prefill_capacity(lat, s1, ttft_slo, 0.0, attainment)
     if cap <= 0:
         return zero
-    return PrefillPerf(lat, svc, prompt_mean / svc, cap)
+    return PrefillPerf(lat, s1, prompt_mean / s1, cap, s2, lats)
 
 
 # --- KV transfer ----------------------------------------------------------------------------------

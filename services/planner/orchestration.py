@@ -40,7 +40,9 @@ class ReplicaLoad:
     capacity: float  # req/s; prefill: before KV-transfer time
     layer_map: LayerMap
     latency: float = 0.0  # prefill: latency at the attainment-quantile prompt
-    service: float = 0.0  # prefill: s per prompt
+    service: float = 0.0  # prefill: s per prompt, E[S]
+    service2: float = 0.0  # prefill: E[S^2] (0: deterministic, service^2)
+    latencies: tuple[float, ...] = ()  # prefill: latency at each of the workload's prompt points
 
 
 @dataclass(frozen=True)
@@ -92,10 +94,26 @@ def route_metrics(cluster: Cluster, model: ModelSpec, workload: Workload, p: Rep
                 layers[key] = layers.get(key, 0) + ov
     t = 0.0
     link_bytes = []
+    pts = workload.prompt_points if p.latencies else ()
+    tx = [0.0] * len(pts)  # KV transfer time of each prompt point (node pairs in parallel)
+    rho_l = calib.link_util_max
     for (a, b), n in sorted(layers.items()):
-        t = max(t, cm.kv_transfer_time(model, workload.prompt_q, n, cluster.gbps(a, b), codec, calib))
+        gbps = cluster.gbps(a, b)
+        t = max(t, cm.kv_transfer_time(model, workload.prompt_q, n, gbps, codec, calib))
+        times = [cm.kv_transfer_time(model, x, n, gbps, codec, calib) for x in pts]
+        if times and rho_l < 1:  # queueing on the link (FIFO) at the LP's load cap: M/G/1 mean wait
+            t1 = sum(times) / len(times)
+            wait = cm.mg1_wait(rho_l / t1, t1, sum(x * x for x in times) / len(times))
+            for i, x in enumerate(times):
+                tx[i] = max(tx[i], x + wait)
         link_bytes.append(((a, b), cm.kv_transfer_bytes(model, workload.prompt_mean, n, codec)))
-    cap = cm.prefill_capacity(p.latency, p.service, workload.ttft_slo, t, workload.attainment)
+    target = cm.split_attainment(workload.attainment, calib.ttft_miss_share)
+    s2 = p.service2 if p.service2 > 0 else p.service * p.service
+    if pts:  # per prompt length: TTFT = M/G/1 wait + its own latency + its own transfer
+        budgets = [workload.ttft_slo - lat - x for lat, x in zip(p.latencies, tx, strict=True)]
+        cap = cm.prefill_capacity_dist(budgets, p.service, s2, target)
+    else:
+        cap = cm.prefill_capacity(p.latency, p.service, workload.ttft_slo, t, target, s2)
     return Route(cap, t, tuple(link_bytes))
 
 
@@ -128,6 +146,7 @@ def solve(cluster: Cluster, prefills: list[ReplicaLoad], decodes: list[ReplicaLo
     n_p, n_d = len(prefills), len(decodes)
     A = np.zeros((n_p + n_d + len(links), len(cols)))
     b = np.ones(A.shape[0])
+    b[n_p + n_d:] = calib.link_util_max  # links are FIFO servers: keep their queues short
     for c, (i, j) in enumerate(cols):
         r = routes[(prefills[i].id, decodes[j].id)]
         A[i, c] = 1.0 / r.cap

@@ -88,6 +88,8 @@ class GroupPerf:
     service: float = 0.0  # prefill: s per prompt at steady state
     tpot: float = 0.0  # decode: time per output token at full batch
     sequences: int = 0  # decode: concurrent sequences
+    service2: float = 0.0  # prefill: E[S^2] over the prompt lengths
+    latencies: tuple[float, ...] = ()  # prefill: latency at each of the workload's prompt points
 
 
 # --- the layer-partition dynamic program ---------------------------------------------------------------
@@ -189,10 +191,14 @@ def evaluate_layout(cluster: Cluster, model: ModelSpec, workload: Workload, layo
     hws = layout.hw(cluster)
     if phase == "prefill":
         p = cm.prefill_perf(model, hws, workload.prompt_mean, workload.prompt_q, workload.ttft_slo,
-                            workload.attainment, calib)
-        return GroupPerf(layout, phase, p.requests_per_s, p.tokens_per_s, latency=p.latency, service=p.service)
+                            cm.split_attainment(workload.attainment, calib.ttft_miss_share), calib,
+                            workload.prompt_points)
+        return GroupPerf(layout, phase, p.requests_per_s, p.tokens_per_s, latency=p.latency, service=p.service,
+                         service2=p.service2, latencies=p.latencies)
     if phase == "decode":
-        d = cm.decode_perf(model, hws, workload.prompt_mean, workload.output_mean, workload.tpot_slo, calib)
+        d = cm.decode_perf(model, hws, workload.prompt_mean, workload.output_mean, workload.tpot_slo, calib,
+                           workload.output_points,
+                           cm.split_attainment(workload.attainment, 1.0 - calib.ttft_miss_share))
         return GroupPerf(layout, phase, d.requests_per_s, d.tokens_per_s, tpot=d.tpot, sequences=d.sequences)
     raise ValueError(f"unknown phase {phase!r}")
 

@@ -7,6 +7,7 @@ phase) and the orchestration LP (orchestration.py). `score()` is the objective t
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Sequence
 
@@ -86,7 +87,7 @@ class Planner:
     # --- lower level: orchestration -----------------------------------------------------------------
     def _route(self, codec: str) -> Callable[[orch.ReplicaLoad, orch.ReplicaLoad], orch.Route]:
         def fn(p: orch.ReplicaLoad, d: orch.ReplicaLoad) -> orch.Route:
-            key = (p.layer_map, p.latency, p.service, d.layer_map, codec)
+            key = (p.layer_map, p.latency, p.service, p.service2, d.layer_map, codec)
             r = self._routes.get(key)
             if r is None:
                 r = orch.route_metrics(self.cluster, self.model, self.workload, p, d, codec, self.calib)
@@ -98,31 +99,69 @@ class Planner:
     def _loads(items: Sequence[tuple[str, GroupPerf]]) -> tuple[list[orch.ReplicaLoad], list[orch.ReplicaLoad]]:
         pre, dec = [], []
         for rid, perf in items:
-            load = orch.ReplicaLoad(rid, perf.capacity, perf.layout.layer_map(), perf.latency, perf.service)
+            load = orch.ReplicaLoad(rid, perf.capacity, perf.layout.layer_map(), perf.latency, perf.service,
+                                    perf.service2, perf.latencies)
             (pre if perf.phase == "prefill" else dec).append(load)
         return pre, dec
 
     def orchestrate(self, items: Sequence[tuple[str, GroupPerf]], codec: str) -> orch.Orchestration:
         pre, dec = self._loads(items)
+        return self._solve_lp(pre, dec, codec)
+
+    def _solve_lp(self, pre: list[orch.ReplicaLoad], dec: list[orch.ReplicaLoad], codec: str) -> orch.Orchestration:
         self.lp_solves += 1
         return orch.solve(self.cluster, pre, dec, self._route(codec), self.calib)
+
+    def _route_bound(self, pre: list[orch.ReplicaLoad], dec: list[orch.ReplicaLoad], codec: str) -> float:
+        """Upper bound on the LP's rate from the route capacities alone (no LP): each prefill replica
+        ships at most its best route's capacity (its time constraint), and only decode replicas some
+        route reaches count."""
+        fn = self._route(codec)
+        pre_cap, reached = 0.0, set()
+        for p in pre:
+            if p.capacity <= 0:
+                continue
+            best = 0.0
+            for j, d in enumerate(dec):
+                if d.capacity > 0:
+                    c = fn(p, d).cap
+                    if c > 0:
+                        reached.add(j)
+                        best = max(best, c)  # split over routes: sum x/cap <= 1
+            pre_cap += best
+        return min(pre_cap, sum(dec[j].capacity for j in reached))
 
     def choose_codec(self, items: Sequence[tuple[str, GroupPerf]]) -> tuple[str, orch.Orchestration]:
         """The KV codec and the LP result for these replicas.
 
         "auto": compression only shrinks transfer bytes, so int4 reaches the highest rate; take the
-        least lossy codec (none, then int8) whose rate is within `codec_tolerance` of it.
+        least lossy codec (none, then int8) whose rate is within `codec_tolerance` of it. A codec whose
+        route-capacity bound already falls short of that skips its LP (same answer, fewer solves).
         """
+        pre, dec = self._loads(items)
         if self.codec != "auto":
-            return self.codec, self.orchestrate(items, self.codec)
-        best = self.orchestrate(items, "int4")
+            return self.codec, self._solve_lp(pre, dec, self.codec)
+        best = self._solve_lp(pre, dec, "int4")
         if best.rate <= 0:
             return "int4", best
+        need = best.rate * (1 - self.codec_tolerance)
         for codec in ("none", "int8"):
-            res = self.orchestrate(items, codec)
-            if res.rate >= best.rate * (1 - self.codec_tolerance):
+            if self._route_bound(pre, dec, codec) < need * (1 - 1e-6):
+                continue
+            res = self._solve_lp(pre, dec, codec)
+            if res.rate >= need:
                 return codec, res
         return "int4", best
+
+    def route_bound(self, groups: Sequence[Sequence[str]], phases: Sequence[str]) -> float:
+        """Upper bound on score() tighter than bound(): route capacities (KV transfer time counted in
+        TTFT) at the most compressed codec allowed, no LP. The score itself when already known."""
+        key, parts = self._key(groups, phases)
+        if key in self._scores:
+            return self._scores[key]
+        items = [(f"g{i}", self._sig_perf(sig, ph)) for i, (sig, ph) in enumerate(parts)]
+        pre, dec = self._loads(items)  # type: ignore[arg-type]
+        return self._route_bound(pre, dec, "int4" if self.codec == "auto" else self.codec)
 
     # --- the objective -----------------------------------------------------------------------------
     def _key(self, groups: Sequence[Sequence[str]], phases: Sequence[str]) -> tuple[tuple, list]:
@@ -207,6 +246,7 @@ class Planner:
             workload=self.workload.summary(),
             unused_gpus=unused,
             meta={"cluster_price_per_hour": round(self.cluster.price_per_hour(), 4),
+                  "cluster_spec": self.cluster.to_dict(),
                   "kv_transfer_s": {f"{p}->{d}": round(r.transfer_s, 4) for (p, d), r in result.routes.items()
                                     if (p, d) in result.flows}},
         )
@@ -247,8 +287,7 @@ class Planner:
 
 
 def _with_layout(perf: GroupPerf, layout: Layout) -> GroupPerf:
-    return GroupPerf(layout, perf.phase, perf.capacity, perf.tokens_per_s, perf.latency, perf.service,
-                     perf.tpot, perf.sequences)
+    return dataclasses.replace(perf, layout=layout)
 
 
 def _layout_of(r: Replica) -> Layout:

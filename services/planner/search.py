@@ -207,14 +207,20 @@ def _attrs(planner: Planner, s: State) -> set[tuple[Signature, str]]:
     return {(planner.signature(g), p) for g, p in zip(s.groups, s.phases, strict=True)}
 
 
+def _canon(planner: Planner, s: State) -> tuple:
+    """A state up to the interchangeability of a node's GPUs (equal keys score alike and have the
+    same neighbourhood up to relabelling)."""
+    return tuple(sorted((planner.signature(g), p) for g, p in zip(s.groups, s.phases, strict=True)))
+
+
 # --- tabu search ---------------------------------------------------------------------------------------
 def default_options(n_gpus: int) -> dict[str, int]:
     return {
         "max_iters": 40 + 2 * n_gpus,
-        "patience": 12 if n_gpus > 32 else 20 if n_gpus > 16 else 30,
+        "patience": 30 if n_gpus <= 16 else 20,
         "tenure": 7,
-        "max_neighbours": 10_000 if n_gpus <= 16 else 120 if n_gpus <= 64 else 80,
-        "restarts": 3 if n_gpus <= 16 else 0,
+        "max_neighbours": 10_000 if n_gpus <= 16 else 200,
+        "restarts": 3 if n_gpus <= 16 else 1 if n_gpus <= 32 else 0,
     }
 
 
@@ -266,7 +272,17 @@ def _tabu(planner: Planner, start: State, o: dict[str, int], rng: random.Random,
         n_flip = len(cur.groups)  # always look at every phase flip, sample the other moves
         if len(ms) - n_flip > o["max_neighbours"] // 2:
             ms = ms[:n_flip] + rng.sample(ms[n_flip:], o["max_neighbours"] // 2)
-        cands = list(dict.fromkeys(s for m in ms for s in apply(cur, m, planner)))
+        # one candidate per state up to GPU interchangeability, never the current state itself: a
+        # null move (e.g. swapping two single-GPU groups of one phase) would otherwise win at every
+        # local optimum and pin the search there
+        cur_key = _canon(planner, cur)
+        seen = {cur_key}
+        cands = []
+        for c in dict.fromkeys(s for m in ms for s in apply(cur, m, planner)):
+            k = _canon(planner, c)
+            if k not in seen:
+                seen.add(k)
+                cands.append(c)
         cur_attrs = _attrs(planner, cur)
         ranked = sorted(((planner.bound(c.groups, c.phases), i) for i, c in enumerate(cands)), reverse=True)
         chosen, chosen_key = None, (-1.0, -1.0)
@@ -277,6 +293,9 @@ def _tabu(planner: Planner, start: State, o: dict[str, int], rng: random.Random,
             sec = _secondary(planner, c)
             if b <= chosen_key[0] * (1 + 1e-9) and sec <= chosen_key[1]:
                 continue  # can at best tie on score and loses the tie-break
+            rb = planner.route_bound(c.groups, c.phases)  # tighter, still no LP
+            if rb < chosen_key[0] * (1 - 1e-6) or (rb <= chosen_key[0] * (1 + 1e-9) and sec <= chosen_key[1]):
+                continue
             sc = planner.score(c.groups, c.phases)
             created = _attrs(planner, c) - cur_attrs
             is_tabu = any(tabu.get(a, 0) >= it for a in created)

@@ -13,6 +13,7 @@ from .tracegen import TRACE_DIR
 
 # Default SLOs per named shape (seconds). Reconstruction: the paper scales SLOs per experiment.
 DEFAULT_SLOS = {"code": (3.0, 0.10), "conversation": (1.5, 0.10)}
+PROMPT_POINTS = 32  # quantile points that stand for the prompt-length distribution in the cost model
 
 
 @dataclass
@@ -41,6 +42,10 @@ class Workload:
         p = np.asarray(self.prompt_lens, dtype=float)
         o = np.asarray(self.output_lens, dtype=float)
         self._stats = (float(p.mean()), float(o.mean()), float(np.quantile(p, self.attainment)))
+        k = min(PROMPT_POINTS, len(p))
+        self._points = tuple(float(x) for x in np.quantile(p, (np.arange(k) + 0.5) / k))
+        k = min(PROMPT_POINTS, len(o))
+        self._out_points = tuple(float(x) for x in np.quantile(o, (np.arange(k) + 0.5) / k))
 
     # --- statistics the cost model uses -------------------------------------------------------
     @property
@@ -55,6 +60,17 @@ class Workload:
     def prompt_q(self) -> float:
         """Prompt length at the attainment quantile: latency SLOs are checked at this length."""
         return self._stats[2]
+
+    @property
+    def prompt_points(self) -> tuple[float, ...]:
+        """Prompt lengths at evenly spread quantiles (equal weights): the cost model's sample of the
+        distribution for M/G/1 service-time moments and per-length TTFT."""
+        return self._points
+
+    @property
+    def output_points(self) -> tuple[float, ...]:
+        """Output lengths at evenly spread quantiles (equal weights), for decode slot waits."""
+        return self._out_points
 
     def with_rate(self, rate: float) -> Workload:
         return Workload(rate, self.prompt_lens, self.output_lens, self.ttft_slo, self.tpot_slo,
