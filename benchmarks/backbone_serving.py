@@ -143,7 +143,8 @@ def thunderserve_config(spec: str, bodies, warm, args) -> dict[str, Any]:
     finally:
         cluster.stop()
     return {"server": "thunderserve", "config": spec, "prefill": p, "decode": d, "dtype": dtype,
-            "threads_per_replica": threads, "kv_codec": codec or "default (int4)", "decode_nice": decode_nice, "startup_s": r(startup, 1),
+            "threads_per_replica": threads, "kv_codec": codec or "default (int4)", "decode_nice": decode_nice,
+            "startup_s": r(startup, 1),
             **res}
 
 
