@@ -220,7 +220,7 @@ def default_options(n_gpus: int) -> dict[str, int]:
         "patience": 30 if n_gpus <= 16 else 20,
         "tenure": 7,
         "max_neighbours": 10_000 if n_gpus <= 16 else 200,
-        "restarts": 3 if n_gpus <= 16 else 1 if n_gpus <= 32 else 0,
+        "restarts": 1 if n_gpus <= 32 else 0,
     }
 
 

@@ -76,3 +76,13 @@ def test_validate_catches_inconsistency(breaker):
     breaker(p)
     with pytest.raises(ValueError):
         p.validate()
+
+
+def test_validate_accepts_colocated_replicas_in_dispatch():
+    p = _plan()
+    p.replicas.append(Replica("c0", "colocated", ["n2:0"], [Stage(["n2:0"], 1, 0, 32, "n2", "A40")], capacity=1.0))
+    p.dispatch = {"r0": 0.5, "c0": 0.5}
+    p.validate()
+    p.dispatch = {"r0": 0.5, "nope": 0.5}
+    with pytest.raises(ValueError):
+        p.validate()

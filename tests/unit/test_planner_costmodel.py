@@ -85,12 +85,39 @@ def test_decode_step_is_memory_bound_by_hand():
     assert cm.decode_step_time(TINY, [half, tail], b, ctx, IDEAL) == pytest.approx(max(t1 + t2 + hop, 2 * max(t1, t2)))
 
 
-def test_prefill_capacity_formula():
-    # budget 1 s, service 0.5 s, 90%: rho = 2 / (ln(10) * 0.5 + 2)
-    rho = 2 / (math.log(10) * 0.5 + 2)
-    assert cm.prefill_capacity(1.0, 0.5, 2.0, 0.0, 0.9) == pytest.approx(rho / 0.5)
+def test_mg1_wait_hand_value():
+    # rate 2/s, E[S] = 0.3 s, E[S^2] = 0.15 s^2: rho = 0.6, E[W] = 2 * 0.15 / (2 * 0.4) = 0.375 s
+    assert cm.mg1_wait(2.0, 0.3, 0.15) == pytest.approx(0.375)
+    assert cm.mg1_wait(1.0, 0.3, 0.09) == pytest.approx(0.09 / 1.4)  # M/D/1: rho S / (2 (1 - rho))
+    assert cm.mg1_wait(4.0, 0.3, 0.15) == math.inf
+    # the tail: P(W > 0) = rho; conditional mean E[W] / rho
+    assert cm.wait_tail(0.0, 0.6, 0.3, 0.15) == pytest.approx(0.6)
+    assert cm.wait_tail(0.5, 0.6, 0.3, 0.15) == pytest.approx(0.6 * math.exp(-0.5 / (0.375 / 0.6)))
+    assert cm.wait_tail(-0.1, 0.6, 0.3, 0.15) == 1.0
+
+
+def test_split_attainment():
+    assert cm.split_attainment(0.9) == pytest.approx(0.95)
+    assert cm.split_attainment(0.9, 1.0) == pytest.approx(0.9)
+
+
+def test_prefill_capacity_mg1():
+    # budget 1 s, S = 0.5 s deterministic, 90%: the largest rho with rho exp(-B 2 S (1 - rho) / S^2) <= 0.1
+    cap = cm.prefill_capacity(1.0, 0.5, 2.0, 0.0, 0.9)
+    rho = cap * 0.5
+    assert rho * math.exp(-1.0 * 2 * 0.5 * (1 - rho) / 0.25) == pytest.approx(0.1, rel=1e-6)
     assert cm.prefill_capacity(1.0, 0.5, 2.0, 1.0, 0.9) == 0.0  # transfer eats the budget
-    assert cm.prefill_capacity(1.0, 0.5, 3.0, 0.0, 0.9) > cm.prefill_capacity(1.0, 0.5, 2.0, 0.0, 0.9)
+    assert cm.prefill_capacity(1.0, 0.5, 3.0, 0.0, 0.9) > cap
+    # variable prompt lengths (E[S^2] > E[S]^2) wait longer: less capacity
+    assert cm.prefill_capacity(1.0, 0.5, 2.0, 0.0, 0.9, service2=0.5) < cap
+
+
+def test_erlang_c_and_decode_capacity():
+    assert cm.erlang_c(1, 0.7) == pytest.approx(0.7)  # M/M/1: P(wait) = rho
+    assert cm.erlang_c(2, 1.0) == pytest.approx(1 / 3)  # hand value: A^2/2 / (1 - rho) over the sum
+    cap = cm.decode_capacity(8, 0.05, 100, 0.1, [100.0], 0.95)
+    assert 0 < cap < 8 / (100 * 0.05)  # below saturation: some waiting is allowed, not all
+    assert cm.decode_capacity(8, 0.05, 100, 0.1, [100.0], 0.99) < cap
 
 
 def _cluster(gpu: str, count: int) -> Cluster:

@@ -46,7 +46,7 @@ def test_lp_with_a_binding_link_matches_hand_solution():
               ("p2", "d1"): orch.Route(1.0, 0.0, ()), ("p2", "d2"): orch.Route(3.0, 0.0, (link,))}
     pre = [_load("p1", 2.0), _load("p2", 3.0)]
     dec = [_load("d1", 2.5), _load("d2", 3.5)]
-    res = orch.solve(CL, pre, dec, _fixed_routes(routes), cm.Calibration(net_eff=1.0))
+    res = orch.solve(CL, pre, dec, _fixed_routes(routes), cm.Calibration(net_eff=1.0, link_util_max=1.0))
     assert res.rate == pytest.approx(13 / 3)
     assert res.flows[("p2", "d2")] == pytest.approx(2.0)
     disp = res.dispatch(["p1", "p2"])
@@ -59,7 +59,7 @@ def test_route_metrics_kv_link_bound_by_hand():
     # one prefill replica on node a, one decode on node b, 8 Gbit/s between them (1 GB/s at net_eff 1)
     m = ModelSpec.from_name("llama-7b")
     w = Workload(rate=1.0, prompt_lens=[1000], output_lens=[100], ttft_slo=10.0, tpot_slo=0.1)
-    calib = cm.Calibration(net_eff=1.0, hop_latency=0.0)
+    calib = cm.Calibration(net_eff=1.0, hop_latency=0.0, link_util_max=1.0)
     p = orch.ReplicaLoad("p", 100.0, (("a", 0, 32),), latency=0.5, service=0.01)
     d = orch.ReplicaLoad("d", 100.0, (("b", 0, 32),))
     r = orch.route_metrics(CL, m, w, p, d, "none", calib)
@@ -104,3 +104,30 @@ def test_partition_dp_matches_brute_force(data):
     else:
         assert got is not None and sum(got) == n and all(1 <= g <= c for g, c in zip(got, caps, strict=True))
         assert max(f + g * t for g, t, f in zip(got, per, fixed, strict=True)) == pytest.approx(want)
+
+
+def test_lp_loads_links_at_most_link_util_max():
+    # the same single route as above; the default calibration keeps the FIFO link at <= 60% load
+    m = ModelSpec.from_name("llama-7b")
+    w = Workload(rate=1.0, prompt_lens=[1000], output_lens=[100], ttft_slo=10.0, tpot_slo=0.1)
+    calib = cm.Calibration(net_eff=1.0, hop_latency=0.0, link_util_max=0.6)
+    p = orch.ReplicaLoad("p", 100.0, (("a", 0, 32),), latency=0.5, service=0.01)
+    d = orch.ReplicaLoad("d", 100.0, (("b", 0, 32),))
+    res = orch.solve(CL, [p], [d], lambda a, b: orch.route_metrics(CL, m, w, a, b, "none", calib), calib)
+    assert res.rate == pytest.approx(0.6 * 1e9 / (1000 * m.kv_bytes_per_token))
+
+
+def test_route_ttft_pays_the_link_wait():
+    # per-prompt-point route: TTFT budget = SLO - latency - (transfer + M/G/1 link wait at 60% load)
+    m = ModelSpec.from_name("llama-7b")
+    w = Workload(rate=1.0, prompt_lens=[1000], output_lens=[100], ttft_slo=10.0, tpot_slo=0.1)
+    calib = cm.Calibration(net_eff=1.0, hop_latency=0.0, link_util_max=0.6)
+    p = orch.ReplicaLoad("p", 100.0, (("a", 0, 32),), latency=0.5, service=0.2, service2=0.04,
+                         latencies=(0.5,))
+    d = orch.ReplicaLoad("d", 100.0, (("b", 0, 32),))
+    r = orch.route_metrics(CL, m, w, p, d, "none", calib)
+    x = 1000 * m.kv_bytes_per_token / 1e9
+    wait = 0.6 * x / (2 * 0.4)  # deterministic transfer: E[W] = rho x / (2 (1 - rho))
+    budget = 10.0 - 0.5 - x - wait
+    target = cm.split_attainment(0.9, calib.ttft_miss_share)
+    assert r.cap == pytest.approx(cm.prefill_capacity_dist([budget], 0.2, 0.04, target))

@@ -114,3 +114,11 @@ def test_time_limit_is_respected():
     assert time.monotonic() - t < 8.0  # the limit plus one iteration and plan building (shared cores)
     assert plan.objective > 0
     plan.validate()
+
+
+def test_plan_carries_cluster_spec():
+    cl = Cluster.from_yaml(Path(__file__).resolve().parents[2] / "deploy" / "clusters" / "a40-3090ti-40g.yaml")
+    w = Workload.from_name("conversation", rate=1.0)
+    plan = Planner(cl, ModelSpec.from_name("llama-7b"), w).solve(time_limit_s=2)
+    assert plan.meta["cluster_spec"] == cl.to_dict()
+    assert Cluster.from_dict(plan.meta["cluster_spec"]).gpu_ids() == cl.gpu_ids()

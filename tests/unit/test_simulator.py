@@ -92,12 +92,13 @@ def test_md1_mean_wait(rho):
 
 @pytest.mark.parametrize("output", [64, 256])  # prefill-bound, decode-bound
 def test_goodput_matches_planner_capacity(output):
-    """With the planner's own assumptions (fixed lengths, Poisson), simulated goodput is within 10% of
-    the planner's predicted objective."""
+    """With the planner's own assumptions (fixed lengths, Poisson), simulated goodput is close to the
+    planner's predicted objective, and the prediction errs on the safe side: the planner splits the miss
+    budget between TTFT and TPOT (each planned at 95%), the simulator counts joint misses at 90%."""
     plan, w = _plan(output)
     sim = Simulator(plan, CLUSTER, MODEL, SLO(w.ttft_slo, w.tpot_slo, 0.9), config=ONE)
     g = find_goodput(sim, [1024], [output], n=1200, hint=plan.objective, rel_tol=0.02)
-    assert g.goodput == pytest.approx(plan.objective, rel=0.10)
+    assert 0.97 * plan.objective <= g.goodput <= 1.15 * plan.objective
     assert g.result is not None and g.result.attainment() >= 0.9
 
 
@@ -134,7 +135,7 @@ def test_codec_shortens_kv_transfer_over_a_slow_link():
     """Prefill on node a, decode on node b over 10 Gbit/s: int4 cuts TTFT by the saved transfer time."""
     out = {}
     for codec in ("none", "int4"):
-        plan, _ = _plan(8, cluster=TWO_NODES, groups=(["a:0"], ["b:0"]), codec=codec)
+        plan, _ = _plan(8, cluster=TWO_NODES, groups=(["a:0"], ["b:0"]), codec=codec, ttft=5.0)
         assert plan.kv_codec == codec
         sim = Simulator(plan, TWO_NODES, MODEL, SLO(5, 0.05), config=ONE)
         out[codec] = sim.run(trace_requests([0.0], [2048], [8])).requests[0].ttft
