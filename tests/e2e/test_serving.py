@@ -169,17 +169,18 @@ def test_client_disconnect_frees_its_batch_slot(smollm2_cluster):
     with httpx.Client(timeout=60) as http:
         with http.stream("POST", smollm2_cluster.http_url + "/v1/completions", json=body) as resp:
             assert resp.status_code == 200
-            lines = 0
-            for line in resp.iter_lines():
+            events = []
+            # Keep a reference to the iterator: a dropped one is closed, and with it the connection.
+            lines = resp.iter_lines()
+            while len(events) < 3:
+                line = next(lines)
                 if line.startswith("data: {"):
-                    json.loads(line[6:])
-                    lines += 1
-                if lines >= 3:
-                    break
-            deadline = time.monotonic() + 5
+                    events.append(json.loads(line[6:]))
+            assert len(events) == 3 and not any("error" in e for e in events), events
+            deadline = time.monotonic() + 10
             while _decode_running(smollm2_cluster) == 0 and time.monotonic() < deadline:
                 time.sleep(0.1)
-            assert _decode_running(smollm2_cluster) == 1
+            assert _decode_running(smollm2_cluster) == 1, smollm2_cluster.health()["replicas"]
     # the connection is closed: the decode replica must drop the sequence
     deadline = time.monotonic() + 10
     while _decode_running(smollm2_cluster) and time.monotonic() < deadline:
