@@ -31,7 +31,7 @@ import time
 from typing import Any
 
 import torch
-from backbone_common import DOCS, emit, host_info, median, progress, r
+from backbone_common import finish, host_info, median, progress, r
 
 METHODS = ["tcp", "channel", "channel_fresh_buffer"]
 MB = 1 << 20
@@ -185,11 +185,7 @@ def main() -> None:
     if args.quick:
         args.warmup, args.repeats = 1, 5
     result = run(args)
-    if not args.no_plot:
-        path = DOCS / "backbone_channel.png"
-        plot(result, path)
-        result["plot"] = str(path.relative_to(DOCS.parent))
-    emit(result)
+    finish(result, "backbone_channel", plot, args.no_plot)
 
 
 if __name__ == "__main__":

@@ -100,6 +100,15 @@ def host_info() -> dict[str, Any]:
     return info
 
 
+def finish(result: dict[str, Any], name: str, plot, no_plot: bool) -> None:
+    """Write docs/<name>.png with `plot(result, path)` unless asked not to, then print the JSON."""
+    if not no_plot:
+        path = DOCS / f"{name}.png"
+        plot(result, path)
+        result["plot"] = str(path.relative_to(DOCS.parent))
+    emit(result)
+
+
 def emit(result: dict[str, Any]) -> None:
     """Print the benchmark's one JSON object on stdout (progress goes to stderr)."""
     print(json.dumps(result, indent=2))

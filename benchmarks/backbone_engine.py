@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 import torch
-from backbone_common import DOCS, emit, host_info, median, progress, prompt_ids, r
+from backbone_common import finish, host_info, median, progress, prompt_ids, r
 
 from thunderserve.common.engine import Engine, PrefillResult
 
@@ -181,11 +181,7 @@ def main() -> None:
     if args.quick:
         args.dtypes, args.threads, args.steps, args.repeats = ["float32"], [1], 16, 1
     result = run(args)
-    if not args.no_plot:
-        path = DOCS / "backbone_engine.png"
-        plot(result, path)
-        result["plot"] = str(path.relative_to(DOCS.parent))
-    emit(result)
+    finish(result, "backbone_engine", plot, args.no_plot)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from typing import Any
 
 import httpx
 import psutil
-from backbone_common import DOCS, emit, host_info, percentile, progress, prompt_text, r
+from backbone_common import finish, host_info, percentile, progress, prompt_text, r
 
 MAX_TOKENS = 1  # set from --max-tokens
 
@@ -334,11 +334,7 @@ def main() -> None:
     if args.quick:
         args.requests, args.warmup, args.duration = 100, 10, 5.0
     result = run(args)
-    if not args.no_plot:
-        path = DOCS / "backbone_router.png"
-        plot(result, path)
-        result["plot"] = str(path.relative_to(DOCS.parent))
-    emit(result)
+    finish(result, "backbone_router", plot, args.no_plot)
 
 
 if __name__ == "__main__":

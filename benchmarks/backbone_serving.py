@@ -35,7 +35,7 @@ from typing import Any
 
 import httpx
 import psutil
-from backbone_common import DOCS, chat_prompt_for, emit, host_info, percentile, progress, r
+from backbone_common import chat_prompt_for, finish, host_info, percentile, progress, r
 
 DEFAULT_CONFIGS = ["1x1:float32:1", "1x1:bfloat16:1", "1x1:bfloat16:1:none", "2x1:bfloat16:1"]
 
@@ -291,11 +291,7 @@ def main() -> None:
     if args.quick:
         args.clients, args.output_tokens = 8, 16
     result = run(args)
-    if not args.no_plot:
-        path = DOCS / "backbone_serving.png"
-        plot(result, path)
-        result["plot"] = str(path.relative_to(DOCS.parent))
-    emit(result)
+    finish(result, "backbone_serving", plot, args.no_plot)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Tabu search vs exhaustive enumeration on random small clusters (target: within 1% on every one).
 
-    python benchmarks/planner_quality.py [--n 50] [--seed0 0]
+    python benchmarks/planner_quality.py [--n 50] [--seed0 0] [--gpus 4 8]
 
-Instance i: `random_cluster(seed0 + i)` (4-8 GPUs, 1-3 nodes of random types, random links), model
+Instance i: `random_cluster(seed0 + i)` (4-8 GPUs by default, 1-3 nodes of random types, random links), model
 llama-7b / llama-13b and workload code / conversation alternating. Exhaustive search enumerates every
 grouping and phase designation up to the interchangeability of a node's GPUs. Prints JSON.
 """
@@ -23,12 +23,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=50)
     ap.add_argument("--seed0", type=int, default=0)
+    ap.add_argument("--gpus", type=int, nargs=2, default=[4, 8], metavar=("MIN", "MAX"),
+                    help="GPUs per random cluster (exhaustive search slows down fast beyond ~12)")
     args = ap.parse_args()
     rows = []
     t_tabu = t_exh = 0.0
     for i in range(args.n):
         seed = args.seed0 + i
-        cluster = random_cluster(seed)
+        cluster = random_cluster(seed, *args.gpus)
         model = ModelSpec.from_name(["llama-7b", "llama-13b"][seed % 2])
         wl = Workload.from_name(["code", "conversation"][(seed // 2) % 2], rate=2.0)
         t = time.perf_counter()
@@ -46,7 +48,8 @@ def main() -> None:
                      "exhaustive_s": round(t2, 3)})
     ratios = [r["ratio"] for r in rows]
     print(json.dumps({
-        "benchmark": "planner_quality", "instances": len(rows), "load_avg_1m": round(os.getloadavg()[0], 2),
+        "benchmark": "planner_quality", "instances": len(rows), "gpus": args.gpus,
+        "load_avg_1m": round(os.getloadavg()[0], 2),
         "within_1pct": sum(r >= 0.99 for r in ratios), "exact": sum(r >= 1 - 1e-9 for r in ratios),
         "min_ratio": min(ratios), "mean_ratio": round(sum(ratios) / len(ratios), 5),
         "tabu_total_s": round(t_tabu, 1), "exhaustive_total_s": round(t_exh, 1),

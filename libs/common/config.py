@@ -8,12 +8,21 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Any
 
 ENV_PREFIX = "THUNDERSERVE_"
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 DEFAULT_SUBJECT_PREFIX = "ts"
 DEFAULT_MODEL = "smollm2"
+
+
+class CliParser(argparse.ArgumentParser):
+    """argparse with a one-line error (and exit code 2) instead of the usage dump."""
+
+    def error(self, message: str) -> None:
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def env(name: str, default: Any = None, cast: type = str) -> Any:

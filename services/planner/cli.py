@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from thunderserve.common.config import CliParser
 from thunderserve.common.plan import Plan
 
 from .cluster import Cluster
@@ -20,14 +21,10 @@ from .workload import DEFAULT_SLOS, Workload
 PROG = "thunderserve plan"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
-        print(f"{PROG}: error: {message} (see --help)", file=sys.stderr)
-        raise SystemExit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(
+    ap = CliParser(
         prog=PROG,
         description="Plan a heterogeneous GPU cluster for disaggregated LLM serving: group GPUs into "
                     "replicas, give each a phase (prefill/decode) and a parallel layout, and route "

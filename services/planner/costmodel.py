@@ -144,6 +144,21 @@ def prefill_service_time(model: ModelSpec, stages: list[StageHW], tokens: float,
     return worst
 
 
+def _prefill_latency_service(model: ModelSpec, stages: list[StageHW], tokens: float,
+                             calib: Calibration = DEFAULT_CALIBRATION) -> tuple[float, float]:
+    """(prefill_latency, prefill_service_time) in one pass over the stages (same arithmetic)."""
+    t = worst = 0.0
+    for st in stages:
+        x = prefill_stage_time(model, st, tokens, calib)
+        t += x
+        worst = max(worst, x)
+        if not st.last:
+            h = handoff_time(model, tokens, st.next_gbps, calib)
+            t += h
+            worst = max(worst, h)
+    return t, worst
+
+
 def prefill_fits(model: ModelSpec, stages: list[StageHW], tokens: float,
                  calib: Calibration = DEFAULT_CALIBRATION) -> bool:
     """Weights + activations + the KV of a few prompts (being computed / sent) fit every GPU."""
@@ -193,7 +208,10 @@ def wait_tail(t: float, rho: float, s1: float, s2: float) -> float:
 def prefill_miss(rho: float, budgets: tuple[float, ...] | list[float], s1: float, s2: float) -> float:
     """Fraction of requests whose TTFT misses the SLO at utilisation rho: `budgets` holds, for prompts
     spread evenly over the length distribution (equal weights), SLO - (latency + transfer) of each."""
-    return sum(wait_tail(b, rho, s1, s2) for b in budgets) / len(budgets)
+    if rho <= 0 or rho >= 1:
+        return sum(wait_tail(b, rho, s1, s2) for b in budgets) / len(budgets)
+    cond_mean = s2 / (2.0 * s1 * (1.0 - rho))  # wait_tail inlined: this runs inside bisections
+    return sum(1.0 if b < 0 else rho * math.exp(-b / cond_mean) for b in budgets) / len(budgets)
 
 
 def prefill_capacity_dist(budgets: tuple[float, ...] | list[float], s1: float, s2: float,
@@ -375,8 +393,9 @@ def prefill_perf(model: ModelSpec, stages: list[StageHW], prompt_mean: float, pr
         return zero
     lat = prefill_latency(model, stages, prompt_q, calib)
     if prompt_points:
-        svcs = [prefill_service_time(model, stages, x, calib) for x in prompt_points]
-        lats = tuple(prefill_latency(model, stages, x, calib) for x in prompt_points)
+        both = [_prefill_latency_service(model, stages, x, calib) for x in prompt_points]
+        svcs = [sv for _, sv in both]
+        lats = tuple(la for la, _ in both)
         s1 = sum(svcs) / len(svcs)
         s2 = sum(v * v for v in svcs) / len(svcs)
         cap = prefill_capacity_dist([ttft_slo - x for x in lats], s1, s2, attainment)

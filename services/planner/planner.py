@@ -153,15 +153,18 @@ class Planner:
                 return codec, res
         return "int4", best
 
+    def items_bound(self, items: Sequence[tuple[str, GroupPerf]]) -> float:
+        """Upper bound on choose_codec(items)'s rate from route capacities alone (no LP)."""
+        pre, dec = self._loads(items)
+        return self._route_bound(pre, dec, "int4" if self.codec == "auto" else self.codec)
+
     def route_bound(self, groups: Sequence[Sequence[str]], phases: Sequence[str]) -> float:
         """Upper bound on score() tighter than bound(): route capacities (KV transfer time counted in
         TTFT) at the most compressed codec allowed, no LP. The score itself when already known."""
         key, parts = self._key(groups, phases)
         if key in self._scores:
             return self._scores[key]
-        items = [(f"g{i}", self._sig_perf(sig, ph)) for i, (sig, ph) in enumerate(parts)]
-        pre, dec = self._loads(items)  # type: ignore[arg-type]
-        return self._route_bound(pre, dec, "int4" if self.codec == "auto" else self.codec)
+        return self.items_bound([(f"g{i}", self._sig_perf(sig, ph)) for i, (sig, ph) in enumerate(parts)])  # type: ignore[misc]
 
     # --- the objective -----------------------------------------------------------------------------
     def _key(self, groups: Sequence[Sequence[str]], phases: Sequence[str]) -> tuple[tuple, list]:
@@ -211,15 +214,17 @@ class Planner:
 
     # --- plans -------------------------------------------------------------------------------------
     def build_plan(self, groups: Sequence[Sequence[str]], phases: Sequence[str], epoch: int = 1,
-                   ids: Sequence[str] | None = None, perfs: Sequence[GroupPerf | None] | None = None) -> Plan:
-        """Turn a grouping + phases (or fixed per-group perfs) into a Plan, choosing the KV codec."""
+                   ids: Sequence[str] | None = None, perfs: Sequence[GroupPerf | None] | None = None,
+                   solved: tuple[str, orch.Orchestration] | None = None) -> Plan:
+        """Turn a grouping + phases (or fixed per-group perfs) into a Plan, choosing the KV codec.
+        `solved`: choose_codec's answer for exactly these serving replicas, if the caller has it."""
         if perfs is None:
             perfs = [self.group_perf(list(g), ph) for g, ph in zip(groups, phases, strict=True)]
         if ids is None:  # number the replicas that serve, in order
             n = iter(range(len(perfs)))
             ids = [f"r{next(n)}" if p is not None and p.capacity > 0 else "" for p in perfs]
         items = [(rid, p) for rid, p in zip(ids, perfs, strict=True) if p is not None and p.capacity > 0]
-        best_codec, result = self.choose_codec(items)
+        best_codec, result = solved if solved is not None else self.choose_codec(items)
         replicas: list[Replica] = []
         used: set[str] = set()
         for rid, perf in items:
@@ -276,10 +281,14 @@ class Planner:
                 for r, lay in zip(keep, layouts, strict=True) for ph in PHASES}
         from .search import phase_search
 
-        phases = phase_search(self, [r.id for r in keep], perf, [r.phase for r in keep])
+        memo: dict[tuple[str, ...], tuple[str, orch.Orchestration]] = {}
+        phases = phase_search(self, [r.id for r in keep], perf, [r.phase for r in keep], memo=memo)
+        # the final designation's LP is in the memo: phase_search's items are build_plan's (same
+        # replicas, same order, capacity > 0)
         new = self.build_plan([list(r.gpus) for r in keep], phases, epoch=plan.epoch + 1,
                               ids=[r.id for r in keep], perfs=[perf[(r.id, ph)] for r, ph in
-                                                               zip(keep, phases, strict=True)])
+                                                               zip(keep, phases, strict=True)],
+                              solved=memo.get(tuple(phases)))
         # replicas that serve neither phase stay out of the plan but keep their (unchanged) layout
         new.meta["rescheduled_from"] = plan.epoch
         new.meta["failed"] = sorted(failed)

@@ -1,13 +1,17 @@
 """Upper level: tabu search over GPU grouping and phase designation (plus the exhaustive reference
 and the phase-only search used by re-scheduling).
 
-A state is a list of GPU groups and one phase per group. Moves: flip a group's phase, move a GPU
-between groups, swap GPUs of different nodes, merge two groups, split one (by node or in half).
-GPUs of one node are interchangeable, so moves pick a node rather than a GPU id. The tabu list holds
-recently destroyed (group composition, phase) pairs; a move that recreates one is tabu unless it
-beats the best score so far (aspiration). The search stops at an iteration cap, after `patience`
-iterations without improvement, or at the time limit. Candidates are scored best-bound-first and
-the scan stops once no remaining upper bound can beat the best candidate seen.
+A state is a list of GPU groups and one phase per group. Moves: flip a group's phase, swap the
+phases of a prefill and a decode group, move a GPU between groups, swap GPUs of different nodes,
+merge two groups, split one (by node or in half). GPUs of one node are interchangeable, so moves
+pick a node rather than a GPU id, and candidates are deduplicated up to that interchangeability,
+never including the current state (a null move would pin the search at a local optimum). The tabu
+list holds recently destroyed (group composition, phase) pairs; a move that recreates one is tabu
+unless it beats the best score so far (aspiration). The search stops at an iteration cap, after
+`patience` iterations without improvement, or at the time limit. Candidates are scored
+best-bound-first and the scan stops once no remaining upper bound can beat the best candidate seen;
+a candidate that passes the capacity bound must also pass the route-capacity bound (KV transfer time
+counted, still no LP) before its LP is solved.
 """
 
 from __future__ import annotations
@@ -145,6 +149,9 @@ def moves(state: State) -> list[Move]:
 
     for i in range(k):  # flip
         replace([i], [G[i]], [OTHER[P[i]]])
+    for i, j in itertools.combinations(range(k), 2):  # swap the phases of a prefill and a decode group
+        if P[i] != P[j]:
+            replace([i, j], [G[i], G[j]], [P[j], P[i]])
     for i, j in itertools.combinations(range(k), 2):  # merge
         for ph in dict.fromkeys((P[i], P[j])):  # ordered: the search must be deterministic
             replace([i, j], [G[i] + G[j]], [ph])
@@ -251,6 +258,20 @@ def tabu_search(planner: Planner, time_limit_s: float | None = None, progress: P
     return best
 
 
+def candidates(planner: Planner, state: State, ms: Sequence[Move]) -> list[State]:
+    """The states the moves lead to, one per state up to GPU interchangeability, never the current
+    state itself: a null move (e.g. swapping two single-GPU groups of one phase) would otherwise win
+    at every local optimum (same score, nothing tabu) and pin the search there."""
+    seen = {_canon(planner, state)}
+    out = []
+    for c in dict.fromkeys(s for m in ms for s in apply(state, m, planner)):
+        k = _canon(planner, c)
+        if k not in seen:
+            seen.add(k)
+            out.append(c)
+    return out
+
+
 def _secondary(planner: Planner, s: State) -> float:
     """Tie-break on plateaus: more total capacity leaves room for a later flip to pay off."""
     return sum(planner.capacity(g, p) for g, p in zip(s.groups, s.phases, strict=True))
@@ -272,17 +293,7 @@ def _tabu(planner: Planner, start: State, o: dict[str, int], rng: random.Random,
         n_flip = len(cur.groups)  # always look at every phase flip, sample the other moves
         if len(ms) - n_flip > o["max_neighbours"] // 2:
             ms = ms[:n_flip] + rng.sample(ms[n_flip:], o["max_neighbours"] // 2)
-        # one candidate per state up to GPU interchangeability, never the current state itself: a
-        # null move (e.g. swapping two single-GPU groups of one phase) would otherwise win at every
-        # local optimum and pin the search there
-        cur_key = _canon(planner, cur)
-        seen = {cur_key}
-        cands = []
-        for c in dict.fromkeys(s for m in ms for s in apply(cur, m, planner)):
-            k = _canon(planner, c)
-            if k not in seen:
-                seen.add(k)
-                cands.append(c)
+        cands = candidates(planner, cur, ms)
         cur_attrs = _attrs(planner, cur)
         ranked = sorted(((planner.bound(c.groups, c.phases), i) for i, c in enumerate(cands)), reverse=True)
         chosen, chosen_key = None, (-1.0, -1.0)
@@ -322,16 +333,24 @@ def _tabu(planner: Planner, start: State, o: dict[str, int], rng: random.Random,
 
 # --- phase-only search (lightweight re-scheduling) -----------------------------------------------------
 def phase_search(planner: Planner, ids: list[str], perf: dict[tuple[str, str], GroupPerf],
-                 start: list[str], max_rounds: int = 50) -> list[str]:
+                 start: list[str], max_rounds: int = 50, memo: dict | None = None) -> list[str]:
     """Best-improvement phase flips from the current designation (layouts fixed), bound-pruned.
-    A flip must gain more than a hair: needless flips cost a drain on the replica."""
-    cache: dict[tuple[str, ...], float] = {}
+    A flip must gain more than a hair: needless flips cost a drain on the replica.
+
+    Each round ranks the flips by min(prefill, decode) capacity and stops at the first that cannot
+    beat the best so far; before its LP, a flip must also pass the route-capacity bound (KV transfer
+    time counted). Both bounds only skip flips that could not win, so the result is the same as
+    scoring every flip. `memo` (phases -> (codec, Orchestration)) receives every solved designation,
+    so the caller can reuse the final one's LP."""
+    solved: dict[tuple[str, ...], tuple] = {} if memo is None else memo
+
+    def items(ph: tuple[str, ...]) -> list[tuple[str, GroupPerf]]:
+        return [(r, perf[(r, p)]) for r, p in zip(ids, ph, strict=True) if perf[(r, p)].capacity > 0]
 
     def score(ph: tuple[str, ...]) -> float:
-        if ph not in cache:
-            items = [(r, perf[(r, p)]) for r, p in zip(ids, ph, strict=True) if perf[(r, p)].capacity > 0]
-            cache[ph] = planner.choose_codec(items)[1].rate
-        return cache[ph]
+        if ph not in solved:
+            solved[ph] = planner.choose_codec(items(ph))
+        return solved[ph][1].rate
 
     def bound(ph: tuple[str, ...]) -> float:
         pre = sum(perf[(r, p)].capacity for r, p in zip(ids, ph, strict=True) if p == "prefill")
@@ -346,6 +365,8 @@ def phase_search(planner: Planner, ids: list[str], perf: dict[tuple[str, str], G
         for b, c in sorted(((bound(c), c) for c in cands), reverse=True):
             if b <= best_score:
                 break
+            if c not in solved and planner.items_bound(items(c)) * (1 + 1e-7) <= best_score:
+                continue  # its LP could not beat best_score
             sc = score(c)
             if sc > best_score:
                 best, best_score = c, sc

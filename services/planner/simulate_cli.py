@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from thunderserve.common.config import CliParser
 from thunderserve.common.plan import Plan
 
 from .cluster import Cluster
@@ -22,14 +23,10 @@ PROG = "thunderserve simulate"
 REPO_CLUSTERS = Path(__file__).resolve().parents[2] / "deploy" / "clusters"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2
-        print(f"{PROG}: error: {message} (see --help)", file=sys.stderr)
-        raise SystemExit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(
+    ap = CliParser(
         prog=PROG,
         description="Simulate a plan (from `thunderserve plan --json OUT`, or a baseline) under Poisson or "
                     "trace-timed arrivals: prefill batching and queueing, KV transfer over each link with the "
