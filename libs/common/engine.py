@@ -22,6 +22,25 @@ log = logging.getLogger(__name__)
 
 KVLayers = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: [1, kv_heads, seq, head_dim] each
 
+FP32_ATTENTION = "sdpa_fp32"
+
+
+def _sdpa_fp32(module, query, key, value, attention_mask, **kwargs):
+    """Attention in float32 for a reduced-precision model: on CPUs, torch's bf16 attention kernel is
+    ~2.5x slower than its fp32 one while bf16 matmuls are ~3x faster, so a bf16 model runs its
+    matmuls in bf16 and its attention in fp32 (the decode cache is kept in fp32 for this)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
+                                          **kwargs)
+    return out.to(query.dtype), weights
+
+
+def _register_fp32_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(FP32_ATTENTION, _sdpa_fp32)
+
 
 @dataclass
 class PrefillResult:
@@ -34,9 +53,15 @@ class Engine:
 
     def __init__(self, model: str = "smollm2", dtype: str = "float32", threads: int = 0):
         self.info = resolve_model(model)
-        self.model, self.tokenizer = load_model(model, dtype=dtype)
+        attention = None
+        if dtype != "float32":
+            _register_fp32_attention()
+            attention = FP32_ATTENTION
+        self.model, self.tokenizer = load_model(model, dtype=dtype, attn_implementation=attention)
         self.config = self.model.config
         self.dtype = getattr(torch, dtype)
+        # The decode batch's KV: fp32 when attention runs in fp32 (no per-step cast of the cache).
+        self.kv_dtype = torch.float32 if attention == FP32_ATTENTION else self.dtype
         self.max_context = int(getattr(self.config, "max_position_embeddings", 2048))
         eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
         eos = eos if eos is not None else self.config.eos_token_id
@@ -108,7 +133,7 @@ class DecodeBatch:
         if any(s.seq_id == seq_id for s in self.slots):
             raise ValueError(f"sequence {seq_id} is already in the batch")
         length = kv[0][0].shape[2]
-        dtype = self.engine.dtype
+        dtype = self.engine.kv_dtype
         if not self.slots:
             self.keys = [k.to(dtype) for k, _ in kv]
             self.values = [v.to(dtype) for _, v in kv]

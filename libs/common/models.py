@@ -194,12 +194,13 @@ def load_tokenizer(model: str):
     return AutoTokenizer.from_pretrained(resolve_model(model).path)
 
 
-def load_model(model: str, dtype: str = "float32"):
+def load_model(model: str, dtype: str = "float32", attn_implementation: str | None = None):
     """Load (model, tokenizer) for inference: eval mode, no grad needed by callers."""
     import torch
     from transformers import AutoModelForCausalLM
 
     info = resolve_model(model)
     torch_dtype = getattr(torch, dtype)
-    hf_model = AutoModelForCausalLM.from_pretrained(info.path, dtype=torch_dtype).eval()
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    hf_model = AutoModelForCausalLM.from_pretrained(info.path, dtype=torch_dtype, **extra).eval()
     return hf_model, load_tokenizer(str(info.path))

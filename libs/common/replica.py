@@ -259,7 +259,7 @@ def main(phase: str, argv: list[str] | None = None) -> int:
         os.nice(args.nice)
     # Tokens cross threads here (event loop <-> model/step/channel threads); a thread waiting for
     # the GIL otherwise waits up to 5 ms for a busy one to yield it.
-    sys.setswitchinterval(0.0005)
+    sys.setswitchinterval(float(os.environ.get("THUNDERSERVE_SWITCH_INTERVAL", "0.0005")))
     try:
         aio.run(ReplicaHost(args, phase).run())
     except KeyboardInterrupt:

@@ -95,3 +95,16 @@ def test_mock_engine_is_deterministic_and_never_eos():
     tokens = [int(batch.step()["x"].argmax()) for _ in range(20)]
     assert not set(tokens) & engine.eos_token_ids
     assert tokens[:9] != tokens[1:10]  # it cycles through several words
+
+
+def test_bf16_engine_runs_attention_in_fp32():
+    engine = Engine("tiny-random", dtype="bfloat16", threads=1)
+    assert engine.model.config._attn_implementation == "sdpa_fp32" and engine.kv_dtype == torch.float32
+    result = engine.prefill([5, 6, 7])
+    assert result.kv[0][0].dtype == torch.bfloat16  # what prefill sends: the model's dtype
+    batch = engine.new_batch()
+    batch.add("a", result.kv, int(result.logits.argmax()))
+    batch.add("b", engine.prefill([9, 10]).kv, 3)
+    assert batch.keys[0].dtype == torch.float32
+    logits = batch.step()
+    assert set(logits) == {"a", "b"} and all(torch.isfinite(v).all() for v in logits.values())
