@@ -9,6 +9,7 @@ TTFT SLO (then latency); decode groups by their throughput under the TPOT SLO.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass
@@ -214,11 +215,14 @@ def _better(a: GroupPerf, b: GroupPerf | None) -> bool:
 
 
 def best_layout(cluster: Cluster, model: ModelSpec, workload: Workload, gpus: list[str] | tuple[str, ...],
-                phase: str, calib: cm.Calibration = cm.DEFAULT_CALIBRATION, max_pp: int = 4) -> GroupPerf | None:
+                phase: str, calib: cm.Calibration = cm.DEFAULT_CALIBRATION, max_pp: int = 4,
+                cache: dict | None = None) -> GroupPerf | None:
     """The best parallel configuration of a GPU group for a phase; None if it cannot serve it.
 
     Pipelines are at most `max_pp` stages deep: deeper ones multiply per-stage overheads, bubbles with
     uneven prompts and the blast radius of one failed GPU, which the roofline model does not see.
+    `cache` (a dict the caller keeps for one model, workload and calibration) memoises the layer fit
+    per stage hardware sequence: groups of other GPUs with the same stage hardware share it.
     """
     by_node: dict[str, list[str]] = {}
     for g in sorted(gpus, key=_gpu_sort_key):
@@ -242,7 +246,7 @@ def best_layout(cluster: Cluster, model: ModelSpec, workload: Workload, gpus: li
                 skeleton += [(n, tuple(ids[i:i + t]), t) for i in range(0, len(ids), t)]
             if len(skeleton) > model.layers:
                 continue
-            perf = _fit_layers(cluster, model, workload, skeleton, phase, calib)
+            perf = _fit_layers(cluster, model, workload, skeleton, phase, calib, cache)
             if perf is not None and _better(perf, best):
                 best = perf
     return best
@@ -250,10 +254,27 @@ def best_layout(cluster: Cluster, model: ModelSpec, workload: Workload, gpus: li
 
 def _fit_layers(cluster: Cluster, model: ModelSpec, workload: Workload,
                 skeleton: list[tuple[str, tuple[str, ...], int]], phase: str,
-                calib: cm.Calibration) -> GroupPerf | None:
-    k = len(skeleton)
+                calib: cm.Calibration, cache: dict | None = None) -> GroupPerf | None:
     proto = Layout(tuple(StageSpec(n, ids, t, 0, 1) for n, ids, t in skeleton))
     hws = proto.hw(cluster)
+    if cache is None:
+        return _fit_layers_hw(cluster, model, workload, skeleton, hws, phase, calib)
+    # everything below depends on the stages' hardware only, not on which GPUs they are
+    key = (phase, tuple(hws))
+    if key not in cache:
+        cache[key] = _fit_layers_hw(cluster, model, workload, skeleton, hws, phase, calib)
+    perf = cache[key]
+    if perf is None:
+        return None
+    stages = tuple(StageSpec(n, ids, t, s.layer_start, s.layer_end)
+                   for (n, ids, t), s in zip(skeleton, perf.layout.stages, strict=True))
+    return dataclasses.replace(perf, layout=Layout(stages))
+
+
+def _fit_layers_hw(cluster: Cluster, model: ModelSpec, workload: Workload,
+                   skeleton: list[tuple[str, tuple[str, ...], int]], hws: list[cm.StageHW], phase: str,
+                   calib: cm.Calibration) -> GroupPerf | None:
+    k = len(skeleton)
     caps = _layer_caps(model, hws, workload, phase, calib)
     best: GroupPerf | None = None
     micro = 8.0

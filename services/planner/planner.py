@@ -41,6 +41,7 @@ class Planner:
         self.search_opts = search_opts
         self._node_rank = {n.name: i for i, n in enumerate(cluster.nodes)}
         self._groups: dict[tuple[Signature, str], GroupPerf | None] = {}
+        self._fits: dict = {}  # layer fits per stage-hardware sequence (parallel.best_layout's cache)
         self._routes: dict[tuple, orch.Route] = {}
         self._scores: dict[tuple, float] = {}
         self._sigs: dict[tuple[str, ...], Signature] = {}
@@ -66,7 +67,8 @@ class Planner:
         key = (sig, phase)
         if key not in self._groups:
             ids = [f"{n}:{i}" for n, c in sig for i in range(c)]
-            perf = best_layout(self.cluster, self.model, self.workload, ids, phase, self.calib, self.max_pp)
+            perf = best_layout(self.cluster, self.model, self.workload, ids, phase, self.calib, self.max_pp,
+                               cache=self._fits)
             self._groups[key] = perf if perf is not None and perf.capacity > 0 else None
         return self._groups[key]
 
