@@ -178,9 +178,6 @@ class DecodeBatch:
                 return
         raise KeyError(seq_id)
 
-    def length(self, seq_id: str) -> int:
-        return next(s.length for s in self.slots if s.seq_id == seq_id)
-
     def _pad_left(self, pad: int) -> None:
         if pad <= 0:
             return

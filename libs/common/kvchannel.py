@@ -43,10 +43,6 @@ class ChannelError(RuntimeError):
     """A transfer failed: the peer died, the pair broke, or a wait timed out."""
 
 
-def _backend_for(device: torch.device) -> str:
-    return "nccl" if device.type == "cuda" else "gloo"
-
-
 def _make_group(store: dist.Store, pair_id: str, rank: int, host: str, timeout_s: float, backend: str):
     prefix = dist.PrefixStore(f"kvpair/{pair_id}", store)
     timeout = timedelta(seconds=timeout_s)
@@ -135,15 +131,11 @@ def detach_from(buf: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Te
     return [t.clone() if t.untyped_storage().data_ptr() == base else t for t in tensors]
 
 
-def _local_host() -> str:
-    return "127.0.0.1"
-
-
 class ChannelHost:
     """Decode side: hosts the rendezvous store and accepts pairs from prefill replicas."""
 
     def __init__(self, host: str | None = None, port: int = 0, timeout_s: float = DEFAULT_TIMEOUT_S):
-        self.host = host or _local_host()
+        self.host = host or "127.0.0.1"
         self.timeout_s = timeout_s
         self.store = dist.TCPStore(
             self.host, port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout_s)
@@ -168,10 +160,6 @@ class ChannelHost:
     def get(self, pair_id: str) -> ChannelPair | None:
         with self._lock:
             return self.pairs.get(pair_id)
-
-    def drop(self, pair_id: str) -> None:
-        with self._lock:
-            self.pairs.pop(pair_id, None)
 
 
 class ChannelClient:
@@ -217,6 +205,3 @@ def _route_to(peer_host: str) -> str:
         s.connect((peer_host, 9))
         return s.getsockname()[0]
 
-
-def backend_for_tensor(t: torch.Tensor) -> str:
-    return _backend_for(t.device)

@@ -188,7 +188,8 @@ class DecodeRole:
             except queue.Empty:
                 return
             request_id = seq.handoff.request_id
-            if self._aborted.pop(request_id, 1) is None:
+            if request_id in self._aborted:
+                del self._aborted[request_id]
                 continue
             if seq.handoff.first_chunk_sent:
                 # Prefill streamed it; track it so text deltas and stops continue from there.

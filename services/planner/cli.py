@@ -135,12 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.time_limit is not None and args.time_limit <= 0:
             raise ValueError("--time-limit must be > 0")
         planner = Planner(cluster, model, workload, codec=args.codec, seed=args.seed, max_pp=args.max_pp)
-    except FileNotFoundError as exc:
-        return _fail(f"file not found: {exc.filename}")
-    except yaml.YAMLError as exc:
-        return _fail(f"cannot parse {args.cluster}: {str(exc).splitlines()[0]}")
-    except (ValueError, KeyError, TypeError, OSError) as exc:
-        return _fail(str(exc.args[0]) if exc.args else repr(exc))
+    except INPUT_ERRORS as exc:
+        return fail(PROG, input_error(exc, args.cluster))
 
     tty = sys.stderr.isatty()
     last = [0.0]
@@ -170,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 Path(args.json).write_text(plan.to_json(indent=2) + "\n")
             except OSError as exc:
-                return _fail(f"cannot write {args.json}: {exc.strerror}")
+                return fail(PROG, f"cannot write {args.json}: {exc.strerror}")
             print(f"plan written to {args.json}")
     if plan.objective <= 0:
         print(f"{PROG}: warning: no feasible plan (the model does not fit or the SLOs cannot be met)",
@@ -178,6 +174,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _fail(msg: str) -> int:
-    print(f"{PROG}: error: {msg}", file=sys.stderr)
+INPUT_ERRORS = (FileNotFoundError, yaml.YAMLError, ValueError, KeyError, TypeError, OSError)
+
+
+def input_error(exc: BaseException, cluster_path: str | None) -> str:
+    """One line saying what is wrong with the user's input (shared by the planner's commands)."""
+    if isinstance(exc, FileNotFoundError):
+        return f"file not found: {exc.filename}"
+    if isinstance(exc, yaml.YAMLError):
+        return f"cannot parse {cluster_path}: {str(exc).splitlines()[0]}"
+    return str(exc.args[0]) if exc.args else repr(exc)
+
+
+def fail(prog: str, msg: str) -> int:
+    print(f"{prog}: error: {msg}", file=sys.stderr)
     return 2

@@ -9,11 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 from thunderserve.common.config import CliParser
 from thunderserve.common.plan import Plan
 
+from .cli import INPUT_ERRORS, fail, input_error
 from .cluster import Cluster
 from .model import ModelSpec
 from .simulator import SLO, SimConfig, Simulator, find_goodput, poisson_requests, trace_requests
@@ -115,12 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("no request arrives within --duration")
         slo = _slo(args, plan, shape)
         sim = Simulator(plan, cluster, model, slo, config=SimConfig(prefill_batch_tokens=args.prefill_batch_tokens))
-    except FileNotFoundError as exc:
-        return _fail(f"file not found: {exc.filename}")
-    except yaml.YAMLError as exc:
-        return _fail(f"cannot parse {args.cluster}: {str(exc).splitlines()[0]}")
-    except (ValueError, KeyError, TypeError, OSError) as exc:
-        return _fail(str(exc.args[0]) if exc.args else repr(exc))
+    except INPUT_ERRORS as exc:
+        return fail(PROG, input_error(exc, args.cluster))
 
     tty = sys.stderr.isatty()
     t0 = time.monotonic()
@@ -156,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
         except OSError as exc:
-            return _fail(f"cannot write {args.json}: {exc.strerror}")
+            return fail(PROG, f"cannot write {args.json}: {exc.strerror}")
         print(f"results written to {args.json}")
     return 0
 
@@ -185,7 +180,3 @@ def format_result(out: dict, plan: Plan) -> str:
         lines.append("some requests never finished (KV memory too small for them)")
     return "\n".join(lines)
 
-
-def _fail(msg: str) -> int:
-    print(f"{PROG}: error: {msg}", file=sys.stderr)
-    return 2

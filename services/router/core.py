@@ -245,9 +245,13 @@ class RouterCore:
         flight.finished = True
         self.inflight.pop(flight.request_id, None)
         for rid in (flight.decode_id,) if flight.in_decode else (flight.prefill_id, flight.decode_id):
-            view = self.replicas.replicas.get(rid)
-            if view is not None and view.assigned > 0:
-                view.assigned -= 1
+            self._release(rid)
+
+    def _release(self, replica_id: str) -> None:
+        """A request no longer occupies this replica (for load-aware choice)."""
+        view = self.replicas.replicas.get(replica_id)
+        if view is not None and view.assigned > 0:
+            view.assigned -= 1
 
     def _fail(self, flight: InFlight, error: str) -> None:
         if flight.finished:
@@ -280,9 +284,7 @@ class RouterCore:
             # The prefill replica streams index 0 itself; it is done once decode's tokens flow.
             if not flight.in_decode and (ready.index >= 1 or ready.finish_reason is not None):
                 flight.in_decode = True
-                view = self.replicas.replicas.get(flight.prefill_id)
-                if view is not None and view.assigned > 0:
-                    view.assigned -= 1
+                self._release(flight.prefill_id)
             self.stats.completion_tokens += len(ready.token_ids)
             if ready.finish_reason is not None:
                 self._finish(flight)
