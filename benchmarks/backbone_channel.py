@@ -6,11 +6,12 @@ For every size, each repetition moves one payload with each method, in rotation,
 on the shared host hits all methods alike:
 
 - `tcp`: `socket.sendall` of the tensor's memory, `recv_into` one preallocated buffer (loopback);
-- `channel`: the product path as the decode role runs it: `ChannelPair.send` / `ChannelPair.recv`
-  into a buffer from the host's `BufferPool` (payloads over 4 MB travel as up to 4 tagged parts in
-  flight at once);
+- `channel`: the product path as the decode role runs it, on the default CPU transport (`tcp`, a
+  socket per pair): `ChannelPair.send` / `ChannelPair.recv` into a buffer from the host's `BufferPool`;
 - `channel_fresh_buffer`: the same, but a freshly allocated receive buffer every time (what the
-  page faults of a new buffer cost).
+  page faults of a new buffer cost);
+- `channel_gloo`: the product path on the torch.distributed transport (gloo; NCCL shares its code),
+  pooled buffer (payloads over 4 MB travel as up to 4 tagged parts in flight at once).
 
 A transfer's time runs on the sender from the start of the send until a 1-byte acknowledgement,
 sent over the TCP socket after the receiver holds the whole payload, arrives; the same for every
@@ -33,7 +34,7 @@ from typing import Any
 import torch
 from backbone_common import finish, host_info, median, progress, r
 
-METHODS = ["tcp", "channel", "channel_fresh_buffer"]
+METHODS = ["tcp", "channel", "channel_fresh_buffer", "channel_gloo"]
 MB = 1 << 20
 
 
@@ -62,7 +63,8 @@ def receiver(conn, sizes_mb: list[int], warmup: int, repeats: int, pair_id: str)
     server.bind(("127.0.0.1", 0))
     server.listen(1)
     conn.send((host.endpoint, server.getsockname()[1]))
-    pair = host.accept(pair_id)
+    pair = host.accept(pair_id, "tcp")
+    gloo_pair = host.accept(pair_id + "-gloo", "gloo")
     sock, _ = server.accept()
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     ack = b"k"
@@ -75,9 +77,9 @@ def receiver(conn, sizes_mb: list[int], warmup: int, repeats: int, pair_id: str)
                 tag = int.from_bytes(_recv_n(sock, 4), "little")
                 if method == "tcp":
                     _recv_exact(sock, tcp_buf)
-                elif method == "channel":  # as the decode role receives: a pooled buffer
+                elif method in ("channel", "channel_gloo"):  # as the decode role receives: a pooled buffer
                     buf = host.buffers.take(nbytes)
-                    pair.recv(nbytes, tag, out=buf)
+                    (pair if method == "channel" else gloo_pair).recv(nbytes, tag, out=buf)
                     host.buffers.give(buf)
                 else:
                     pair.recv(nbytes, tag)
@@ -101,8 +103,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     proc = ctx.Process(target=receiver, args=(child, args.sizes_mb, args.warmup, args.repeats, "bench"), daemon=True)
     proc.start()
     endpoint, tcp_port = parent.recv()
-    client = ChannelClient()
-    pair = client.connect(endpoint, "bench")
+    pair = ChannelClient(backend="tcp").connect(endpoint, "bench")
+    gloo_pair = ChannelClient(backend="gloo").connect(endpoint, "bench-gloo")
     sock = socket.create_connection(("127.0.0.1", tcp_port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     ack = bytearray(1)
@@ -121,7 +123,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if method == "tcp":
                     sock.sendall(view)
                 else:
-                    pair.send(payload, tag)
+                    (gloo_pair if method == "channel_gloo" else pair).send(payload, tag)
                 _recv_exact(sock, memoryview(ack))
                 dt = time.perf_counter() - t0
                 if rnd >= args.warmup:

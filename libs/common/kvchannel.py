@@ -1,10 +1,18 @@
-"""The direct KV channel: torch.distributed point-to-point between one prefill and one decode replica.
+"""The direct KV channel: point-to-point between one prefill and one decode replica.
 
-Each (prefill, decode) pair gets its own two-rank process group, built lazily through a
-`TCPStore` that the decode replica hosts and advertises (its *endpoint*). Gloo carries CPU
-tensors, NCCL CUDA tensors: the same code, so CPU tests exercise the GPU path's logic.
-The decode side is rank 1, the prefill side rank 0. Transfers are tagged so several can be
-in flight on one pair in any order. Every wait has a timeout and a dead peer surfaces as a
+Each (prefill, decode) pair gets its own connection, built lazily through a `TCPStore` that the
+decode replica hosts and advertises (its *endpoint*). Two transports share that rendezvous, the
+tags, the timeouts and the error handling:
+
+- `torch.distributed` (`backend="gloo"` for CPU tensors, `"nccl"` for CUDA tensors): a two-rank
+  process group per pair. The same code for both, so CPU tests exercise the GPU path's logic.
+- `backend="tcp"` (the default for CPU tensors): one plain TCP connection per pair. On CPUs gloo is
+  itself TCP, plus a receive-posting handshake and two thread hand-offs per transfer; on a busy
+  2-core host each hand-off can wait a scheduler tick, which made a 1 MB transfer ~10x slower
+  than the socket beneath it. The socket pair receives straight into the caller's buffer.
+
+The decode side is rank 1, the prefill side rank 0. Transfers are tagged so several can be in
+flight on one pair in any order. Every wait has a timeout and a dead peer surfaces as a
 `ChannelError`, never a hang.
 
 Bulk KV goes here; the small description of it (the manifest, the tag) goes over NATS.
@@ -15,7 +23,9 @@ from __future__ import annotations
 import itertools
 import logging
 import socket
+import struct
 import threading
+import time
 from datetime import timedelta
 
 import torch
@@ -30,6 +40,9 @@ PREFILL_RANK, DECODE_RANK = 0, 1
 SPLIT_BYTES = 4 << 20
 MAX_PARTS = 4
 TAG_BITS = 3  # sub-tags per transfer: tag << TAG_BITS | part
+BACKENDS = ("tcp", "gloo", "nccl")
+DEFAULT_BACKEND = "tcp"
+_SOCKET_PORT_KEY = "kvsock/port"  # where the decode side's socket listener is, in its store
 
 
 def split_points(nbytes: int) -> list[tuple[int, int]]:
@@ -57,38 +70,61 @@ def _make_group(store: dist.Store, pair_id: str, rank: int, host: str, timeout_s
 
 
 class ChannelPair:
-    """One side of a two-rank group. `send` / `recv` block the calling thread (run them off the loop)."""
+    """One side of a pair. `send` / `recv` block the calling thread (run them off the loop).
 
-    def __init__(self, pair_id: str, group, rank: int, timeout_s: float):
+    A failed pair does not recover (`broken` says why): later transfers must rebuild it.
+    """
+
+    def __init__(self, pair_id: str, rank: int, timeout_s: float):
         self.pair_id = pair_id
-        self.group = group
         self.rank = rank
         self.peer = 1 - rank
         self.timeout_s = timeout_s
         self.broken: str | None = None
         self._tags = itertools.count(1)
-        self._lock = threading.Lock()
+        self._tag_lock = threading.Lock()
 
     def next_tag(self) -> int:
-        with self._lock:
+        with self._tag_lock:
             return next(self._tags) % (1 << (30 - TAG_BITS))
 
     def send(self, payload: torch.Tensor, tag: int) -> None:
-        """Send a flat uint8 payload; returns once the receiver has it (or raises ChannelError)."""
+        """Send a flat uint8 payload; returns once it is on its way (or raises ChannelError)."""
+        raise NotImplementedError
+
+    def recv(self, nbytes: int, tag: int, device: str = "cpu", out: torch.Tensor | None = None) -> torch.Tensor:
+        """Receive the payload sent with `tag`; into `out` (a flat uint8 buffer of >= nbytes) when given."""
+        raise NotImplementedError
+
+    def _check(self) -> None:
+        if self.broken:
+            raise ChannelError(f"channel pair {self.pair_id} is broken: {self.broken}")
+
+    def _break(self, what: str, exc: BaseException) -> ChannelError:
+        self.broken = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        return ChannelError(f"{what} on pair {self.pair_id} failed: {self.broken}")
+
+
+class DistPair(ChannelPair):
+    """A two-rank torch.distributed group (gloo or NCCL)."""
+
+    def __init__(self, pair_id: str, group, rank: int, timeout_s: float):
+        super().__init__(pair_id, rank, timeout_s)
+        self.group = group
+
+    def send(self, payload: torch.Tensor, tag: int) -> None:
         flat = payload.contiguous().reshape(-1)
         self._run(lambda: [self.group.send([flat[a:b]], self.peer, (tag << TAG_BITS) | i)
                            for i, (a, b) in enumerate(split_points(flat.numel()))], "send")
 
     def recv(self, nbytes: int, tag: int, device: str = "cpu", out: torch.Tensor | None = None) -> torch.Tensor:
-        """Receive the payload sent with `tag`; into `out` (a flat uint8 buffer of >= nbytes) when given."""
         buf = torch.empty(nbytes, dtype=torch.uint8, device=device) if out is None else out[:nbytes]
         self._run(lambda: [self.group.recv([buf[a:b]], self.peer, (tag << TAG_BITS) | i)
                            for i, (a, b) in enumerate(split_points(nbytes))], "recv")
         return buf
 
     def _run(self, start, what: str) -> None:
-        if self.broken:
-            raise ChannelError(f"channel pair {self.pair_id} is broken: {self.broken}")
+        self._check()
         try:
             timeout = timedelta(seconds=self.timeout_s)
             for work in start():
@@ -97,9 +133,160 @@ class ChannelPair:
         except ChannelError:
             raise
         except Exception as exc:  # gloo raises RuntimeError/DistError with the peer's fate
-            # A failed pair does not recover: later transfers must rebuild it.
-            self.broken = str(exc).splitlines()[0][:300]
-            raise ChannelError(f"{what} on pair {self.pair_id} failed: {self.broken}") from None
+            raise self._break(what, exc) from None
+
+
+_HEADER = struct.Struct("<QQ")  # tag, nbytes
+
+
+class SocketPair(ChannelPair):
+    """One TCP connection; each transfer is a 16-byte header (tag, size) and the raw bytes.
+
+    Receivers take turns reading the socket: whoever reads finds the next payload's waiting
+    buffer by its tag and fills it in place, so the usual one-at-a-time transfer costs no extra
+    thread hand-off. A payload nobody waits for yet is kept (for at most the timeout) until its
+    `recv` comes.
+    """
+
+    def __init__(self, pair_id: str, sock: socket.socket, rank: int, timeout_s: float):
+        super().__init__(pair_id, rank, timeout_s)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(timeout_s)
+        self._sock = sock
+        self._send_lock = threading.Lock()
+        self._cv = threading.Condition()
+        self._reader = False  # a receiver is reading the socket
+        self._waiting: dict[int, torch.Tensor] = {}  # tag -> the buffer its recv waits with
+        self._filling: set[int] = set()  # tags being read into their waiting buffer
+        self._done: set[int] = set()  # tags whose waiting buffer is full
+        self._early: dict[int, tuple[torch.Tensor, float]] = {}  # tag -> (payload, arrival) before its recv
+
+    def send(self, payload: torch.Tensor, tag: int) -> None:
+        flat = payload.contiguous().reshape(-1)
+        if flat.device.type != "cpu":
+            raise ChannelError("the tcp channel backend carries CPU tensors; use nccl for CUDA tensors")
+        self._check()
+        try:
+            header, body = _HEADER.pack(tag, flat.numel()), memoryview(flat.numpy())
+            with self._send_lock:
+                # header and payload in one call, so the receiver wakes once for both
+                sent = self._sock.sendmsg([header, body])
+                if sent < len(header):
+                    self._sock.sendall(header[sent:])
+                    sent = len(header)
+                if sent - len(header) < len(body):
+                    self._sock.sendall(body[sent - len(header):])
+        except OSError as exc:  # a partly written stream cannot be resumed
+            raise self._break("send", exc) from None
+
+    def recv(self, nbytes: int, tag: int, device: str = "cpu", out: torch.Tensor | None = None) -> torch.Tensor:
+        buf = torch.empty(nbytes, dtype=torch.uint8) if out is None else out[:nbytes]
+        deadline = time.monotonic() + self.timeout_s
+        with self._cv:
+            early = self._early.pop(tag, None)
+            if early is not None:
+                return self._sized(early[0], nbytes, buf, tag)
+            self._check()
+            self._waiting[tag] = buf
+            while True:
+                if tag in self._done:
+                    self._done.discard(tag)
+                    return buf
+                if self.broken:
+                    self._waiting.pop(tag, None)
+                    self._check()
+                if not self._reader:
+                    self._reader = True
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0 and tag not in self._filling:  # (a buffer being filled must not be let go)
+                    self._waiting.pop(tag, None)
+                    raise ChannelError(f"recv on pair {self.pair_id} timed out after {self.timeout_s} s")
+                self._cv.wait(max(left, 0.05))
+        return self._read_until(tag, buf, nbytes)
+
+    def _read_until(self, tag: int, buf: torch.Tensor, nbytes: int) -> torch.Tensor:
+        """As the reader: read payloads off the socket until `tag`'s has arrived."""
+        try:
+            while True:
+                got_tag, size = _HEADER.unpack(self._read_header())
+                with self._cv:
+                    target = self._waiting.pop(got_tag, None)
+                    if target is not None and target.numel() == size:
+                        self._filling.add(got_tag)
+                    else:
+                        target = torch.empty(size, dtype=torch.uint8)
+                self._read_into(target)
+                with self._cv:
+                    if got_tag in self._filling:
+                        self._filling.discard(got_tag)
+                        self._done.add(got_tag)
+                    else:
+                        self._keep_early(got_tag, target)
+                    self._cv.notify_all()
+                    if got_tag == tag:
+                        break
+        except ChannelError:
+            with self._cv:
+                self._waiting.pop(tag, None)
+                self._reader = False
+                self._cv.notify_all()
+            raise
+        with self._cv:
+            self._reader = False
+            self._cv.notify_all()
+            self._done.discard(tag)
+            if tag in self._early:  # it came in a size other than expected
+                return self._sized(self._early.pop(tag)[0], nbytes, buf, tag)
+        return buf
+
+    def _read_header(self) -> bytes:
+        header = bytearray(_HEADER.size)
+        view, got = memoryview(header), 0
+        while got < len(header):
+            try:
+                n = self._sock.recv_into(view[got:])
+            except TimeoutError:
+                if got == 0:  # nothing half-read: the stream is intact, only this wait ends
+                    raise ChannelError(f"recv on pair {self.pair_id} timed out after {self.timeout_s} s") from None
+                raise self._break("recv", TimeoutError("timed out inside a header")) from None
+            except OSError as exc:
+                raise self._break("recv", exc) from None
+            if n == 0:
+                raise self._break("recv", ConnectionError("connection closed by peer"))
+            got += n
+        return bytes(header)
+
+    def _read_into(self, target: torch.Tensor) -> None:
+        view, got, size = memoryview(target.numpy()), 0, target.numel()
+        try:
+            while got < size:
+                n = self._sock.recv_into(view[got:])
+                if n == 0:
+                    raise ConnectionError("connection closed by peer")
+                got += n
+        except (OSError, ConnectionError) as exc:
+            with self._cv:
+                self._cv.notify_all()
+            raise self._break("recv", exc) from None
+
+    def _keep_early(self, tag: int, payload: torch.Tensor) -> None:
+        now = time.monotonic()
+        for old in [t for t, (_, at) in self._early.items() if now - at > self.timeout_s]:
+            del self._early[old]  # its receiver gave up (an aborted request): do not hold it forever
+        self._early[tag] = (payload, now)
+
+    def _sized(self, payload: torch.Tensor, nbytes: int, buf: torch.Tensor, tag: int) -> torch.Tensor:
+        if payload.numel() != nbytes:
+            raise ChannelError(f"tag {tag} on pair {self.pair_id}: {payload.numel()} bytes arrived, {nbytes} expected")
+        buf.copy_(payload)
+        return buf
+
+    def close(self) -> None:
+        try:
+            self._sock.close()
+        except OSError:
+            pass
 
 
 class BufferPool:
@@ -132,7 +319,7 @@ def detach_from(buf: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Te
 
 
 class ChannelHost:
-    """Decode side: hosts the rendezvous store and accepts pairs from prefill replicas."""
+    """Decode side: hosts the rendezvous store (and the socket listener) and accepts pairs."""
 
     def __init__(self, host: str | None = None, port: int = 0, timeout_s: float = DEFAULT_TIMEOUT_S):
         self.host = host or "127.0.0.1"
@@ -143,16 +330,29 @@ class ChannelHost:
         self.port = self.store.port
         self.pairs: dict[str, ChannelPair] = {}
         self.buffers = BufferPool()
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
+        self._arrived: dict[str, socket.socket] = {}  # pair id -> connection not yet accepted
+        self._listener = socket.create_server((self.host, 0))
+        self.store.set(_SOCKET_PORT_KEY, str(self._listener.getsockname()[1]))
+        threading.Thread(target=self._take_connections, name="kvchannel-listen", daemon=True).start()
 
     @property
     def endpoint(self) -> str:
         return f"{self.host}:{self.port}"
 
-    def accept(self, pair_id: str, backend: str = "gloo") -> ChannelPair:
+    def accept(self, pair_id: str, backend: str = DEFAULT_BACKEND) -> ChannelPair:
         """Join pair `pair_id` as the decode rank (blocks until the prefill side joins too)."""
-        group = _make_group(self.store, pair_id, DECODE_RANK, self.host, self.timeout_s, backend)
-        pair = ChannelPair(pair_id, group, DECODE_RANK, self.timeout_s)
+        if backend not in BACKENDS:
+            raise ChannelError(f"unknown channel backend {backend!r} (one of {', '.join(BACKENDS)})")
+        if backend == "tcp":
+            with self._lock:
+                if not self._lock.wait_for(lambda: pair_id in self._arrived, self.timeout_s):
+                    raise ChannelError(f"pair {pair_id}: the prefill side did not connect within {self.timeout_s} s")
+                sock = self._arrived.pop(pair_id)
+            pair: ChannelPair = SocketPair(pair_id, sock, DECODE_RANK, self.timeout_s)
+        else:
+            group = _make_group(self.store, pair_id, DECODE_RANK, self.host, self.timeout_s, backend)
+            pair = DistPair(pair_id, group, DECODE_RANK, self.timeout_s)
         with self._lock:
             self.pairs[pair_id] = pair
         return pair
@@ -161,26 +361,78 @@ class ChannelHost:
         with self._lock:
             return self.pairs.get(pair_id)
 
+    def close(self) -> None:
+        self._listener.close()
+        with self._lock:
+            for pair in self.pairs.values():
+                if isinstance(pair, SocketPair):
+                    pair.close()
+
+    def _take_connections(self) -> None:
+        """Listener thread: each socket-pair connection first names its pair id."""
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            try:
+                sock.settimeout(self.timeout_s)
+                pair_id = _recv_name(sock)
+            except (OSError, ValueError) as exc:
+                log.warning("dropped a channel connection that did not name its pair: %s", exc)
+                sock.close()
+                continue
+            with self._lock:
+                self._arrived[pair_id] = sock
+                self._lock.notify_all()
+
+
+def _send_name(sock: socket.socket, name: str) -> None:
+    data = name.encode()
+    sock.sendall(len(data).to_bytes(2, "little") + data)
+
+
+def _recv_name(sock: socket.socket) -> str:
+    def exact(n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = sock.recv(n - len(data))
+            if not chunk:
+                raise ValueError("connection closed during the handshake")
+            data += chunk
+        return data
+
+    return exact(int.from_bytes(exact(2), "little")).decode()
+
 
 class ChannelClient:
     """Prefill side: one pair per decode endpoint, rebuilt when it breaks."""
 
-    def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S):
+    def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S, backend: str = DEFAULT_BACKEND):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown channel backend {backend!r} (one of {', '.join(BACKENDS)})")
         self.timeout_s = timeout_s
+        self.backend = backend
         self.pairs: dict[str, ChannelPair] = {}  # endpoint -> pair
         self._stores: dict[str, dist.TCPStore] = {}
 
-    def connect(self, endpoint: str, pair_id: str, backend: str = "gloo") -> ChannelPair:
+    def connect(self, endpoint: str, pair_id: str, backend: str | None = None) -> ChannelPair:
         """Join pair `pair_id` as the prefill rank (the decode side must `accept` it concurrently)."""
+        backend = backend or self.backend
         host, port = endpoint.rsplit(":", 1)
         try:
             store = dist.TCPStore(
                 host, int(port), is_master=False, timeout=timedelta(seconds=self.timeout_s)
             )
-            group = _make_group(store, pair_id, PREFILL_RANK, _route_to(host), self.timeout_s, backend)
+            if backend == "tcp":
+                sock = socket.create_connection((host, int(store.get(_SOCKET_PORT_KEY))), timeout=self.timeout_s)
+                _send_name(sock, pair_id)
+                pair: ChannelPair = SocketPair(pair_id, sock, PREFILL_RANK, self.timeout_s)
+            else:
+                group = _make_group(store, pair_id, PREFILL_RANK, _route_to(host), self.timeout_s, backend)
+                pair = DistPair(pair_id, group, PREFILL_RANK, self.timeout_s)
         except Exception as exc:
             raise ChannelError(f"cannot connect channel to {endpoint}: {str(exc).splitlines()[0]}") from None
-        pair = ChannelPair(pair_id, group, PREFILL_RANK, self.timeout_s)
         self.pairs[endpoint] = pair
         self._stores[endpoint] = store
         return pair
@@ -193,7 +445,9 @@ class ChannelClient:
         return pair
 
     def drop(self, endpoint: str) -> None:
-        self.pairs.pop(endpoint, None)
+        pair = self.pairs.pop(endpoint, None)
+        if isinstance(pair, SocketPair):
+            pair.close()
         self._stores.pop(endpoint, None)
 
 

@@ -132,6 +132,7 @@ class ConnectRequest:
 
     prefill_replica: str
     pair_id: str
+    backend: str = "tcp"  # the channel transport both sides use (kvchannel.BACKENDS)
 
 
 @dataclass

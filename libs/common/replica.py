@@ -27,7 +27,7 @@ import nats
 
 from thunderserve.common import aio, config, protocol
 from thunderserve.common.engine import Engine, MockEngine, create_engine
-from thunderserve.common.kvchannel import ChannelClient, ChannelHost
+from thunderserve.common.kvchannel import BACKENDS, DEFAULT_BACKEND, ChannelClient, ChannelHost
 from thunderserve.common.plan import Plan
 from thunderserve.common.planstore import PlanWatcher
 from thunderserve.common.protocol import Abort, ControlCommand, Heartbeat, Subjects
@@ -79,7 +79,7 @@ class ReplicaHost:
         self.model_executor = ThreadPoolExecutor(1, thread_name_prefix="model")
         self.channel_executor = ThreadPoolExecutor(8, thread_name_prefix="kvchannel")
         self._channel_host: ChannelHost | None = None
-        self.channel_client = ChannelClient(timeout_s=args.channel_timeout)
+        self.channel_client = ChannelClient(timeout_s=args.channel_timeout, backend=args.channel_backend)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
 
@@ -147,6 +147,8 @@ class ReplicaHost:
             await self.nc.drain()
         self.model_executor.shutdown(wait=False, cancel_futures=True)
         self.channel_executor.shutdown(wait=False, cancel_futures=True)
+        if self._channel_host is not None:
+            self._channel_host.close()
 
     async def set_phase(self, phase: str) -> None:
         """Swap the phase role in place: drain the old one, start the new one; weights stay."""
@@ -240,6 +242,9 @@ def build_parser(phase: str) -> argparse.ArgumentParser:
                        help="decode: address the KV channel rendezvous listens on and advertises")
     group.add_argument("--channel-port", type=int, default=config.env("CHANNEL_PORT", 0, int),
                        help="decode: port of the KV channel rendezvous (0 = any free port)")
+    group.add_argument("--channel-backend", default=config.env("CHANNEL_BACKEND", DEFAULT_BACKEND), choices=BACKENDS,
+                       help="prefill: KV channel transport: 'tcp' (a socket per pair, CPU tensors), 'gloo' "
+                       f"(torch.distributed, CPU) or 'nccl' (torch.distributed, CUDA) (default {DEFAULT_BACKEND})")
     group.add_argument("--channel-timeout", type=float, default=config.env("CHANNEL_TIMEOUT", 30.0, float),
                        help="seconds a KV transfer may take before it fails (default 30)")
     group.add_argument("--drain-timeout", type=float, default=config.env("DRAIN_TIMEOUT", 30.0, float),

@@ -16,7 +16,7 @@ import threading
 from dataclasses import dataclass
 
 from thunderserve.common import protocol, tracing
-from thunderserve.common.kvchannel import detach_from
+from thunderserve.common.kvchannel import BACKENDS, detach_from
 from thunderserve.common.kvcodec import unpack_cache
 from thunderserve.common.protocol import ConnectReply, ConnectRequest, KVHandoff, TokenChunk, Usage
 from thunderserve.common.sequence import OutputTracker, sample_token
@@ -95,8 +95,12 @@ class DecodeRole:
         except protocol.ProtocolError as exc:
             await msg.respond(protocol.encode(ConnectReply(False, str(exc))))
             return
+        if request.backend not in BACKENDS:
+            await msg.respond(protocol.encode(ConnectReply(False, f"unknown channel backend {request.backend!r}")))
+            return
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self.host.channel_executor, self.channel.accept, request.pair_id)
+        future = loop.run_in_executor(self.host.channel_executor, self.channel.accept, request.pair_id,
+                                      request.backend)
         self._pairs[request.pair_id] = future
         await msg.respond(protocol.encode(ConnectReply(True)))
         try:

@@ -162,7 +162,7 @@ class PrefillRole:
             pair_id = f"{self.host.replica_id}-{uuid.uuid4().hex[:8]}"
             reply = await self.host.nc.request(
                 self.host.subjects.connect(decode_replica),
-                protocol.encode(ConnectRequest(self.host.replica_id, pair_id)),
+                protocol.encode(ConnectRequest(self.host.replica_id, pair_id, self.host.channel_client.backend)),
                 timeout=CONNECT_TIMEOUT_S,
             )
             answer = protocol.decode(ConnectReply, reply.data)

@@ -14,11 +14,18 @@ from thunderserve.common.kvcodec import get_codec, pack_cache, unpack_cache
 CTX = mp.get_context("spawn")
 
 
-def _prefill_side(endpoint: str, pair_id: str, payloads: list[tuple[int, bytes]], die_after: bool) -> None:
+@pytest.fixture(params=["tcp", "gloo"])
+def backend(request) -> str:
+    """Both CPU transports: the socket pair, and torch.distributed (whose code NCCL shares)."""
+    return request.param
+
+
+def _prefill_side(endpoint: str, pair_id: str, payloads: list[tuple[int, bytes]], die_after: bool,
+                  linger_s: float, backend: str) -> None:
     import os
     from concurrent.futures import ThreadPoolExecutor
 
-    pair = ChannelClient(timeout_s=10).connect(endpoint, pair_id)
+    pair = ChannelClient(timeout_s=10, backend=backend).connect(endpoint, pair_id)
     # Each transfer waits in its own thread, as the prefill role does: a send completes when
     # the receiver takes that tag, in whatever order it does.
     with ThreadPoolExecutor(len(payloads)) as pool:
@@ -26,22 +33,22 @@ def _prefill_side(endpoint: str, pair_id: str, payloads: list[tuple[int, bytes]]
             pool.submit(pair.send, torch.frombuffer(bytearray(data), dtype=torch.uint8), tag)
     if die_after:
         os._exit(0)  # vanish without closing anything, like a crash
-    time.sleep(1.0)
+    time.sleep(linger_s)
 
 
-def _start_sender(endpoint, pair_id, payloads, die_after=False):
-    proc = CTX.Process(target=_prefill_side, args=(endpoint, pair_id, payloads, die_after))
+def _start_sender(endpoint, pair_id, payloads, backend, die_after=False, linger_s=1.0):
+    proc = CTX.Process(target=_prefill_side, args=(endpoint, pair_id, payloads, die_after, linger_s, backend))
     proc.start()
     return proc
 
 
-def test_transfers_arrive_intact_and_matched_by_tag():
+def test_transfers_arrive_intact_and_matched_by_tag(backend):
     host = ChannelHost(timeout_s=10)
     big = torch.randint(0, 256, (9 * 1024 * 1024 + 7,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     # the last one is over SPLIT_BYTES: it travels as several tagged parts in flight at once
     payloads = [(7, bytes(range(256)) * 4096), (3, b"hello channel"), (11, bytes(big.numpy()))]
-    proc = _start_sender(host.endpoint, "pair-a", payloads)
-    pair = host.accept("pair-a")
+    proc = _start_sender(host.endpoint, "pair-a", payloads, backend)
+    pair = host.accept("pair-a", backend)
     # receive in a different order than sent: tags, not order, match them up
     reused = torch.empty(16 * 1024 * 1024, dtype=torch.uint8)
     for tag, data in sorted(payloads):
@@ -51,22 +58,40 @@ def test_transfers_arrive_intact_and_matched_by_tag():
     assert proc.exitcode == 0
 
 
-def test_kv_cache_round_trips_through_channel_and_codec():
+def test_concurrent_receivers_each_get_their_own_payload(backend):
+    from concurrent.futures import ThreadPoolExecutor
+
+    host = ChannelHost(timeout_s=10)
+    gen = torch.Generator().manual_seed(1)
+    sizes = [1, 1000, 1 << 20, 3 << 20, 5 << 20, 77]
+    payloads = [(20 + i, bytes(torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen).numpy()))
+                for i, n in enumerate(sizes)]
+    proc = _start_sender(host.endpoint, "pair-c", payloads, backend)
+    pair = host.accept("pair-c", backend)
+    # as the decode role does: each handoff receives in its own channel thread, in any order
+    with ThreadPoolExecutor(len(payloads)) as pool:
+        got = list(pool.map(lambda p: bytes(pair.recv(len(p[1]), p[0]).numpy()), reversed(payloads)))
+    assert got == [data for _, data in reversed(payloads)]
+    proc.join(10)
+    assert proc.exitcode == 0
+
+
+def test_kv_cache_round_trips_through_channel_and_codec(backend):
     torch.manual_seed(0)
     layers = [(torch.randn(1, 3, 17, 64), torch.randn(1, 3, 17, 64)) for _ in range(4)]
     payload, manifest = pack_cache(get_codec("none"), layers)
     host = ChannelHost(timeout_s=10)
-    proc = _start_sender(host.endpoint, "pair-kv", [(1, bytes(payload.numpy()))])
-    got = unpack_cache(host.accept("pair-kv").recv(manifest["nbytes"], 1), manifest)
+    proc = _start_sender(host.endpoint, "pair-kv", [(1, bytes(payload.numpy()))], backend)
+    got = unpack_cache(host.accept("pair-kv", backend).recv(manifest["nbytes"], 1), manifest)
     proc.join(10)
     for (k, v), (gk, gv) in zip(layers, got):
         assert torch.equal(k, gk) and torch.equal(v, gv)
 
 
-def test_dead_peer_is_an_error_not_a_hang():
+def test_dead_peer_is_an_error_not_a_hang(backend):
     host = ChannelHost(timeout_s=5)
-    proc = _start_sender(host.endpoint, "pair-dead", [(1, b"x" * 10)], die_after=True)
-    pair = host.accept("pair-dead")
+    proc = _start_sender(host.endpoint, "pair-dead", [(1, b"x" * 10)], backend, die_after=True)
+    pair = host.accept("pair-dead", backend)
     assert bytes(pair.recv(10, 1).numpy()) == b"x" * 10
     proc.join(10)
     start = time.monotonic()
@@ -76,6 +101,21 @@ def test_dead_peer_is_an_error_not_a_hang():
     assert pair.broken
     with pytest.raises(ChannelError, match="broken"):
         pair.recv(10, 3)
+
+
+def test_silent_peer_times_out_within_the_pair_timeout(backend):
+    host = ChannelHost(timeout_s=2)
+    proc = _start_sender(host.endpoint, "pair-silent", [(1, b"y" * 10)], backend, linger_s=6.0)
+    pair = host.accept("pair-silent", backend)
+    assert bytes(pair.recv(10, 1).numpy()) == b"y" * 10
+    start = time.monotonic()
+    with pytest.raises(ChannelError, match="(?i)timed out"):
+        pair.recv(10, 2)  # the sender is alive but never sends tag 2
+    assert 1.5 < time.monotonic() - start < 4
+    # gloo closes a pair on any timeout; the socket pair only when a payload was cut mid-way
+    assert bool(pair.broken) == (backend == "gloo")
+    proc.kill()
+    proc.join(10)
 
 
 def test_connecting_to_nothing_fails_quickly():
