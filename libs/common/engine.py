@@ -22,24 +22,49 @@ log = logging.getLogger(__name__)
 
 KVLayers = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: [1, kv_heads, seq, head_dim] each
 
-FP32_ATTENTION = "sdpa_fp32"
+ATTENTION = "thunderserve"
 
 
-def _sdpa_fp32(module, query, key, value, attention_mask, **kwargs):
-    """Attention in float32 for a reduced-precision model: on CPUs, torch's bf16 attention kernel is
-    ~2.5x slower than its fp32 one while bf16 matmuls are ~3x faster, so a bf16 model runs its
-    matmuls in bf16 and its attention in fp32 (the decode cache is kept in fp32 for this)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+def _attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """Attention for both phases, always computed in float32.
 
-    out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
-                                          **kwargs)
-    return out.to(query.dtype), weights
+    Prefill (many query positions) runs torch's SDPA. A decode step (one query position per
+    sequence) is two small batched matmuls: SDPA's CPU flash kernel is tiled for long queries and
+    took ~2x as long here. Reduced-precision models keep their matmuls in bf16/fp16 and their
+    attention in fp32: on CPUs torch's bf16 attention kernel is ~2.5x slower than its fp32 one.
+    """
+    if query.shape[2] != 1:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
+                                              scaling=scaling, **kwargs)
+        return out.to(query.dtype), weights
+    batch, heads, _, dim = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    groups = heads // kv_heads  # grouped-query attention: each KV head serves `groups` query heads
+    q = query.float().reshape(batch * kv_heads, groups, dim)
+    k = key.float().reshape(batch * kv_heads, length, dim)
+    v = value.float().reshape(batch * kv_heads, length, dim)
+    scores = torch.bmm(q, k.transpose(1, 2)).mul_(scaling if scaling is not None else dim**-0.5)
+    if attention_mask is not None:  # [batch, 1, 1, length]: True (or 0.0) where a position is real
+        scores = scores.view(batch, kv_heads, groups, length)
+        if attention_mask.dtype == torch.bool:
+            scores.masked_fill_(~attention_mask[:, :, -1:, -length:], float("-inf"))
+        else:
+            scores.add_(attention_mask[:, :, -1:, -length:].float())
+        scores = scores.view(batch * kv_heads, groups, length)
+    out = torch.bmm(torch.softmax(scores, dim=-1), v)  # [batch * kv_heads, groups, dim]
+    return out.view(batch, heads, 1, dim).transpose(1, 2).to(query.dtype), None
 
 
-def _register_fp32_attention() -> None:
+def _register_attention() -> None:
     from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    AttentionInterface.register(FP32_ATTENTION, _sdpa_fp32)
+    AttentionInterface.register(ATTENTION, _attention)
+    # Without a mask function of its own, transformers passes no padding mask to a custom
+    # attention, and the decode batch's left padding would be attended to.
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)
 
 
 @dataclass
@@ -53,15 +78,12 @@ class Engine:
 
     def __init__(self, model: str = "smollm2", dtype: str = "float32", threads: int = 0):
         self.info = resolve_model(model)
-        attention = None
-        if dtype != "float32":
-            _register_fp32_attention()
-            attention = FP32_ATTENTION
-        self.model, self.tokenizer = load_model(model, dtype=dtype, attn_implementation=attention)
+        _register_attention()
+        self.model, self.tokenizer = load_model(model, dtype=dtype, attn_implementation=ATTENTION)
         self.config = self.model.config
         self.dtype = getattr(torch, dtype)
-        # The decode batch's KV: fp32 when attention runs in fp32 (no per-step cast of the cache).
-        self.kv_dtype = torch.float32 if attention == FP32_ATTENTION else self.dtype
+        # The decode batch's KV is fp32, as attention computes (no per-step cast of the cache).
+        self.kv_dtype = torch.float32
         self.max_context = int(getattr(self.config, "max_position_embeddings", 2048))
         eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
         eos = eos if eos is not None else self.config.eos_token_id

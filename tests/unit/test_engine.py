@@ -97,14 +97,22 @@ def test_mock_engine_is_deterministic_and_never_eos():
     assert tokens[:9] != tokens[1:10]  # it cycles through several words
 
 
-def test_bf16_engine_runs_attention_in_fp32():
+def test_bf16_engine_runs_attention_in_fp32_and_masks_the_padding():
     engine = Engine("tiny-random", dtype="bfloat16", threads=1)
-    assert engine.model.config._attn_implementation == "sdpa_fp32" and engine.kv_dtype == torch.float32
-    result = engine.prefill([5, 6, 7])
+    assert engine.model.config._attn_implementation == "thunderserve" and engine.kv_dtype == torch.float32
+    long_ids, short_ids = list(range(40, 52)), [9, 10, 11]
+    result = engine.prefill(long_ids)
     assert result.kv[0][0].dtype == torch.bfloat16  # what prefill sends: the model's dtype
     batch = engine.new_batch()
-    batch.add("a", result.kv, int(result.logits.argmax()))
-    batch.add("b", engine.prefill([9, 10]).kv, 3)
+    batch.add("long", result.kv, 5)
+    batch.add("short", engine.prefill(short_ids).kv, 3)  # left-padded by 9 columns
     assert batch.keys[0].dtype == torch.float32
     logits = batch.step()
-    assert set(logits) == {"a", "b"} and all(torch.isfinite(v).all() for v in logits.values())
+    # The short sequence alone (no padding) must agree with its padded row in the batch.
+    alone = engine.new_batch()
+    alone.add("short", engine.prefill(short_ids).kv, 3)
+    expected = alone.step()["short"]
+    assert set(logits) == {"long", "short"} and all(torch.isfinite(v).all() for v in logits.values())
+    assert torch.allclose(logits["short"], expected, atol=0.05 * float(expected.abs().max()))
+    # And attending to the padding would have changed it: the pads are not harmless zeros.
+    assert int(logits["short"].argmax()) == int(expected.argmax())
