@@ -133,27 +133,29 @@ class DecodeRole:
         pair = await asyncio.wait_for(asyncio.shield(future), PAIR_WAIT_S)
         loop = asyncio.get_running_loop()
 
-        def receive():
+        def receive() -> None:
+            # Received, unpacked and queued for the step thread here, in the channel thread:
+            # no round trip through the event loop between the payload and the batch.
             nbytes = int(handoff.kv_manifest["nbytes"])
             buf = self.channel.buffers.take(nbytes)
             try:
                 payload = pair.recv(nbytes, handoff.tag, out=buf)
                 layers = unpack_cache(payload, handoff.kv_manifest)
                 flat = detach_from(buf, [t for kv in layers for t in kv])
-                return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
             finally:
                 self.channel.buffers.give(buf)
+            tracker = OutputTracker(
+                params=handoff.sampling,
+                prompt_len=len(handoff.prompt_token_ids),
+                max_context=self.engine.max_context,
+                eos_token_ids=self.engine.eos_token_ids,
+                tokenizer=self.engine.tokenizer,
+            )
+            kv = [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+            self._joins.put((_Sequence(handoff, tracker, headers), kv))
+            self._wake.set()
 
-        kv = await loop.run_in_executor(self.host.channel_executor, receive)
-        tracker = OutputTracker(
-            params=handoff.sampling,
-            prompt_len=len(handoff.prompt_token_ids),
-            max_context=self.engine.max_context,
-            eos_token_ids=self.engine.eos_token_ids,
-            tokenizer=self.engine.tokenizer,
-        )
-        self._joins.put((_Sequence(handoff, tracker, headers), kv))
-        self._wake.set()
+        await loop.run_in_executor(self.host.channel_executor, receive)
 
     # --- the step thread --------------------------------------------------------------------
 
