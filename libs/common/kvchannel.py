@@ -224,17 +224,14 @@ class SocketPair(ChannelPair):
                     else:
                         self._keep_early(got_tag, target)
                     self._cv.notify_all()
-                    if got_tag == tag:
-                        break
-        except ChannelError:
+                if got_tag == tag:
+                    break
+        finally:  # whatever happened, let another receiver read
             with self._cv:
-                self._waiting.pop(tag, None)
                 self._reader = False
+                self._waiting.pop(tag, None)
                 self._cv.notify_all()
-            raise
         with self._cv:
-            self._reader = False
-            self._cv.notify_all()
             self._done.discard(tag)
             if tag in self._early:  # it came in a size other than expected
                 return self._sized(self._early.pop(tag)[0], nbytes, buf, tag)
