@@ -54,13 +54,14 @@ def colocated_perf(model: ModelSpec, hws: list[cm.StageHW], w: Workload,
     """
     if not cm.prefill_fits(model, hws, w.prompt_q, calib):
         return ZERO
-    dec = cm.decode_perf(model, hws, w.prompt_mean, w.output_mean, w.tpot_slo, calib)
+    dec = cm.decode_perf(model, hws, w.prompt_mean, w.output_mean, w.tpot_slo, calib,
+                         ctx_mem=w.decode_hold_tokens, ctx_read=w.decode_read_tokens)
     if dec.sequences <= 0:
         return ZERO
     pp = len(hws)
     svc = cm.prefill_service_time(model, hws, w.prompt_mean, calib)
     lat = cm.prefill_latency(model, hws, w.prompt_q, calib)
-    ctx = w.prompt_mean + w.output_mean / 2
+    ctx = w.decode_read_tokens
     f = cm.queue_wait_factor(w.attainment)
     decode_tokens = max(w.output_mean - 1, 0.0)
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from .catalog import GPUSpec
 from .model import ModelSpec
 
@@ -223,10 +225,15 @@ def prefill_capacity_dist(budgets: tuple[float, ...] | list[float], s1: float, s
     miss = 1.0 - attainment
     if prefill_miss(1e-9, budgets, s1, s2) > miss:
         return 0.0
+    # prefill_miss, vectorised for the bisection: (#negative budgets + rho sum_b exp(-b / cond_mean)) / n
+    b = np.asarray(budgets, dtype=float)
+    n_neg = float((b < 0).sum())
+    pos = -b[b >= 0] * (2.0 * s1 / s2)  # exponent per budget is pos * (1 - rho)
+    n = len(b)
     lo, hi = 0.0, 1.0
     for _ in range(40):
         mid = (lo + hi) / 2
-        if prefill_miss(mid, budgets, s1, s2) <= miss:
+        if (n_neg + mid * float(np.exp(pos * (1.0 - mid)).sum())) / n <= miss:
             lo = mid
         else:
             hi = mid
@@ -338,7 +345,8 @@ class DecodePerf:
 
 def decode_perf(model: ModelSpec, stages: list[StageHW], prompt_mean: float, output_mean: float,
                 tpot_slo: float, calib: Calibration = DEFAULT_CALIBRATION,
-                output_points: tuple[float, ...] | list[float] = (), attainment: float = 0.95) -> DecodePerf:
+                output_points: tuple[float, ...] | list[float] = (), attainment: float = 0.95,
+                ctx_mem: float | None = None, ctx_read: float | None = None) -> DecodePerf:
     """Largest batch that meets the TPOT SLO and fits KV memory, and the throughput it gives.
 
     With `output_points` (output lengths spread over the distribution), requests/s is the rate at
@@ -346,8 +354,10 @@ def decode_perf(model: ModelSpec, stages: list[StageHW], prompt_mean: float, out
     (`decode_capacity`); without, the saturation rate tokens/s / output_mean."""
     zero = DecodePerf(0, 0.0, 0.0, 0.0)
     pp = len(stages)
-    ctx_mem = prompt_mean + output_mean  # KV held by a sequence near its end
-    ctx_read = prompt_mean + output_mean / 2  # mean context read per step
+    # KV reserved per sequence in the batch, and the mean context a step reads per sequence (callers pass
+    # the length-biased values of Workload.decode_hold_tokens / decode_read_tokens)
+    ctx_mem = prompt_mean + output_mean if ctx_mem is None else ctx_mem
+    ctx_read = prompt_mean + output_mean / 2 if ctx_read is None else ctx_read
     b_mem = decode_max_sequences(model, stages, ctx_mem, calib) // pp
     if b_mem < 1:
         return zero

@@ -3,8 +3,9 @@
 Stage 1 ships requests from the dispatcher to prefill replicas, stage 2 ships prefilled requests to
 decode replicas. A flow x[p, d] (requests/s prefilled on p and decoded on d) pays the KV transfer
 between them twice over:
-  * in latency: the transfer is part of TTFT (the first token reaches the client from the decode
-    side), so route (p, d) leaves p less queueing budget: p's capacity on that route is cap[p, d];
+  * in latency: the first token leaves the prefill replica before its KV moves, so the transfer
+    delays the second token; the requests whose TPOT that breaks use up part of p's miss budget on
+    that route, so p's capacity on route (p, d) is cap[p, d];
   * in bandwidth: every node pair's link carries at most its bandwidth of KV bytes per second.
 
     maximise  sum x[p, d]
@@ -19,6 +20,7 @@ and the prefill->decode routing matrix.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,6 +45,7 @@ class ReplicaLoad:
     service: float = 0.0  # prefill: s per prompt, E[S]
     service2: float = 0.0  # prefill: E[S^2] (0: deterministic, service^2)
     latencies: tuple[float, ...] = ()  # prefill: latency at each of the workload's prompt points
+    tpot: float = 0.0  # decode: time per output token at full batch (0: unknown, taken as 0)
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class Route:
     cap: float  # req/s the prefill replica can send on this route within the TTFT SLO
     transfer_s: float  # KV transfer time of an attainment-quantile prompt
     link_bytes: tuple[tuple[tuple[str, str], float], ...]  # node pair -> KV bytes per (mean) request
+    first_from_decode: bool = False  # the first token waits for the KV and leaves from the decode side
 
 
 @dataclass
@@ -81,10 +85,31 @@ def _pair(a: str, b: str) -> tuple[str, str]:
     return (a, b) if a <= b else (b, a)
 
 
+def transfer_miss(tx: tuple[float, ...] | list[float], tpot_slo: float, tpot: float,
+                  output_points: tuple[float, ...] | list[float]) -> float:
+    """Fraction of requests whose TPOT the KV transfer alone breaks. The first token leaves the prefill
+    replica before its KV moves (services/prefill/role.py), so the transfer (with its link wait) sits
+    between the first and second tokens: an output of o tokens tolerates (tpot_slo - tpot) * (o - 1) of
+    it; an output of one token moves no KV. `tx` holds the transfer time of each prompt point (equal
+    weights), independent of the output length."""
+    if not tx or not output_points:
+        return 0.0
+    slack = sorted((tpot_slo - tpot) * (o - 1.0) for o in output_points if o > 1.0)
+    miss = sum(bisect.bisect_left(slack, x) for x in tx)  # slack values below each transfer time
+    return miss / (len(tx) * len(output_points))
+
+
 def route_metrics(cluster: Cluster, model: ModelSpec, workload: Workload, p: ReplicaLoad, d: ReplicaLoad,
                   codec: str, calib: cm.Calibration = cm.DEFAULT_CALIBRATION) -> Route:
     """KV bytes per node pair and transfer time of route p -> d (layer l's KV goes from the node
-    holding layer l on p to the node holding it on d; node pairs transfer in parallel)."""
+    holding layer l on p to the node holding it on d; node pairs transfer in parallel).
+
+    Where the first token leaves from decides what the transfer costs, and the route takes the better:
+      * from the prefill replica, before the KV moves (what services/prefill/role.py does): TTFT
+        budget = SLO - latency; the transfer delays the second token, and the requests whose TPOT it
+        breaks (`transfer_miss`: short outputs behind a slow link) come out of the route's miss budget;
+      * from the decode side once the KV has landed (`first_from_decode`): TTFT budget = SLO - latency
+        - transfer (+ link wait), TPOT untouched - better when short outputs cross a slow link."""
     layers: dict[tuple[str, str], int] = {}
     for na, a0, a1 in p.layer_map:
         for nb, b0, b1 in d.layer_map:
@@ -96,24 +121,41 @@ def route_metrics(cluster: Cluster, model: ModelSpec, workload: Workload, p: Rep
     link_bytes = []
     pts = workload.prompt_points if p.latencies else ()
     tx = [0.0] * len(pts)  # KV transfer time of each prompt point (node pairs in parallel)
+    t_wait = 0.0  # the link wait of the prompt_q transfer (no prompt points)
     rho_l = calib.link_util_max
     for (a, b), n in sorted(layers.items()):
         gbps = cluster.gbps(a, b)
-        t = max(t, cm.kv_transfer_time(model, workload.prompt_q, n, gbps, codec, calib))
+        tq = cm.kv_transfer_time(model, workload.prompt_q, n, gbps, codec, calib)
+        t = max(t, tq)
         times = [cm.kv_transfer_time(model, x, n, gbps, codec, calib) for x in pts]
         if times and rho_l < 1:  # queueing on the link (FIFO) at the LP's load cap: M/G/1 mean wait
             t1 = sum(times) / len(times)
             wait = cm.mg1_wait(rho_l / t1, t1, sum(x * x for x in times) / len(times))
             for i, x in enumerate(times):
                 tx[i] = max(tx[i], x + wait)
+        elif rho_l < 1:
+            t_wait = max(t_wait, tq + cm.mg1_wait(rho_l / tq, tq, tq * tq))
         link_bytes.append(((a, b), cm.kv_transfer_bytes(model, workload.prompt_mean, n, codec)))
     target = cm.split_attainment(workload.attainment, calib.ttft_miss_share)
+    miss = transfer_miss(tx if pts else ([t_wait or t] if layers else []), workload.tpot_slo, d.tpot,
+                         workload.output_points)
     s2 = p.service2 if p.service2 > 0 else p.service * p.service
-    if pts:  # per prompt length: TTFT = M/G/1 wait + its own latency + its own transfer
-        budgets = [workload.ttft_slo - lat - x for lat, x in zip(p.latencies, tx, strict=True)]
-        cap = cm.prefill_capacity_dist(budgets, p.service, s2, target)
+    if target + miss >= 1.0:
+        cap = 0.0
+    elif pts:  # per prompt length: TTFT = M/G/1 wait + its own latency
+        cap = cm.prefill_capacity_dist([workload.ttft_slo - lat for lat in p.latencies], p.service, s2,
+                                       target + miss)
     else:
-        cap = cm.prefill_capacity(p.latency, p.service, workload.ttft_slo, t, target, s2)
+        cap = cm.prefill_capacity(p.latency, p.service, workload.ttft_slo, 0.0, target + miss, s2)
+    if miss > 0:  # the first token could instead wait for the KV: TTFT pays the transfer
+        if pts:
+            hold = cm.prefill_capacity_dist([workload.ttft_slo - lat - x for lat, x in zip(p.latencies, tx,
+                                                                                          strict=True)],
+                                            p.service, s2, target)
+        else:
+            hold = cm.prefill_capacity(p.latency, p.service, workload.ttft_slo, t_wait or t, target, s2)
+        if hold > cap:
+            return Route(hold, t, tuple(link_bytes), True)
     return Route(cap, t, tuple(link_bytes))
 
 

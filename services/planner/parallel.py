@@ -167,8 +167,8 @@ def _layer_caps(model: ModelSpec, hws: list[cm.StageHW], workload: Workload, pha
                 model, one)
         else:
             room -= cm.activation_bytes(model, st, 64)
-            per = cm.stage_weight_bytes(model, one) + (
-                workload.prompt_mean + workload.output_mean) * cm.kv_bytes_per_token_gpu(model, one)
+            per = cm.stage_weight_bytes(model, one) + workload.decode_hold_tokens * cm.kv_bytes_per_token_gpu(
+                model, one)
         caps.append(max(0, int(room // per)))
     return caps
 
@@ -181,7 +181,7 @@ def _per_layer_times(model: ModelSpec, hws: list[cm.StageHW], workload: Workload
         if phase == "prefill":
             out.append(cm.prefill_stage_time(model, one, workload.prompt_mean, calib))
         else:
-            ctx = workload.prompt_mean + workload.output_mean / 2
+            ctx = workload.decode_read_tokens
             out.append(cm.decode_stage_time(model, one, micro_batch, ctx, calib))
     return out
 
@@ -199,7 +199,8 @@ def evaluate_layout(cluster: Cluster, model: ModelSpec, workload: Workload, layo
     if phase == "decode":
         d = cm.decode_perf(model, hws, workload.prompt_mean, workload.output_mean, workload.tpot_slo, calib,
                            workload.output_points,
-                           cm.split_attainment(workload.attainment, 1.0 - calib.ttft_miss_share))
+                           cm.split_attainment(workload.attainment, 1.0 - calib.ttft_miss_share),
+                           workload.decode_hold_tokens, workload.decode_read_tokens)
         return GroupPerf(layout, phase, d.requests_per_s, d.tokens_per_s, tpot=d.tpot, sequences=d.sequences)
     raise ValueError(f"unknown phase {phase!r}")
 

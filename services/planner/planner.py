@@ -89,7 +89,7 @@ class Planner:
     # --- lower level: orchestration -----------------------------------------------------------------
     def _route(self, codec: str) -> Callable[[orch.ReplicaLoad, orch.ReplicaLoad], orch.Route]:
         def fn(p: orch.ReplicaLoad, d: orch.ReplicaLoad) -> orch.Route:
-            key = (p.layer_map, p.latency, p.service, p.service2, d.layer_map, codec)
+            key = (p.layer_map, p.latency, p.service, p.service2, d.layer_map, d.tpot, codec)
             r = self._routes.get(key)
             if r is None:
                 r = orch.route_metrics(self.cluster, self.model, self.workload, p, d, codec, self.calib)
@@ -102,7 +102,7 @@ class Planner:
         pre, dec = [], []
         for rid, perf in items:
             load = orch.ReplicaLoad(rid, perf.capacity, perf.layout.layer_map(), perf.latency, perf.service,
-                                    perf.service2, perf.latencies)
+                                    perf.service2, perf.latencies, perf.tpot)
             (pre if perf.phase == "prefill" else dec).append(load)
         return pre, dec
 
@@ -255,7 +255,10 @@ class Planner:
             meta={"cluster_price_per_hour": round(self.cluster.price_per_hour(), 4),
                   "cluster_spec": self.cluster.to_dict(),
                   "kv_transfer_s": {f"{p}->{d}": round(r.transfer_s, 4) for (p, d), r in result.routes.items()
-                                    if (p, d) in result.flows}},
+                                    if (p, d) in result.flows},
+                  # routes whose first token waits for the KV and leaves from the decode replica
+                  "first_token_from_decode": sorted(f"{p}->{d}" for (p, d), r in result.routes.items()
+                                                    if r.first_from_decode and (p, d) in result.flows)},
         )
 
     def _replica(self, rid: str, perf: GroupPerf, gpus: list[str]) -> Replica:

@@ -63,6 +63,8 @@ def initial_state(planner: Planner, granularity: str = "min") -> State:
     model with its best-linked neighbour (agglomerative, by bandwidth); cut a node that can into
     the smallest groups that hold the model ("min") or keep it whole ("node"); then give phases by
     the prefill/decode capacity ratio."""
+    if granularity == "chain":
+        return chain_state(planner)
     cl = planner.cluster
     clusters: list[list[str]] = [[n.name] for n in cl.nodes]
 
@@ -106,6 +108,85 @@ def initial_state(planner: Planner, granularity: str = "min") -> State:
             groups += [tuple(members[i:i + size]) for i in range(0, len(members), size)]
     phases = _ratio_phases(planner, groups)
     return State(tuple(groups), tuple(phases))
+
+
+def _link_chain(planner: Planner, start: int = 0) -> list[str]:
+    """Nodes in a greedy widest-next-link chain from node `start` (consecutive nodes are well linked)."""
+    cl = planner.cluster
+    left = [n.name for n in cl.nodes]
+    chain = [left.pop(start)]
+    while left:
+        nxt = max(left, key=lambda b: (cl.gbps(chain[-1], b), -left.index(b)))
+        left.remove(nxt)
+        chain.append(nxt)
+    return chain
+
+
+def chain_state(planner: Planner, max_groups: int = 16) -> State:
+    """The best two-size cut by the planner's own score. DistServe-style: prefill groups of one size and
+    decode groups of another, cut along the widest-link chain (from every node for <= 4 nodes), prefill
+    first or decode first; with one size, every designation for <= 6 groups, else by capacity ratio.
+    Only groups inside one node or made of whole nodes. These designations are restrictions of the
+    search space, so keeping the best of them as a floor means the search never returns less."""
+    cl = planner.cluster
+    cands: list[tuple[list[Group], list[str]]] = []
+    starts = range(len(cl.nodes)) if len(cl.nodes) <= 4 else range(1)  # small clusters: every chain start
+    for k in starts:
+        _two_size_cuts([g for n in _link_chain(planner, k) for g in cl.node(n).gpu_ids()], planner, max_groups,
+                       cands)
+    best, best_score = cands[0] if cands else ([], []), -1.0
+    for b, i in sorted(((planner.bound(g, p), i) for i, (g, p) in enumerate(cands)), reverse=True):
+        if b <= best_score * (1 + 1e-9):
+            break
+        g, p = cands[i]
+        if planner.route_bound(g, p) <= best_score * (1 + 1e-9):
+            continue
+        sc = planner.score(g, p)
+        if sc > best_score:
+            best, best_score = (g, p), sc
+    return _make(list(best[0]), list(best[1]))
+
+
+def _two_size_cuts(ids: list[str], planner: Planner, max_groups: int,
+                   cands: list[tuple[list[Group], list[str]]]) -> None:
+    """Append the two-size cuts of `ids` whose groups sit inside one node or are whole nodes."""
+    cl = planner.cluster
+
+    def aligned(groups: list[Group]) -> bool:
+        for g in groups:
+            nodes = {_node(x) for x in g}
+            if len(nodes) > 1 and any(sum(_node(x) == nd for x in g) != cl.node(nd).count for nd in nodes):
+                return False
+        return True
+
+    out: list[tuple[list[Group], list[str]]] = []
+    _cuts(ids, planner, max_groups, out)
+    cands += [c for c in out if aligned(c[0])]
+
+
+def _cuts(ids: list[str], planner: Planner, max_groups: int, cands: list[tuple[list[Group], list[str]]]) -> None:
+    n = len(ids)
+    sizes = [k for k in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32) if k <= n and n % k == 0]
+    for sp in sizes:
+        for sd in sizes:
+            if sp == sd:  # one uniform cut: every designation when few groups, else by capacity ratio
+                groups = [tuple(ids[i:i + sp]) for i in range(0, n - sp + 1, sp)]
+                if len(groups) <= 6:
+                    cands += [(groups, list(ph)) for ph in itertools.product(PHASES, repeat=len(groups))
+                              if "prefill" in ph and "decode" in ph]
+                elif len(groups) <= max_groups:
+                    cands.append((groups, _ratio_phases(planner, groups)))
+                continue
+            for n_p in range(1, n // sp + 1):
+                n_d = (n - n_p * sp) // sd
+                if n_d < 1 or n_p + n_d > max_groups:
+                    continue
+                pre = [tuple(ids[i * sp:(i + 1) * sp]) for i in range(n_p)]
+                dec = [tuple(ids[n_p * sp + j * sd:n_p * sp + (j + 1) * sd]) for j in range(n_d)]
+                cands.append((pre + dec, ["prefill"] * n_p + ["decode"] * n_d))
+                dec = [tuple(ids[j * sd:(j + 1) * sd]) for j in range(n_d)]
+                pre = [tuple(ids[n_d * sd + i * sp:n_d * sd + (i + 1) * sp]) for i in range(n_p)]
+                cands.append((dec + pre, ["decode"] * n_d + ["prefill"] * n_p))
 
 
 def _ratio_phases(planner: Planner, groups: Sequence[Group]) -> list[str]:
@@ -234,13 +315,23 @@ def default_options(n_gpus: int) -> dict[str, int]:
 def tabu_search(planner: Planner, time_limit_s: float | None = None, progress: Progress | None = None,
                 seed: int = 0, **opts: int) -> SearchResult:
     """Tabu search from the bandwidth-clustering start, restarted from other starts while the
-    restart budget (small clusters) and the time limit allow; the best state wins."""
+    restart budget (small clusters) and the time limit allow; the best state wins. The best
+    two-size (DistServe-style) cut along the widest-link chain (`chain_state`) is scored first and
+    is a floor (the search never returns a state its own objective ranks below that restriction);
+    with `chain_start=2` (default) it is also the second start, in place of the whole-node one."""
     t0 = time.monotonic()
     o = default_options(planner.cluster.n_gpus)
     o.update(opts)
-    starts = ["min", "node", *(f"random-{seed}-{i}" for i in range(max(0, o["restarts"] - 1)))]
+    chain = o.get("chain_start", 2)  # 0: off; 1: the chain cut is a floor; 2: also the second start
+    second = "chain" if chain >= 2 else "node"
+    starts = ["min", second, *(f"random-{seed}-{i}" for i in range(max(0, o["restarts"] - 1)))]
     starts = starts[: 1 + max(0, o["restarts"])]
     best: SearchResult | None = None
+    if chain:  # the best structured (DistServe-style) cut: a floor for the search
+        c = chain_state(planner)
+        sc = planner.score(c.groups, c.phases) if c.groups else 0.0
+        if sc > 0:
+            best = SearchResult([list(g) for g in c.groups], list(c.phases), sc, 0, time.monotonic() - t0)
     total_it = 0
     for k, gran in enumerate(starts):
         left = None if time_limit_s is None else time_limit_s - (time.monotonic() - t0)

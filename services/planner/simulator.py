@@ -13,9 +13,12 @@ What it models, per replica phase:
   * colocated replicas (vLLM-style): one queue, iteration scheduling with prefill first - a prefill
     batch stalls the running decode batch, otherwise the batch takes a decode step.
 
-TTFT ends when the first token reaches the client: after prefill and, when disaggregated, the KV
-transfer (the decode side relays the first token). TPOT = (finish - first token) / (output - 1), so
-waiting for a decode slot shows up in TPOT. A request meets its SLOs when TTFT <= ttft_slo and
+TTFT ends when the first token reaches the client: when prefill finishes - a disaggregated prefill
+replica streams it before the KV moves, as services/prefill/role.py does - or, on the routes the plan
+lists in meta["first_token_from_decode"], once the KV has landed on the decode replica. TPOT = (finish
+- first token) / (output - 1), so an early first token puts the KV transfer (with its link queueing) in
+TPOT, and waiting for a decode slot always shows up there; a request that its first token ends moves
+no KV. A request meets its SLOs when TTFT <= ttft_slo and
 TPOT <= tpot_slo. The router splits requests at random by the plan's dispatch and routing weights
 (colocated replicas by predicted capacity): a Poisson stream stays Poisson per replica, which is what
 the planner assumes. Every time comes from costmodel.py, so plan and simulation agree where the
@@ -98,6 +101,7 @@ class RequestResult:
     finish: float = math.inf  # absolute time the last token did
     prefill: str = ""
     decode: str = ""
+    kv_ready: float = math.nan  # disaggregated: absolute time the KV landed on the decode replica
 
     @property
     def ttft(self) -> float:
@@ -460,6 +464,7 @@ class Simulator:
         self._entry = self._entry_weights()
         self._routes = {p: {d: self._route(plan.replica(p), plan.replica(d)) for d in row}
                         for p, row in plan.routing.items()}
+        self._first_from_decode = {tuple(k.split("->", 1)) for k in plan.meta.get("first_token_from_decode", [])}
 
     # --- static structure ---------------------------------------------------------------------------
     def _entry_weights(self) -> dict[str, float]:
@@ -527,16 +532,22 @@ class Simulator:
                 transfer(r)
 
         def transfer(r: RequestResult) -> None:
+            # the prefill replica streams the first token before the KV moves (services/prefill/role.py),
+            # unless the plan has the route's first token wait for the KV; a request that its first token
+            # ends moves no KV
+            r.first_token = eng.now
+            if r.output <= 1:
+                r.finish = eng.now
+                return
             done = eng.now
             for key, per_tok in self._routes[r.prefill][r.decode].pieces:
                 start = max(eng.now, link_free.get(key, 0.0))
                 end = start + cm.transfer_time(per_tok * r.prompt, self.cluster.gbps(*key), self.calib)
                 link_free[key] = end
                 done = max(done, end)
-            r.first_token = done
-            if r.output <= 1:
-                r.finish = done
-                return
+            r.kv_ready = done
+            if (r.prefill, r.decode) in self._first_from_decode:
+                r.first_token = done
             eng.at(done, lambda: decoders[r.decode].arrive(r))
 
         for r in self.plan.replicas:

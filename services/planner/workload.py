@@ -46,6 +46,16 @@ class Workload:
         self._points = tuple(float(x) for x in np.quantile(p, (np.arange(k) + 0.5) / k))
         k = min(PROMPT_POINTS, len(o))
         self._out_points = tuple(float(x) for x in np.quantile(o, (np.arange(k) + 0.5) / k))
+        # a decode batch holds a sequence for (o - 1) steps, so the sequences in it at any moment are
+        # length-biased: weight each (prompt, output) pair by its decode steps (pairs as the trace has them)
+        if len(p) == len(o):
+            d = np.maximum(o - 1.0, 0.0)
+            if d.sum() > 0:
+                self._decode_ctx = (float(((p + o) * d).sum() / d.sum()), float(((p + o / 2) * d).sum() / d.sum()))
+            else:
+                self._decode_ctx = (float((p + o).mean()), float((p + o / 2).mean()))
+        else:  # lengths not paired: independent means
+            self._decode_ctx = (self._stats[0] + self._stats[1], self._stats[0] + self._stats[1] / 2)
 
     # --- statistics the cost model uses -------------------------------------------------------
     @property
@@ -66,6 +76,17 @@ class Workload:
         """Prompt lengths at evenly spread quantiles (equal weights): the cost model's sample of the
         distribution for M/G/1 service-time moments and per-length TTFT."""
         return self._points
+
+    @property
+    def decode_hold_tokens(self) -> float:
+        """KV tokens (prompt + output, reserved at admission) of a sequence found in a decode batch:
+        E[(p + o)(o - 1)] / E[o - 1], not E[p + o] - long outputs stay in the batch longer."""
+        return self._decode_ctx[0]
+
+    @property
+    def decode_read_tokens(self) -> float:
+        """Mean context a decode step reads per sequence in the batch: E[(p + o/2)(o - 1)] / E[o - 1]."""
+        return self._decode_ctx[1]
 
     @property
     def output_points(self) -> tuple[float, ...]:

@@ -117,17 +117,43 @@ def test_lp_loads_links_at_most_link_util_max():
     assert res.rate == pytest.approx(0.6 * 1e9 / (1000 * m.kv_bytes_per_token))
 
 
-def test_route_ttft_pays_the_link_wait():
-    # per-prompt-point route: TTFT budget = SLO - latency - (transfer + M/G/1 link wait at 60% load)
+def test_route_ttft_does_not_wait_for_the_kv():
+    # the first token leaves the prefill replica before the KV moves: TTFT budget = SLO - latency, and a
+    # transfer (+ M/G/1 link wait at 60% load) within the TPOT slack of (tpot_slo - tpot) (o - 1) costs nothing
     m = ModelSpec.from_name("llama-7b")
     w = Workload(rate=1.0, prompt_lens=[1000], output_lens=[100], ttft_slo=10.0, tpot_slo=0.1)
     calib = cm.Calibration(net_eff=1.0, hop_latency=0.0, link_util_max=0.6)
     p = orch.ReplicaLoad("p", 100.0, (("a", 0, 32),), latency=0.5, service=0.2, service2=0.04,
                          latencies=(0.5,))
-    d = orch.ReplicaLoad("d", 100.0, (("b", 0, 32),))
+    d = orch.ReplicaLoad("d", 100.0, (("b", 0, 32),), tpot=0.05)
     r = orch.route_metrics(CL, m, w, p, d, "none", calib)
+    target = cm.split_attainment(0.9, calib.ttft_miss_share)
+    assert r.cap == pytest.approx(cm.prefill_capacity_dist([10.0 - 0.5], 0.2, 0.04, target))
+
+
+def test_route_pays_the_tpot_misses_of_a_slow_transfer():
+    # outputs of 2 and 100 tokens: the 2-token half cannot absorb a ~0.7 s transfer (slack 0.05 s), the
+    # 100-token half can (4.95 s); that half of the requests comes out of the route's miss budget
+    m = ModelSpec.from_name("llama-7b")
+    calib = cm.Calibration(net_eff=1.0, hop_latency=0.0, link_util_max=0.6)
+    p = orch.ReplicaLoad("p", 100.0, (("a", 0, 32),), latency=0.5, service=0.2, service2=0.04,
+                         latencies=(0.5,))
+    d = orch.ReplicaLoad("d", 100.0, (("b", 0, 32),), tpot=0.05)
     x = 1000 * m.kv_bytes_per_token / 1e9
     wait = 0.6 * x / (2 * 0.4)  # deterministic transfer: E[W] = rho x / (2 (1 - rho))
-    budget = 10.0 - 0.5 - x - wait
+    assert orch.transfer_miss([x + wait], 0.1, 0.05, [2, 100]) == 0.5
+    w = Workload(rate=1.0, prompt_lens=[1000], output_lens=[2, 100] * 50, ttft_slo=10.0, tpot_slo=0.1,
+                 attainment=0.9)
+    assert orch.transfer_miss([x + wait], 0.1, 0.05, w.output_points) == pytest.approx(0.5, abs=0.04)
+    r = orch.route_metrics(CL, m, w, p, d, "none", calib)  # ~50% > the 5% budget: the first token waits
     target = cm.split_attainment(0.9, calib.ttft_miss_share)
-    assert r.cap == pytest.approx(cm.prefill_capacity_dist([budget], 0.2, 0.04, target))
+    assert r.first_from_decode and r.cap == pytest.approx(
+        cm.prefill_capacity_dist([10.0 - 0.5 - x - wait], 0.2, 0.04, target))
+    w = Workload(rate=1.0, prompt_lens=[1000], output_lens=[2] * 4 + [100] * 76, ttft_slo=10.0, tpot_slo=0.1,
+                 attainment=0.9)
+    miss = orch.transfer_miss([x + wait], 0.1, 0.05, w.output_points)
+    assert 0 < miss < 0.05
+    early = cm.prefill_capacity_dist([10.0 - 0.5], 0.2, 0.04, target + miss)
+    held = cm.prefill_capacity_dist([10.0 - 0.5 - x - wait], 0.2, 0.04, target)
+    r = orch.route_metrics(CL, m, w, p, d, "none", calib)  # the better of the two
+    assert r.cap == pytest.approx(max(early, held)) and r.first_from_decode == (held > early)

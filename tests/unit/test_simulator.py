@@ -37,6 +37,11 @@ def _transfer_s(plan, cluster, prompt):
     return cm.kv_transfer_time(MODEL, prompt, MODEL.layers, cluster.gbps("n", "n"), plan.kv_codec)
 
 
+def _held(plan) -> bool:
+    """Does the plan's r0 -> r1 route send the first token from the decode side (after the KV)?"""
+    return "r0->r1" in plan.meta.get("first_token_from_decode", [])
+
+
 def test_batch_cost_is_the_cost_model_for_one_prompt():
     plan, _ = _plan(64)
     hw = Simulator(plan, CLUSTER, MODEL, SLO(1, 1)).hw["r0"]
@@ -55,12 +60,18 @@ def test_unloaded_latencies_are_the_cost_model():
     reqs = trace_requests([0.0, 10.0, 20.0], [1024] * 3, [64] * 3)  # far apart: nothing queues
     res = sim.run(reqs)
     hw_p, hw_d = sim.hw["r0"], sim.hw["r1"]
-    ttft = cm.prefill_latency(MODEL, hw_p, 1024) + _transfer_s(plan, CLUSTER, 1024)
-    # alone in the batch: each step at the sequence's growing context, which averages prompt + output/2
-    tpot = cm.decode_step_time(MODEL, hw_d, 1, 1024 + 1 + 63 / 2)
+    # the first token leaves the prefill replica before the KV moves: TTFT is the prefill latency (64-token
+    # outputs absorb a fast link's transfer, so the planner keeps the early first token)
+    assert not _held(plan)
+    ttft = cm.prefill_latency(MODEL, hw_p, 1024)
+    x = _transfer_s(plan, CLUSTER, 1024)
+    # alone in the batch: each step at the sequence's growing context, which averages prompt + output/2;
+    # the KV transfer sits between the first and second tokens
+    step = cm.decode_step_time(MODEL, hw_d, 1, 1024 + 1 + 63 / 2)
     for r in res.requests:
         assert r.ttft == pytest.approx(ttft, rel=1e-9)
-        assert r.tpot == pytest.approx(tpot, rel=0.01)
+        assert r.kv_ready - r.first_token == pytest.approx(x, rel=1e-9)
+        assert r.tpot == pytest.approx((x + 63 * step) / 63, rel=0.01)
         assert r.e2e == pytest.approx(r.ttft + 63 * r.tpot)
 
 
@@ -82,7 +93,8 @@ def test_md1_mean_wait(rho):
     sim = Simulator(plan, CLUSTER, MODEL, SLO(1, 0.05), config=ONE)
     s = cm.prefill_service_time(MODEL, sim.hw["r0"], 1024)
     res = sim.run(poisson_requests(rho / s, [1024], [2], n=20_000, seed=3))
-    base = cm.prefill_latency(MODEL, sim.hw["r0"], 1024) + _transfer_s(plan, CLUSTER, 1024)
+    # 2-token outputs: the planner has the first token wait for the (fast) transfer, so TTFT includes it
+    base = cm.prefill_latency(MODEL, sim.hw["r0"], 1024) + (_transfer_s(plan, CLUSTER, 1024) if _held(plan) else 0)
     wait = np.array([r.ttft for r in res.requests]) - base
     assert wait.min() > -1e-9
     assert wait.mean() == pytest.approx(rho * s / (2 * (1 - rho)), rel=0.08)
@@ -132,16 +144,27 @@ def test_overload_fails_slos_and_queue_drains():
 
 
 def test_codec_shortens_kv_transfer_over_a_slow_link():
-    """Prefill on node a, decode on node b over 10 Gbit/s: int4 cuts TTFT by the saved transfer time."""
-    out = {}
+    """Prefill on node a, decode on node b over 10 Gbit/s: int4 brings the KV (and every token after
+    the first) earlier by the saved transfer time; TTFT does not wait for the KV either way."""
+    out, ttft = {}, {}
     for codec in ("none", "int4"):
-        plan, _ = _plan(8, cluster=TWO_NODES, groups=(["a:0"], ["b:0"]), codec=codec, ttft=5.0)
+        # a loose TPOT SLO: a 1 s transfer ahead of 7 tokens must not make the route unservable
+        plan, _ = _plan(8, cluster=TWO_NODES, groups=(["a:0"], ["b:0"]), codec=codec, ttft=5.0, tpot=1.0)
         assert plan.kv_codec == codec
-        sim = Simulator(plan, TWO_NODES, MODEL, SLO(5, 0.05), config=ONE)
-        out[codec] = sim.run(trace_requests([0.0], [2048], [8])).requests[0].ttft
+        sim = Simulator(plan, TWO_NODES, MODEL, SLO(5, 1.0), config=ONE)
+        r = sim.run(trace_requests([0.0], [2048], [8])).requests[0]
+        out[codec], ttft[codec] = r.finish, r.ttft
     saved = (cm.kv_transfer_time(MODEL, 2048, MODEL.layers, 10, "none")
              - cm.kv_transfer_time(MODEL, 2048, MODEL.layers, 10, "int4"))
+    assert ttft["none"] == pytest.approx(ttft["int4"], rel=1e-12)
     assert out["none"] - out["int4"] == pytest.approx(saved, rel=1e-6)
+
+
+def test_one_token_output_moves_no_kv():
+    plan, _ = _plan(8, cluster=TWO_NODES, groups=(["a:0"], ["b:0"]), codec="none", ttft=5.0, tpot=1.0)
+    sim = Simulator(plan, TWO_NODES, MODEL, SLO(5, 1.0), config=ONE)
+    r = sim.run(trace_requests([0.0], [2048], [1])).requests[0]
+    assert r.finish == r.first_token and math.isnan(r.kv_ready)
 
 
 def test_link_is_shared_fifo():
@@ -156,7 +179,7 @@ def test_link_is_shared_fifo():
     res = next(r for r in (sim.run(reqs, seed=s) for s in range(50))  # both prefill replicas in use
                if r.requests[0].prefill != r.requests[1].prefill)
     x = cm.kv_transfer_time(MODEL, 2048, MODEL.layers, 10, "none")
-    t = sorted(r.ttft for r in res.requests)
+    t = sorted(r.kv_ready for r in res.requests)
     assert t[1] - t[0] == pytest.approx(x, rel=1e-6)
 
 
@@ -190,3 +213,25 @@ def test_poisson_requests_rate_and_common_random_numbers():
     assert max(r.arrival for r in d) < 100 and 400 < len(d) < 600
     with pytest.raises(ValueError):
         poisson_requests(0, [1], [1], n=1)
+
+
+def test_first_token_from_decode_waits_for_the_kv():
+    """A route the plan marks first-token-from-decode: TTFT pays the transfer, TPOT does not."""
+    plan, _ = _plan(8, cluster=TWO_NODES, groups=(["a:0"], ["b:0"]), codec="none", ttft=5.0, tpot=1.0)
+    sim = Simulator(plan, TWO_NODES, MODEL, SLO(5, 1.0), config=ONE)
+    early = sim.run(trace_requests([0.0], [2048], [8])).requests[0]
+    plan.meta["first_token_from_decode"] = ["r0->r1"]
+    sim = Simulator(plan, TWO_NODES, MODEL, SLO(5, 1.0), config=ONE)
+    held = sim.run(trace_requests([0.0], [2048], [8])).requests[0]
+    x = cm.kv_transfer_time(MODEL, 2048, MODEL.layers, 10, "none")
+    assert held.ttft - early.ttft == pytest.approx(x, rel=1e-9)
+    assert held.finish == pytest.approx(early.finish, rel=1e-12) and held.first_token == held.kv_ready
+
+
+def test_planner_holds_the_first_token_when_short_outputs_cross_a_slow_link():
+    """8-token outputs behind a ~1 s transfer would all miss a 0.05 s TPOT with an early first token; the
+    route then waits for the KV (TTFT 5 s has room) and the plan says so."""
+    plan, _ = _plan(8, cluster=TWO_NODES, groups=(["a:0"], ["b:0"]), codec="none", ttft=5.0, tpot=0.05)
+    assert plan.objective > 0 and plan.meta["first_token_from_decode"] == ["r0->r1"]
+    plan, _ = _plan(8, cluster=CLUSTER, codec="none", ttft=5.0, tpot=0.05)  # same node: early is free
+    assert plan.objective > 0 and plan.meta["first_token_from_decode"] == []
