@@ -78,6 +78,10 @@ class Plan:
     price_per_hour: float = 0.0  # $/h of the GPUs the plan uses
     workload: dict[str, Any] = field(default_factory=dict)
     unused_gpus: list[str] = field(default_factory=list)
+    # "prefill->decode" routes whose first token leaves the decode replica once the KV has landed
+    # (on the others the prefill replica streams it at once): over a slow link a short request
+    # would otherwise wait for its KV between its first and second token and miss TPOT.
+    first_token_from_decode: list[str] = field(default_factory=list)
     created_at: float = field(default_factory=time.time)
     schema: int = SCHEMA_VERSION
     meta: dict[str, Any] = field(default_factory=dict)
@@ -88,6 +92,10 @@ class Plan:
             if r.id == replica_id:
                 return r
         raise KeyError(replica_id)
+
+    def first_token_waits(self, prefill: str, decode: str) -> bool:
+        """Whether the route prefill -> decode sends its first token from the decode replica."""
+        return f"{prefill}->{decode}" in self.first_token_from_decode
 
     def ids(self, phase: str) -> list[str]:
         return [r.id for r in self.replicas if r.phase == phase]
@@ -118,6 +126,7 @@ class Plan:
         kw["routing"] = {str(p): {str(q): float(w) for q, w in row.items()}
                          for p, row in d.get("routing", {}).items()}
         kw["unused_gpus"] = list(d.get("unused_gpus", []))
+        kw["first_token_from_decode"] = [str(k) for k in d.get("first_token_from_decode", [])]
         kw["workload"] = dict(d.get("workload", {}))
         kw["meta"] = dict(d.get("meta", {}))
         return cls(**kw)

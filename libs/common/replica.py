@@ -72,6 +72,7 @@ class ReplicaHost:
         self.nc: nats.NATS | None = None
         self.role: PhaseRole | None = None
         self.state = "starting"
+        self.plan: Plan | None = None  # the plan in force, once one is published
         self.plan_epoch = 0
         self.plan_kv_codec: str | None = None  # the current plan's codec, when a plan names one
         self._plan_watcher: PlanWatcher | None = None
@@ -170,6 +171,7 @@ class ReplicaHost:
         mine = next((r for r in plan.replicas if r.id == self.replica_id), None)
         if mine is not None and mine.phase in ROLE_MODULES and mine.phase != self.phase:
             await self.set_phase(mine.phase)
+        self.plan = plan
         self.plan_kv_codec = plan.kv_codec or None
         self.plan_epoch = plan.epoch  # the heartbeat carries it: the planner's acknowledgement
         await self._send_heartbeat()

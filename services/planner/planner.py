@@ -252,13 +252,12 @@ class Planner:
             price_per_hour=round(sum(r.price_per_hour for r in replicas), 4),
             workload=self.workload.summary(),
             unused_gpus=unused,
+            first_token_from_decode=sorted(f"{p}->{d}" for (p, d), r in result.routes.items()
+                                           if r.first_from_decode and (p, d) in result.flows),
             meta={"cluster_price_per_hour": round(self.cluster.price_per_hour(), 4),
                   "cluster_spec": self.cluster.to_dict(),
                   "kv_transfer_s": {f"{p}->{d}": round(r.transfer_s, 4) for (p, d), r in result.routes.items()
-                                    if (p, d) in result.flows},
-                  # routes whose first token waits for the KV and leaves from the decode replica
-                  "first_token_from_decode": sorted(f"{p}->{d}" for (p, d), r in result.routes.items()
-                                                    if r.first_from_decode and (p, d) in result.flows)},
+                                    if (p, d) in result.flows}},
         )
 
     def _replica(self, rid: str, perf: GroupPerf, gpus: list[str]) -> Replica:

@@ -15,7 +15,7 @@ What it models, per replica phase:
 
 TTFT ends when the first token reaches the client: when prefill finishes - a disaggregated prefill
 replica streams it before the KV moves, as services/prefill/role.py does - or, on the routes the plan
-lists in meta["first_token_from_decode"], once the KV has landed on the decode replica. TPOT = (finish
+lists in `first_token_from_decode`, once the KV has landed on the decode replica. TPOT = (finish
 - first token) / (output - 1), so an early first token puts the KV transfer (with its link queueing) in
 TPOT, and waiting for a decode slot always shows up there; a request that its first token ends moves
 no KV. A request meets its SLOs when TTFT <= ttft_slo and
@@ -464,7 +464,7 @@ class Simulator:
         self._entry = self._entry_weights()
         self._routes = {p: {d: self._route(plan.replica(p), plan.replica(d)) for d in row}
                         for p, row in plan.routing.items()}
-        self._first_from_decode = {tuple(k.split("->", 1)) for k in plan.meta.get("first_token_from_decode", [])}
+        self._first_from_decode = {tuple(k.split("->", 1)) for k in plan.first_token_from_decode}
 
     # --- static structure ---------------------------------------------------------------------------
     def _entry_weights(self) -> dict[str, float]:

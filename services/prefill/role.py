@@ -97,9 +97,13 @@ class PrefillRole:
                                        headers=tracing.headers_for(parent))
             return
         payload, manifest, first_chunk = outcome
-        # Stream the first token now (TTFT does not wait for the KV transfer and decode admission).
-        await self.host.nc.publish(request.reply_subject, protocol.encode(first_chunk),
-                                   headers=tracing.headers_for(parent))
+        # Stream the first token now (TTFT does not wait for the KV transfer and decode admission),
+        # unless the plan has this route's decode replica send it once the KV has landed.
+        plan = self.host.plan
+        first_here = plan is None or not plan.first_token_waits(self.host.replica_id, request.decode_replica)
+        if first_here:
+            await self.host.nc.publish(request.reply_subject, protocol.encode(first_chunk),
+                                       headers=tracing.headers_for(parent))
         handoff = KVHandoff(
             request_id=request.request_id,
             prefill_replica=self.host.replica_id,
@@ -110,7 +114,7 @@ class PrefillRole:
             sampling=request.sampling,
             reply_subject=request.reply_subject,
             kv_manifest=manifest,
-            first_chunk_sent=True,
+            first_chunk_sent=first_here,
         )
         try:
             await self.host.nc.publish(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 
 import nats
@@ -54,3 +56,51 @@ async def test_plan_flips_a_replica_and_steers_routing(tiny_cluster):
     assert after["prefill-0"] - before["prefill-0"] == 6
     assert after["prefill-1"] - before["prefill-1"] == 6
     assert after["decode-0"] - before["decode-0"] == 0
+
+
+async def _publish_and_wait(cluster, plan: Plan) -> None:
+    nc = await nats.connect(cluster.nats_url)
+    try:
+        await publish_plan(nc, Subjects(), plan)
+    finally:
+        await nc.close()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        health = cluster.health() or {}
+        if all(r["plan_epoch"] == plan.epoch for r in health.get("replicas", [])) and health.get("replicas"):
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"plan epoch {plan.epoch} was not acknowledged: {cluster.health()}")
+
+
+async def _first_token_while_decode_paused(cluster, client: Client, pause_s: float = 1.0):
+    """(whether a first token arrived while decode-0 was stopped, the whole output)."""
+    stream = client.stream("Held or not", max_tokens=5, ignore_eos=True, temperature=0)
+    tokens: list[int] = []
+    os.kill(cluster.procs["decode-0"].pid, signal.SIGSTOP)
+    try:
+        first = asyncio.ensure_future(anext(stream))
+        done, _ = await asyncio.wait({first}, timeout=pause_s)
+        early = bool(done)
+    finally:
+        os.kill(cluster.procs["decode-0"].pid, signal.SIGCONT)
+    tokens.extend((await first).token_ids)
+    async for chunk in stream:
+        tokens.extend(chunk.token_ids)
+    return early, tokens
+
+
+async def test_plan_decides_which_replica_streams_the_first_token(tiny_cluster):
+    replicas = [Replica("prefill-0", "prefill", ["h:0"]), Replica("decode-0", "decode", ["h:1"])]
+    async with Client(tiny_cluster.nats_url, timeout_s=60) as client:
+        await client.complete("warm up the channel pair", max_tokens=3)
+        await _publish_and_wait(tiny_cluster, Plan(replicas=replicas, epoch=11, kv_codec="none"))
+        early, streamed = await _first_token_while_decode_paused(tiny_cluster, client)
+        assert early  # the prefill replica streams it without waiting for decode
+
+        held_plan = Plan(replicas=replicas, epoch=12, kv_codec="none",
+                         first_token_from_decode=["prefill-0->decode-0"])
+        await _publish_and_wait(tiny_cluster, held_plan)
+        early, held = await _first_token_while_decode_paused(tiny_cluster, client)
+        assert not early  # it waits for the KV to land on the (paused) decode replica
+    assert held == streamed and len(held) == 5  # the same tokens either way

@@ -24,6 +24,7 @@ def _plan() -> Plan:
         model_layers=32,
         objective=1.5,
         workload={"name": "code", "rate": 1.0},
+        first_token_from_decode=["r0->r1"],
         meta={"note": "x", "nested": {"a": [1, 2.5, True]}},
     )
 
@@ -43,6 +44,8 @@ def test_dict_and_json_round_trip():
     assert Plan.from_dict(d) == p
     assert Plan.from_json(p.to_json()) == p
     assert Plan.from_dict(json.loads(json.dumps(d))).to_dict() == d
+    assert Plan.from_json(p.to_json()).first_token_waits("r0", "r1")
+    assert not p.first_token_waits("r1", "r0")
 
 
 def test_router_facing_fields_are_simple():

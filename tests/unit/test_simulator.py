@@ -39,7 +39,7 @@ def _transfer_s(plan, cluster, prompt):
 
 def _held(plan) -> bool:
     """Does the plan's r0 -> r1 route send the first token from the decode side (after the KV)?"""
-    return "r0->r1" in plan.meta.get("first_token_from_decode", [])
+    return plan.first_token_waits("r0", "r1")
 
 
 def test_batch_cost_is_the_cost_model_for_one_prompt():
@@ -220,7 +220,7 @@ def test_first_token_from_decode_waits_for_the_kv():
     plan, _ = _plan(8, cluster=TWO_NODES, groups=(["a:0"], ["b:0"]), codec="none", ttft=5.0, tpot=1.0)
     sim = Simulator(plan, TWO_NODES, MODEL, SLO(5, 1.0), config=ONE)
     early = sim.run(trace_requests([0.0], [2048], [8])).requests[0]
-    plan.meta["first_token_from_decode"] = ["r0->r1"]
+    plan.first_token_from_decode = ["r0->r1"]
     sim = Simulator(plan, TWO_NODES, MODEL, SLO(5, 1.0), config=ONE)
     held = sim.run(trace_requests([0.0], [2048], [8])).requests[0]
     x = cm.kv_transfer_time(MODEL, 2048, MODEL.layers, 10, "none")
@@ -232,6 +232,6 @@ def test_planner_holds_the_first_token_when_short_outputs_cross_a_slow_link():
     """8-token outputs behind a ~1 s transfer would all miss a 0.05 s TPOT with an early first token; the
     route then waits for the KV (TTFT 5 s has room) and the plan says so."""
     plan, _ = _plan(8, cluster=TWO_NODES, groups=(["a:0"], ["b:0"]), codec="none", ttft=5.0, tpot=0.05)
-    assert plan.objective > 0 and plan.meta["first_token_from_decode"] == ["r0->r1"]
+    assert plan.objective > 0 and plan.first_token_from_decode == ["r0->r1"]
     plan, _ = _plan(8, cluster=CLUSTER, codec="none", ttft=5.0, tpot=0.05)  # same node: early is free
-    assert plan.objective > 0 and plan.meta["first_token_from_decode"] == []
+    assert plan.objective > 0 and plan.first_token_from_decode == []
