@@ -183,15 +183,17 @@ class SocketPair(ChannelPair):
         buf = torch.empty(nbytes, dtype=torch.uint8) if out is None else out[:nbytes]
         deadline = time.monotonic() + self.timeout_s
         with self._cv:
-            early = self._early.pop(tag, None)
-            if early is not None:
-                return self._sized(early[0], nbytes, buf, tag)
             self._check()
             self._waiting[tag] = buf
             while True:
                 if tag in self._done:
                     self._done.discard(tag)
                     return buf
+                # (it may have been read, into a buffer of its own, before this recv was waiting)
+                early = self._early.pop(tag, None)
+                if early is not None:
+                    self._waiting.pop(tag, None)
+                    return self._sized(early[0], nbytes, buf, tag)
                 if self.broken:
                     self._waiting.pop(tag, None)
                     self._check()
