@@ -15,16 +15,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from thunderserve.common import kvaccuracy as ka
-from thunderserve.common.kvcodec import GroupQuantCodec, PackedTensor, QuantSpec, dtype_name, get_codec
+from thunderserve.common import kvprofiles, kvprofiles_data
+from thunderserve.common.kvcodec import GroupQuantCodec, Int4Codec, PackedTensor, QuantSpec, dtype_name, get_codec
 from thunderserve.common.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import kvcodec_calibrate as calib  # noqa: E402  (its width allocation, for the curve)
 
 
 class CastCodec:
@@ -43,6 +48,23 @@ class CastCodec:
         return get_codec("none").decode(packed)
 
 
+class Int4Variant(Int4Codec):
+    """The int4 scheme with parts switched off or other per-layer widths (for the curve)."""
+
+    def __init__(self, key_bits=None, value_bits=None, pre_rope=True, query_weights=True, profile=True):
+        super().__init__()
+        self.variant = (key_bits, value_bits, pre_rope, query_weights, profile)
+
+    def for_layer(self, index: int, n_layers: int, shape: tuple[int, ...]):
+        key_bits, value_bits, pre_rope, query_weights, use_profile = self.variant
+        p = kvprofiles.find(n_layers, shape[1], shape[-1])
+        kb = key_bits[index] if key_bits else (p.key_bits[index] if use_profile else 4)
+        vb = value_bits[index] if value_bits else (p.value_bits[index] if use_profile else 4)
+        key = replace(self.key_spec, bits=kb, rope_theta=p.rope_theta if pre_rope else 0.0)
+        value = replace(self.value_spec, bits=vb)
+        return Int4Codec(key, value, p.key_weights(index) if query_weights else None)
+
+
 def curve_points() -> list[tuple[str, str, object]]:
     """(series, label, codec) for the trade-off plot."""
     points: list[tuple[str, str, object]] = [
@@ -52,10 +74,22 @@ def curve_points() -> list[tuple[str, str, object]]:
     for group in (32, 64, 128):  # the issue's baseline: KIVI-style, no outlier handling
         spec_k, spec_v = QuantSpec(4, group, "channel"), QuantSpec(4, group, "token")
         points.append(("plain int4 (K/channel, V/token)", f"plain int4 g{group}", GroupQuantCodec(spec_k, spec_v)))
-    for bits in (3, 4, 5, 6, 8):  # the int4 codec's scheme at other widths
-        spec_k = QuantSpec(bits, 64, "channel", rotate=True, sink_tokens=1)
-        spec_v = QuantSpec(bits, 64, "token", rotate=True)
-        points.append(("rotated + key sink (int4 scheme)", f"scheme {bits}-bit", GroupQuantCodec(spec_k, spec_v)))
+    for bits in (4, 5):  # the previous int4 codec: Hadamard rotation + fp16 key sink, groups of 64
+        spec_k = QuantSpec(bits, 64, "channel", rotate=64, sink_tokens=1)
+        spec_v = QuantSpec(bits, 64, "token", rotate=64)
+        points.append(("previous int4 (rotation + key sink, g64)", f"previous {bits}-bit",
+                       GroupQuantCodec(spec_k, spec_v)))
+    # The int4 scheme with one part off at a time (same per-layer widths as the codec).
+    points.append(("int4 ablations", "no pre-RoPE", Int4Variant(pre_rope=False)))
+    points.append(("int4 ablations", "no query weights", Int4Variant(query_weights=False)))
+    points.append(("int4 ablations", "4 bits every layer", Int4Variant(profile=False)))
+    # The int4 scheme with the calibrated widths allocated for other budgets.
+    profile = kvprofiles.find(30, 3, 64)
+    data = kvprofiles_data.PROFILES["smollm2-135m"]
+    for target in (3.6, 5.1, 5.6, 6.6):
+        kb, vb = calib.allocate(data["sensitivity"]["key"], data["sensitivity"]["value"], data, target, 2000)
+        points.append(("int4 scheme, calibrated widths", f"<= {target} b", Int4Variant(kb, vb)))
+    assert profile is not None
     return points
 
 

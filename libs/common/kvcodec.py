@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import torch
 
-from thunderserve.common import kvquant
+from thunderserve.common import kvprofiles, kvquant
 
 KVLayers = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -85,17 +85,21 @@ class NoneCodec:
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """How one kind of tensor (keys or values) is quantized.
+    """How one kind of tensor (keys or values) is quantized (see `kvquant.encode_tensor`).
 
     axis "token": groups run along head_dim (one token's vector); axis "channel": groups run
     along the sequence (one channel over many tokens, KIVI-style for keys).
     """
 
-    bits: int
+    bits: int  # code width; with `widths`, the mean width per channel
     group: int
     axis: str = "token"
-    rotate: bool = False  # Hadamard along head_dim first: spreads outlier channels
+    rotate: int = 0  # Hadamard block along head_dim (0 = none): spreads outlier channels
     sink_tokens: int = 0  # the first tokens travel in fp16 (attention sinks)
+    levels: str = "uniform"  # "uniform" (asymmetric) | "normal" (Gaussian-quantile codebook)
+    rope_theta: float = 0.0  # > 0: undo RoPE before quantizing (keys), redo it on decode
+    rope_start: int = 0  # position of the tensor's first token
+    widths: bool = False  # per-channel bit widths (axis "channel")
 
     def params(self) -> dict[str, Any]:
         return {
@@ -104,40 +108,66 @@ class QuantSpec:
             "axis": self.axis,
             "rotate": self.rotate,
             "sink_tokens": self.sink_tokens,
+            "levels": self.levels,
+            "rope_theta": self.rope_theta,
+            "rope_start": self.rope_start,
+            "widths": self.widths,
         }
 
     @classmethod
     def from_params(cls, p: dict[str, Any]) -> QuantSpec:
-        return cls(int(p["bits"]), int(p["group"]), str(p["axis"]), bool(p["rotate"]), int(p["sink_tokens"]))
+        spec = cls(
+            int(p["bits"]), int(p["group"]), str(p["axis"]), int(p["rotate"]), int(p["sink_tokens"]),
+            str(p["levels"]), float(p["rope_theta"]), int(p["rope_start"]), bool(p["widths"]),
+        )
+        if spec.levels not in ("uniform", "normal") or (spec.levels == "normal" and spec.axis != "token"):
+            raise ValueError(f"unsupported levels {spec.levels!r} on axis {spec.axis!r}")
+        return spec
 
 
 def _fit(spec: QuantSpec, shape: tuple[int, ...]) -> QuantSpec:
-    """The spec as it applies to one tensor: no more sink tokens than it has, rotation only
-    for power-of-two head_dim."""
+    """The spec as it applies to one tensor: no more sink tokens than it has, a rotation block
+    only if it is a power of two dividing head_dim, RoPE only for an even head_dim, per-channel
+    widths only on the channel axis, normal levels only from 2 bits."""
     seq, head_dim = shape[-2], shape[-1]
-    rotate = spec.rotate and head_dim > 0 and head_dim & (head_dim - 1) == 0
-    return replace(spec, rotate=rotate, sink_tokens=min(spec.sink_tokens, seq))
+    block = min(spec.rotate, head_dim)
+    rotate = block if block > 0 and block & (block - 1) == 0 and head_dim % block == 0 else 0
+    rope_theta = spec.rope_theta if head_dim % 2 == 0 else 0.0
+    levels = spec.levels if spec.bits >= 2 else "uniform"
+    return replace(spec, rotate=rotate, sink_tokens=min(spec.sink_tokens, seq), rope_theta=rope_theta,
+                   widths=spec.widths and spec.axis == "channel" and levels == "uniform", levels=levels)
 
 
 class GroupQuantCodec:
-    """Asymmetric integer quantization in groups, fp16 zero + scale per group (DESIGN.md §4).
+    """Group quantization of keys and values with the outlier handling of `QuantSpec`.
 
-    Everything the decoder needs travels in `params`, so a packed tensor decodes with any
-    instance of the codec, whatever spec that instance would itself use to encode.
+    Everything the decoder needs travels in `params` (and the buffers), so a packed tensor
+    decodes with any instance of the codec, whatever spec that instance would itself use to
+    encode. `key_weights` [kv_heads, head_dim] (encoder only) weighs the per-channel width
+    allocation of keys by query energy; None = by range alone.
     """
 
     name = "int8"
     key_spec = QuantSpec(8, 64, "token")
     value_spec = QuantSpec(8, 64, "token")
 
-    def __init__(self, key_spec: QuantSpec | None = None, value_spec: QuantSpec | None = None) -> None:
+    def __init__(
+        self,
+        key_spec: QuantSpec | None = None,
+        value_spec: QuantSpec | None = None,
+        key_weights: torch.Tensor | None = None,
+    ) -> None:
         self.key_spec = key_spec or self.key_spec
         self.value_spec = value_spec or self.value_spec
+        self.key_weights = key_weights
 
     def encode(self, tensor: torch.Tensor, kind: str = "key") -> PackedTensor:
         spec = _fit(self.key_spec if kind == "key" else self.value_spec, tuple(tensor.shape))
         params = spec.params()
-        buffers = kvquant.encode_tensor(tensor, **params)
+        weights = self.key_weights if kind == "key" and spec.widths else None
+        if weights is not None and tuple(weights.shape) != (tensor.shape[1], tensor.shape[-1]):
+            weights = None
+        buffers = kvquant.encode_tensor(tensor, **params, weights=weights)
         return PackedTensor(self.name, kind, tuple(tensor.shape), dtype_name(tensor.dtype), buffers, params)
 
     def decode(self, packed: PackedTensor) -> torch.Tensor:
@@ -146,21 +176,41 @@ class GroupQuantCodec:
         return out.to(dtype_from_name(packed.dtype))
 
 
-# Choices measured on SmolLM2 (docs/benchmarks.md, "KV codec"): keys are ~5x more sensitive
-# than values, per-channel key groups beat per-token ones, and the first (attention-sink)
-# token's key in fp16 halves the KL; a Hadamard rotation helps int4 keys but not int8.
-
-
 class Int8Codec(GroupQuantCodec):
+    """8 bits per value: keys per channel, values per token, groups of 64; the first
+    (attention-sink) token's key and value in fp16."""
+
     name = "int8"
     key_spec = QuantSpec(8, 64, "channel", sink_tokens=1)
-    value_spec = QuantSpec(8, 64, "token")
+    value_spec = QuantSpec(8, 64, "token", sink_tokens=1)
 
 
 class Int4Codec(GroupQuantCodec):
+    """4 bits per value on average (docs/benchmarks.md, "KV codec").
+
+    Keys: the sink token in fp16; RoPE undone (pre-RoPE channels keep a fixed range over the
+    sequence, so one range per channel over up to 4,096 tokens costs almost nothing); one bit
+    width per channel (2-8 bits), allotted by range^2 x query energy. Values: the sink token
+    in fp16, a block-16 Hadamard rotation, then 4 bits per value on a Gaussian-quantile
+    codebook with one fp16 scale per token and head. For a model with a calibrated profile
+    (`kvprofiles`, matched by the cache's geometry in `pack_cache`) the RoPE base, the query
+    energies and per-layer widths (3-6 bits: more for sensitive layers, fewer for the others,
+    within 4.57 bits/value at 2,000 tokens) come from the profile; without one, keys are taken
+    as they are and channels are weighed by range alone.
+    """
+
     name = "int4"
-    key_spec = QuantSpec(4, 64, "channel", rotate=True, sink_tokens=1)
-    value_spec = QuantSpec(4, 64, "token", rotate=True)
+    key_spec = QuantSpec(4, 4096, "channel", sink_tokens=1, widths=True)
+    value_spec = QuantSpec(4, 64, "token", rotate=16, sink_tokens=1, levels="normal")
+
+    def for_layer(self, index: int, n_layers: int, shape: tuple[int, ...]) -> GroupQuantCodec:
+        """The codec for one layer of a whole cache: the calibrated profile's, if one fits."""
+        profile = kvprofiles.find(n_layers, shape[1], shape[-1])
+        if profile is None:
+            return self
+        key = replace(self.key_spec, bits=profile.key_bits[index], rope_theta=profile.rope_theta)
+        value = replace(self.value_spec, bits=profile.value_bits[index])
+        return Int4Codec(key, value, profile.key_weights(index))
 
 
 _CODECS: dict[str, type] = {"none": NoneCodec, "int8": Int8Codec, "int4": Int4Codec}
@@ -198,7 +248,8 @@ def pack_cache(codec: KVCodec, layers: Sequence[tuple[torch.Tensor, torch.Tensor
     offset = 0
     for index, (key, value) in enumerate(layers):
         # A codec may choose per layer (e.g. more bits for sensitive layers); params say which.
-        layer_codec = codec.for_layer(index, len(layers)) if hasattr(codec, "for_layer") else codec
+        for_layer = getattr(codec, "for_layer", None)
+        layer_codec = for_layer(index, len(layers), tuple(key.shape)) if for_layer else codec
         for packed in (layer_codec.encode(key, kind="key"), layer_codec.encode(value, kind="value")):
             bufs = []
             for bname, buf in packed.buffers.items():
@@ -229,7 +280,10 @@ def unpack_cache(payload: torch.Tensor, manifest: dict[str, Any]) -> KVLayers:
     for entry in manifest["entries"]:
         buffers = {}
         for bname, bdtype, bshape, off, n in entry["buffers"]:
-            buffers[bname] = payload[off : off + n].view(dtype_from_name(bdtype)).reshape(bshape)
+            raw, dtype = payload[off : off + n], dtype_from_name(bdtype)
+            if off % dtype.itemsize:  # packed codes may leave an odd offset: copy to align
+                raw = raw.clone()
+            buffers[bname] = raw.view(dtype).reshape(bshape)
         name = entry.get("codec", manifest["codec"])
         if name not in codecs:
             codecs[name] = get_codec(name)

@@ -4,15 +4,24 @@ Plain torch, CPU- and GPU-agnostic. The unit everywhere is a 2-D tensor of *rows
 is cut into groups of `group` values along its last axis (the last group of a row may be
 shorter), and each group gets its own asymmetric range: an fp16 minimum ("zero") and an
 fp16 step ("scale"). Codes are unsigned `bits`-bit integers; 4-bit codes are packed two per
-byte. Decoding reproduces `code * scale + zero` in fp32, so every value comes back within
-half a step of its group (the fp16 range is rounded outward so that no value is clipped).
+byte, other widths as bit planes. Decoding reproduces `code * scale + zero` in fp32, so every
+value comes back within half a step of its group (the fp16 range is rounded outward so that
+no value is clipped).
 
-`hadamard_rotate` is the orthonormal Walsh-Hadamard transform along the last axis, used to
-spread outlier channels over a whole head before quantizing (it is its own inverse).
+Around that core (`encode_tensor` puts them together, all optional and described by params):
+- `rope`: undo / redo the rotary position embedding, so keys are quantized pre-RoPE, where
+  each channel keeps a fixed range over the sequence;
+- `channel_widths` + `pack_planes`: a bit width per channel (2-8 bits, fixed average),
+  allotted by reverse water-filling on range^2 x query energy;
+- `quantize_normal`: symmetric groups on a Gaussian-quantile codebook (NF4-style) with an
+  fp16 scale only, for values after a rotation;
+- `hadamard_rotate`: the orthonormal Walsh-Hadamard transform along the last axis, whole or in
+  blocks, to spread outlier channels before quantizing (it is its own inverse).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -29,7 +38,7 @@ def _parts(n: int, group: int) -> list[tuple[int, int, int]]:
     return parts
 
 
-def _ranges(lo: torch.Tensor, hi: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _ranges(lo: torch.Tensor, hi: torch.Tensor, levels) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group fp16 (zero, scale) with zero <= lo and zero + levels * scale >= hi.
 
     Checked in float64 (these tensors are small): in fp32 a step far below the values' own
@@ -40,6 +49,8 @@ def _ranges(lo: torch.Tensor, hi: torch.Tensor, levels: int) -> tuple[torch.Tens
     zero = lo.to(torch.float16)
     # fp16 rounding may lift the minimum above the data: step it down one ulp where it did.
     zero = torch.where(zero.double() > lo, torch.nextafter(zero, zero.new_tensor(-math.inf)), zero)
+    if isinstance(levels, torch.Tensor):
+        levels = levels.double()
     span = (hi - zero.double()).clamp_min(0)
     scale = (span / levels).to(torch.float16)
     short = scale.double() * levels + zero.double() < hi
@@ -47,16 +58,22 @@ def _ranges(lo: torch.Tensor, hi: torch.Tensor, levels: int) -> tuple[torch.Tens
     return zero, scale
 
 
-def quantize(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize(
+    x: torch.Tensor, bits: int, group: int, widths: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize x [outer, n, inner] in groups of `group` along dim 1.
 
     Returns (codes uint8 of x's shape, zero fp16 [outer, G, inner], scale fp16 [outer, G, inner])
     with G = ceil(n / group). Keys per channel use inner = head_dim (groups run over tokens
-    and no transpose is needed); values per token use inner = 1.
+    and no transpose is needed); values per token use inner = 1. `widths` [outer, inner]
+    (uint8, 1..8) gives each channel its own bit width instead of `bits`.
     """
-    levels = (1 << bits) - 1
     x = x.float()
     outer, n, inner = x.shape
+    if widths is None:
+        levels: torch.Tensor | int = (1 << bits) - 1
+    else:
+        levels = ((1 << widths.long()) - 1).float().unsqueeze(1)  # [outer, 1, inner]
     codes = torch.empty(x.shape, dtype=torch.uint8)
     zeros, scales = [], []
     for start, stop, g in _parts(n, group):
@@ -65,13 +82,13 @@ def quantize(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torc
         if lo.numel() and (float(lo.min()) < -_F16_MAX or float(hi.max()) > _F16_MAX):
             part = part.clamp(-_F16_MAX, _F16_MAX)  # fp16 scales cannot describe a wider range
         zero, scale = _ranges(lo, hi, levels)
-        z = zero.float().unsqueeze(2)
         s = scale.float().unsqueeze(2)
         inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
         # (x - zero) / scale lies in [0, levels]; +0.5 then truncation rounds to nearest.
-        # float -> int16 -> uint8 is much faster in torch than float -> uint8.
-        q = (part - z).mul_(inv).add_(0.5).to(torch.int16).clamp_(max=levels).to(torch.uint8)
-        codes[:, start:stop] = q.view(outer, stop - start, inner)
+        # float -> int32 -> uint8 is much faster in torch than float -> uint8.
+        q = (part - zero.float().unsqueeze(2)).mul_(inv).add_(0.5).to(torch.int32)
+        q = q.clamp_(max=levels) if isinstance(levels, int) else torch.minimum(q, levels.unsqueeze(1).int())
+        codes[:, start:stop] = q.to(torch.uint8).view(outer, stop - start, inner)
         zeros.append(zero)
         scales.append(scale)
     if not zeros:
@@ -84,9 +101,14 @@ def quantize(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torc
 
 def dequantize(codes: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
     """Inverse of `quantize`: fp32 of codes' shape [outer, n, inner]."""
+    outer, n, inner = codes.shape
+    parts = _parts(n, group)
+    if len(parts) == 1:  # one addcmul over the whole tensor
+        _, stop, g = parts[0]
+        view = codes.view(outer, stop // g, g, inner).float()
+        return torch.addcmul(zero.float().unsqueeze(2), view, scale.float().unsqueeze(2)).view(outer, n, inner)
     out = codes.float()
-    outer, n, inner = out.shape
-    for start, stop, g in _parts(n, group):
+    for start, stop, g in parts:
         cols = slice(start // group, start // group + (stop - start) // g)
         part = out[:, start:stop].view(outer, (stop - start) // g, g, inner)
         part.mul_(scale[:, cols].float().unsqueeze(2)).add_(zero[:, cols].float().unsqueeze(2))
@@ -122,15 +144,20 @@ def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat((packed & 0x0F, packed >> 4))[:n]
 
 
-def hadamard_rotate(x: torch.Tensor) -> torch.Tensor:
-    """Orthonormal Walsh-Hadamard transform along the last axis (length a power of two).
+def hadamard_rotate(x: torch.Tensor, block: int | None = None) -> torch.Tensor:
+    """Orthonormal Walsh-Hadamard transform along the last axis, in blocks of `block` values
+    (a power of two dividing the axis; None = the whole axis, which must be a power of two).
 
     H is symmetric and orthonormal, so applying it twice gives back the input.
     """
     d = x.shape[-1]
-    if d & (d - 1):
-        raise ValueError(f"Hadamard rotation needs a power-of-two length, got {d}")
-    return x @ hadamard_matrix(d, x.dtype)
+    block = block or d
+    if block & (block - 1) or d % block:
+        raise ValueError(f"Hadamard rotation needs power-of-two blocks dividing {d}, got {block}")
+    h = hadamard_matrix(block, x.dtype)
+    if block == d:
+        return x @ h
+    return (x.reshape(-1, block) @ h).reshape(x.shape)
 
 
 _HADAMARD: dict[tuple[int, torch.dtype], torch.Tensor] = {}
@@ -144,6 +171,169 @@ def hadamard_matrix(d: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
             h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
         _HADAMARD[key] = (h / math.sqrt(d)).to(dtype)
     return _HADAMARD[key]
+
+
+# --- rotary position embedding (keys are quantized before RoPE) ----------------------------
+
+
+@functools.lru_cache(maxsize=16)
+def rope_tables(n: int, d: int, theta: float, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [n, d/2] of positions start..start+n-1: the HF "rotate_half" layout, where
+    channel i pairs with channel i + d/2 and rotates at theta^(-2i/d) per position."""
+    inv = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    angle = torch.outer(torch.arange(start, start + n, dtype=torch.float64), inv)
+    return angle.cos().float(), angle.sin().float()
+
+
+@functools.lru_cache(maxsize=16)
+def _rope_full(n: int, d: int, theta: float, start: int, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    cos, sin = rope_tables(n, d, theta, start)
+    sign = 1.0 if inverse else -1.0
+    return torch.cat((cos, cos), -1), torch.cat((sign * sin, -sign * sin), -1)
+
+
+def rope(x: torch.Tensor, theta: float, start: int, inverse: bool = False) -> torch.Tensor:
+    """Apply (or undo) RoPE on x [..., n, d] for positions start..start+n-1:
+    out = x * cos + swap_halves(x) * (-sin | +sin), the sign flipped to undo it."""
+    n, d = x.shape[-2:]
+    cos, sin = _rope_full(n, d, float(theta), int(start), inverse)
+    return torch.addcmul(x * cos, torch.roll(x, d // 2, -1), sin)
+
+
+# --- "normal" levels: a codebook fitted to Gaussian data (after a rotation) -----------------
+
+_FINE = 1024  # encode maps x / scale to one of 2 * _FINE + 1 fine bins, then to its nearest level
+
+
+@functools.lru_cache(maxsize=8)
+def normal_levels(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Levels in [-1, 1] at quantiles of a standard normal (the NF4 construction of QLoRA,
+    for any width 2..8; 0 is a level), and the fine-bin -> nearest-level lookup table."""
+    n = 1 << bits
+    offset = 0.9677
+    pos = torch.special.ndtri(torch.linspace(offset, 0.5, n // 2 + 1, dtype=torch.float64)[:-1])
+    neg = -torch.special.ndtri(torch.linspace(offset, 0.5, n // 2, dtype=torch.float64)[:-1])
+    levels = torch.cat((neg, torch.zeros(1, dtype=torch.float64), pos)).sort().values
+    levels = (levels / levels.abs().max()).float()
+    fine = torch.arange(-_FINE, _FINE + 1, dtype=torch.float32) / _FINE
+    lut = (fine.unsqueeze(1) - levels).abs().argmin(1).to(torch.uint8)
+    return levels, lut
+
+
+def normal_half_step(bits: int) -> float:
+    """Largest |x / scale - level| a value can be left with: half the widest gap, plus a fine bin."""
+    levels, _ = normal_levels(bits)
+    return float((levels[1:] - levels[:-1]).max()) / 2 + 1.0 / _FINE
+
+
+def quantize_normal(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric quantization of x [outer, n] in groups of `group` along dim 1 onto
+    `normal_levels(bits)` times an fp16 scale >= the group's largest |x|.
+
+    Returns (codes uint8 [outer, n], scale fp16 [outer, G])."""
+    x = x.float().clamp(-_F16_MAX, _F16_MAX)
+    outer, n = x.shape
+    _, lut = normal_levels(bits)
+    codes = torch.empty(x.shape, dtype=torch.uint8)
+    scales = []
+    for start, stop, g in _parts(n, group):
+        part = x[:, start:stop].view(outer, (stop - start) // g, g)
+        top = part.abs().amax(2)
+        scale = top.to(torch.float16)
+        scale = torch.where(scale.float() < top, torch.nextafter(scale, scale.new_tensor(math.inf)), scale)
+        s = scale.float().unsqueeze(2)
+        inv = torch.where(s > 0, _FINE / s, torch.zeros_like(s))
+        # |x| <= scale, so the fine bin lies in [0, 2 * _FINE]
+        fine = torch.addcmul(torch.full_like(s, _FINE + 0.5), part, inv).to(torch.int32)
+        codes[:, start:stop] = lut.index_select(0, fine.view(-1)).view(outer, stop - start)
+        scales.append(scale)
+    if not scales:
+        return codes, torch.empty(outer, 0, dtype=torch.float16)
+    return codes, scales[0] if len(scales) == 1 else torch.cat(scales, 1)
+
+
+def dequantize_normal(codes: torch.Tensor, scale: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """Inverse of `quantize_normal`: fp32 [outer, n]."""
+    levels, _ = normal_levels(bits)
+    outer, n = codes.shape
+    out = levels.index_select(0, codes.reshape(-1).int()).view(outer, n)
+    for start, stop, g in _parts(n, group):
+        cols = slice(start // group, start // group + (stop - start) // g)
+        out[:, start:stop].view(outer, (stop - start) // g, g).mul_(scale[:, cols].float().unsqueeze(2))
+    return out
+
+
+# --- per-channel bit widths (keys) -----------------------------------------------------------
+
+MIN_WIDTH, MAX_WIDTH = 2, 8
+
+
+def channel_widths(score: torch.Tensor, mean_bits: int) -> torch.Tensor:
+    """Bit widths [rows, d] (uint8, MIN_WIDTH..MAX_WIDTH) averaging `mean_bits` per row that
+    minimise sum(score * 4^-width): the greedy reverse water-filling of transform coding,
+    done at once (a channel's gains fall with each bit, so the best N gains are prefixes)."""
+    rows, d = score.shape
+    extra = max(0, min((MAX_WIDTH - MIN_WIDTH) * d, mean_bits * d - MIN_WIDTH * d))
+    widths = torch.full((rows, d), MIN_WIDTH, dtype=torch.uint8)
+    if not rows or not d or not extra:
+        return widths
+    steps = torch.arange(MIN_WIDTH + 1, MAX_WIDTH + 1, dtype=torch.float64)
+    gain = score.double().clamp_min(1e-300).log().unsqueeze(2) - steps * math.log(4.0)  # [rows, d, K]
+    chosen = torch.zeros(rows, gain[0].numel(), dtype=torch.uint8)
+    chosen.scatter_(1, gain.reshape(rows, -1).topk(extra, dim=1).indices, 1)
+    return widths + chosen.view(rows, d, -1).sum(2, dtype=torch.uint8)
+
+
+_GATHER = 0x0102040810204080  # x 8 bytes of 0/1: their bits land in the top byte
+_SPREAD = 0x0101010101010101  # a byte copied into all 8 bytes of a word
+_SELECT = 0x8040201008040201 - (1 << 64)  # bit 7 - k of byte k (as a signed int64)
+
+
+def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """0/1 uint8 values, eight per byte (multiply-and-shift: one int64 op per 8 values)."""
+    n = bits.numel()
+    bits = torch.cat((bits.reshape(-1), bits.new_zeros(-n % 8)))  # a fresh, aligned copy
+    return ((bits.view(torch.int64) * _GATHER) >> 56).to(torch.uint8)
+
+
+def _unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of `_pack_bits` for n values."""
+    words = (packed.to(torch.int64) * _SPREAD) & _SELECT
+    return words.view(torch.uint8).clamp_(max=1)[:n]
+
+
+def _by_width(widths: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """Channels (flattened [outer * d]) ordered by width, widest first, and for each bit
+    plane p the number of channels wider than p: plane p covers a prefix of that order."""
+    flat = widths.reshape(-1)
+    order = torch.sort(flat, descending=True, stable=True).indices
+    counts = [int((flat > p).sum()) for p in range(MAX_WIDTH)]
+    return order, [c for c in counts if c]
+
+
+def pack_planes(codes: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
+    """Codes [outer, n, d] of per-channel widths [outer, d]: plane p holds bit p of every
+    channel wider than p (channels widest first, each channel's n tokens in a row), eight
+    bits per byte."""
+    outer, n, d = codes.shape
+    order, counts = _by_width(widths)
+    rows = codes.permute(0, 2, 1).reshape(outer * d, n).index_select(0, order)
+    planes = [_pack_bits((rows[:m] >> p) & 1) for p, m in enumerate(counts)]
+    return torch.cat(planes) if planes else torch.empty(0, dtype=torch.uint8)
+
+
+def unpack_planes(packed: torch.Tensor, widths: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of `pack_planes`: codes uint8 [outer, n, d]."""
+    outer, d = widths.shape
+    order, counts = _by_width(widths)
+    rows = torch.zeros(outer * d, n, dtype=torch.uint8)
+    offset = 0
+    for p, m in enumerate(counts):
+        size = (m * n + 7) // 8
+        rows[:m] |= _unpack_bits(packed[offset : offset + size], m * n).view(m, n) << p
+        offset += size
+    out = torch.empty_like(rows).index_copy_(0, order, rows)
+    return out.view(outer, d, n).permute(0, 2, 1).contiguous()
 
 
 # --- whole KV tensors [batch, kv_heads, seq, head_dim] ---------------------------------------
@@ -178,22 +368,15 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 
 def pack_bitplanes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Any width 1..8: bit j of every code goes to plane j, eight codes per byte."""
-    n = codes.numel()
-    padded = torch.zeros((n + 7) // 8 * 8, dtype=torch.uint8)
-    padded[:n] = codes
-    weights = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)
-    planes = [((padded >> j) & 1).view(-1, 8).mul_(weights).sum(1, dtype=torch.uint8) for j in range(bits)]
-    return torch.cat(planes) if planes else padded[:0]
+    return torch.cat([_pack_bits((codes >> j) & 1) for j in range(bits)]) if bits else codes[:0]
 
 
 def unpack_bitplanes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     per_plane = (n + 7) // 8
-    out = torch.zeros(per_plane * 8, dtype=torch.uint8)
-    shifts = torch.arange(8, dtype=torch.uint8)
+    out = torch.zeros(n, dtype=torch.uint8)
     for j in range(bits):
-        plane = packed[j * per_plane : (j + 1) * per_plane]
-        out |= ((plane.unsqueeze(1) >> shifts) & 1).reshape(-1) << j
-    return out[:n]
+        out |= _unpack_bits(packed[j * per_plane : (j + 1) * per_plane], n) << j
+    return out
 
 
 def code_bytes(n: int, bits: int) -> int:
@@ -204,9 +387,30 @@ def code_bytes(n: int, bits: int) -> int:
 
 
 def encode_tensor(
-    t: torch.Tensor, bits: int, group: int, axis: str, rotate: bool, sink_tokens: int
+    t: torch.Tensor,
+    bits: int,
+    group: int,
+    axis: str,
+    rotate: int,
+    sink_tokens: int,
+    levels: str = "uniform",
+    rope_theta: float = 0.0,
+    rope_start: int = 0,
+    widths: bool = False,
+    weights: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Quantize one KV tensor; returns the named buffers that go on the wire."""
+    """Quantize one KV tensor; returns the named buffers that go on the wire.
+
+    Steps, each optional: the first `sink_tokens` travel in fp16; RoPE is undone (keys, for
+    positions rope_start + sink_tokens onwards) so that each channel keeps a fixed range over
+    the sequence; a block-`rotate` Hadamard rotation spreads outliers; then integer codes:
+    `levels` "uniform" (asymmetric, fp16 zero + scale per group) or "normal" (symmetric,
+    Gaussian-quantile levels, fp16 scale per group, axis "token" only). With `widths` (axis
+    "channel", uniform levels) each channel gets its own bit width, `bits` on average per
+    row, allotted by range^2 x `weights` [kv_heads, head_dim] (the query energy of the
+    channel: an error e in a key moves attention logits by q.e). Only the encoder needs the
+    weights: the widths travel as a buffer.
+    """
     if not 1 <= bits <= 8:
         raise ValueError(f"unsupported bit width {bits}")
     x = t.detach().float()
@@ -214,10 +418,28 @@ def encode_tensor(
     if sink_tokens:
         buffers["sink"] = x[..., :sink_tokens, :].to(torch.float16).contiguous()
         x = x[..., sink_tokens:, :]
+    if rope_theta:
+        x = rope(x, rope_theta, rope_start + sink_tokens, inverse=True)
     if rotate:
-        x = hadamard_rotate(x)
-    codes, zero, scale = quantize(x.reshape(_view3(tuple(x.shape), axis)), bits, group)
-    buffers["codes"] = pack_codes(codes, bits)
+        x = hadamard_rotate(x, rotate)
+    v3 = _view3(tuple(x.shape), axis)
+    if levels == "normal":
+        codes, scale = quantize_normal(x.reshape(v3[0], v3[1]), bits, group)
+        buffers["codes"] = pack_codes(codes, bits)
+        buffers["scale"] = scale
+        return buffers
+    x3 = x.reshape(v3)
+    if widths:
+        score = (x3.amax(1) - x3.amin(1)).square() if v3[1] else torch.zeros(v3[0], v3[2])
+        if weights is not None:
+            score = score * weights.float().repeat(v3[0] // weights.shape[0], 1)
+        w = channel_widths(score, bits)
+        codes, zero, scale = quantize(x3, bits, group, widths=w)
+        buffers["widths"] = w
+        buffers["codes"] = pack_planes(codes, w)
+    else:
+        codes, zero, scale = quantize(x3, bits, group)
+        buffers["codes"] = pack_codes(codes, bits)
     buffers["zero"] = zero
     buffers["scale"] = scale
     return buffers
@@ -229,17 +451,30 @@ def decode_tensor(
     bits: int,
     group: int,
     axis: str,
-    rotate: bool,
+    rotate: int,
     sink_tokens: int,
+    levels: str = "uniform",
+    rope_theta: float = 0.0,
+    rope_start: int = 0,
+    widths: bool = False,
 ) -> torch.Tensor:
     """Inverse of `encode_tensor`: an fp32 tensor of `shape`."""
     *lead, s, d = shape
     qshape = (*lead, s - sink_tokens, d)
     v3 = _view3(qshape, axis)
-    codes = unpack_codes(buffers["codes"], bits, math.prod(v3)).view(v3)
-    x = dequantize(codes, buffers["zero"], buffers["scale"], group).view(qshape)
+    if levels == "normal":
+        codes = unpack_codes(buffers["codes"], bits, math.prod(v3)).view(v3[0], v3[1])
+        x = dequantize_normal(codes, buffers["scale"], bits, group).view(qshape)
+    else:
+        if widths:
+            codes = unpack_planes(buffers["codes"], buffers["widths"], v3[1])
+        else:
+            codes = unpack_codes(buffers["codes"], bits, math.prod(v3)).view(v3)
+        x = dequantize(codes, buffers["zero"], buffers["scale"], group).view(qshape)
     if rotate:
-        x = hadamard_rotate(x)
+        x = hadamard_rotate(x, rotate)
+    if rope_theta:
+        x = rope(x, rope_theta, rope_start + sink_tokens)
     if sink_tokens:
         x = torch.cat((buffers["sink"].float(), x), dim=-2)
     return x
@@ -251,21 +486,36 @@ def error_bound(
     bits: int,
     group: int,
     axis: str,
-    rotate: bool,
+    rotate: int,
     sink_tokens: int,
+    levels: str = "uniform",
+    rope_theta: float = 0.0,
+    rope_start: int = 0,
+    widths: bool = False,
 ) -> torch.Tensor:
     """Per-value bound on |decoded - original| from quantization alone (fp32 decode).
 
-    Half a step of the value's group. After a Hadamard rotation each output is a +-1/sqrt(d)
-    combination of the rotated errors, so its bound is sum(half steps) / sqrt(d). Sink tokens
-    are exact up to fp16 rounding, which the caller accounts for.
+    Half a step of the value's group (for normal levels: half the widest gap of the scaled
+    codebook, plus a fine bin). After a Hadamard rotation of block b each output is a
+    +-1/sqrt(b) combination of the block's rotated errors, so its bound is their sum / sqrt(b);
+    re-applying RoPE mixes channel pairs (i, i + d/2) with |cos| and |sin| weights. Sink
+    tokens are exact up to fp16 rounding, which the caller accounts for.
     """
     *lead, s, d = shape
     qshape = (*lead, s - sink_tokens, d)
     outer, n, inner = _view3(qshape, axis)
     scale = buffers["scale"].float()
+    if levels == "normal":
+        scale = (scale * normal_half_step(bits)).unsqueeze(2)
+    else:
+        scale = scale / 2
     steps = scale.repeat_interleave(group, dim=1)[:, :n] if scale.numel() else torch.zeros(outer, n, inner)
-    half = (steps.expand(outer, n, inner) / 2).reshape(qshape)
+    half = steps.expand(outer, n, inner).reshape(qshape)
     if rotate and d:
-        half = (half.sum(-1, keepdim=True) / math.sqrt(d)).expand(qshape)
+        blocks = half.reshape(*qshape[:-1], d // rotate, rotate)
+        half = (blocks.sum(-1, keepdim=True) / math.sqrt(rotate)).expand(blocks.shape).reshape(qshape)
+    if rope_theta and d:
+        cos, sin = rope_tables(qshape[-2], d, float(rope_theta), int(rope_start + sink_tokens))
+        h1, h2 = half[..., : d // 2], half[..., d // 2 :]
+        half = torch.cat((h1 * cos.abs() + h2 * sin.abs(), h2 * cos.abs() + h1 * sin.abs()), -1)
     return torch.cat((torch.zeros(*lead, sink_tokens, d), half), dim=-2)

@@ -44,7 +44,9 @@ def _assert_within_bound(codec, x: torch.Tensor, kind: str) -> None:
     assert y.shape == x.shape and y.dtype == x.dtype
     bound = kvquant.error_bound(packed.buffers, packed.shape, **packed.params)
     # fp16 sink tokens and the fp32 arithmetic round too: a relative slack of a few ulps.
-    slack = _output_rounding(x, x.dtype) + _output_rounding(x, torch.float16) + bound * 1e-4 + 1e-6
+    # (The decoded value, up to |x| + bound, is what gets rounded to the output dtype.)
+    slack = _output_rounding(x.float().abs() + bound, x.dtype) + _output_rounding(x, torch.float16)
+    slack = slack + bound * 1e-4 + 1e-6
     err = (y.float() - x.float()).abs()
     assert bool((err <= bound + slack).all()), float((err - bound - slack).max())
 
@@ -112,24 +114,31 @@ def test_codec_roundtrip_property(name, batch, heads, seq, head_dim, dtype, kind
     _assert_within_bound(get_codec(name), _kv((batch, heads, seq, head_dim), seed, dtype), kind)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(
-    bits=st.sampled_from([4, 8]),
-    group=st.sampled_from([16, 32, 64, 128]),
+    bits=st.sampled_from([2, 3, 4, 5, 8]),
+    group=st.sampled_from([16, 32, 64, 128, 4096]),
     axis=st.sampled_from(["token", "channel"]),
-    rotate=st.booleans(),
+    rotate=st.sampled_from([0, 16, 64]),
     sink=st.integers(0, 6),
+    levels=st.sampled_from(["uniform", "normal"]),
+    rope_theta=st.sampled_from([0.0, 1e4, 1e5]),
+    rope_start=st.integers(0, 100),
+    widths=st.booleans(),
     seq=st.integers(1, 50),
     seed=st.integers(0, 2**16),
 )
-def test_any_spec_roundtrip(bits, group, axis, rotate, sink, seq, seed) -> None:
-    spec = QuantSpec(bits, group, axis, rotate, sink)
-    _assert_within_bound(GroupQuantCodec(spec, spec), _kv((1, 3, seq, 64), seed), "key")
+def test_any_spec_roundtrip(bits, group, axis, rotate, sink, levels, rope_theta, rope_start, widths, seq, seed):
+    if levels == "normal":
+        axis = "token"
+    spec = QuantSpec(bits, group, axis, rotate, sink, levels, rope_theta, rope_start, widths)
+    weights = torch.rand(3, 64, generator=torch.Generator().manual_seed(seed)) * 10
+    _assert_within_bound(GroupQuantCodec(spec, spec, key_weights=weights), _kv((1, 3, seq, 64), seed), "key")
 
 
 def test_decode_uses_transmitted_params() -> None:
     """The header names the codec; the params travel: the receiver's defaults don't matter."""
-    spec = QuantSpec(4, 32, "token", rotate=True, sink_tokens=2)
+    spec = QuantSpec(4, 32, "token", rotate=64, sink_tokens=2)
     x = _kv((1, 3, 40, 64), 7)
     payload, manifest = pack_cache(GroupQuantCodec(spec, spec), [(x, x)])
     manifest = msgpack.unpackb(msgpack.packb(manifest))
@@ -139,8 +148,112 @@ def test_decode_uses_transmitted_params() -> None:
     assert (k - x).abs().max() < 1.0
 
 
-def _expected_nbytes(name: str, shape: tuple[int, ...], kind: str) -> int:
-    """Wire bytes from first principles: codes + fp16 zero and scale per group + fp16 sink tokens."""
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(0, 4),
+    n=st.integers(0, 70),
+    d=st.integers(1, 70),
+    seed=st.integers(0, 2**16),
+)
+def test_plane_packing_roundtrip(rows: int, n: int, d: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    widths = torch.randint(kvquant.MIN_WIDTH, kvquant.MAX_WIDTH + 1, (rows, d), generator=g).to(torch.uint8)
+    codes = torch.randint(0, 256, (rows, n, d), generator=g).to(torch.uint8)
+    codes &= ((1 << widths.long()) - 1).to(torch.uint8).unsqueeze(1)
+    packed = kvquant.pack_planes(codes, widths)
+    # Exactly the bits the widths call for, each plane rounded up to a byte.
+    assert packed.numel() == sum((int((widths > p).sum()) * n + 7) // 8 for p in range(kvquant.MAX_WIDTH))
+    assert torch.equal(kvquant.unpack_planes(packed, widths, n), codes)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(0, 300), bits=st.integers(1, 8), seed=st.integers(0, 2**16))
+def test_bitplanes_roundtrip(n: int, bits: int, seed: int) -> None:
+    codes = torch.randint(0, 1 << bits, (n,), generator=torch.Generator().manual_seed(seed)).to(torch.uint8)
+    packed = kvquant.pack_codes(codes, bits)
+    assert packed.numel() == kvquant.code_bytes(n, bits)
+    assert torch.equal(kvquant.unpack_codes(packed, bits, n)[:n], codes)
+
+
+def test_channel_widths_water_filling() -> None:
+    """Widths average the budget exactly, stay in range, follow the score, and match the
+    greedy allocation (one more bit halves the step, quartering the squared error)."""
+    score = torch.tensor([[1.0, 5.0, 20.0, 70.0, 1e-9, 1e9, 1.3, 0.7]])
+    w = kvquant.channel_widths(score, 4)
+    assert int(w.sum()) == 4 * 8
+    assert int(w.min()) >= kvquant.MIN_WIDTH and int(w.max()) <= kvquant.MAX_WIDTH
+    assert w[0, 5] == kvquant.MAX_WIDTH and w[0, 4] == kvquant.MIN_WIDTH
+    assert w[0, 0] <= w[0, 1] <= w[0, 2] <= w[0, 3]
+    # the same as adding one bit at a time where it removes the most score * 4^-width
+    greedy = [kvquant.MIN_WIDTH] * 8
+    for _ in range(32 - 8 * kvquant.MIN_WIDTH):
+        gains = [s * 4.0 ** -b if b < kvquant.MAX_WIDTH else -1 for s, b in zip(score[0].tolist(), greedy)]
+        greedy[gains.index(max(gains))] += 1
+    assert w[0].tolist() == greedy
+    assert torch.equal(kvquant.channel_widths(torch.zeros(2, 64), 4).sum(1), torch.tensor([256, 256]))
+
+
+def test_rope_inverse_is_exact_and_matches_hf() -> None:
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    x = torch.randn(1, 3, 50, 64)
+    cos, sin = kvquant.rope_tables(50, 64, 1e5, 7)
+    cos, sin = torch.cat((cos, cos), -1).unsqueeze(0), torch.cat((sin, sin), -1).unsqueeze(0)
+    _, hf = apply_rotary_pos_emb(x, x, cos, sin)
+    assert torch.allclose(kvquant.rope(x, 1e5, 7), hf, atol=1e-5)
+    assert torch.allclose(kvquant.rope(kvquant.rope(x, 1e5, 7, inverse=True), 1e5, 7), x, atol=1e-5)
+
+
+def test_pre_rope_keys_and_query_weights_cut_the_error() -> None:
+    """Keys whose outlier channels are fixed before RoPE (as in real models): undoing RoPE
+    lets a per-channel range fit them, and query weights move bits to the channels that
+    queries read."""
+    g = torch.Generator().manual_seed(0)
+    pre = torch.randn(1, 3, 300, 64, generator=g)
+    outliers = [1, 33, 3, 35, 5, 37, 7, 39]  # four RoPE pairs (i, i + 32), fixed before RoPE
+    pre[..., outliers] = pre[..., outliers] * 0.5 + 10.0
+    x = kvquant.rope(pre, 1e5, 0)
+    base = QuantSpec(4, 4096, "channel", sink_tokens=1, widths=True)
+
+    def err(spec):
+        codec = GroupQuantCodec(spec, spec)
+        return float((codec.decode(codec.encode(x, kind="key")) - x).square().mean())
+
+    assert err(QuantSpec(4, 4096, "channel", sink_tokens=1, widths=True, rope_theta=1e5)) < 0.6 * err(base)
+    weights = torch.ones(3, 64)
+    weights[:, [10, 42]] = 50.0  # queries read pair 10 heavily
+    spec = QuantSpec(4, 4096, "channel", sink_tokens=1, widths=True, rope_theta=1e5)
+    packed_w = GroupQuantCodec(spec, spec, key_weights=weights).encode(x, kind="key")
+    packed = GroupQuantCodec(spec, spec).encode(x, kind="key")
+    assert bool((packed_w.buffers["widths"][:, 10] > packed.buffers["widths"][:, 10]).all())
+
+    def weighted(p):  # the pre-RoPE error as the queries weigh it
+        dec = kvquant.rope(GroupQuantCodec(spec, spec).decode(p), 1e5, 0, inverse=True)
+        return float(((dec - pre).square() * weights.view(1, 3, 1, 64)).mean())
+    assert weighted(packed_w) < weighted(packed)
+
+
+def test_profile_drives_the_int4_layers() -> None:
+    """A SmolLM2-shaped cache gets the calibrated profile: RoPE base and per-layer widths in
+    the params; any other geometry falls back to the codec's own defaults."""
+    from thunderserve.common import kvprofiles
+
+    profile = kvprofiles.find(30, 3, 64)
+    assert profile is not None
+    layers = [(_kv((1, 3, 20, 64), i), _kv((1, 3, 20, 64), 50 + i)) for i in range(30)]
+    _, manifest = pack_cache(get_codec("int4"), layers)
+    keys, values = manifest["entries"][0::2], manifest["entries"][1::2]
+    assert [e["params"]["bits"] for e in keys] == list(profile.key_bits)
+    assert [e["params"]["bits"] for e in values] == list(profile.value_bits)
+    assert all(e["params"]["rope_theta"] == profile.rope_theta for e in keys)
+    _, manifest = pack_cache(get_codec("int4"), layers[:4])
+    assert all(e["params"]["rope_theta"] == 0.0 and e["params"]["bits"] == 4 for e in manifest["entries"])
+
+
+def _expected_nbytes(name: str, shape: tuple[int, ...], kind: str, widths: torch.Tensor | None) -> int:
+    """Wire bytes from first principles: codes + fp16 zero and scale per group (uniform
+    levels) or fp16 scale per group (normal levels) + fp16 sink tokens (+ the per-channel
+    widths, one byte each, and their bit planes)."""
     codec = get_codec(name)
     spec = codec.key_spec if kind == "key" else codec.value_spec
     *lead, s, d = shape
@@ -148,9 +261,15 @@ def _expected_nbytes(name: str, shape: tuple[int, ...], kind: str) -> int:
     qs = s - sink
     rows, n = (math.prod(lead) * qs, d) if spec.axis == "token" else (math.prod(lead) * d, qs)
     values = rows * n
-    code_bytes = values if spec.bits == 8 else (values + 1) // 2
     groups = rows * math.ceil(n / spec.group)
-    return code_bytes + 4 * groups + 2 * math.prod(lead) * sink * d
+    sink_bytes = 2 * math.prod(lead) * sink * d
+    if spec.levels == "normal":
+        return kvquant.code_bytes(values, spec.bits) + 2 * groups + sink_bytes
+    if spec.widths:
+        assert widths is not None and bool((widths.long().sum(1) == spec.bits * d).all())
+        planes = sum((int((widths > p).sum()) * qs + 7) // 8 for p in range(kvquant.MAX_WIDTH))
+        return widths.numel() + planes + 4 * groups + sink_bytes
+    return kvquant.code_bytes(values, spec.bits) + 4 * groups + sink_bytes
 
 
 @pytest.mark.parametrize("name", QUANT_CODECS)
@@ -161,7 +280,7 @@ def test_exact_wire_size(name: str, shape: tuple[int, ...]) -> None:
     codec = get_codec(name)
     for kind in ("key", "value"):
         packed = codec.encode(_kv(shape, 0), kind=kind)
-        assert packed.nbytes == _expected_nbytes(name, shape, kind)
+        assert packed.nbytes == _expected_nbytes(name, shape, kind, packed.buffers.get("widths"))
         assert packed.nbytes == sum(b.numel() * b.element_size() for b in packed.buffers.values())
 
 

@@ -50,9 +50,10 @@ def test_int8_and_int4_regression(setup) -> None:
     int4 = _eval(setup, get_codec("int4"))
     plain = _eval(setup, GroupQuantCodec(QuantSpec(4, 64, "channel"), QuantSpec(4, 64, "token")))
     assert int8.kl < 1e-4 and int8.agreement >= 0.85
-    # Outlier handling (rotation + key sink) at least halves plain int4's KL.
-    assert int4.kl < 0.6 * plain.kl
-    assert int4.agreement >= 0.4
+    # Pre-RoPE keys with query-weighted widths, sink tokens, Gaussian levels for values and
+    # calibrated per-layer widths: plain int4's KL divided by more than 5 (measured ~10).
+    assert int4.kl < 0.2 * plain.kl
+    assert int4.agreement >= 0.6 and int4.agreement > plain.agreement
 
 
 @pytest.mark.xfail(reason="issue-3 targets not reached: see docs/benchmarks.md 'KV codec'", strict=False)
