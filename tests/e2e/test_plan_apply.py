@@ -18,6 +18,24 @@ from thunderserve.common.protocol import Subjects
 pytestmark = pytest.mark.slow
 
 
+async def _publish_and_wait(cluster, plan: Plan, also=lambda replicas: True) -> dict:
+    """Publish `plan`; return /health once the router and every replica acknowledged its epoch (and `also`)."""
+    nc = await nats.connect(cluster.nats_url)
+    try:
+        await publish_plan(nc, Subjects(), plan)
+    finally:
+        await nc.close()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        health = cluster.health() or {}
+        replicas = {r["id"]: r for r in health.get("replicas", [])}
+        if health.get("plan_epoch") == plan.epoch and replicas \
+                and all(r["plan_epoch"] == plan.epoch for r in replicas.values()) and also(replicas):
+            return health
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"plan epoch {plan.epoch} was not acknowledged: {cluster.health()}")
+
+
 async def test_plan_flips_a_replica_and_steers_routing(tiny_cluster):
     tiny_cluster.start_replica("prefill", 1)
     tiny_cluster.wait_ready(timeout=120, prefill=2, decode=1)
@@ -29,20 +47,9 @@ async def test_plan_flips_a_replica_and_steers_routing(tiny_cluster):
         kv_codec="int8",
         epoch=7,
     )
-    nc = await nats.connect(tiny_cluster.nats_url)
-    try:
-        await publish_plan(nc, Subjects(), plan)
-    finally:
-        await nc.close()
-
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        health = tiny_cluster.health() or {}
-        replicas = {r["id"]: r for r in health.get("replicas", [])}
-        if health.get("plan_epoch") == 7 and all(r["plan_epoch"] == 7 for r in replicas.values()) \
-                and replicas.get("prefill-1", {}).get("phase") == "decode":
-            break
-        await asyncio.sleep(0.2)
+    health = await _publish_and_wait(
+        tiny_cluster, plan, also=lambda replicas: replicas.get("prefill-1", {}).get("phase") == "decode")
+    replicas = {r["id"]: r for r in health["replicas"]}
     assert health["plan_epoch"] == 7
     assert replicas["prefill-1"]["phase"] == "decode" and replicas["prefill-1"]["state"] == "ready"
     assert all(r["plan_epoch"] == 7 for r in replicas.values())  # every replica acknowledged
@@ -56,21 +63,6 @@ async def test_plan_flips_a_replica_and_steers_routing(tiny_cluster):
     assert after["prefill-0"] - before["prefill-0"] == 6
     assert after["prefill-1"] - before["prefill-1"] == 6
     assert after["decode-0"] - before["decode-0"] == 0
-
-
-async def _publish_and_wait(cluster, plan: Plan) -> None:
-    nc = await nats.connect(cluster.nats_url)
-    try:
-        await publish_plan(nc, Subjects(), plan)
-    finally:
-        await nc.close()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        health = cluster.health() or {}
-        if all(r["plan_epoch"] == plan.epoch for r in health.get("replicas", [])) and health.get("replicas"):
-            return
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"plan epoch {plan.epoch} was not acknowledged: {cluster.health()}")
 
 
 async def _first_token_while_decode_paused(cluster, client: Client, pause_s: float = 1.0):
