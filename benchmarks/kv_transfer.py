@@ -19,10 +19,12 @@ import torch
 
 from thunderserve.common.kvchannel import ChannelClient, ChannelHost
 from thunderserve.common.kvcodec import codec_names, get_codec, pack_cache, unpack_cache
+from thunderserve.common.memory import keep_freed_memory
 
 
 def _decode_side(endpoint_q: mp.Queue, work_q: mp.Queue, done_q: mp.Queue) -> None:
     torch.set_num_threads(1)
+    keep_freed_memory()  # as the decode replica does
     host = ChannelHost(timeout_s=60)
     endpoint_q.put(host.endpoint)
     pair = host.accept("bench")
@@ -47,6 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     from thunderserve.common.engine import Engine
 
     torch.set_num_threads(1)
+    keep_freed_memory()  # as the prefill replica does
     engine = Engine(args.model, threads=1)
     prompt = (torch.arange(args.tokens) % 5000 + 100).tolist()
     kv = engine.prefill(prompt).kv
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
         for _ in range(args.repeat + 1):  # the first run warms up
             tag += 1
             t0 = time.perf_counter()
-            payload, manifest = pack_cache(codec, kv)
+            payload, manifest = pack_cache(codec, kv, model=engine.name)
             t1 = time.perf_counter()
             work_q.put((tag, manifest))
             pair.send(payload, tag)

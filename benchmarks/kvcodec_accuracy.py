@@ -55,9 +55,9 @@ class Int4Variant(Int4Codec):
         super().__init__()
         self.variant = (key_bits, value_bits, pre_rope, query_weights, profile)
 
-    def for_layer(self, index: int, n_layers: int, shape: tuple[int, ...]):
+    def for_layer(self, index: int, n_layers: int, shape: tuple[int, ...], model: str | None = None):
         key_bits, value_bits, pre_rope, query_weights, use_profile = self.variant
-        p = kvprofiles.find(n_layers, shape[1], shape[-1])
+        p = kvprofiles.find(n_layers, shape[1], shape[-1], model)
         kb = key_bits[index] if key_bits else (p.key_bits[index] if use_profile else 4)
         vb = value_bits[index] if value_bits else (p.value_bits[index] if use_profile else 4)
         key = replace(self.key_spec, bits=kb, rope_theta=p.rope_theta if pre_rope else 0.0)

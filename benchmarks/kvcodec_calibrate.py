@@ -79,7 +79,7 @@ def sensitivity(model, cases, codecs, kind: str) -> list[float]:
 def bits_per_value(profile: dict, tokens: int) -> float:
     from thunderserve.common import kvprofiles
 
-    p = kvprofiles.Profile("calib", profile["layers"], profile["kv_heads"], profile["head_dim"],
+    p = kvprofiles.Profile("calib", profile["model"], profile["layers"], profile["kv_heads"], profile["head_dim"],
                            profile["rope_theta"], tuple(profile["key_bits"]), tuple(profile["value_bits"]),
                            profile["query_energy"])
     g = torch.Generator().manual_seed(0)

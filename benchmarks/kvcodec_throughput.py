@@ -6,17 +6,21 @@ Encode = quantize + pack, decode = unpack + dequantize, in GB/s of fp32 input, o
 (torch.set_num_threads(1)). The tensor set is a SmolLM2-shaped cache: 30 layers x (key,
 value) of [1, 3 KV heads, tokens, 64], with a few outlier key channels like the real model's.
 Wire size counts everything `pack_cache` puts on the wire (codes, scales, zeros, fp16 parts).
+The process keeps freed memory mapped, as the replicas do (`thunderserve.common.memory`);
+`--default-malloc` measures with glibc's defaults instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
 
 from thunderserve.common.kvcodec import codec_names, get_codec, pack_cache, unpack_cache
+from thunderserve.common.memory import keep_freed_memory
 
 LAYERS, KV_HEADS, HEAD_DIM = 30, 3, 64
 
@@ -68,8 +72,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--codecs", nargs="*", default=None)
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's allocator settings alone (fresh mmap per large tensor)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    kept = False if args.default_malloc else keep_freed_memory()
     layers = smollm2_like_cache(args.tokens)
     names = args.codecs or [n for n in codec_names()]
     result = {
@@ -78,6 +85,8 @@ def main() -> None:
         "layers": LAYERS,
         "fp32_mb": round(sum(k.numel() + v.numel() for k, v in layers) * 4 / 1e6, 2),
         "threads": torch.get_num_threads(),
+        "keep_freed_memory": kept,
+        "load_1min": round(os.getloadavg()[0], 2),
         "codecs": [measure(n, layers, args.repeats) for n in names],
     }
     print(json.dumps(result, indent=2))

@@ -203,9 +203,12 @@ class Int4Codec(GroupQuantCodec):
     key_spec = QuantSpec(4, 4096, "channel", sink_tokens=1, widths=True)
     value_spec = QuantSpec(4, 64, "token", rotate=16, sink_tokens=1, levels="normal")
 
-    def for_layer(self, index: int, n_layers: int, shape: tuple[int, ...]) -> GroupQuantCodec:
-        """The codec for one layer of a whole cache: the calibrated profile's, if one fits."""
-        profile = kvprofiles.find(n_layers, shape[1], shape[-1])
+    def for_layer(
+        self, index: int, n_layers: int, shape: tuple[int, ...], model: str | None = None
+    ) -> GroupQuantCodec:
+        """The codec for one layer of a whole cache: the calibrated profile's, if one fits
+        (`model`: the model that made the cache; None = any profile of this geometry)."""
+        profile = kvprofiles.find(n_layers, shape[1], shape[-1], model)
         if profile is None:
             return self
         key = replace(self.key_spec, bits=profile.key_bits[index], rope_theta=profile.rope_theta)
@@ -239,17 +242,21 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().reshape(-1).view(torch.uint8)
 
 
-def pack_cache(codec: KVCodec, layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[
-    torch.Tensor, dict[str, Any]
-]:
-    """Encode every layer's (key, value) and frame them into one uint8 buffer + manifest."""
+def pack_cache(
+    codec: KVCodec, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], model: str | None = None
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Encode every layer's (key, value) and frame them into one uint8 buffer + manifest.
+
+    `model`: the served name of the model that made the cache, so a codec with calibrated
+    per-model settings (int4) uses that model's and no other's; None = match by geometry.
+    """
     entries: list[dict[str, Any]] = []
     chunks: list[torch.Tensor] = []
     offset = 0
     for index, (key, value) in enumerate(layers):
         # A codec may choose per layer (e.g. more bits for sensitive layers); params say which.
         for_layer = getattr(codec, "for_layer", None)
-        layer_codec = for_layer(index, len(layers), tuple(key.shape)) if for_layer else codec
+        layer_codec = for_layer(index, len(layers), tuple(key.shape), model) if for_layer else codec
         for packed in (layer_codec.encode(key, kind="key"), layer_codec.encode(value, kind="value")):
             bufs = []
             for bname, buf in packed.buffers.items():

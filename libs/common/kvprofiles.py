@@ -9,8 +9,9 @@ params and bit widths. Profiles are written by `benchmarks/kvcodec_calibrate.py`
 prompts that are not in the accuracy set (`tests/data/kv_calib_prompts.json`) into
 `kvprofiles_data.py`.
 
-`pack_cache` picks the profile whose geometry (layers, KV heads, head_dim) matches the cache;
-a cache of another geometry is encoded without one (correct, only less accurate).
+`pack_cache` picks the profile of the model that made the cache when the caller names it (the
+replicas do), else the one whose geometry (layers, KV heads, head_dim) matches; a cache of
+another model or geometry is encoded without one (correct, only less accurate).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from thunderserve.common.kvprofiles_data import PROFILES
 
 @dataclass(frozen=True)
 class Profile:
-    name: str
+    name: str  # key in PROFILES
+    model: str  # the served model name it was calibrated on
     layers: int
     kv_heads: int
     head_dim: int
@@ -45,13 +47,18 @@ class Profile:
 def profiles() -> tuple[Profile, ...]:
     out = []
     for name, p in PROFILES.items():
-        out.append(Profile(name, p["layers"], p["kv_heads"], p["head_dim"], float(p["rope_theta"]),
+        out.append(Profile(name, p["model"], p["layers"], p["kv_heads"], p["head_dim"], float(p["rope_theta"]),
                            tuple(p["key_bits"]), tuple(p["value_bits"]), p["query_energy"]))
     return tuple(out)
 
 
-def find(layers: int, kv_heads: int, head_dim: int) -> Profile | None:
+def find(layers: int, kv_heads: int, head_dim: int, model: str | None = None) -> Profile | None:
+    """The profile for a cache of this geometry; with `model` (a served model name or a
+    profile's key, any case), only that model's: two models can share a geometry but not
+    their calibration."""
     for p in profiles():
-        if (p.layers, p.kv_heads, p.head_dim) == (layers, kv_heads, head_dim):
+        if (p.layers, p.kv_heads, p.head_dim) != (layers, kv_heads, head_dim):
+            continue
+        if model is None or model.lower() in (p.name.lower(), p.model.lower()):
             return p
     return None

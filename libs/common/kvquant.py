@@ -4,14 +4,14 @@ Plain torch, CPU- and GPU-agnostic. The unit everywhere is a 2-D tensor of *rows
 is cut into groups of `group` values along its last axis (the last group of a row may be
 shorter), and each group gets its own asymmetric range: an fp16 minimum ("zero") and an
 fp16 step ("scale"). Codes are unsigned `bits`-bit integers; 4-bit codes are packed two per
-byte, other widths as bit planes. Decoding reproduces `code * scale + zero` in fp32, so every
+byte, other widths eight codes to `bits` bytes. Decoding reproduces `code * scale + zero` in fp32, so every
 value comes back within half a step of its group (the fp16 range is rounded outward so that
 no value is clipped).
 
 Around that core (`encode_tensor` puts them together, all optional and described by params):
 - `rope`: undo / redo the rotary position embedding, so keys are quantized pre-RoPE, where
   each channel keeps a fixed range over the sequence;
-- `channel_widths` + `pack_planes`: a bit width per channel (2-8 bits, fixed average),
+- `channel_widths` + `pack_widths`: a bit width per channel (2-8 bits, fixed average),
   allotted by reverse water-filling on range^2 x query energy;
 - `quantize_normal`: symmetric groups on a Gaussian-quantile codebook (NF4-style) with an
   fp16 scale only, for values after a rotation;
@@ -59,14 +59,20 @@ def _ranges(lo: torch.Tensor, hi: torch.Tensor, levels) -> tuple[torch.Tensor, t
 
 
 def quantize(
-    x: torch.Tensor, bits: int, group: int, widths: torch.Tensor | None = None
+    x: torch.Tensor,
+    bits: int,
+    group: int,
+    widths: torch.Tensor | None = None,
+    bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize x [outer, n, inner] in groups of `group` along dim 1.
 
     Returns (codes uint8 of x's shape, zero fp16 [outer, G, inner], scale fp16 [outer, G, inner])
     with G = ceil(n / group). Keys per channel use inner = head_dim (groups run over tokens
     and no transpose is needed); values per token use inner = 1. `widths` [outer, inner]
-    (uint8, 1..8) gives each channel its own bit width instead of `bits`.
+    (uint8, 1..8) gives each channel its own bit width instead of `bits`. `bounds`: x's
+    (amin, amax) over dim 1 [outer, inner], if the caller has them (used when one group
+    covers n, saving two passes).
     """
     x = x.float()
     outer, n, inner = x.shape
@@ -78,17 +84,24 @@ def quantize(
     zeros, scales = [], []
     for start, stop, g in _parts(n, group):
         part = x[:, start:stop].view(outer, (stop - start) // g, g, inner)
-        lo, hi = part.amin(2), part.amax(2)
+        if bounds is not None and stop - start == n:
+            lo, hi = bounds[0].unsqueeze(1), bounds[1].unsqueeze(1)
+        else:
+            lo, hi = part.amin(2), part.amax(2)
         if lo.numel() and (float(lo.min()) < -_F16_MAX or float(hi.max()) > _F16_MAX):
             part = part.clamp(-_F16_MAX, _F16_MAX)  # fp16 scales cannot describe a wider range
         zero, scale = _ranges(lo, hi, levels)
         s = scale.float().unsqueeze(2)
         inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
-        # (x - zero) / scale lies in [0, levels]; +0.5 then truncation rounds to nearest.
+        # (x - zero) / scale lies in [0, levels]: zero <= x exactly, and `_ranges` checked
+        # zero + levels * scale >= max(x) in float64, so fp32 rounding (~1e-7 relative) cannot
+        # lift a value past levels + 0.5; +0.5 then truncation rounds to the nearest code.
         # float -> int32 -> uint8 is much faster in torch than float -> uint8.
-        q = (part - zero.float().unsqueeze(2)).mul_(inv).add_(0.5).to(torch.int32)
-        q = q.clamp_(max=levels) if isinstance(levels, int) else torch.minimum(q, levels.unsqueeze(1).int())
-        codes[:, start:stop] = q.to(torch.uint8).view(outer, stop - start, inner)
+        q = part.sub(zero.float().unsqueeze(2)).mul_(inv).add_(0.5).to(torch.int32).to(torch.uint8)
+        if stop - start == n:  # one part (the usual case for keys): no copy into `codes`
+            codes = q.view(outer, n, inner)
+        else:
+            codes[:, start:stop] = q.view(outer, stop - start, inner)
         zeros.append(zero)
         scales.append(scale)
     if not zeros:
@@ -231,21 +244,28 @@ def quantize_normal(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tenso
     `normal_levels(bits)` times an fp16 scale >= the group's largest |x|.
 
     Returns (codes uint8 [outer, n], scale fp16 [outer, G])."""
-    x = x.float().clamp(-_F16_MAX, _F16_MAX)
+    x = x.float()
     outer, n = x.shape
     _, lut = normal_levels(bits)
     codes = torch.empty(x.shape, dtype=torch.uint8)
     scales = []
     for start, stop, g in _parts(n, group):
         part = x[:, start:stop].view(outer, (stop - start) // g, g)
-        top = part.abs().amax(2)
+        top = torch.maximum(part.amax(2), part.amin(2).neg_())  # max |x| without an |x| copy
+        if top.numel() and float(top.max()) > _F16_MAX:  # fp16 scales cannot describe more
+            part = part.clamp(-_F16_MAX, _F16_MAX)
+            top = top.clamp(max=_F16_MAX)
         scale = top.to(torch.float16)
         scale = torch.where(scale.float() < top, torch.nextafter(scale, scale.new_tensor(math.inf)), scale)
         s = scale.float().unsqueeze(2)
         inv = torch.where(s > 0, _FINE / s, torch.zeros_like(s))
         # |x| <= scale, so the fine bin lies in [0, 2 * _FINE]
-        fine = torch.addcmul(torch.full_like(s, _FINE + 0.5), part, inv).to(torch.int32)
-        codes[:, start:stop] = lut.index_select(0, fine.view(-1)).view(outer, stop - start)
+        fine = part.mul(inv).add_(_FINE + 0.5).to(torch.int32)
+        q = lut.index_select(0, fine.view(-1)).view(outer, stop - start)
+        if stop - start == n:
+            codes = q
+        else:
+            codes[:, start:stop] = q
         scales.append(scale)
     if not scales:
         return codes, torch.empty(outer, 0, dtype=torch.float16)
@@ -284,54 +304,39 @@ def channel_widths(score: torch.Tensor, mean_bits: int) -> torch.Tensor:
     return widths + chosen.view(rows, d, -1).sum(2, dtype=torch.uint8)
 
 
-_GATHER = 0x0102040810204080  # x 8 bytes of 0/1: their bits land in the top byte
-_SPREAD = 0x0101010101010101  # a byte copied into all 8 bytes of a word
-_SELECT = 0x8040201008040201 - (1 << 64)  # bit 7 - k of byte k (as a signed int64)
-
-
-def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
-    """0/1 uint8 values, eight per byte (multiply-and-shift: one int64 op per 8 values)."""
-    n = bits.numel()
-    bits = torch.cat((bits.reshape(-1), bits.new_zeros(-n % 8)))  # a fresh, aligned copy
-    return ((bits.view(torch.int64) * _GATHER) >> 56).to(torch.uint8)
-
-
-def _unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """Inverse of `_pack_bits` for n values."""
-    words = (packed.to(torch.int64) * _SPREAD) & _SELECT
-    return words.view(torch.uint8).clamp_(max=1)[:n]
-
-
-def _by_width(widths: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-    """Channels (flattened [outer * d]) ordered by width, widest first, and for each bit
-    plane p the number of channels wider than p: plane p covers a prefix of that order."""
+def _by_width(widths: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Channels (flattened [outer * d]) ordered by width, widest first, and the (width,
+    count) of each run of equal widths in that order."""
     flat = widths.reshape(-1)
     order = torch.sort(flat, descending=True, stable=True).indices
-    counts = [int((flat > p).sum()) for p in range(MAX_WIDTH)]
-    return order, [c for c in counts if c]
+    counts = torch.bincount(flat.long(), minlength=MAX_WIDTH + 1).tolist()
+    return order, [(w, counts[w]) for w in range(MAX_WIDTH, 0, -1) if counts[w]]
 
 
-def pack_planes(codes: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
-    """Codes [outer, n, d] of per-channel widths [outer, d]: plane p holds bit p of every
-    channel wider than p (channels widest first, each channel's n tokens in a row), eight
-    bits per byte."""
+def pack_widths(codes: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
+    """Codes [outer, n, d] of per-channel widths [outer, d]: the channels widest first, each
+    channel's n tokens in a row, every run of equal-width channels packed at its own width
+    (`pack_codes`), so the codes take exactly their bits up to a byte per run."""
     outer, n, d = codes.shape
-    order, counts = _by_width(widths)
+    order, runs = _by_width(widths)
     rows = codes.permute(0, 2, 1).reshape(outer * d, n).index_select(0, order)
-    planes = [_pack_bits((rows[:m] >> p) & 1) for p, m in enumerate(counts)]
-    return torch.cat(planes) if planes else torch.empty(0, dtype=torch.uint8)
+    parts, start = [], 0
+    for width, m in runs:
+        parts.append(pack_codes(rows[start : start + m], width))
+        start += m
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
 
 
-def unpack_planes(packed: torch.Tensor, widths: torch.Tensor, n: int) -> torch.Tensor:
-    """Inverse of `pack_planes`: codes uint8 [outer, n, d]."""
+def unpack_widths(packed: torch.Tensor, widths: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of `pack_widths`: codes uint8 [outer, n, d]."""
     outer, d = widths.shape
-    order, counts = _by_width(widths)
-    rows = torch.zeros(outer * d, n, dtype=torch.uint8)
-    offset = 0
-    for p, m in enumerate(counts):
-        size = (m * n + 7) // 8
-        rows[:m] |= _unpack_bits(packed[offset : offset + size], m * n).view(m, n) << p
+    order, runs = _by_width(widths)
+    parts, offset = [], 0
+    for width, m in runs:
+        size = code_bytes(m * n, width)
+        parts.append(unpack_codes(packed[offset : offset + size], width, m * n).view(m, n))
         offset += size
+    rows = torch.cat(parts) if parts else torch.empty(0, n, dtype=torch.uint8)
     out = torch.empty_like(rows).index_copy_(0, order, rows)
     return out.view(outer, d, n).permute(0, 2, 1).contiguous()
 
@@ -355,7 +360,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         return flat
     if bits == 4:
         return pack_nibbles(flat)
-    return pack_bitplanes(flat, bits)
+    return pack_lanes(flat, bits)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -363,20 +368,45 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         return packed
     if bits == 4:
         return unpack_nibbles(packed, n)
-    return unpack_bitplanes(packed, bits, n)
+    return unpack_lanes(packed, bits, n)
 
 
-def pack_bitplanes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Any width 1..8: bit j of every code goes to plane j, eight codes per byte."""
-    return torch.cat([_pack_bits((codes >> j) & 1) for j in range(bits)]) if bits else codes[:0]
+# (lane width, mask of the low lane of each pair, one bit at the start of each pair)
+_LANES = ((8, 0x00FF00FF00FF00FF, 0x0001000100010001), (16, 0x0000FFFF0000FFFF, 0x0000000100000001),
+          (32, 0x00000000FFFFFFFF, 1))
 
 
-def unpack_bitplanes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    per_plane = (n + 7) // 8
-    out = torch.zeros(n, dtype=torch.uint8)
-    for j in range(bits):
-        out |= _unpack_bits(packed[j * per_plane : (j + 1) * per_plane], n) << j
-    return out
+def pack_lanes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes of 1..7 bits, eight per `bits` bytes: the eight codes of an int64 word (one per
+    byte) are moved together in three steps (pairs of bytes, of 16-bit and of 32-bit lanes),
+    a few whole-tensor int64 operations instead of one pass per bit."""
+    n = codes.numel()
+    x = codes.reshape(-1)
+    if n % 8 or x.storage_offset() % 8:  # int64 words need whole, aligned groups of eight
+        x = torch.cat((x, x.new_zeros(-n % 8)))
+    words = x.view(torch.int64)
+    field = bits  # bits held in each low lane so far
+    for step, (lane, low, _) in enumerate(_LANES):
+        high = (words >> lane).bitwise_and_(low).bitwise_left_shift_(field)
+        words = (words & low) if step == 0 else words.bitwise_and_(low)  # the input stays intact
+        words.bitwise_or_(high)
+        field *= 2
+    return words.view(torch.uint8).view(-1, 8)[:, :bits].reshape(-1)
+
+
+def unpack_lanes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of `pack_lanes` for n codes."""
+    m = (n + 7) // 8
+    bytes8 = torch.zeros(m, 8, dtype=torch.uint8)
+    bytes8[:, :bits] = packed[: m * bits].view(m, bits)
+    words = bytes8.view(torch.int64).view(-1)
+    field = 4 * bits
+    for lane, _, start in reversed(_LANES):
+        low = ((1 << field) - 1) * start  # the low field of every pair of lanes
+        high = (words >> field).bitwise_and_(low).bitwise_left_shift_(lane)
+        words.bitwise_and_(low).bitwise_or_(high)
+        field //= 2
+    return words.view(torch.uint8)[:n]
 
 
 def code_bytes(n: int, bits: int) -> int:
@@ -430,13 +460,14 @@ def encode_tensor(
         return buffers
     x3 = x.reshape(v3)
     if widths:
-        score = (x3.amax(1) - x3.amin(1)).square() if v3[1] else torch.zeros(v3[0], v3[2])
+        bounds = (x3.amin(1), x3.amax(1)) if v3[1] else None
+        score = (bounds[1] - bounds[0]).square() if bounds else torch.zeros(v3[0], v3[2])
         if weights is not None:
             score = score * weights.float().repeat(v3[0] // weights.shape[0], 1)
         w = channel_widths(score, bits)
-        codes, zero, scale = quantize(x3, bits, group, widths=w)
+        codes, zero, scale = quantize(x3, bits, group, widths=w, bounds=bounds)
         buffers["widths"] = w
-        buffers["codes"] = pack_planes(codes, w)
+        buffers["codes"] = pack_widths(codes, w)
     else:
         codes, zero, scale = quantize(x3, bits, group)
         buffers["codes"] = pack_codes(codes, bits)
@@ -467,7 +498,7 @@ def decode_tensor(
         x = dequantize_normal(codes, buffers["scale"], bits, group).view(qshape)
     else:
         if widths:
-            codes = unpack_planes(buffers["codes"], buffers["widths"], v3[1])
+            codes = unpack_widths(buffers["codes"], buffers["widths"], v3[1])
         else:
             codes = unpack_codes(buffers["codes"], bits, math.prod(v3)).view(v3)
         x = dequantize(codes, buffers["zero"], buffers["scale"], group).view(qshape)

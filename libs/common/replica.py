@@ -28,6 +28,7 @@ import nats
 from thunderserve.common import aio, config, protocol
 from thunderserve.common.engine import Engine, MockEngine, create_engine
 from thunderserve.common.kvchannel import BACKENDS, DEFAULT_BACKEND, ChannelClient, ChannelHost
+from thunderserve.common.memory import keep_freed_memory
 from thunderserve.common.plan import Plan
 from thunderserve.common.planstore import PlanWatcher
 from thunderserve.common.protocol import Abort, ControlCommand, Heartbeat, Subjects
@@ -267,6 +268,7 @@ def main(phase: str, argv: list[str] | None = None) -> int:
     # Tokens cross threads here (event loop <-> model/step/channel threads); a thread waiting for
     # the GIL otherwise waits up to 5 ms for a busy one to yield it.
     sys.setswitchinterval(float(os.environ.get("THUNDERSERVE_SWITCH_INTERVAL", "0.0005")))
+    keep_freed_memory()  # model steps and KV codec passes reuse mapped pages (common/memory.py)
     try:
         aio.run(ReplicaHost(args, phase).run())
     except KeyboardInterrupt:

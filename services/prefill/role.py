@@ -149,7 +149,7 @@ class PrefillRole:
                 return first_chunk
             # The request's codec, else the current plan's, else this replica's default.
             codec = get_codec(request.kv_codec or self.host.plan_kv_codec or self.default_codec)
-            payload, manifest = pack_cache(codec, result.kv)
+            payload, manifest = pack_cache(codec, result.kv, model=self.engine.name)
             return payload, manifest, first_chunk
         finally:
             self._running -= 1

@@ -155,24 +155,46 @@ def test_decode_uses_transmitted_params() -> None:
     d=st.integers(1, 70),
     seed=st.integers(0, 2**16),
 )
-def test_plane_packing_roundtrip(rows: int, n: int, d: int, seed: int) -> None:
+def test_width_packing_roundtrip(rows: int, n: int, d: int, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     widths = torch.randint(kvquant.MIN_WIDTH, kvquant.MAX_WIDTH + 1, (rows, d), generator=g).to(torch.uint8)
     codes = torch.randint(0, 256, (rows, n, d), generator=g).to(torch.uint8)
     codes &= ((1 << widths.long()) - 1).to(torch.uint8).unsqueeze(1)
-    packed = kvquant.pack_planes(codes, widths)
-    # Exactly the bits the widths call for, each plane rounded up to a byte.
-    assert packed.numel() == sum((int((widths > p).sum()) * n + 7) // 8 for p in range(kvquant.MAX_WIDTH))
-    assert torch.equal(kvquant.unpack_planes(packed, widths, n), codes)
+    packed = kvquant.pack_widths(codes, widths)
+    # Exactly the bits the widths call for, each run of equal widths rounded up to a byte.
+    assert packed.numel() == _width_bytes(widths, n)
+    assert torch.equal(kvquant.unpack_widths(packed, widths, n), codes)
 
 
-@settings(max_examples=40, deadline=None)
-@given(n=st.integers(0, 300), bits=st.integers(1, 8), seed=st.integers(0, 2**16))
-def test_bitplanes_roundtrip(n: int, bits: int, seed: int) -> None:
-    codes = torch.randint(0, 1 << bits, (n,), generator=torch.Generator().manual_seed(seed)).to(torch.uint8)
+def _width_bytes(widths: torch.Tensor, n: int) -> int:
+    """Bytes of n codes per channel at per-channel widths: ceil(bits / 8) per run of channels
+    of one width, which `pack_widths` packs together."""
+    total = 0
+    for w in range(1, 9):
+        count = int((widths == w).sum()) * n
+        total += (count * w + 7) // 8 if w in (4, 8) else (count + 7) // 8 * w
+    return total
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 300), bits=st.integers(1, 8), offset=st.integers(0, 9), seed=st.integers(0, 2**16))
+def test_code_packing_roundtrip(n: int, bits: int, offset: int, seed: int) -> None:
+    # `offset`: codes that start mid-buffer (a slice), so the int64 word view must not assume alignment
+    base = torch.randint(0, 1 << bits, (offset + n,), generator=torch.Generator().manual_seed(seed))
+    codes = base.to(torch.uint8)[offset:]
+    original = codes.clone()
     packed = kvquant.pack_codes(codes, bits)
     assert packed.numel() == kvquant.code_bytes(n, bits)
-    assert torch.equal(kvquant.unpack_codes(packed, bits, n)[:n], codes)
+    assert torch.equal(kvquant.unpack_codes(packed, bits, n)[:n], original)
+    assert torch.equal(codes, original)  # packing leaves its input alone
+
+
+def test_lane_packing_layout() -> None:
+    """Eight 3-bit codes fill three bytes, code i at bits 3i..3i+2 (little-endian)."""
+    codes = torch.tensor([1, 2, 3, 4, 5, 6, 7, 0], dtype=torch.uint8)
+    packed = kvquant.pack_lanes(codes, 3)
+    word = sum(int(b) << (8 * i) for i, b in enumerate(packed.tolist()))
+    assert word == sum(int(c) << (3 * i) for i, c in enumerate(codes.tolist()))
 
 
 def test_channel_widths_water_filling() -> None:
@@ -235,7 +257,8 @@ def test_pre_rope_keys_and_query_weights_cut_the_error() -> None:
 
 def test_profile_drives_the_int4_layers() -> None:
     """A SmolLM2-shaped cache gets the calibrated profile: RoPE base and per-layer widths in
-    the params; any other geometry falls back to the codec's own defaults."""
+    the params; any other geometry, or another model's name, falls back to the codec's own
+    defaults."""
     from thunderserve.common import kvprofiles
 
     profile = kvprofiles.find(30, 3, 64)
@@ -248,12 +271,20 @@ def test_profile_drives_the_int4_layers() -> None:
     assert all(e["params"]["rope_theta"] == profile.rope_theta for e in keys)
     _, manifest = pack_cache(get_codec("int4"), layers[:4])
     assert all(e["params"]["rope_theta"] == 0.0 and e["params"]["bits"] == 4 for e in manifest["entries"])
+    # Named by the replica: SmolLM2's own name (any case) gets its profile, another model of the
+    # same geometry does not.
+    _, manifest = pack_cache(get_codec("int4"), layers, model="smollm2-135m-instruct")
+    assert [e["params"]["bits"] for e in manifest["entries"][0::2]] == list(profile.key_bits)
+    _, manifest = pack_cache(get_codec("int4"), layers, model="another-135m")
+    assert all(e["params"]["rope_theta"] == 0.0 and e["params"]["bits"] == 4 for e in manifest["entries"])
+    assert kvprofiles.find(30, 3, 64, model="SmolLM2-135M-Instruct") is profile
+    assert kvprofiles.find(30, 3, 64, model="another-135m") is None
 
 
 def _expected_nbytes(name: str, shape: tuple[int, ...], kind: str, widths: torch.Tensor | None) -> int:
     """Wire bytes from first principles: codes + fp16 zero and scale per group (uniform
     levels) or fp16 scale per group (normal levels) + fp16 sink tokens (+ the per-channel
-    widths, one byte each, and their bit planes)."""
+    widths, one byte each, and the codes at those widths)."""
     codec = get_codec(name)
     spec = codec.key_spec if kind == "key" else codec.value_spec
     *lead, s, d = shape
@@ -267,8 +298,7 @@ def _expected_nbytes(name: str, shape: tuple[int, ...], kind: str, widths: torch
         return kvquant.code_bytes(values, spec.bits) + 2 * groups + sink_bytes
     if spec.widths:
         assert widths is not None and bool((widths.long().sum(1) == spec.bits * d).all())
-        planes = sum((int((widths > p).sum()) * qs + 7) // 8 for p in range(kvquant.MAX_WIDTH))
-        return widths.numel() + planes + 4 * groups + sink_bytes
+        return widths.numel() + _width_bytes(widths, qs) + 4 * groups + sink_bytes
     return kvquant.code_bytes(values, spec.bits) + 4 * groups + sink_bytes
 
 
