@@ -42,7 +42,8 @@ def table(out: dict) -> str:
     for r in out["rows"]:
         lines.append(f"| {r['system']} | {r['cluster']} | {r['price_per_hour']:.2f} | {_fmt(r['goodput'])} | "
                      f"{_fmt(r['goodput_per_dollar'], 3)} | {_fmt(r['tokens_per_s'], 0)} | {_fmt(r['p90_ttft_s'])} | "
-                     f"{_fmt(r['p90_tpot_s'], 3)} | {_fmt(r['min_slo_scale'])} | {r['replicas']} |")
+                     f"{_fmt(r['p90_tpot_s'], 3)} | {_fmt(r['min_slo_scale'])} | {r['replicas']}"
+                     + (f", budget {r['token_budget']}" if r.get("token_budget") else "") + " |")
     lines += ["", f"ThunderServe / best baseline ({out['best_baseline']}), goodput per $/h: "
               f"**{_fmt(out['ratio_vs_best_baseline'])}×**; latency-deadline reduction vs the tightest baseline "
               f"({out['best_latency_baseline']}): **{_fmt(out['deadline_reduction'])}×**", ""]
@@ -80,7 +81,7 @@ def plots(outs: list[dict], tag: str) -> list[str]:
     return written
 
 
-def write_section(outs: list[dict], summary: dict, cmd: str, pngs: list[str]) -> None:
+def write_section(outs: list[dict], summary: dict, cmd: str, pngs: list[str], budgets: tuple[int, ...]) -> None:
     path = DOCS / "benchmarks.md"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     body = [SECTION, "",
@@ -91,7 +92,11 @@ def write_section(outs: list[dict], summary: dict, cmd: str, pngs: list[str]) ->
             "cluster. Every system proposes candidate plans under its own rules on the same roofline cost model and "
             "keeps the one the simulator judges best (same Poisson stream, same seed); goodput = the highest rate "
             "with ≥ 90% of requests meeting both SLOs; ratios are per $/h. Min SLO scale = the smallest factor on "
-            "both SLOs at which 90% attainment holds, at the best baseline's goodput rate.", ""]
+            "both SLOs at which 90% attainment holds, at the best baseline's goodput rate. Colocated systems run "
+            "twice: V0-style (each prefill batch runs alone and stalls the decode batch) and with chunked prefill "
+            "(vLLM V1's default: every iteration runs all decode sequences plus prefill chunks up to a token budget "
+            f"per micro-batch; the row keeps its best budget of {' / '.join(map(str, budgets))}, shown in the plan "
+            "column).", ""]
     for out in outs:
         body.append(table(out))
     body += [f"Average over the two workloads: goodput per $/h **{_fmt(summary['mean_ratio'])}×** the best baseline "
@@ -141,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_docs:
         pngs = plots(outs, "")
         cmd = "python benchmarks/paper_comparison.py" + (" --quick" if args.quick else "")
-        write_section(outs, summary, cmd, pngs)
+        write_section(outs, summary, cmd, pngs, s.token_budgets)
     result = {"benchmark": "paper_comparison", "quick": args.quick, "seed": args.seed,
               "ratio_vs_best_baseline": ratios, "mean_ratio": _round(summary["mean_ratio"]),
               "deadline_reduction": reductions, "mean_deadline_reduction": _round(summary["mean_deadline_reduction"]),

@@ -9,8 +9,9 @@
 
 Each baseline returns its candidate plans best-first by its own analytic objective (the same roofline cost
 model); the experiment then keeps the candidate that the simulator judges best, so every system gets its
-best configuration under its own rules. Colocated replicas are modelled vLLM-style (prefill first, stalling
-the decode batch): see `colocated_perf`. Plans carry `meta["baseline"]` and `meta["cluster_spec"]`.
+best configuration under its own rules. The analytic objective models colocated replicas vLLM V0-style
+(prefill first, stalling the decode batch): see `colocated_perf`; the simulator can also run them with
+vLLM V1's chunked prefill (`SimConfig.colocated_policy`). Plans carry `meta["baseline"]` and `meta["cluster_spec"]`.
 """
 
 from __future__ import annotations

@@ -110,18 +110,28 @@ def free_bytes(model: ModelSpec, st: StageHW, calib: Calibration = DEFAULT_CALIB
 
 
 # --- prefill --------------------------------------------------------------------------------------
-def prefill_stage_time(model: ModelSpec, st: StageHW, tokens: float,
-                       calib: Calibration = DEFAULT_CALIBRATION) -> float:
-    """One prompt of `tokens` tokens through one stage."""
-    flops = st.layers * (2 * model.layer_params * tokens + 2 * tokens * tokens * model.heads * model.head_dim)
+def stage_pass_time(model: ModelSpec, st: StageHW, tokens: float, attn_pairs: float, kv_tokens: float,
+                    logits: float, calib: Calibration = DEFAULT_CALIBRATION) -> float:
+    """One forward pass through one stage, whatever its mix of prefill and decode tokens: `tokens` tokens go
+    through the GEMMs (and the TP all-reduces), attention scores `attn_pairs` (query, key) pairs at 4 FLOPs
+    per pair and head dimension (a causal prompt of s tokens: s*s/2; a decode token at context c: c),
+    `kv_tokens` tokens of KV are written or read (weights are read once) and `logits` rows go through the
+    LM head on the last stage. Prefill, batched prefill, decode steps and chunked-prefill steps all use it."""
+    flops = st.layers * (2 * model.layer_params * tokens + 4 * attn_pairs * model.heads * model.head_dim)
     if st.last:
-        flops += 2 * model.hidden * model.vocab  # logits for the last position only
+        flops += 2 * model.hidden * model.vocab * logits
     compute = flops / (st.tp * st.gpu.flops * calib.compute_eff)
-    mem = (stage_weight_bytes(model, st) + tokens * kv_bytes_per_token_gpu(model, st)) / (
+    mem = (stage_weight_bytes(model, st) + kv_tokens * kv_bytes_per_token_gpu(model, st)) / (
         st.gpu.mem_bw * calib.mem_eff)
     comm = 2 * st.layers * allreduce_time(tokens * model.hidden * model.bytes_per_weight, st.tp,
                                           st.intra_gbps, calib)
     return max(compute, mem) + comm + calib.stage_overhead
+
+
+def prefill_stage_time(model: ModelSpec, st: StageHW, tokens: float,
+                       calib: Calibration = DEFAULT_CALIBRATION) -> float:
+    """One prompt of `tokens` tokens through one stage (logits for the last position only)."""
+    return stage_pass_time(model, st, tokens, tokens * tokens / 2, tokens, 1, calib)
 
 
 def prefill_latency(model: ModelSpec, stages: list[StageHW], tokens: float,
@@ -256,33 +266,31 @@ def prefill_capacity(latency_q: float, service: float, ttft_slo: float, extra: f
 def decode_stage_time(model: ModelSpec, st: StageHW, batch: float, context: float,
                       calib: Calibration = DEFAULT_CALIBRATION) -> float:
     """One decode step of `batch` sequences with mean `context` tokens through one stage."""
-    flops = st.layers * (2 * model.layer_params + 4 * context * model.heads * model.head_dim) * batch
-    if st.last:
-        flops += 2 * model.hidden * model.vocab * batch
-    compute = flops / (st.tp * st.gpu.flops * calib.compute_eff)
-    nbytes = stage_weight_bytes(model, st) + batch * context * kv_bytes_per_token_gpu(model, st)
-    mem = nbytes / (st.gpu.mem_bw * calib.mem_eff)
-    comm = 2 * st.layers * allreduce_time(batch * model.hidden * model.bytes_per_weight, st.tp,
-                                          st.intra_gbps, calib)
-    return max(compute, mem) + comm + calib.stage_overhead
+    return stage_pass_time(model, st, batch, batch * context, batch * context, batch, calib)
+
+
+def pipeline_pass_time(model: ModelSpec, stages: list[StageHW], tokens: float, attn_pairs: float,
+                       kv_tokens: float, logits: float, calib: Calibration = DEFAULT_CALIBRATION,
+                       micro_batches: int | None = None) -> float:
+    """One iteration of a pipelined replica with `micro_batches` (default: one per stage) micro-batches in
+    flight (arguments as `stage_pass_time`, per micro-batch): each must pass every stage before its next
+    iteration, and the slowest stage serves all of them in turn: max(sum of stages + hand-offs, m * slowest)."""
+    chain = 0.0
+    worst = 0.0
+    for st in stages:
+        t = stage_pass_time(model, st, tokens, attn_pairs, kv_tokens, logits, calib)
+        worst = max(worst, t)
+        chain += t
+        if not st.last:
+            chain += handoff_time(model, tokens, st.next_gbps, calib)
+    return max(chain, (len(stages) if micro_batches is None else micro_batches) * worst)
 
 
 def decode_step_time(model: ModelSpec, stages: list[StageHW], micro_batch: float, context: float,
                      calib: Calibration = DEFAULT_CALIBRATION) -> float:
-    """Time per output token (TPOT) with one micro-batch per pipeline stage in flight.
-
-    Each of the pp micro-batches must pass every stage before its next token, and the slowest stage
-    serves all pp micro-batches in turn: TPOT = max(sum of stages + hand-offs, pp * slowest stage).
-    """
-    chain = 0.0
-    worst = 0.0
-    for st in stages:
-        t = decode_stage_time(model, st, micro_batch, context, calib)
-        worst = max(worst, t)
-        chain += t
-        if not st.last:
-            chain += handoff_time(model, micro_batch, st.next_gbps, calib)
-    return max(chain, len(stages) * worst)
+    """Time per output token (TPOT) with one micro-batch per pipeline stage in flight (`pipeline_pass_time`)."""
+    return pipeline_pass_time(model, stages, micro_batch, micro_batch * context, micro_batch * context,
+                              micro_batch, calib)
 
 
 def decode_max_sequences(model: ModelSpec, stages: list[StageHW], context: float,

@@ -4,6 +4,9 @@ cluster against colocated, DistServe-style and HexGen-style baselines at (about)
 Every system proposes candidate plans under its own rules (its own analytic objective on the same cost
 model); the simulator judges each candidate on the same request stream (same seed) and the system keeps
 its best one - ThunderServe included, so no system is handicapped by the cost model's blind spots.
+Colocated systems appear twice: with vLLM V0's scheduling (each prefill batch stalls decode) and with
+vLLM V1's chunked prefill, the latter at its best token budget of `Settings.token_budgets` (candidate
+plans x budgets, judged the same way).
 Goodput is compared per $/h, since the 8xA100 server costs a little less than the cloud cluster.
 """
 
@@ -42,6 +45,7 @@ class Settings:
     hexgen_time_limit: float | None = None
     ts_variants: tuple[tuple[float, float], ...] = ((0.9, 1.0), (0.95, 1.0), (0.9, 0.8))  # (attainment, SLO x)
     keep: int = 3  # candidates per baseline that get simulated
+    token_budgets: tuple[int, ...] = (512, 1024, 2048)  # chunked-prefill colocated rows: budgets tried
     scales: tuple[float, ...] = tuple(np.round(np.arange(0.2, 3.01, 0.05), 3))
 
 
@@ -60,6 +64,7 @@ class SystemResult:
     slo_scale: float = math.inf  # smallest SLO scale with >= target attainment at the reference rate
     rate_curve: list[tuple[float, float]] = field(default_factory=list)
     scale_curve: list[tuple[float, float]] = field(default_factory=list)
+    config: SimConfig = field(default_factory=SimConfig)  # how the simulator ran it (colocated policy)
 
     @property
     def goodput_per_dollar(self) -> float:
@@ -70,7 +75,8 @@ class SystemResult:
                 "goodput": round(self.goodput, 3), "goodput_per_dollar": round(self.goodput_per_dollar, 4),
                 "tokens_per_s": round(self.tokens_per_s, 1), "p90_ttft_s": _r(self.p90_ttft),
                 "p90_tpot_s": _r(self.p90_tpot), "min_slo_scale": _r(self.slo_scale),
-                "replicas": _shape(self.plan), "candidates": self.candidates}
+                "replicas": _shape(self.plan), "candidates": self.candidates,
+                "token_budget": self.config.token_budget if self.config.colocated_policy == "chunked" else None}
 
 
 def _r(x: float) -> float | None:
@@ -107,32 +113,57 @@ def thunderserve_candidates(cluster: Cluster, model: ModelSpec, w: Workload, s: 
     return out
 
 
-def systems(cloud: Cluster, server: Cluster, model: ModelSpec, w: Workload, s: Settings,
-            log: Log) -> list[tuple[str, Cluster, Callable[[], list[Plan]]]]:
+def _once(make: Callable[[], list[Plan]]) -> Callable[[], list[Plan]]:
+    """`make`, run at most once (a colocated system's candidates serve both of its scheduling rows)."""
+    memo: list[list[Plan]] = []
+
+    def get() -> list[Plan]:
+        if not memo:
+            memo.append(make())
+        return memo[0]
+    return get
+
+
+System = tuple[str, Cluster, Callable[[], list[Plan]], tuple[SimConfig, ...]]
+
+
+def systems(cloud: Cluster, server: Cluster, model: ModelSpec, w: Workload, s: Settings, log: Log) -> list[System]:
+    """(name, cluster, candidate plans, simulator configs to judge them under) per system."""
+    stall = (SimConfig(),)
+    chunked = tuple(SimConfig(colocated_policy="chunked", token_budget=b) for b in s.token_budgets)
+    vllm = _once(lambda: bl.vllm_plans(server, model, w)[: s.keep])
+    uniform = _once(lambda: bl.vllm_plans(cloud, model, w, name="uniform")[: s.keep])
+    hexgen = _once(lambda: bl.hexgen_plans(cloud, model, w, time_limit_s=s.hexgen_time_limit, seed=s.seed))
     return [
-        ("ThunderServe", cloud, lambda: thunderserve_candidates(cloud, model, w, s, log)),
-        ("vLLM (colocated, homogeneous)", server, lambda: bl.vllm_plans(server, model, w)[: s.keep]),
-        ("DistServe (disaggregated, homogeneous)", server, lambda: bl.distserve_plans(server, model, w)[: s.keep]),
-        ("colocated, uniform groups", cloud, lambda: bl.vllm_plans(cloud, model, w, name="uniform")[: s.keep]),
-        ("DistServe-style placement", cloud, lambda: bl.distserve_plans(cloud, model, w)[: s.keep]),
-        ("HexGen-style (hetero, colocated)", cloud,
-         lambda: bl.hexgen_plans(cloud, model, w, time_limit_s=s.hexgen_time_limit, seed=s.seed)),
+        ("ThunderServe", cloud, lambda: thunderserve_candidates(cloud, model, w, s, log), stall),
+        ("vLLM V0-style (colocated, homogeneous)", server, vllm, stall),
+        ("vLLM V1-style (colocated, chunked prefill, homogeneous)", server, vllm, chunked),
+        ("DistServe (disaggregated, homogeneous)", server, lambda: bl.distserve_plans(server, model, w)[: s.keep],
+         stall),
+        ("colocated, uniform groups", cloud, uniform, stall),
+        ("colocated, uniform groups, chunked prefill", cloud, uniform, chunked),
+        ("DistServe-style placement", cloud, lambda: bl.distserve_plans(cloud, model, w)[: s.keep], stall),
+        ("HexGen-style (hetero, colocated)", cloud, hexgen, stall),
+        ("HexGen-style (hetero, colocated, chunked prefill)", cloud, hexgen, chunked),
     ]
 
 
 # --- judging -------------------------------------------------------------------------------------------
 def best_by_simulation(plans: list[Plan], cluster: Cluster, model: ModelSpec, w: Workload, slo: SLO,
-                       s: Settings) -> tuple[Plan, GoodputResult] | None:
-    best: tuple[Plan, GoodputResult] | None = None
+                       s: Settings, configs: tuple[SimConfig, ...] = (SimConfig(),)
+                       ) -> tuple[Plan, GoodputResult, SimConfig] | None:
+    """The (plan, simulator config) pair with the highest simulated goodput."""
+    best: tuple[Plan, GoodputResult, SimConfig] | None = None
     for plan in plans:
-        try:
-            sim = Simulator(plan, cluster, model, slo, config=SimConfig())
-        except ValueError:
-            continue  # a plan that serves nothing
-        g = find_goodput(sim, w.prompt_lens, w.output_lens, n=s.n_requests, seed=s.seed,
-                         hint=max(0.05, 0.7 * plan.objective))
-        if best is None or g.goodput > best[1].goodput:
-            best = (plan, g)
+        for cfg in configs:
+            try:
+                sim = Simulator(plan, cluster, model, slo, config=cfg)
+            except ValueError:
+                break  # a plan that serves nothing
+            g = find_goodput(sim, w.prompt_lens, w.output_lens, n=s.n_requests, seed=s.seed,
+                             hint=max(0.05, 0.7 * plan.objective))
+            if best is None or g.goodput > best[1].goodput:
+                best = (plan, g, cfg)
     return best
 
 
@@ -142,21 +173,22 @@ def run_workload(shape: str, s: Settings, log: Log = print) -> dict:
     w = Workload.from_name(shape, rate=1.0)
     slo = SLO(w.ttft_slo, w.tpot_slo, w.attainment)
     results: list[SystemResult] = []
-    for name, cluster, make in systems(cloud, server, model, w, s, log):
+    for name, cluster, make, configs in systems(cloud, server, model, w, s, log):
         t0 = time.monotonic()
         plans = make()
-        found = best_by_simulation(plans, cluster, model, w, slo, s)
+        found = best_by_simulation(plans, cluster, model, w, slo, s, configs)
         if found is None:
             log(f"  {name}: no servable plan")
             continue
-        plan, g = found
+        plan, g, cfg = found
         res = g.result
         results.append(SystemResult(
             name, cluster.name, cluster.price_per_hour(), plan, g.goodput,
             res.tokens_per_s() if res else 0.0, res.percentile("ttft", 90) if res else math.inf,
-            res.percentile("tpot", 90) if res else math.inf, len(plans), g.probes))
-        log(f"  {name} on {cluster.name}: goodput {g.goodput:.2f} req/s ({_shape(plan)}), "
-            f"{len(plans)} candidates, {time.monotonic() - t0:.1f} s")
+            res.percentile("tpot", 90) if res else math.inf, len(plans) * len(configs), g.probes, config=cfg))
+        budget = f", token budget {cfg.token_budget}" if cfg.colocated_policy == "chunked" else ""
+        log(f"  {name} on {cluster.name}: goodput {g.goodput:.2f} req/s ({_shape(plan)}{budget}), "
+            f"{len(plans)} candidates x {len(configs)} configs, {time.monotonic() - t0:.1f} s")
     _latency_curves(results, cloud, server, model, w, slo, s)
     return summarise(shape, w, results)
 
@@ -168,7 +200,7 @@ def _latency_curves(results: list[SystemResult], cloud: Cluster, server: Cluster
     ref = max((r.goodput for r in base), default=1.0) or 1.0
     clusters = {cloud.name: cloud, server.name: server}
     for r in results:
-        sim = Simulator(r.plan, clusters[r.cluster], model, slo)
+        sim = Simulator(r.plan, clusters[r.cluster], model, slo, config=r.config)
         at_ref = sim.run(poisson_requests(ref, w.prompt_lens, w.output_lens, n=s.n_requests, seed=s.seed),
                          seed=s.seed)
         r.slo_scale = at_ref.min_slo_scale()

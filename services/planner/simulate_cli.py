@@ -15,7 +15,7 @@ from thunderserve.common.plan import Plan
 from .cli import INPUT_ERRORS, fail, input_error
 from .cluster import Cluster
 from .model import ModelSpec
-from .simulator import SLO, SimConfig, Simulator, find_goodput, poisson_requests, trace_requests
+from .simulator import COLOCATED_POLICIES, SLO, SimConfig, Simulator, find_goodput, poisson_requests, trace_requests
 from .workload import DEFAULT_SLOS, Workload, read_trace
 
 PROG = "thunderserve simulate"
@@ -54,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also search the highest Poisson rate with attainment >= target (named shapes and traces)")
     ap.add_argument("--prefill-batch-tokens", type=int, default=SimConfig.prefill_batch_tokens, metavar="N",
                     dest="prefill_batch_tokens", help="prompt tokens per prefill batch (default %(default)s)")
+    ap.add_argument("--colocated", choices=COLOCATED_POLICIES, default=SimConfig.colocated_policy,
+                    help="scheduling of colocated replicas: 'stall' (vLLM V0: a prefill batch runs alone and stalls "
+                         "the decode batch) or 'chunked' (vLLM V1's chunked prefill: decode tokens plus prompt "
+                         "chunks up to --token-budget per iteration) (default %(default)s)")
+    ap.add_argument("--token-budget", type=int, default=SimConfig.token_budget, metavar="N", dest="token_budget",
+                    help="with --colocated chunked: tokens per iteration and micro-batch, vLLM's "
+                         "max_num_batched_tokens (default %(default)s)")
     ap.add_argument("--json", metavar="OUT", help="write the results as JSON to this file ('-' for stdout only)")
     ap.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return ap
@@ -91,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--duration must be > 0")
         if args.prefill_batch_tokens < 1:
             raise ValueError("--prefill-batch-tokens must be >= 1")
+        if args.token_budget < 1:
+            raise ValueError("--token-budget must be >= 1")
         try:
             plan = Plan.from_json(Path(args.plan).read_text())
         except json.JSONDecodeError as exc:
@@ -113,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         if not reqs:
             raise ValueError("no request arrives within --duration")
         slo = _slo(args, plan, shape)
-        sim = Simulator(plan, cluster, model, slo, config=SimConfig(prefill_batch_tokens=args.prefill_batch_tokens))
+        cfg = SimConfig(prefill_batch_tokens=args.prefill_batch_tokens, colocated_policy=args.colocated,
+                        token_budget=args.token_budget)
+        sim = Simulator(plan, cluster, model, slo, config=cfg)
     except INPUT_ERRORS as exc:
         return fail(PROG, input_error(exc, args.cluster))
 
@@ -133,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
     res = sim.run(reqs, seed=args.seed, progress=progress)
     out = {"plan": args.plan, "cluster": cluster.name, "model": model.name, "workload": args.workload,
+           "colocated": args.colocated, **({"token_budget": args.token_budget} if args.colocated == "chunked" else {}),
            **res.summary()}
     if args.goodput:
         if not args.quiet:

@@ -10,8 +10,12 @@ What it models, per replica phase:
   * decode replicas: continuous batching; a sequence joins at a step boundary when the batch is below
     its cap (the plan's `max_sequences`) and its KV (prompt + output tokens) fits the free KV memory;
     one step costs `decode_step_time` at the batch's current mean context;
-  * colocated replicas (vLLM-style): one queue, iteration scheduling with prefill first - a prefill
-    batch stalls the running decode batch, otherwise the batch takes a decode step.
+  * colocated replicas (vLLM-style): one queue and iteration scheduling, by `SimConfig.colocated_policy`:
+    "stall" (vLLM V0 without chunked prefill): prefill first - a prefill batch stalls the running decode
+    batch, otherwise the batch takes a decode step; "chunked" (vLLM V1's default, Sarathi-Serve): every
+    iteration runs all running decode sequences plus prefill chunks filling a token budget
+    (`token_budget`, vLLM's max_num_batched_tokens), so a long prompt never stalls decode for long. An
+    iteration costs `iteration_time`: the cost model's forward pass for its decode and chunk tokens.
 
 TTFT ends when the first token reaches the client: when prefill finishes - a disaggregated prefill
 replica streams it before the KV moves, as services/prefill/role.py does - or, on the routes the plan
@@ -200,6 +204,20 @@ class SimConfig:
     max_prefill_batch: int = 32  # prompts per prefill batch
     decode_cap: str = "plan"  # "plan": the replica's max_sequences (if set) caps the batch; "memory": KV only
     horizon: float = 1e6  # s: stop simulating here (unfinished requests miss their SLOs)
+    colocated_policy: str = "stall"  # colocated replicas: "stall" (vLLM V0: each prefill batch runs alone and
+    # stalls decode) or "chunked" (vLLM V1: decode tokens + prefill chunks within `token_budget` per iteration)
+    token_budget: int = 2048  # "chunked": tokens per iteration and micro-batch (vLLM's max_num_batched_tokens,
+    # default 2048); decode tokens count 1 each, a prompt is prefilled in chunks of at most this many tokens
+
+    def __post_init__(self) -> None:
+        if self.colocated_policy not in COLOCATED_POLICIES:
+            raise ValueError(f"colocated_policy must be one of {', '.join(COLOCATED_POLICIES)}, "
+                             f"not {self.colocated_policy!r}")
+        if self.token_budget < 1:
+            raise ValueError("token_budget must be >= 1")
+
+
+COLOCATED_POLICIES = ("stall", "chunked")
 
 
 # --- batch costs (the cost model's formulas for several prompts at once) -------------------------------
@@ -207,19 +225,27 @@ def prefill_batch_stage_time(model: ModelSpec, st: cm.StageHW, prompts: Sequence
                              calib: cm.Calibration = cm.DEFAULT_CALIBRATION) -> float:
     """`costmodel.prefill_stage_time` for a batch: attention is per prompt (sum of squares), the rest
     scales with the batch's tokens; one prompt gives exactly the cost model's value."""
-    if len(prompts) == 1:
-        return cm.prefill_stage_time(model, st, prompts[0], calib)
     tokens = float(sum(prompts))
-    sq = float(sum(p * p for p in prompts))
-    flops = st.layers * (2 * model.layer_params * tokens + 2 * sq * model.heads * model.head_dim)
-    if st.last:
-        flops += 2 * model.hidden * model.vocab * len(prompts)
-    compute = flops / (st.tp * st.gpu.flops * calib.compute_eff)
-    mem = (cm.stage_weight_bytes(model, st) + tokens * cm.kv_bytes_per_token_gpu(model, st)) / (
-        st.gpu.mem_bw * calib.mem_eff)
-    comm = 2 * st.layers * cm.allreduce_time(tokens * model.hidden * model.bytes_per_weight, st.tp,
-                                             st.intra_gbps, calib)
-    return max(compute, mem) + comm + calib.stage_overhead
+    return cm.stage_pass_time(model, st, tokens, float(sum(p * p for p in prompts)) / 2, tokens, len(prompts),
+                              calib)
+
+
+def iteration_time(model: ModelSpec, stages: Sequence[cm.StageHW], decode: int, context: float,
+                   chunks: Sequence[tuple[int, int]], calib: cm.Calibration = cm.DEFAULT_CALIBRATION) -> float:
+    """One chunked-prefill iteration (every running sequence advances one token): `decode` sequences at mean
+    `context` plus prefill chunks (prompt tokens already done, chunk length), each chunk attending causally
+    to itself and its prefix (whose KV it reads). The work is spread evenly over min(pp, items) micro-batches
+    (a request sits in one micro-batch, as `decode_step_time`'s max(1, b / pp)) and costed by
+    `costmodel.pipeline_pass_time`: decode only with b >= pp, it is `decode_step_time`; one chunk of a fresh
+    prompt alone, `prefill_latency`."""
+    n_mb = min(len(stages), decode + len(chunks))
+    if n_mb < 1:
+        return 0.0
+    tokens = decode + sum(c for _, c in chunks)
+    attn = decode * context + sum(c * done + c * c / 2 for done, c in chunks)
+    kv = decode * context + sum(done + c for done, c in chunks)
+    return cm.pipeline_pass_time(model, list(stages), tokens / n_mb, attn / n_mb, kv / n_mb,
+                                 (decode + len(chunks)) / n_mb, calib, n_mb)
 
 
 def prefill_batch_times(model: ModelSpec, stages: Sequence[cm.StageHW], prompts: Sequence[int],
@@ -300,8 +326,10 @@ class _DecodeBatch:
     def need(self, r: RequestResult) -> int:
         return r.prompt + r.output
 
-    def can_admit(self, r: RequestResult, extra: int = 0) -> bool:
-        return len(self.running) + extra < self.cap and self.reserved + self.need(r) <= self.kv_tokens
+    def can_admit(self, r: RequestResult, extra: int = 0, extra_tokens: int = 0) -> bool:
+        """Room for `r` beside the running batch and `extra` sequences holding `extra_tokens` KV tokens."""
+        return (len(self.running) + extra < self.cap
+                and self.reserved + extra_tokens + self.need(r) <= self.kv_tokens)
 
     def admit(self, r: RequestResult) -> None:
         self.reserved += self.need(r)
@@ -314,10 +342,14 @@ class _DecodeBatch:
         while self.waiting and self.can_admit(self.waiting[0]):
             self.admit(self.waiting.popleft())
 
+    def context(self) -> float:
+        """Mean context of the running sequences: prompt + first token + tokens decoded so far."""
+        b = len(self.running)
+        return (self._prompt_sum + b * (self.steps + 1) - self._joined_sum) / b
+
     def step_time(self) -> float:
         b = len(self.running)
-        ctx = (self._prompt_sum + b * (self.steps + 1) - self._joined_sum) / b  # prompt + first token + decoded
-        return cm.decode_step_time(self.model, self.hw, max(1.0, b / self.pp), ctx, self.calib)
+        return cm.decode_step_time(self.model, self.hw, max(1.0, b / self.pp), self.context(), self.calib)
 
     def finish_step(self, now: float) -> None:
         self.steps += 1
@@ -405,12 +437,11 @@ class _ColocatedServer:
     def _take(self) -> list[RequestResult]:
         batch: list[RequestResult] = []
         tokens = 0
-        reserved = self.batch.reserved
+        reserved = 0
         while self.queue and len(batch) < self.cfg.max_prefill_batch:
             r = self.queue[0]
-            fits = (len(self.batch.running) + len(batch) < self.batch.cap
-                    and reserved + self.batch.need(r) <= self.batch.kv_tokens)
-            if not fits or (batch and tokens + r.prompt > self.cfg.prefill_batch_tokens):
+            if not self.batch.can_admit(r, len(batch), reserved) or (
+                    batch and tokens + r.prompt > self.cfg.prefill_batch_tokens):
                 break
             batch.append(self.queue.popleft())
             tokens += r.prompt
@@ -442,6 +473,78 @@ class _ColocatedServer:
 
     def _step_done(self) -> None:
         self.batch.finish_step(self.eng.now)
+        self._next()
+
+
+class _ChunkedColocatedServer:
+    """vLLM V1-style replica (chunked prefill): each iteration runs every running decode sequence (one token
+    each) and then prefill chunks, FIFO - prompts already part-way first, then new ones while the decode
+    cap and KV memory admit them (their KV is reserved on admission, as `_DecodeBatch` does) - until the
+    iteration's `token_budget` per micro-batch is used; a prompt gets at most one chunk of at most
+    `token_budget` tokens per iteration. Its first token leaves at the end of the iteration that ran its
+    last chunk; it decodes from the next iteration."""
+
+    def __init__(self, eng: _Engine, model: ModelSpec, hw: list[cm.StageHW], batch: _DecodeBatch, cfg: SimConfig,
+                 calib: cm.Calibration):
+        self.eng, self.model, self.hw, self.batch, self.cfg, self.calib = eng, model, hw, batch, cfg, calib
+        self.queue: deque[RequestResult] = deque()
+        self.prefilling: list[list] = []  # [request, prompt tokens done], admitted, FIFO
+        self.prefill_reserved = 0  # KV tokens reserved by the requests in `prefilling`
+        self.busy = False
+
+    def arrive(self, r: RequestResult) -> None:
+        self.queue.append(r)
+        if not self.busy:
+            self._next()
+
+    def _schedule(self) -> list[tuple[list, int]]:
+        """The prefill chunks of the next iteration: (item of `prefilling`, chunk tokens)."""
+        per = self.cfg.token_budget
+        left = per * self.batch.pp - len(self.batch.running)  # decode tokens are never skipped
+        chunks: list[tuple[list, int]] = []
+        for item in self.prefilling:
+            if left <= 0:
+                return chunks
+            c = min(item[0].prompt - item[1], per, left)
+            chunks.append((item, c))
+            left -= c
+        while left > 0 and self.queue and self.batch.can_admit(self.queue[0], len(self.prefilling),
+                                                                self.prefill_reserved):
+            r = self.queue.popleft()
+            item = [r, 0]
+            self.prefilling.append(item)
+            self.prefill_reserved += self.batch.need(r)
+            c = min(r.prompt, per, left)
+            chunks.append((item, c))
+            left -= c
+        return chunks
+
+    def _next(self) -> None:
+        chunks = self._schedule()
+        b = len(self.batch.running)
+        if not b and not chunks:
+            self.busy = False
+            return
+        self.busy = True
+        t = iteration_time(self.model, self.hw, b, self.batch.context() if b else 0.0,
+                           [(item[1], c) for item, c in chunks], self.calib)
+        self.eng.at(self.eng.now + t, lambda: self._iteration_done(b > 0, chunks))
+
+    def _iteration_done(self, decoded: bool, chunks: list[tuple[list, int]]) -> None:
+        now = self.eng.now
+        if decoded:
+            self.batch.finish_step(now)
+        for item, c in chunks:
+            item[1] += c
+            r = item[0]
+            if item[1] >= r.prompt:
+                self.prefilling.remove(item)
+                self.prefill_reserved -= self.batch.need(r)
+                r.first_token = now
+                if r.output > 1:
+                    self.batch.admit(r)
+                else:
+                    r.finish = now
         self._next()
 
 
@@ -516,7 +619,8 @@ class Simulator:
         results = [RequestResult(q.id, q.arrival, q.prompt, q.output) for q in requests]
         link_free: dict[tuple[str, str], float] = {}
         decoders: dict[str, _DecodeServer] = {}
-        entry: dict[str, _PrefillServer | _ColocatedServer] = {}
+        entry: dict[str, _PrefillServer | _ColocatedServer | _ChunkedColocatedServer] = {}
+        colocated = _ChunkedColocatedServer if self.cfg.colocated_policy == "chunked" else _ColocatedServer
         for r in self.plan.replicas:
             hw = self.hw[r.id]
             cap = r.max_sequences if (self.cfg.decode_cap == "plan" and r.max_sequences > 0) else math.inf
@@ -524,7 +628,7 @@ class Simulator:
                 decoders[r.id] = _DecodeServer(eng, _DecodeBatch(self.model, hw, cap, self.kv_tokens[r.id],
                                                                  self.calib))
             elif r.phase == "colocated":
-                entry[r.id] = _ColocatedServer(eng, self.model, hw, _DecodeBatch(
+                entry[r.id] = colocated(eng, self.model, hw, _DecodeBatch(
                     self.model, hw, cap, self.kv_tokens[r.id], self.calib), self.cfg, self.calib)
 
         def after_prefill(batch: list[RequestResult]) -> None:
