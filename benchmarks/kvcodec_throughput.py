@@ -2,7 +2,8 @@
 
     python benchmarks/kvcodec_throughput.py [--tokens 2000] [--repeats 5]
 
-Encode = quantize + pack, decode = unpack + dequantize, in GB/s of fp32 input, on one core
+Encode = quantize + pack, decode = unpack + dequantize, in GB/s of fp32 input (best and
+median run), on one core
 (torch.set_num_threads(1)). The tensor set is a SmolLM2-shaped cache: 30 layers x (key,
 value) of [1, 3 KV heads, tokens, 64], with a few outlier key channels like the real model's.
 Wire size counts everything `pack_cache` puts on the wire (codes, scales, zeros, fp16 parts).
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 
 import torch
@@ -36,14 +38,15 @@ def smollm2_like_cache(tokens: int, seed: int = 0) -> list[tuple[torch.Tensor, t
     return layers
 
 
-def _best_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
+def _times(fn, repeats: int) -> tuple[float, float]:
+    """(best, median) seconds of `repeats` calls after a warm-up."""
+    fn()
+    times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+        times.append(time.perf_counter() - t0)
+    return min(times), statistics.median(times)
 
 
 def measure(name: str, layers, repeats: int) -> dict:
@@ -51,13 +54,15 @@ def measure(name: str, layers, repeats: int) -> dict:
     values = sum(k.numel() + v.numel() for k, v in layers)
     fp32_bytes = values * 4
     payload, manifest = pack_cache(codec, layers)
-    t_enc = _best_time(lambda: pack_cache(codec, layers), repeats)
-    t_dec = _best_time(lambda: unpack_cache(payload, manifest), repeats)
+    t_enc, med_enc = _times(lambda: pack_cache(codec, layers), repeats)
+    t_dec, med_dec = _times(lambda: unpack_cache(payload, manifest), repeats)
     wire = int(payload.numel())
     return {
         "codec": name,
-        "encode_gbps": round(fp32_bytes / t_enc / 1e9, 3),
+        "encode_gbps": round(fp32_bytes / t_enc / 1e9, 3),  # best run
         "decode_gbps": round(fp32_bytes / t_dec / 1e9, 3),
+        "encode_gbps_median": round(fp32_bytes / med_enc / 1e9, 3),
+        "decode_gbps_median": round(fp32_bytes / med_dec / 1e9, 3),
         "encode_ms": round(t_enc * 1e3, 2),
         "decode_ms": round(t_dec * 1e3, 2),
         "wire_bytes": wire,
