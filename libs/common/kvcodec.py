@@ -55,6 +55,7 @@ class PackedTensor:
     dtype: str  # original dtype name
     buffers: dict[str, torch.Tensor]
     params: dict[str, Any] = field(default_factory=dict)
+    layers: tuple[int, ...] | None = None  # a stack of these cache layers (shape has a leading layer axis)
 
     @property
     def nbytes(self) -> int:
@@ -138,6 +139,11 @@ def _fit(spec: QuantSpec, shape: tuple[int, ...]) -> QuantSpec:
                    widths=spec.widths and spec.axis == "channel" and levels == "uniform", levels=levels)
 
 
+# Layers per stack in `encode_layers`: enough to pay the per-operation overhead once for many short
+# layers, few enough that a stack's temporaries stay in cache (2,000-token layers go one or two at a time).
+STACK_VALUES = 1 << 20
+
+
 class GroupQuantCodec:
     """Group quantization of keys and values with the outlier handling of `QuantSpec`.
 
@@ -174,6 +180,47 @@ class GroupQuantCodec:
         params = QuantSpec.from_params(packed.params).params()  # validates and normalises types
         out = kvquant.decode_tensor(packed.buffers, packed.shape, **params)
         return out.to(dtype_from_name(packed.dtype))
+
+    def for_layer(
+        self, index: int, n_layers: int, shape: tuple[int, ...], model: str | None = None
+    ) -> GroupQuantCodec:
+        """The codec for one layer of a whole cache (the same for every layer here)."""
+        return self
+
+    def encode_layers(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                      model: str | None = None) -> list[PackedTensor]:
+        """A whole cache of same-shaped layers: one stacked tensor per kind and per set of
+        layers sharing a spec (keys with per-channel widths share one whatever their mean
+        width), so the kernels run once per stack, not once per layer."""
+        shape = tuple(layers[0][0].shape)
+        per_layer = [self.for_layer(i, len(layers), shape, model) for i in range(len(layers))]
+        out: list[PackedTensor] = []
+        for kind in ("key", "value"):
+            stacks: dict[QuantSpec, list[int]] = {}
+            for i, codec in enumerate(per_layer):
+                spec = _fit(codec.key_spec if kind == "key" else codec.value_spec, shape)
+                stacks.setdefault(replace(spec, bits=0) if spec.widths else spec, []).append(i)
+            per_stack = max(1, STACK_VALUES // max(1, layers[0][0].numel()))
+            for spec, same in stacks.items():
+                for idx in (same[i : i + per_stack] for i in range(0, len(same), per_stack)):
+                    out.append(self._encode_stack(layers, per_layer, kind, spec, idx, shape))
+        return out
+
+    def _encode_stack(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], per_layer: list[GroupQuantCodec],
+                      kind: str, spec: QuantSpec, idx: list[int], shape: tuple[int, ...]) -> PackedTensor:
+        """Layers `idx` of one kind, sharing `spec` (up to their mean widths), as one stack."""
+        specs = [_fit(per_layer[i].key_spec if kind == "key" else per_layer[i].value_spec, shape) for i in idx]
+        bits = [sp.bits for sp in specs]
+        weights = None
+        if kind == "key" and spec.widths:
+            found = [per_layer[i].key_weights for i in idx]
+            if all(w is not None and tuple(w.shape) == (shape[1], shape[-1]) for w in found):
+                weights = torch.stack(found)
+        params = replace(spec, bits=max(bits)).params()  # with widths, the decoder reads those
+        tensors = [layers[i][0 if kind == "key" else 1] for i in idx]
+        buffers = kvquant.encode_tensor(tensors, **{**params, "bits": bits}, weights=weights)
+        return PackedTensor(self.name, kind, (len(idx), *shape), dtype_name(tensors[0].dtype), buffers, params,
+                            tuple(idx))
 
 
 class Int8Codec(GroupQuantCodec):
@@ -249,33 +296,44 @@ def pack_cache(
 
     `model`: the served name of the model that made the cache, so a codec with calibrated
     per-model settings (int4) uses that model's and no other's; None = match by geometry.
+    A codec with `encode_layers` encodes same-shaped layers as stacks (an entry then names
+    its `layers`); otherwise every tensor is an entry, in order key 0, value 0, key 1, ...
     """
+    encode_layers = getattr(codec, "encode_layers", None)
+    shapes = {(tuple(k.shape), tuple(v.shape), k.dtype, v.dtype) for k, v in layers}
+    if encode_layers is not None and len(shapes) == 1 and len(next(iter(shapes))[0]) == 4:
+        packed_all = encode_layers(layers, model)
+    else:
+        packed_all = []
+        for index, (key, value) in enumerate(layers):
+            # A codec may choose per layer (e.g. more bits for sensitive layers); params say which.
+            for_layer = getattr(codec, "for_layer", None)
+            layer_codec = for_layer(index, len(layers), tuple(key.shape), model) if for_layer else codec
+            packed_all += [layer_codec.encode(key, kind="key"), layer_codec.encode(value, kind="value")]
     entries: list[dict[str, Any]] = []
     chunks: list[torch.Tensor] = []
     offset = 0
-    for index, (key, value) in enumerate(layers):
-        # A codec may choose per layer (e.g. more bits for sensitive layers); params say which.
-        for_layer = getattr(codec, "for_layer", None)
-        layer_codec = for_layer(index, len(layers), tuple(key.shape), model) if for_layer else codec
-        for packed in (layer_codec.encode(key, kind="key"), layer_codec.encode(value, kind="value")):
-            bufs = []
-            for bname, buf in packed.buffers.items():
-                raw = _as_bytes(buf)
-                bufs.append([bname, dtype_name(buf.dtype), list(buf.shape), offset, raw.numel()])
-                chunks.append(raw)
-                offset += raw.numel()
-            entry = {
-                "kind": packed.kind,
-                "shape": list(packed.shape),
-                "dtype": packed.dtype,
-                "params": packed.params,
-                "buffers": bufs,
-            }
-            if packed.codec != codec.name:  # a per-layer choice: name it for the decoder
-                entry["codec"] = packed.codec
-            entries.append(entry)
+    for packed in packed_all:
+        bufs = []
+        for bname, buf in packed.buffers.items():
+            raw = _as_bytes(buf)
+            bufs.append([bname, dtype_name(buf.dtype), list(buf.shape), offset, raw.numel()])
+            chunks.append(raw)
+            offset += raw.numel()
+        entry = {
+            "kind": packed.kind,
+            "shape": list(packed.shape),
+            "dtype": packed.dtype,
+            "params": packed.params,
+            "buffers": bufs,
+        }
+        if packed.layers is not None:
+            entry["layers"] = list(packed.layers)
+        if packed.codec != codec.name:  # a per-layer choice: name it for the decoder
+            entry["codec"] = packed.codec
+        entries.append(entry)
     payload = torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.uint8)
-    return payload, {"codec": codec.name, "entries": entries, "nbytes": offset}
+    return payload, {"codec": codec.name, "entries": entries, "nbytes": offset, "layers": len(layers)}
 
 
 def unpack_cache(payload: torch.Tensor, manifest: dict[str, Any]) -> KVLayers:
@@ -283,7 +341,7 @@ def unpack_cache(payload: torch.Tensor, manifest: dict[str, Any]) -> KVLayers:
     codecs = {manifest["codec"]: get_codec(manifest["codec"])}
     if payload.numel() != manifest["nbytes"]:
         raise ValueError(f"KV payload has {payload.numel()} bytes, manifest says {manifest['nbytes']}")
-    tensors = []
+    slots: dict[str, dict[int, torch.Tensor]] = {"key": {}, "value": {}}
     for entry in manifest["entries"]:
         buffers = {}
         for bname, bdtype, bshape, off, n in entry["buffers"]:
@@ -294,6 +352,17 @@ def unpack_cache(payload: torch.Tensor, manifest: dict[str, Any]) -> KVLayers:
         name = entry.get("codec", manifest["codec"])
         if name not in codecs:
             codecs[name] = get_codec(name)
-        packed = PackedTensor(name, entry["kind"], tuple(entry["shape"]), entry["dtype"], buffers, entry["params"])
-        tensors.append(codecs[name].decode(packed))
-    return [(tensors[i], tensors[i + 1]) for i in range(0, len(tensors), 2)]
+        kind, stack = entry["kind"], entry.get("layers")
+        packed = PackedTensor(name, kind, tuple(entry["shape"]), entry["dtype"], buffers, entry["params"],
+                              tuple(stack) if stack is not None else None)
+        tensor = codecs[name].decode(packed)
+        if kind not in slots:
+            raise ValueError(f"unknown KV entry kind {kind!r}")
+        if stack is None:
+            slots[kind][len(slots[kind])] = tensor
+        else:
+            slots[kind].update(zip(stack, tensor.unbind(0), strict=True))
+    n = manifest.get("layers", len(slots["key"]))
+    if any(sorted(slots[k]) != list(range(n)) for k in slots):
+        raise ValueError("KV manifest does not give every layer one key and one value")
+    return [(slots["key"][i], slots["value"][i]) for i in range(n)]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -173,6 +174,30 @@ def hadamard_rotate(x: torch.Tensor, block: int | None = None) -> torch.Tensor:
     return (x.reshape(-1, block) @ h).reshape(x.shape)
 
 
+def _first_pass(parts: Sequence[torch.Tensor], sink_tokens: int, rope_theta: float, rope_start: int,
+                rotate: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The tensors' first `sink_tokens` (fp16) and the rest (fp32, RoPE undone, rotated), each
+    stacked along a new leading axis; each tensor's first transform writes straight into the
+    stacked buffer, so stacking the layers of a cache costs no extra pass over them."""
+    *lead, s, d = parts[0].shape
+    sink = torch.empty(len(parts), *lead, sink_tokens, d, dtype=torch.float16) if sink_tokens else None
+    body = torch.empty(len(parts), *lead, s - sink_tokens, d)
+    for i, part in enumerate(parts):
+        x = part.detach().float()
+        if sink is not None:
+            sink[i] = x[..., :sink_tokens, :]
+        x = x[..., sink_tokens:, :]
+        if rope_theta:
+            rope(x, rope_theta, rope_start + sink_tokens, inverse=True, out=body[i])
+        elif rotate and d % rotate == 0 and x.numel():
+            torch.matmul(x.reshape(-1, rotate), hadamard_matrix(rotate), out=body[i].view(-1, rotate))
+        else:
+            body[i] = x
+    if rope_theta and rotate:
+        body = hadamard_rotate(body, rotate)
+    return sink, body
+
+
 _HADAMARD: dict[tuple[int, torch.dtype], torch.Tensor] = {}
 
 
@@ -205,12 +230,13 @@ def _rope_full(n: int, d: int, theta: float, start: int, inverse: bool) -> tuple
     return torch.cat((cos, cos), -1), torch.cat((sign * sin, -sign * sin), -1)
 
 
-def rope(x: torch.Tensor, theta: float, start: int, inverse: bool = False) -> torch.Tensor:
+def rope(x: torch.Tensor, theta: float, start: int, inverse: bool = False,
+         out: torch.Tensor | None = None) -> torch.Tensor:
     """Apply (or undo) RoPE on x [..., n, d] for positions start..start+n-1:
     out = x * cos + swap_halves(x) * (-sin | +sin), the sign flipped to undo it."""
     n, d = x.shape[-2:]
     cos, sin = _rope_full(n, d, float(theta), int(start), inverse)
-    return torch.addcmul(x * cos, torch.roll(x, d // 2, -1), sin)
+    return torch.addcmul(x * cos, torch.roll(x, d // 2, -1), sin, out=out)
 
 
 # --- "normal" levels: a codebook fitted to Gaussian data (after a rotation) -----------------
@@ -288,19 +314,23 @@ def dequantize_normal(codes: torch.Tensor, scale: torch.Tensor, bits: int, group
 MIN_WIDTH, MAX_WIDTH = 2, 8
 
 
-def channel_widths(score: torch.Tensor, mean_bits: int) -> torch.Tensor:
-    """Bit widths [rows, d] (uint8, MIN_WIDTH..MAX_WIDTH) averaging `mean_bits` per row that
-    minimise sum(score * 4^-width): the greedy reverse water-filling of transform coding,
-    done at once (a channel's gains fall with each bit, so the best N gains are prefixes)."""
+def channel_widths(score: torch.Tensor, mean_bits: int | torch.Tensor) -> torch.Tensor:
+    """Bit widths [rows, d] (uint8, MIN_WIDTH..MAX_WIDTH) averaging `mean_bits` per row (one
+    value, or one per row) that minimise sum(score * 4^-width): the greedy reverse water-filling
+    of transform coding, done at once (a channel's gains fall with each bit, so the best N gains
+    are prefixes)."""
     rows, d = score.shape
-    extra = max(0, min((MAX_WIDTH - MIN_WIDTH) * d, mean_bits * d - MIN_WIDTH * d))
+    means = torch.as_tensor(mean_bits, dtype=torch.int64).expand(rows)
+    extra = (means * d - MIN_WIDTH * d).clamp(0, (MAX_WIDTH - MIN_WIDTH) * d)  # extra bits per row
     widths = torch.full((rows, d), MIN_WIDTH, dtype=torch.uint8)
-    if not rows or not d or not extra:
+    most = int(extra.max()) if rows else 0
+    if not d or not most:
         return widths
     steps = torch.arange(MIN_WIDTH + 1, MAX_WIDTH + 1, dtype=torch.float64)
     gain = score.double().clamp_min(1e-300).log().unsqueeze(2) - steps * math.log(4.0)  # [rows, d, K]
-    chosen = torch.zeros(rows, gain[0].numel(), dtype=torch.uint8)
-    chosen.scatter_(1, gain.reshape(rows, -1).topk(extra, dim=1).indices, 1)
+    best = gain.reshape(rows, -1).topk(most, dim=1).indices  # sorted: a row's first `extra` are its best
+    take = (torch.arange(most) < extra.unsqueeze(1)).to(torch.uint8)
+    chosen = torch.zeros(rows, gain[0].numel(), dtype=torch.uint8).scatter_(1, best, take)
     return widths + chosen.view(rows, d, -1).sum(2, dtype=torch.uint8)
 
 
@@ -417,8 +447,8 @@ def code_bytes(n: int, bits: int) -> int:
 
 
 def encode_tensor(
-    t: torch.Tensor,
-    bits: int,
+    t: torch.Tensor | Sequence[torch.Tensor],
+    bits: int | Sequence[int],
     group: int,
     axis: str,
     rotate: int,
@@ -429,7 +459,9 @@ def encode_tensor(
     widths: bool = False,
     weights: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Quantize one KV tensor; returns the named buffers that go on the wire.
+    """Quantize one KV tensor, or a stack of same-shaped ones (the layers of a cache, encoded
+    in one pass as one tensor with a leading layer axis); returns the named buffers that go on
+    the wire.
 
     Steps, each optional: the first `sink_tokens` travel in fp16; RoPE is undone (keys, for
     positions rope_start + sink_tokens onwards) so that each channel keeps a fixed range over
@@ -437,40 +469,46 @@ def encode_tensor(
     `levels` "uniform" (asymmetric, fp16 zero + scale per group) or "normal" (symmetric,
     Gaussian-quantile levels, fp16 scale per group, axis "token" only). With `widths` (axis
     "channel", uniform levels) each channel gets its own bit width, `bits` on average per
-    row, allotted by range^2 x `weights` [kv_heads, head_dim] (the query energy of the
-    channel: an error e in a key moves attention logits by q.e). Only the encoder needs the
-    weights: the widths travel as a buffer.
+    row (for a stack: one mean per tensor), allotted by range^2 x `weights` [kv_heads,
+    head_dim] (for a stack: [tensors, kv_heads, head_dim]), the query energy of the channel:
+    an error e in a key moves attention logits by q.e. Only the encoder needs the weights:
+    the widths travel as a buffer.
     """
-    if not 1 <= bits <= 8:
-        raise ValueError(f"unsupported bit width {bits}")
-    x = t.detach().float()
+    stacked = not isinstance(t, torch.Tensor)
+    parts = list(t) if stacked else [t]
+    per_part = [bits] * len(parts) if isinstance(bits, int) else list(bits)
+    if len(per_part) != len(parts) or not all(1 <= b <= 8 for b in per_part):
+        raise ValueError(f"unsupported bit width(s) {bits}")
+    if len(set(per_part)) > 1 and not widths:
+        raise ValueError("per-tensor bit widths need per-channel widths")
+    sink, x = _first_pass(parts, sink_tokens, rope_theta, rope_start, rotate)
+    if not stacked:
+        sink, x = (sink[0] if sink is not None else None), x[0]
     buffers: dict[str, torch.Tensor] = {}
-    if sink_tokens:
-        buffers["sink"] = x[..., :sink_tokens, :].to(torch.float16).contiguous()
-        x = x[..., sink_tokens:, :]
-    if rope_theta:
-        x = rope(x, rope_theta, rope_start + sink_tokens, inverse=True)
-    if rotate:
-        x = hadamard_rotate(x, rotate)
+    if sink is not None:
+        buffers["sink"] = sink
     v3 = _view3(tuple(x.shape), axis)
     if levels == "normal":
-        codes, scale = quantize_normal(x.reshape(v3[0], v3[1]), bits, group)
-        buffers["codes"] = pack_codes(codes, bits)
+        codes, scale = quantize_normal(x.reshape(v3[0], v3[1]), per_part[0], group)
+        buffers["codes"] = pack_codes(codes, per_part[0])
         buffers["scale"] = scale
         return buffers
     x3 = x.reshape(v3)
     if widths:
         bounds = (x3.amin(1), x3.amax(1)) if v3[1] else None
         score = (bounds[1] - bounds[0]).square() if bounds else torch.zeros(v3[0], v3[2])
+        lead = x.shape[:-2]
         if weights is not None:
-            score = score * weights.float().repeat(v3[0] // weights.shape[0], 1)
-        w = channel_widths(score, bits)
-        codes, zero, scale = quantize(x3, bits, group, widths=w, bounds=bounds)
+            w = weights.float().unsqueeze(1) if stacked else weights.float()  # broadcast over the batch
+            score = score * w.expand(*lead, v3[2]).reshape(v3[0], v3[2])
+        row_bits = torch.tensor(per_part).view(-1, *[1] * (len(lead) - 1)) if stacked else torch.tensor(per_part)
+        w = channel_widths(score, row_bits.expand(lead).reshape(-1))
+        codes, zero, scale = quantize(x3, per_part[0], group, widths=w, bounds=bounds)
         buffers["widths"] = w
         buffers["codes"] = pack_widths(codes, w)
     else:
-        codes, zero, scale = quantize(x3, bits, group)
-        buffers["codes"] = pack_codes(codes, bits)
+        codes, zero, scale = quantize(x3, per_part[0], group)
+        buffers["codes"] = pack_codes(codes, per_part[0])
     buffers["zero"] = zero
     buffers["scale"] = scale
     return buffers

@@ -255,28 +255,39 @@ def test_pre_rope_keys_and_query_weights_cut_the_error() -> None:
     assert weighted(packed_w) < weighted(packed)
 
 
+def _layer_settings(layers: list, model: str | None = None) -> list[tuple[int, int, float]]:
+    """Per layer: (mean key width, value bits, RoPE base) as the int4 manifest records them."""
+    payload, manifest = pack_cache(get_codec("int4"), layers, model=model)
+    out: dict[int, list] = {}
+    for entry in manifest["entries"]:
+        for j, layer in enumerate(entry["layers"]):
+            row = out.setdefault(layer, [0, 0, 0.0])
+            if entry["kind"] == "key":
+                _, _, _, off, n = next(b for b in entry["buffers"] if b[0] == "widths")
+                widths = payload[off : off + n].view(len(entry["layers"]), -1)[j]  # this layer's channels
+                row[0] = float(widths.float().mean())
+                row[2] = entry["params"]["rope_theta"]
+            else:
+                row[1] = entry["params"]["bits"]
+    return [tuple(out[i]) for i in range(len(layers))]
+
+
 def test_profile_drives_the_int4_layers() -> None:
     """A SmolLM2-shaped cache gets the calibrated profile: RoPE base and per-layer widths in
-    the params; any other geometry, or another model's name, falls back to the codec's own
-    defaults."""
+    the params and width buffers; any other geometry, or another model's name, falls back to
+    the codec's own defaults."""
     from thunderserve.common import kvprofiles
 
     profile = kvprofiles.find(30, 3, 64)
     assert profile is not None
     layers = [(_kv((1, 3, 20, 64), i), _kv((1, 3, 20, 64), 50 + i)) for i in range(30)]
-    _, manifest = pack_cache(get_codec("int4"), layers)
-    keys, values = manifest["entries"][0::2], manifest["entries"][1::2]
-    assert [e["params"]["bits"] for e in keys] == list(profile.key_bits)
-    assert [e["params"]["bits"] for e in values] == list(profile.value_bits)
-    assert all(e["params"]["rope_theta"] == profile.rope_theta for e in keys)
-    _, manifest = pack_cache(get_codec("int4"), layers[:4])
-    assert all(e["params"]["rope_theta"] == 0.0 and e["params"]["bits"] == 4 for e in manifest["entries"])
+    calibrated = [(float(k), v, profile.rope_theta) for k, v in zip(profile.key_bits, profile.value_bits)]
+    assert _layer_settings(layers) == calibrated
+    assert _layer_settings(layers[:4]) == [(4.0, 4, 0.0)] * 4
     # Named by the replica: SmolLM2's own name (any case) gets its profile, another model of the
     # same geometry does not.
-    _, manifest = pack_cache(get_codec("int4"), layers, model="smollm2-135m-instruct")
-    assert [e["params"]["bits"] for e in manifest["entries"][0::2]] == list(profile.key_bits)
-    _, manifest = pack_cache(get_codec("int4"), layers, model="another-135m")
-    assert all(e["params"]["rope_theta"] == 0.0 and e["params"]["bits"] == 4 for e in manifest["entries"])
+    assert _layer_settings(layers, model="smollm2-135m-instruct") == calibrated
+    assert _layer_settings(layers, model="another-135m") == [(4.0, 4, 0.0)] * 30
     assert kvprofiles.find(30, 3, 64, model="SmolLM2-135M-Instruct") is profile
     assert kvprofiles.find(30, 3, 64, model="another-135m") is None
 
@@ -333,16 +344,51 @@ def test_pack_cache_roundtrip(name: str) -> None:
     payload, manifest = pack_cache(codec, layers)
     assert payload.dtype == torch.uint8 and payload.numel() == manifest["nbytes"]
     packed = [codec.encode(t, kind=kd) for k, v in layers for t, kd in ((k, "key"), (v, "value"))]
-    assert manifest["nbytes"] == sum(p.nbytes for p in packed)
+    # Stacked layers share packing words, so the cache is never bigger than its tensors one by one
+    # (int8/int4: a stack per kind; none: every tensor as it is).
+    assert manifest["nbytes"] <= sum(p.nbytes for p in packed)
+    assert sum(p.nbytes for p in packed) - manifest["nbytes"] <= 16 * len(packed)
     manifest = msgpack.unpackb(msgpack.packb(manifest))  # travels as msgpack
     out = unpack_cache(payload.clone(), manifest)
     assert len(out) == len(layers)
     for (k, v), (k2, v2) in zip(layers, out, strict=True):
         assert k2.shape == k.shape and k2.dtype == k.dtype and v2.dtype == v.dtype
-    # Framing adds nothing: what comes out is exactly what the codec decodes per tensor.
+    # Framing and stacking change nothing: what comes out is exactly what the codec decodes per tensor.
     flat = [t for kv in out for t in kv]
     for p, t in zip(packed, flat, strict=True):
         assert torch.equal(codec.decode(p), t)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_stacked_layers_decode_as_one_by_one(batch: int) -> None:
+    """The calibrated 30-layer int4 path (per-layer widths and query weights, values grouped by
+    bits) decodes to exactly what each layer's own codec gives, for any batch size."""
+    codec = get_codec("int4")
+    shape = (batch, 3, 40, 64)
+    layers = [(_kv(shape, i), _kv(shape, 100 + i)) for i in range(30)]
+    payload, manifest = pack_cache(codec, layers)
+    assert len(manifest["entries"]) < 10  # stacks, not 60 tensors
+    out = unpack_cache(payload, manifest)
+    for i, ((k, v), (k2, v2)) in enumerate(zip(layers, out, strict=True)):
+        layer_codec = codec.for_layer(i, 30, shape)
+        assert torch.equal(layer_codec.decode(layer_codec.encode(k, kind="key")), k2)
+        assert torch.equal(layer_codec.decode(layer_codec.encode(v, kind="value")), v2)
+
+
+def test_mixed_shapes_are_packed_tensor_by_tensor() -> None:
+    layers = [(_kv((1, 3, 9, 64), 0), _kv((1, 3, 9, 64), 1)), (_kv((1, 3, 12, 64), 2), _kv((1, 3, 12, 64), 3))]
+    payload, manifest = pack_cache(get_codec("int8"), layers)
+    assert len(manifest["entries"]) == 4 and all("layers" not in e for e in manifest["entries"])
+    out = unpack_cache(payload, manifest)
+    assert [tuple(k.shape) for k, _ in out] == [(1, 3, 9, 64), (1, 3, 12, 64)]
+
+
+def test_unpack_rejects_a_manifest_missing_a_layer() -> None:
+    layers = [(_kv((1, 3, 8, 64), i), _kv((1, 3, 8, 64), 10 + i)) for i in range(3)]
+    payload, manifest = pack_cache(get_codec("int8"), layers)
+    manifest["layers"] = 4
+    with pytest.raises(ValueError, match="every layer"):
+        unpack_cache(payload, manifest)
 
 
 def test_unpack_rejects_truncated_payload() -> None:
