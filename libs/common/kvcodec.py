@@ -196,21 +196,21 @@ class GroupQuantCodec:
         per_layer = [self.for_layer(i, len(layers), shape, model) for i in range(len(layers))]
         out: list[PackedTensor] = []
         for kind in ("key", "value"):
-            stacks: dict[QuantSpec, list[int]] = {}
+            stacks: dict[QuantSpec, list[tuple[int, int]]] = {}  # shared spec -> (layer, its bits)
             for i, codec in enumerate(per_layer):
                 spec = _fit(codec.key_spec if kind == "key" else codec.value_spec, shape)
-                stacks.setdefault(replace(spec, bits=0) if spec.widths else spec, []).append(i)
+                stacks.setdefault(replace(spec, bits=0) if spec.widths else spec, []).append((i, spec.bits))
             per_stack = max(1, STACK_VALUES // max(1, layers[0][0].numel()))
             for spec, same in stacks.items():
-                for idx in (same[i : i + per_stack] for i in range(0, len(same), per_stack)):
-                    out.append(self._encode_stack(layers, per_layer, kind, spec, idx, shape))
+                for chunk in (same[i : i + per_stack] for i in range(0, len(same), per_stack)):
+                    idx, bits = [i for i, _ in chunk], [b for _, b in chunk]
+                    out.append(self._encode_stack(layers, per_layer, kind, spec, idx, bits, shape))
         return out
 
     def _encode_stack(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], per_layer: list[GroupQuantCodec],
-                      kind: str, spec: QuantSpec, idx: list[int], shape: tuple[int, ...]) -> PackedTensor:
-        """Layers `idx` of one kind, sharing `spec` (up to their mean widths), as one stack."""
-        specs = [_fit(per_layer[i].key_spec if kind == "key" else per_layer[i].value_spec, shape) for i in idx]
-        bits = [sp.bits for sp in specs]
+                      kind: str, spec: QuantSpec, idx: list[int], bits: list[int],
+                      shape: tuple[int, ...]) -> PackedTensor:
+        """Layers `idx` of one kind, sharing `spec` up to their mean widths `bits`, as one stack."""
         weights = None
         if kind == "key" and spec.widths:
             found = [per_layer[i].key_weights for i in idx]
@@ -353,11 +353,11 @@ def unpack_cache(payload: torch.Tensor, manifest: dict[str, Any]) -> KVLayers:
         if name not in codecs:
             codecs[name] = get_codec(name)
         kind, stack = entry["kind"], entry.get("layers")
+        if kind not in slots:
+            raise ValueError(f"unknown KV entry kind {kind!r}")
         packed = PackedTensor(name, kind, tuple(entry["shape"]), entry["dtype"], buffers, entry["params"],
                               tuple(stack) if stack is not None else None)
         tensor = codecs[name].decode(packed)
-        if kind not in slots:
-            raise ValueError(f"unknown KV entry kind {kind!r}")
         if stack is None:
             slots[kind][len(slots[kind])] = tensor
         else:

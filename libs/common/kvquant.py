@@ -501,7 +501,8 @@ def encode_tensor(
         if weights is not None:
             w = weights.float().unsqueeze(1) if stacked else weights.float()  # broadcast over the batch
             score = score * w.expand(*lead, v3[2]).reshape(v3[0], v3[2])
-        row_bits = torch.tensor(per_part).view(-1, *[1] * (len(lead) - 1)) if stacked else torch.tensor(per_part)
+        # one mean per tensor (a single tensor: one for all its rows), spread over its rows
+        row_bits = torch.tensor(per_part).view(len(per_part), *[1] * (len(lead) - 1))
         w = channel_widths(score, row_bits.expand(lead).reshape(-1))
         codes, zero, scale = quantize(x3, per_part[0], group, widths=w, bounds=bounds)
         buffers["widths"] = w

@@ -12,6 +12,7 @@ Goodput is compared per $/h, since the 8xA100 server costs a little less than th
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -113,17 +114,6 @@ def thunderserve_candidates(cluster: Cluster, model: ModelSpec, w: Workload, s: 
     return out
 
 
-def _once(make: Callable[[], list[Plan]]) -> Callable[[], list[Plan]]:
-    """`make`, run at most once (a colocated system's candidates serve both of its scheduling rows)."""
-    memo: list[list[Plan]] = []
-
-    def get() -> list[Plan]:
-        if not memo:
-            memo.append(make())
-        return memo[0]
-    return get
-
-
 System = tuple[str, Cluster, Callable[[], list[Plan]], tuple[SimConfig, ...]]
 
 
@@ -131,9 +121,9 @@ def systems(cloud: Cluster, server: Cluster, model: ModelSpec, w: Workload, s: S
     """(name, cluster, candidate plans, simulator configs to judge them under) per system."""
     stall = (SimConfig(),)
     chunked = tuple(SimConfig(colocated_policy="chunked", token_budget=b) for b in s.token_budgets)
-    vllm = _once(lambda: bl.vllm_plans(server, model, w)[: s.keep])
-    uniform = _once(lambda: bl.vllm_plans(cloud, model, w, name="uniform")[: s.keep])
-    hexgen = _once(lambda: bl.hexgen_plans(cloud, model, w, time_limit_s=s.hexgen_time_limit, seed=s.seed))
+    vllm = functools.cache(lambda: bl.vllm_plans(server, model, w)[: s.keep])
+    uniform = functools.cache(lambda: bl.vllm_plans(cloud, model, w, name="uniform")[: s.keep])
+    hexgen = functools.cache(lambda: bl.hexgen_plans(cloud, model, w, time_limit_s=s.hexgen_time_limit, seed=s.seed))
     return [
         ("ThunderServe", cloud, lambda: thunderserve_candidates(cloud, model, w, s, log), stall),
         ("vLLM V0-style (colocated, homogeneous)", server, vllm, stall),
