@@ -1,10 +1,18 @@
-"""Running a service's event loop: uvloop when installed (several times cheaper per message), else asyncio."""
+"""A service's event loop and NATS connection: uvloop when installed (several times cheaper per
+message), else asyncio; connections that log their errors in one line and close cleanly even when
+the server has gone first."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Coroutine
 from typing import Any
+
+import nats
+import nats.errors
+
+log = logging.getLogger(__name__)
 
 
 def run(main: Coroutine[Any, Any, Any]) -> Any:
@@ -13,3 +21,30 @@ def run(main: Coroutine[Any, Any, Any]) -> Any:
     except ImportError:
         return asyncio.run(main)
     return uvloop.run(main)
+
+
+async def connect_nats(url: str, name: str, **options: Any) -> nats.NATS:
+    """Connect as `name`. nats.py's default error callback logs a traceback for every failed
+    reconnect; a service logs one line instead."""
+
+    async def on_error(e: Exception) -> None:
+        log.warning("%s: NATS: %s", name, str(e) or type(e).__name__)
+
+    return await nats.connect(url, name=name, error_cb=on_error, **options)
+
+
+async def close_nats(nc: nats.NATS | None, timeout: float = 5.0) -> None:
+    """Drain the connection (deliver what is pending) if the server is there; if it is gone
+    (stopped first, or unreachable), close at once rather than wait on reconnects."""
+    if nc is None or nc.is_closed:
+        return
+    try:
+        if nc.is_connected:
+            await asyncio.wait_for(nc.drain(), timeout=timeout)
+            return
+    except (nats.errors.Error, TimeoutError) as e:
+        log.warning("NATS drain failed (%s); closing the connection", str(e) or type(e).__name__)
+    try:
+        await nc.close()
+    except (nats.errors.Error, RuntimeError, OSError) as e:  # nats.py flushes into a dead transport
+        log.warning("NATS connection closed with an error: %s", str(e) or type(e).__name__)

@@ -16,7 +16,7 @@ import nats
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
-from thunderserve.common import protocol, tracing
+from thunderserve.common import aio, protocol, tracing
 from thunderserve.common.protocol import CompletionEvent, CompletionRequest, SamplingParams, Subjects, Usage
 
 
@@ -63,8 +63,7 @@ class Client:
         self.nc = await nats.connect(self.nats_url, name="thunderserve-client")
 
     async def close(self) -> None:
-        if self.nc is not None and not self.nc.is_closed:
-            await self.nc.drain()
+        await aio.close_nats(self.nc)
 
     async def complete(self, prompt: str | None = None, *, messages: list[dict[str, str]] | None = None,
                        **params) -> Completion:

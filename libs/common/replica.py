@@ -116,9 +116,8 @@ class ReplicaHost:
         self.engine = await self.loop.run_in_executor(
             self.model_executor, lambda: create_engine(self.args.model, self.args.dtype, self.args.threads)
         )
-        self.nc = await nats.connect(
-            self.args.nats, name=self.replica_id, max_reconnect_attempts=-1, reconnect_time_wait=0.5
-        )
+        self.nc = await aio.connect_nats(self.args.nats, self.replica_id, max_reconnect_attempts=-1,
+                                         reconnect_time_wait=0.5)
         await self.nc.subscribe(self.subjects.abort, cb=self._on_abort)
         await self.nc.subscribe(self.subjects.control(self.replica_id), cb=self._on_control)
         self.role = load_role(self.phase, self)
@@ -145,8 +144,7 @@ class ReplicaHost:
             await self.role.stop()
         for task in self._tasks:
             task.cancel()
-        if self.nc is not None and not self.nc.is_closed:
-            await self.nc.drain()
+        await aio.close_nats(self.nc)
         self.model_executor.shutdown(wait=False, cancel_futures=True)
         self.channel_executor.shutdown(wait=False, cancel_futures=True)
         if self._channel_host is not None:

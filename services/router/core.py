@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import nats
 
-from thunderserve.common import protocol, tracing
+from thunderserve.common import aio, protocol, tracing
 from thunderserve.common.kvcodec import codec_names
 from thunderserve.common.plan import Plan
 from thunderserve.common.planstore import PlanWatcher
@@ -102,9 +102,8 @@ class RouterCore:
         self._tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
-        self.nc = await nats.connect(
-            self.nats_url, name=self.router_id, max_reconnect_attempts=-1, reconnect_time_wait=0.5
-        )
+        self.nc = await aio.connect_nats(self.nats_url, self.router_id, max_reconnect_attempts=-1,
+                                         reconnect_time_wait=0.5)
         await self.nc.subscribe(self.subjects.heartbeats, cb=self._on_heartbeat)
         await self.nc.subscribe(self.subjects.tokens_wildcard(self.router_id), cb=self._on_chunk)
         self._tasks.append(asyncio.create_task(self._watchdog()))
@@ -124,8 +123,7 @@ class RouterCore:
             task.cancel()
         for flight in list(self.inflight.values()):
             self._fail(flight, "router is shutting down")
-        if self.nc is not None and not self.nc.is_closed:
-            await self.nc.drain()
+        await aio.close_nats(self.nc)
 
     # --- request preparation ----------------------------------------------------------------
 
