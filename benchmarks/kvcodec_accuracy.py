@@ -1,14 +1,19 @@
 """KV codec accuracy on the real SmolLM2-135M-Instruct (issue 3). Prints JSON, writes a plot.
 
-    python benchmarks/kvcodec_accuracy.py [--limit N] [--plot docs/kvcodec_accuracy.png]
+    python benchmarks/kvcodec_accuracy.py [--limit N] [--hops strict served] [--no-curve]
+                                          [--plot docs/kvcodec_accuracy.png]
 
 For every prompt of tests/data/kv_prompts.json: greedy prefix agreement over 32 tokens and
 mean next-token KL against the uncompressed path (see thunderserve.common.kvaccuracy), and the
-wire bits per value of the whole cache. The registered codecs (none, int8, int4) are measured
-by free-running greedy generation (the metric's definition); the trade-off curve (agreement
-vs bits/value for other quantizer settings, plus plain fp16/bf16 casts of the cache as the
-noise floor of the metric) uses teacher-forced argmax, which gives the same prefix up to fp
-rounding of a batched forward; the JSON reports both for int8/int4 so the two can be compared.
+wire bits per value of the whole cache. Each hop (`--hops`) is measured: "strict" (decode starts
+from the last prompt token, so the first generated token already sees the codec) and "served"
+(the replicas' path: the prefill picks the first token in full precision, and the 32 tokens
+after it are decoded on the compressed cache of the whole prompt). The curve uses the first hop.
+The registered codecs (int8, int4) are measured by free-running greedy generation (the metric's
+definition); the trade-off curve (agreement vs bits/value for other quantizer settings, plus
+plain fp16/bf16 casts of the cache as the noise floor of the metric) uses teacher-forced argmax,
+which gives the same prefix up to fp rounding of a batched forward; the JSON reports both for
+int8/int4 so the two can be compared.
 """
 
 from __future__ import annotations
@@ -110,7 +115,7 @@ def plot(result: dict, path: Path) -> None:
         for p in pts:
             ax.annotate(p["label"], (p["bits_per_value"], 100 * p["agreement"]), fontsize=7,
                         xytext=(3, -9), textcoords="offset points")
-    for c in result["codecs"]:
+    for c in (c for c in result["codecs"] if c["hop"] == result["curve_hop"]):
         ax.plot(c["bits_per_value"], 100 * c["agreement"], "k*", markersize=11)
         ax.annotate(c["codec"], (c["bits_per_value"], 100 * c["agreement"]), xytext=(4, 4),
                     textcoords="offset points", fontweight="bold")
@@ -119,7 +124,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("wire bits per KV value (whole cache, scales included)")
     ax.set_ylabel("greedy prefix agreement, % (32 tokens)")
-    ax.set_title(f"SmolLM2-135M KV codec accuracy, {result['prompts']} prompts")
+    ax.set_title(f"SmolLM2-135M KV codec accuracy, {result['prompts']} prompts, {result['curve_hop']} hop")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
@@ -130,25 +135,33 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     parser.add_argument("--plot", default=str(ROOT / "docs" / "kvcodec_accuracy.png"))
-    parser.add_argument("--no-curve", action="store_true")
+    parser.add_argument("--no-curve", action="store_true", help="only the registered codecs")
+    parser.add_argument("--hops", nargs="+", choices=("strict", "served"), default=["strict", "served"],
+                        help="which prefill->decode hop to measure (the curve uses the first)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     t0 = time.time()
     model, tokenizer = load_model("smollm2")
     prompts = ka.load_prompts()[: args.limit]
-    cases = ka.build_cases(model, tokenizer, prompts)
     eos = tokenizer.eos_token_id
-    result: dict = {"model": "SmolLM2-135M-Instruct", "prompts": len(cases), "max_new_tokens": ka.MAX_NEW_TOKENS,
-                    "prompt_tokens": sorted(c.layers[0][0].shape[2] + 1 for c in cases),
-                    "codecs": [], "curve": []}
-    for name in ("int8", "int4"):
-        exact = ka.evaluate(model, cases, get_codec(name), exact=True, eos=eos)
-        fast = ka.evaluate(model, cases, get_codec(name), exact=False, eos=eos)
-        row = exact.summary()
-        row["agreement_teacher_forced"] = round(fast.agreement, 4)
-        row["per_prompt"] = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
-                             for r in exact.per_prompt]
-        result["codecs"].append(row)
+    result: dict = {"model": "SmolLM2-135M-Instruct", "prompts": len(prompts), "max_new_tokens": ka.MAX_NEW_TOKENS,
+                    "prompt_tokens": sorted(len(ka.prompt_ids(tokenizer, p)) for p in prompts),
+                    "codecs": [], "curve": [], "curve_hop": args.hops[0]}
+    curve_cases = None
+    for hop in dict.fromkeys(args.hops):
+        print(f"{hop} hop: prefilling {len(prompts)} prompts ...", file=sys.stderr, flush=True)
+        cases = ka.build_cases(model, tokenizer, prompts, first_from_prefill=hop == "served")
+        curve_cases = curve_cases or cases
+        for name in ("int8", "int4"):
+            exact = ka.evaluate(model, cases, get_codec(name), exact=True, eos=eos)
+            fast = ka.evaluate(model, cases, get_codec(name), exact=False, eos=eos)
+            row = {"hop": hop, **exact.summary()}
+            row["agreement_teacher_forced"] = round(fast.agreement, 4)
+            row["per_prompt"] = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
+                                 for r in exact.per_prompt]
+            result["codecs"].append(row)
+            print(f"  {name}: agreement {exact.agreement:.4f}, KL {exact.kl:.3g}", file=sys.stderr, flush=True)
+    cases = curve_cases
     if not args.no_curve:
         for series, label, codec in curve_points():
             r = ka.evaluate(model, cases, codec, exact=False, eos=eos)

@@ -102,8 +102,8 @@ class Engine:
             raise ValueError("empty prompt")
         input_ids = torch.tensor([token_ids], dtype=torch.long)
         cache = DynamicCache(config=self.config)
-        out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        out = self.model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
+        kv = [(layer.keys, layer.values) for layer in out.cache.layers]
         return PrefillResult(kv=kv, logits=out.logits[0, -1].float())
 
     def new_batch(self) -> DecodeBatch:
@@ -239,17 +239,15 @@ class DecodeBatch:
         cache = DynamicCache(config=self.engine.config)
         cache.layers = [_SlabLayer(k, v, self.width) for k, v in zip(self._slab_k, self._slab_v)]
         mask = F.pad(self.mask, (0, 1), value=1)
-        cache_position = torch.tensor([self.width], dtype=torch.long)
         out = model(
             input_ids=input_ids,
             position_ids=position_ids,
             attention_mask=mask,
-            past_key_values=cache,
-            cache_position=cache_position,
+            cache=cache,
             use_cache=True,
         )
-        self.keys = [layer.keys for layer in out.past_key_values.layers]
-        self.values = [layer.values for layer in out.past_key_values.layers]
+        self.keys = [layer.keys for layer in out.cache.layers]
+        self.values = [layer.values for layer in out.cache.layers]
         self.mask = mask
         for s in self.slots:
             s.length += 1

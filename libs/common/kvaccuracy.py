@@ -1,7 +1,14 @@
 """How much a KV codec changes what the model generates (issue 3, DESIGN.md §4).
 
-For each prompt: prefill the first n-1 tokens with the uncompressed model, take the cache,
-and continue from the last prompt token in two ways that differ only in the codec:
+For each prompt, one of two hops (`build_cases(..., first_from_prefill=)`):
+
+- strict (the default): prefill the first n-1 tokens, and decode from the last prompt token on,
+  so even the first generated token sees the codec;
+- served: what the prefill and decode replicas do. The prefill replica runs the whole prompt in
+  full precision and picks the first token itself; the whole prompt's cache crosses the hop, and
+  decode generates the tokens after the first one on it.
+
+Either way the cache continues in two ways that differ only in the codec:
 
 - reference: the cache goes through `pack_cache`/`unpack_cache` with the `none` codec;
 - codec: the cache goes through `pack_cache`/`unpack_cache` with the codec under test.
@@ -38,8 +45,8 @@ class Case:
     """One prompt, prefilled once; every codec is compared against its reference."""
 
     prompt_id: str
-    layers: KVLayers  # cache of the first n-1 prompt tokens, fp32
-    last_token: int
+    layers: KVLayers  # the cache that crosses the hop, fp32
+    last_token: int  # the token decode is fed first: the last prompt token, or the prefill's first token
     reference: list[int]  # greedy continuation from the uncompressed cache
     ref_logprobs: torch.Tensor  # [len(reference), vocab], teacher-forced, uncompressed
 
@@ -85,9 +92,10 @@ def _cache(model, layers: KVLayers):
 
 
 @torch.inference_mode()
-def prefill(model, ids: Sequence[int]) -> KVLayers:
+def prefill(model, ids: Sequence[int]) -> tuple[KVLayers, int]:
+    """The cache of `ids` and the greedy token after them, both in full precision."""
     out = model(input_ids=torch.tensor([list(ids)]), use_cache=True)
-    return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    return [(layer.keys, layer.values) for layer in out.cache.layers], int(out.logits[0, -1].argmax())
 
 
 @torch.inference_mode()
@@ -97,7 +105,7 @@ def greedy(model, layers: KVLayers, first: int, max_new: int, eos: int | None, u
     cache = _cache(model, layers)
     token, out = first, []
     for step in range(max_new):
-        logits = model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True).logits
         token = int(logits[0, -1].argmax())
         out.append(token)
         if token == eos or (until is not None and (step >= len(until) or token != until[step])):
@@ -109,7 +117,7 @@ def greedy(model, layers: KVLayers, first: int, max_new: int, eos: int | None, u
 def teacher_forced_logprobs(model, layers: KVLayers, first: int, tokens: list[int]) -> torch.Tensor:
     """Log-probs of the next token at each of len(tokens) positions, fed [first, tokens[:-1]]."""
     ids = torch.tensor([[first, *tokens[:-1]]])
-    logits = model(input_ids=ids, past_key_values=_cache(model, layers), use_cache=True).logits[0]
+    logits = model(input_ids=ids, cache=_cache(model, layers), use_cache=True).logits[0]
     return F.log_softmax(logits.float(), dim=-1)
 
 
@@ -119,19 +127,29 @@ def roundtrip(codec: KVCodec, layers: KVLayers) -> tuple[KVLayers, int]:
     return unpack_cache(payload, manifest), int(payload.numel())
 
 
-def build_cases(model, tokenizer, prompts: list[dict[str, Any]], max_new: int = MAX_NEW_TOKENS) -> list[Case]:
+def build_cases(model, tokenizer, prompts: list[dict[str, Any]], max_new: int = MAX_NEW_TOKENS,
+                first_from_prefill: bool = False) -> list[Case]:
+    """One case per prompt. `first_from_prefill`: the served hop (the whole prompt's cache, decode
+    fed the prefill's own first token), else the strict one (see the module's docstring)."""
     eos = tokenizer.eos_token_id
     cases = []
     for prompt in prompts:
         ids = prompt_ids(tokenizer, prompt)
-        layers, _ = roundtrip(get_codec("none"), prefill(model, ids[:-1]))
-        reference = greedy(model, layers, ids[-1], max_new, eos)
-        ref_lp = teacher_forced_logprobs(model, layers, ids[-1], reference)
-        cases.append(Case(prompt["id"], layers, ids[-1], reference, ref_lp))
+        if first_from_prefill:
+            layers, first = prefill(model, ids)
+            if first == eos:  # the request ends on the prefill replica: no cache crosses the hop
+                continue
+        else:
+            (layers, _), first = prefill(model, ids[:-1]), ids[-1]
+        layers, _ = roundtrip(get_codec("none"), layers)
+        reference = greedy(model, layers, first, max_new, eos)
+        ref_lp = teacher_forced_logprobs(model, layers, first, reference)
+        cases.append(Case(prompt["id"], layers, first, reference, ref_lp))
     return cases
 
 
-def _prefix(a: list[int], b: list[int]) -> int:
+def prefix_length(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two sequences share."""
     n = 0
     for x, y in zip(a, b, strict=False):
         if x != y:
@@ -159,7 +177,7 @@ def evaluate(model, cases: list[Case], codec: KVCodec, exact: bool = True, eos: 
             got = greedy(model, layers, case.last_token, len(case.reference), eos, until=case.reference)
         else:
             got = lp.argmax(-1).tolist()
-        agree = _prefix(got, case.reference) / len(case.reference)
+        agree = prefix_length(got, case.reference) / len(case.reference)
         rows.append({"id": case.prompt_id, "agreement": agree, "kl": float(kl.mean()), "bytes": nbytes})
     n = max(len(rows), 1)
     return CodecResult(

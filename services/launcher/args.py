@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from thunderserve.common import config
-from thunderserve.common.kvcodec import codec_names
+from thunderserve.common.kvcodec import DEFAULT_CODEC, codec_names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,13 +20,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--subject-prefix", default=config.env("SUBJECT_PREFIX", config.DEFAULT_SUBJECT_PREFIX),
                         help="NATS subject prefix (default 'ts')")
     parser.add_argument("--model", default=config.env("MODEL", config.DEFAULT_MODEL),
-                        help="'smollm2' (default), 'tiny-random', or a local HuggingFace model folder")
+                        help="'smollm2' (default), 'tiny-random' (random weights), 'mocker' (no model: replicas "
+                        "answer at once, to try the system without the compute), or a local HuggingFace model folder")
     parser.add_argument("--dtype", default=config.env("DTYPE", "float32"),
                         choices=["float32", "bfloat16", "float16"], help="model compute dtype (default float32)")
     parser.add_argument("--prefill", type=int, default=1, metavar="N", help="prefill replicas (default 1)")
     parser.add_argument("--decode", type=int, default=1, metavar="M", help="decode replicas (default 1)")
     parser.add_argument("--kv-codec", default=config.env("KV_CODEC", None), choices=codec_names(),
-                        help="KV-cache codec on the prefill->decode hop (default: the library default)")
+                        help=f"KV-cache codec on the prefill->decode hop (default {DEFAULT_CODEC}; a plan or a "
+                        "request that names a codec wins)")
     parser.add_argument("--host", default=config.env("HTTP_HOST", "127.0.0.1"), help="HTTP listen address")
     parser.add_argument("--http-port", type=int, default=config.env("HTTP_PORT", 8000, int),
                         help="HTTP port (default 8000)")

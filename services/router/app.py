@@ -37,6 +37,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     param = ".".join(loc) or None
     msg = first.get("msg", "invalid value").removeprefix("Value error, ")
     if first.get("type") == "missing":
+        if param is None:  # the body itself is missing
+            return "the request has no body; send a JSON object", None
         return f"missing required field '{param}'", param
     return (f"invalid '{param}': {msg}" if param else msg), param
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import httpx
 import pytest
-import torch
 
 from thunderserve.common.client import Client
 
@@ -23,47 +22,64 @@ PROMPTS = [
 N = 32
 
 
-def _prefix_agreement(got: list[int], ref: list[int]) -> float:
-    same = 0
-    for a, b in zip(got, ref):
-        if a != b:
-            break
-        same += 1
-    return same / max(len(ref), 1)
+def _chat_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                         tokenize=True, return_dict=True)["input_ids"]
 
 
-def _reference(model, tokenizer, text: str) -> list[int]:
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                        tokenize=True, return_dict=True)["input_ids"]
-    with torch.inference_mode():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=N, do_sample=False)
-    return out[0, len(ids):].tolist()
+def _offline(model, tokenizer, text: str, codec: str) -> tuple[list[int], list[int]]:
+    """(reference, codec path) tokens computed in this process on the served hop: the whole prompt
+    prefilled in full precision, its first token chosen there, the cache through `codec`."""
+    from thunderserve.common import kvaccuracy as ka
+    from thunderserve.common.kvcodec import get_codec
+
+    layers, first = ka.prefill(model, _chat_ids(tokenizer, text))
+    compressed, _ = ka.roundtrip(get_codec(codec), layers)
+    eos = tokenizer.eos_token_id
+    ref = [first, *ka.greedy(model, layers, first, N - 1, eos)] if first != eos else [first]
+    got = [first, *ka.greedy(model, compressed, first, N - 1, eos)] if first != eos else [first]
+    return ref, got
 
 
-async def _agreement(cluster, reference, codec: str) -> tuple[float, dict[str, str]]:
+async def _agreement(cluster, reference, codec: str) -> tuple[list[float], list[float], dict[str, str]]:
+    """Per prompt: the services' prefix agreement with the uncompressed reference, the same
+    figure computed offline on the same hop, and the services' texts."""
+    from thunderserve.common.kvaccuracy import prefix_length
+
     model, tokenizer = reference
-    scores, texts = [], {}
+    served, offline, texts = [], [], {}
     async with Client(cluster.nats_url) as client:
         for text in PROMPTS:
-            ref = _reference(model, tokenizer, text)
+            ref, got_offline = _offline(model, tokenizer, text, codec)
             got = await client.complete(messages=[{"role": "user", "content": text}], max_tokens=N,
                                         temperature=0, kv_codec=codec)
-            scores.append(_prefix_agreement(got.token_ids, ref))
+            served.append(prefix_length(got.token_ids, ref) / len(ref))
+            offline.append(prefix_length(got_offline, ref) / len(ref))
             texts[text] = got.text
-    agreement = sum(scores) / len(scores)
-    print(f"{codec}: greedy prefix agreement {agreement:.3f} per prompt {[round(x, 2) for x in scores]}")
-    return agreement, texts
+    print(f"{codec}: served agreement {sum(served) / len(served):.3f} per prompt {[round(x, 2) for x in served]}; "
+          f"offline {[round(x, 2) for x in offline]}")
+    return served, offline, texts
+
+
+def _holds(served: list[float], offline: list[float]) -> None:
+    """The agreement figure holds through the real services: prompt by prompt, the replicas
+    (their own batched engine, the KV over the channel) diverge where the offline measurement
+    does; one prompt may differ, at a near-tie that another attention kernel's rounding flips."""
+    same = sum(abs(a - b) < 1e-9 for a, b in zip(served, offline))
+    assert same >= len(served) - 1, (served, offline)
 
 
 async def test_int8_is_near_exact(smollm2_cluster, smollm2_reference):
-    agreement, _ = await _agreement(smollm2_cluster, smollm2_reference, "int8")
-    assert agreement >= 0.95
+    served, offline, _ = await _agreement(smollm2_cluster, smollm2_reference, "int8")
+    assert sum(served) / len(served) >= 0.95
+    _holds(served, offline)
 
 
 async def test_int4_stays_fluent(smollm2_cluster, smollm2_reference):
-    agreement, texts = await _agreement(smollm2_cluster, smollm2_reference, "int4")
-    # measured: 0.555 on these prompts (the previous int4 codec: 0.535; see docs/benchmarks.md "KV codec")
-    assert agreement >= 0.45
+    served, offline, texts = await _agreement(smollm2_cluster, smollm2_reference, "int4")
+    # measured: 0.555 on these prompts, the same per prompt offline (docs/benchmarks.md "KV codec")
+    assert sum(served) / len(served) >= 0.45
+    _holds(served, offline)
     assert "Paris" in texts["What is the capital of France?"]
     assert "100" in texts["What is the boiling point of water?"]
     for text in texts.values():  # fluent: words and numbers, not byte soup (a list of numbers may be short)

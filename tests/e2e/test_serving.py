@@ -122,6 +122,7 @@ async def test_concurrent_streams_are_independent(smollm2_cluster, smollm2_refer
 
 BAD_REQUESTS = [
     ("/v1/completions", b"{not json", "JSON"),
+    ("/v1/completions", b"", "no body"),
     ("/v1/completions", {"max_tokens": 4}, "prompt"),
     ("/v1/completions", {"prompt": 42}, "prompt"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": "many"}, "max_tokens"),
