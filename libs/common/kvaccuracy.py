@@ -26,6 +26,8 @@ Metrics:
 from __future__ import annotations
 
 import json
+import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,10 +62,18 @@ class CodecResult:
     exact_match: float  # share of prompts with no divergence at all
     per_prompt: list[dict[str, Any]] = field(default_factory=list)
 
+    @property
+    def agreement_se(self) -> float:
+        """Standard error of `agreement` over the prompts: one near-tie moves a whole prompt,
+        so differences smaller than about two of these are noise."""
+        values = [r["agreement"] for r in self.per_prompt]
+        return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+
     def summary(self) -> dict[str, Any]:
         return {
             "codec": self.codec,
             "agreement": round(self.agreement, 4),
+            "agreement_se": round(self.agreement_se, 4),
             "kl": self.kl,
             "bits_per_value": round(self.bits_per_value, 4),
             "exact_match": round(self.exact_match, 4),

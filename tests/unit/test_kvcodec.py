@@ -404,3 +404,16 @@ def test_values_beyond_fp16_range_are_clamped(name: str) -> None:
     y = get_codec(name).decode(get_codec(name).encode(x, kind="value"))
     # fp16 scales cap the range: the value comes back clipped, not wrapped or infinite.
     assert torch.isfinite(y).all() and float(y[0, 0, 3, 5]) >= 6e4
+
+
+def test_agreement_standard_error() -> None:
+    from thunderserve.common.kvaccuracy import CodecResult
+
+    def result(agreements: list[float]) -> CodecResult:
+        rows = [{"id": str(i), "agreement": a} for i, a in enumerate(agreements)]
+        return CodecResult("int4", sum(agreements) / len(agreements), 0.0, 4.5, 0.0, rows)
+
+    assert result([1.0, 0.0]).agreement_se == pytest.approx(0.5)  # stdev 0.707 over sqrt(2)
+    assert result([0.5] * 10).agreement_se == 0.0
+    assert result([1.0]).agreement_se == 0.0  # one prompt: no spread to measure
+    assert result([1.0, 0.0, 1.0, 0.0]).summary()["agreement_se"] == pytest.approx(0.2887, abs=1e-4)
