@@ -53,6 +53,14 @@ def tiny_cluster(tmp_path_factory):
     cluster.stop()
 
 
+@pytest.fixture
+def mocker_cluster(tmp_path_factory):
+    """A fresh deployment with no model (replicas answer at once): for tests of the processes."""
+    cluster = start_cluster(tmp_path_factory, model="mocker", threads_per_replica=1)
+    yield cluster
+    cluster.stop()
+
+
 @pytest.fixture(scope="session")
 def smollm2_reference():
     """The in-process model the served outputs are compared against."""

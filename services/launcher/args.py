@@ -40,5 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "host (shorter time to first token; default 0)")
     parser.add_argument("--ready-timeout", type=float, default=300.0,
                         help="seconds to wait for every service to be ready (default 300)")
+    parser.add_argument("--restart-limit", type=int, default=3, metavar="N",
+                        help="restart the router or a replica that exits, up to N times in 5 minutes; after "
+                        "that it stays down (default 3; 0 = never restart)")
     config.add_logging_args(parser)
     return parser

@@ -8,7 +8,7 @@ import sys
 import threading
 
 from thunderserve.launcher.args import build_parser
-from thunderserve.launcher.cluster import LocalCluster
+from thunderserve.launcher.cluster import LocalCluster, RestartPolicy
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,6 +16,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s up %(levelname)s %(message)s")
     if args.prefill < 1 or args.decode < 1:
         print("error: --prefill and --decode need at least 1 replica each", file=sys.stderr)
+        return 2
+    if args.restart_limit < 0:
+        print("error: --restart-limit cannot be negative", file=sys.stderr)
         return 2
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -34,12 +37,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: could not start: {exc}", file=sys.stderr)
         return 1
     print(f"ThunderServe ready: {cluster.http_url}/v1  (NATS {cluster.nats_url}, model {args.model})", flush=True)
+    policy = RestartPolicy(limit=args.restart_limit)
     try:
-        while not stop.wait(1.0):
-            for name, proc in list(cluster.procs.items()):
-                if proc.poll() is not None:
-                    print(f"warning: {name} exited with code {proc.returncode}", file=sys.stderr, flush=True)
-                    del cluster.procs[name]
+        cluster.supervise(stop, policy, report=lambda line: print(f"warning: {line}", file=sys.stderr, flush=True))
     finally:
         print("stopping...", flush=True)
         cluster.stop()

@@ -3,6 +3,8 @@
 `thunderserve up` runs one; the end-to-end tests and benchmarks run the same class, so the
 tested path is the one users start. Children get SIGTERM on stop (they drain and exit) and
 die with the launcher if it is killed (PR_SET_PDEATHSIG), so nothing is left behind.
+`supervise` restarts a router or replica that exits (`thunderserve up` runs it; tests that kill
+a replica on purpose do not).
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +37,18 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:
         pass
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """How `LocalCluster.supervise` restarts a service that exited."""
+
+    limit: int = 3  # restarts of one service within `window_s`; one more exit and it stays down
+    window_s: float = 300.0
+    backoff_s: float = 1.0  # wait before the k-th restart in the window: backoff_s * 2^(k-1), at most 30 s
+
+    def delay(self, restarts_in_window: int) -> float:
+        return min(30.0, self.backoff_s * 2 ** restarts_in_window)
 
 
 @dataclass
@@ -95,6 +111,49 @@ class LocalCluster:
             args += ["--nice", str(self.decode_nice)]
         return self._spawn(name, f"thunderserve.{phase}", args)
 
+    def start_router(self) -> subprocess.Popen:
+        args = [*self._common(), "--model", self.model, "--host", self.http_host, "--http-port", str(self.http_port)]
+        if self.kv_codec:
+            args += ["--kv-codec", self.kv_codec]
+        return self._spawn("router", "thunderserve.router", args)
+
+    def respawn(self, name: str) -> subprocess.Popen:
+        """Start a service that exited again, under its name and with its settings."""
+        if name == "router":
+            return self.start_router()
+        phase, _, index = name.rpartition("-")
+        return self.start_replica(phase, int(index))
+
+    def supervise(self, stop: threading.Event, policy: RestartPolicy = RestartPolicy(), poll_s: float = 1.0,
+                  report: Callable[[str], None] = log.warning) -> None:
+        """Until `stop` is set: restart the router or a replica that exits, as `policy` allows.
+
+        A restarted replica loads the weights again and rejoins under its old name; meanwhile the
+        router re-dispatches what the dead one held. A service that keeps exiting (more than
+        `policy.limit` restarts within `policy.window_s`) is left down and reported."""
+        restarts: dict[str, list[float]] = {}  # name -> monotonic times of its restarts
+        due: dict[str, float] = {}  # name -> when to restart it
+        while not stop.wait(poll_s):
+            now = time.monotonic()
+            for name, proc in list(self.procs.items()):
+                if name in due or proc.poll() is None:
+                    continue
+                recent = [t for t in restarts.get(name, []) if now - t < policy.window_s]
+                restarts[name] = recent
+                if len(recent) >= policy.limit:
+                    report(f"{name} exited with code {proc.returncode} after {len(recent)} restart(s) within "
+                           f"{policy.window_s:.0f} s; leaving it down")
+                    del self.procs[name]
+                    continue
+                due[name] = now + policy.delay(len(recent))
+                report(f"{name} exited with code {proc.returncode}; restarting it in {due[name] - now:.0f} s")
+            for name, when in list(due.items()):
+                if now >= when and not stop.is_set():
+                    del due[name]
+                    restarts[name].append(now)
+                    self._expected_dead.discard(name)
+                    self.respawn(name)
+
     def start(self, timeout: float = 300.0) -> LocalCluster:
         resolve_model(self.model)  # convert/cache weights once, before several processes want them
         if self.nats_url is None:
@@ -107,11 +166,7 @@ class LocalCluster:
                 self.start_replica("prefill", i)
             for i in range(self.decode):
                 self.start_replica("decode", i)
-            router_args = [*self._common(), "--model", self.model, "--host", self.http_host,
-                           "--http-port", str(self.http_port)]
-            if self.kv_codec:
-                router_args += ["--kv-codec", self.kv_codec]
-            self._spawn("router", "thunderserve.router", router_args)
+            self.start_router()
             self.wait_ready(timeout)
         except BaseException:
             self.stop()
