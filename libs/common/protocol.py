@@ -108,6 +108,9 @@ class PrefillRequest:
     decode_replica: str
     decode_endpoint: str  # the decode replica's channel rendezvous, "host:port"
     kv_codec: str = ""  # "" = the prefill replica's default
+    # A resumed request (its replica died): the tokens already generated and streamed. The model
+    # sees prompt + these; they count as output (usage, max_tokens, stops), and chunk indices go on.
+    resume_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -123,7 +126,8 @@ class KVHandoff:
     sampling: SamplingParams
     reply_subject: str
     kv_manifest: dict[str, Any]  # codec, per-tensor layout, byte count (see kvcodec.pack_cache)
-    first_chunk_sent: bool = False  # the prefill replica already streamed the first token (index 0)
+    first_chunk_sent: bool = False  # the prefill replica already streamed the first token
+    resume_token_ids: list[int] = field(default_factory=list)  # as in PrefillRequest: the KV covers them
 
 
 @dataclass
@@ -166,13 +170,14 @@ class TokenChunk:
     finish_reason: str | None = None
     usage: Usage | None = None
     error: str = ""
+    retryable: bool = False  # an error of the replicas' (one died, the KV hop broke), not of the request
 
     @classmethod
     def failure(cls, request_id: str, error: str, prompt_tokens: int, index: int = 0,
-                completion_tokens: int = 0) -> TokenChunk:
+                completion_tokens: int = 0, retryable: bool = False) -> TokenChunk:
         """The last chunk of a request that failed."""
         return cls(request_id, index, finish_reason="error", usage=Usage(prompt_tokens, completion_tokens),
-                   error=error)
+                   error=error, retryable=retryable)
 
 
 @dataclass

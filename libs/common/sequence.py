@@ -75,6 +75,18 @@ class OutputTracker:
     sent: int = 0  # characters of `text` already sent
     finish_reason: str | None = None
 
+    def resume(self, token_ids: list[int]) -> None:
+        """Take up a request another replica was generating: `token_ids` were generated and their
+        text sent already. The state is what that replica's tracker had after them (the same
+        text held back), so deltas, stops, min/max_tokens and sampling steps carry on."""
+        if self.token_ids:
+            raise RuntimeError("resume() comes before any token is added")
+        if not token_ids:
+            return
+        self.token_ids = list(token_ids)
+        self.text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        self._flush(final=False)  # what was already sent, by the same rule
+
     def add(self, token: int) -> StepOutput:
         """Record the next generated token; returns the text to emit and whether it finished."""
         if self.finish_reason is not None:

@@ -122,7 +122,7 @@ class DecodeRole:
             await self._receive(handoff, headers)
         except Exception as exc:
             log.warning("request %s: KV receive failed: %s", handoff.request_id, exc)
-            self._publish_error(handoff, f"KV receive failed: {exc}", headers)
+            self._publish_error(handoff, f"KV receive failed: {exc}", headers, retryable=True)
         finally:
             self._receiving -= 1
 
@@ -151,8 +151,9 @@ class DecodeRole:
                 eos_token_ids=self.engine.eos_token_ids,
                 tokenizer=self.engine.tokenizer,
             )
+            tracker.resume(handoff.resume_token_ids)
             kv = [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
-            self._joins.put((_Sequence(handoff, tracker, headers), kv))
+            self._joins.put((_Sequence(handoff, tracker, headers, index=len(handoff.resume_token_ids)), kv))
             self._wake.set()
 
         await loop.run_in_executor(self.host.channel_executor, receive)
@@ -200,7 +201,7 @@ class DecodeRole:
             if seq.handoff.first_chunk_sent:
                 # Prefill streamed it; track it so text deltas and stops continue from there.
                 seq.tracker.add(seq.handoff.first_token_id)
-                seq.index = 1
+                seq.index += 1
             elif self._emit(seq, seq.handoff.first_token_id):
                 continue  # finished on its first token (EOS, max_tokens=1, ...)
             batch.add(request_id, kv, seq.handoff.first_token_id)
@@ -239,8 +240,8 @@ class DecodeRole:
         self.host.publish_soon(seq.handoff.reply_subject, chunk, seq.headers)
         return out.finish_reason is not None
 
-    def _publish_error(self, handoff: KVHandoff, error: str, headers: dict[str, str]) -> None:
-        chunk = TokenChunk.failure(handoff.request_id, error, len(handoff.prompt_token_ids))
+    def _publish_error(self, handoff: KVHandoff, error: str, headers: dict[str, str], retryable: bool = False) -> None:
+        chunk = TokenChunk.failure(handoff.request_id, error, len(handoff.prompt_token_ids), retryable=retryable)
         self.host.publish_soon(handoff.reply_subject, chunk, headers)
 
 

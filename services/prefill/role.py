@@ -115,6 +115,7 @@ class PrefillRole:
             reply_subject=request.reply_subject,
             kv_manifest=manifest,
             first_chunk_sent=first_here,
+            resume_token_ids=request.resume_token_ids,
         )
         try:
             await self.host.nc.publish(
@@ -125,7 +126,8 @@ class PrefillRole:
             await loop.run_in_executor(self.host.channel_executor, pair.send, payload, handoff.tag)
         except (ChannelError, Exception) as exc:
             self.host.channel_client.drop(request.decode_endpoint)
-            await self._fail(request, f"KV transfer to {request.decode_replica} failed: {exc}", parent)
+            await self._fail(request, f"KV transfer to {request.decode_replica} failed: {exc}", parent,
+                             retryable=True)
 
     def _compute(self, request: PrefillRequest):
         """Model thread: prefill, choose the first token, compress the KV.
@@ -138,12 +140,14 @@ class PrefillRole:
             return None
         self._running += 1
         try:
-            result = self.engine.prefill(request.prompt_token_ids)
-            first = sample_token(result.logits, request.sampling, 0, self.engine.eos_token_ids)
+            resumed = request.resume_token_ids  # a request taken over from a dead replica: go on after these
+            result = self.engine.prefill(request.prompt_token_ids + resumed)
+            first = sample_token(result.logits, request.sampling, len(resumed), self.engine.eos_token_ids)
             tracker = OutputTracker(request.sampling, len(request.prompt_token_ids), self.engine.max_context,
                                     self.engine.eos_token_ids, self.engine.tokenizer)
+            tracker.resume(resumed)
             out = tracker.add(first)
-            first_chunk = TokenChunk(request.request_id, 0, [first], out.text, out.finish_reason)
+            first_chunk = TokenChunk(request.request_id, len(resumed), [first], out.text, out.finish_reason)
             if out.finish_reason is not None:  # the first token ends it: nothing to hand off
                 first_chunk.usage = Usage(tracker.prompt_len, tracker.completion_tokens)
                 return first_chunk
@@ -177,9 +181,10 @@ class PrefillRole:
                 self.host.channel_executor, self.host.channel_client.connect, endpoint, pair_id
             )
 
-    async def _fail(self, request: PrefillRequest, error: str, parent: str | None) -> None:
+    async def _fail(self, request: PrefillRequest, error: str, parent: str | None, retryable: bool = False) -> None:
         log.warning("request %s: %s", request.request_id, error)
-        chunk = TokenChunk.failure(request.request_id, error, len(request.prompt_token_ids))
+        chunk = TokenChunk.failure(request.request_id, error, len(request.prompt_token_ids),
+                                   index=len(request.resume_token_ids), retryable=retryable)
         try:
             headers = tracing.headers_for(parent)
             await self.host.nc.publish(request.reply_subject, protocol.encode(chunk), headers=headers)

@@ -3,8 +3,10 @@
 Both front doors (HTTP in `app`, the SDK's NATS entry in `natsapi`) go through `RouterCore`:
 `prepare` checks a request against the model, `submit` dispatches it, `events` yields its
 token chunks in order and ends with the final one. Every request in flight is watched: if a
-replica it depends on stops heart-beating, or nothing arrives for `request_timeout_s`, the
-request ends with an error instead of hanging.
+replica it depends on stops heart-beating (or reports that the KV hop broke), the request is
+resumed on other replicas: they prefill the prompt plus the tokens already streamed and go on
+from there, so the client's stream continues (up to `max_resumes` times). If no replica can take
+it, or nothing arrives for `request_timeout_s`, the request ends with an error instead of hanging.
 """
 
 from __future__ import annotations
@@ -49,11 +51,16 @@ class RequestError(Exception):
 
 @dataclass
 class InFlight:
-    request_id: str
-    prompt_len: int
+    request_id: str  # what the client sees; stays the same when the request is resumed
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    kv_codec: str
     prefill_id: str
     decode_id: str
     traceparent: str
+    wire_id: str = ""  # the id replicas know this attempt by ("" = request_id); new on each resume
+    resumes: int = 0
+    token_ids: list[int] = field(default_factory=list)  # streamed to the client so far
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     next_index: int = 0
     pending: dict[int, TokenChunk] = field(default_factory=dict)
@@ -61,11 +68,19 @@ class InFlight:
     finished: bool = False
     last_activity: float = field(default_factory=time.monotonic)
 
+    def __post_init__(self) -> None:
+        self.wire_id = self.wire_id or self.request_id
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
 
 @dataclass
 class RouterStats:
     requests: int = 0
     errors: int = 0
+    resumed: int = 0
     rejected: int = 0
     completion_tokens: int = 0
     prompt_tokens: int = 0
@@ -83,6 +98,7 @@ class RouterCore:
         kv_codec: str | None = None,
         replica_timeout_s: float = 2.0,
         request_timeout_s: float = 120.0,
+        max_resumes: int = 2,
     ):
         self.nats_url = nats_url
         self.subjects = subjects
@@ -92,6 +108,7 @@ class RouterCore:
         self.max_context = max_context
         self.kv_codec = kv_codec
         self.request_timeout_s = request_timeout_s
+        self.max_resumes = max_resumes
         self.router_id = f"router-{uuid.uuid4().hex[:8]}"
         self.replicas = ReplicaTable(replica_timeout_s)
         self.inflight: dict[str, InFlight] = {}
@@ -185,40 +202,76 @@ class RouterCore:
         if kv_codec is not None and kv_codec not in codec_names():
             raise RequestError(400, f"unknown kv_codec {kv_codec!r}; choose one of {', '.join(codec_names())}",
                                param="kv_codec")
-        plan = self.plan
         try:
-            prefill = self.replicas.choose("prefill", plan.dispatch if plan else None)
-            routes = plan.routing.get(prefill.beat.replica_id) if plan else None
-            decode = self.replicas.choose("decode", routes)
+            prefill, decode = self._choose_pair()
         except NoReplicaError as exc:
             self.stats.rejected += 1
             raise RequestError(503, f"{exc}; try again shortly", code="no_replica") from None
         request_id = uuid.uuid4().hex
-        traceparent = traceparent or tracing.new_traceparent()
-        flight = InFlight(
-            request_id, len(prompt_ids), prefill.beat.replica_id, decode.beat.replica_id, traceparent
-        )
-        self.inflight[request_id] = flight
+        flight = InFlight(request_id, prompt_ids, sampling, kv_codec or self.kv_codec or "",
+                          prefill.beat.replica_id, decode.beat.replica_id, traceparent or tracing.new_traceparent())
+        self.stats.requests += 1
+        self.stats.prompt_tokens += len(prompt_ids)
+        await self._dispatch(flight, prefill, decode)
+        return flight
+
+    def _choose_pair(self, avoid: frozenset[str] = frozenset()):
+        """A prefill replica by the plan's dispatch weights, then a decode replica by its routes;
+        replicas in `avoid` (those a failed attempt used) only if there is no other."""
+        plan = self.plan
+        prefill = self.replicas.choose("prefill", plan.dispatch if plan else None, avoid)
+        routes = plan.routing.get(prefill.beat.replica_id) if plan else None
+        return prefill, self.replicas.choose("decode", routes, avoid)
+
+    async def _dispatch(self, flight: InFlight, prefill, decode) -> None:
+        """Send the flight's current attempt to this prefill/decode pair."""
+        flight.prefill_id, flight.decode_id = prefill.beat.replica_id, decode.beat.replica_id
+        self.inflight[flight.wire_id] = flight
         for view in (prefill, decode):
             view.assigned += 1
             view.dispatched += 1
         message = PrefillRequest(
-            request_id=request_id,
-            prompt_token_ids=prompt_ids,
-            sampling=sampling,
-            reply_subject=self.subjects.tokens(self.router_id, request_id),
-            decode_replica=decode.beat.replica_id,
+            request_id=flight.wire_id,
+            prompt_token_ids=flight.prompt_ids,
+            sampling=flight.sampling,
+            reply_subject=self.subjects.tokens(self.router_id, flight.wire_id),
+            decode_replica=flight.decode_id,
             decode_endpoint=decode.beat.endpoint,
-            kv_codec=kv_codec or self.kv_codec or "",
+            kv_codec=flight.kv_codec,
+            resume_token_ids=list(flight.token_ids),
         )
-        self.stats.requests += 1
-        self.stats.prompt_tokens += len(prompt_ids)
         await self.nc.publish(
-            self.subjects.prefill(prefill.beat.replica_id),
+            self.subjects.prefill(flight.prefill_id),
             protocol.encode(message),
-            headers=tracing.headers_for(traceparent),
+            headers=tracing.headers_for(flight.traceparent),
         )
-        return flight
+
+    async def _resume(self, flight: InFlight, why: str) -> bool:
+        """Move a request whose replica failed to another pair, after the tokens it has streamed.
+        False if it cannot be (resumed too often, or no replica to take it): the caller fails it."""
+        # One token per chunk, so the stream so far is exactly `token_ids`; anything else: no resume.
+        if flight.finished or flight.resumes >= self.max_resumes or flight.next_index != len(flight.token_ids):
+            return False
+        try:
+            prefill, decode = self._choose_pair(avoid=frozenset((flight.prefill_id, flight.decode_id)))
+        except NoReplicaError:
+            return False
+        old_wire = flight.wire_id
+        self.inflight.pop(old_wire, None)
+        for rid in (flight.decode_id,) if flight.in_decode else (flight.prefill_id, flight.decode_id):
+            self._release(rid)
+        with contextlib.suppress(Exception):  # whichever old replica still lives drops it
+            await self.nc.publish(self.subjects.abort, protocol.encode(Abort(old_wire, "resumed elsewhere")))
+        flight.resumes += 1
+        flight.wire_id = f"{flight.request_id}-{flight.resumes}"  # no ".": it ends a NATS subject
+        flight.pending.clear()  # the old attempt's out-of-order chunks: its tokens come again
+        flight.in_decode = False
+        flight.last_activity = time.monotonic()
+        self.stats.resumed += 1
+        log.warning("request %s: %s; resuming after %d tokens on %s -> %s", flight.request_id, why,
+                    len(flight.token_ids), prefill.beat.replica_id, decode.beat.replica_id)
+        await self._dispatch(flight, prefill, decode)
+        return True
 
     async def events(self, flight: InFlight) -> AsyncIterator[TokenChunk]:
         """The request's chunks in order; the last has `finish_reason` set. Aborts if abandoned."""
@@ -235,13 +288,13 @@ class RouterCore:
     async def abort(self, flight: InFlight, reason: str) -> None:
         self._finish(flight)
         with contextlib.suppress(Exception):
-            await self.nc.publish(self.subjects.abort, protocol.encode(Abort(flight.request_id, reason)))
+            await self.nc.publish(self.subjects.abort, protocol.encode(Abort(flight.wire_id, reason)))
 
     def _finish(self, flight: InFlight) -> None:
         if flight.finished:
             return
         flight.finished = True
-        self.inflight.pop(flight.request_id, None)
+        self.inflight.pop(flight.wire_id, None)
         for rid in (flight.decode_id,) if flight.in_decode else (flight.prefill_id, flight.decode_id):
             self._release(rid)
 
@@ -255,7 +308,8 @@ class RouterCore:
         if flight.finished:
             return
         self.stats.errors += 1
-        chunk = TokenChunk.failure(flight.request_id, error, flight.prompt_len, flight.next_index, flight.next_index)
+        chunk = TokenChunk.failure(flight.request_id, error, flight.prompt_len, flight.next_index,
+                                   len(flight.token_ids))
         self._finish(flight)
         flight.queue.put_nowait(chunk)
 
@@ -273,12 +327,16 @@ class RouterCore:
             return
         flight.last_activity = time.monotonic()
         if chunk.finish_reason == "error":
-            self._fail(flight, chunk.error or "request failed")
+            if not (chunk.retryable and await self._resume(flight, chunk.error)):
+                self._fail(flight, chunk.error or "request failed")
+            return
+        if chunk.index < flight.next_index:  # already streamed (a resumed attempt starts after it)
             return
         flight.pending[chunk.index] = chunk
         while flight.next_index in flight.pending:
             ready = flight.pending.pop(flight.next_index)
             flight.next_index += 1
+            flight.token_ids += ready.token_ids
             # The prefill replica streams index 0 itself; it is done once decode's tokens flow.
             if not flight.in_decode and (ready.index >= 1 or ready.finish_reason is not None):
                 flight.in_decode = True
@@ -300,8 +358,9 @@ class RouterCore:
                 if not flight.in_decode and flight.prefill_id in gone:
                     lost = flight.prefill_id
                 if lost is not None:
-                    self._fail(flight, f"replica {lost} stopped responding")
-                    await self.abort(flight, "replica lost")
+                    if not await self._resume(flight, f"replica {lost} stopped responding"):
+                        self._fail(flight, f"replica {lost} stopped responding")
+                        await self.abort(flight, "replica lost")
                 elif now - flight.last_activity > self.request_timeout_s:
                     self._fail(flight, f"no progress for {self.request_timeout_s:.0f} s")
                     await self.abort(flight, "timeout")

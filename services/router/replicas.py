@@ -63,9 +63,12 @@ class ReplicaTable:
             if v.beat.phase == phase and v.beat.state == "ready" and now - v.last_seen <= self.timeout_s
         ]
 
-    def choose(self, phase: str, weights: dict[str, float] | None = None) -> ReplicaView:
-        """The least-loaded ready replica of `phase`; plan weights scale its share when given."""
+    def choose(self, phase: str, weights: dict[str, float] | None = None,
+               avoid: frozenset[str] = frozenset()) -> ReplicaView:
+        """The least-loaded ready replica of `phase`; plan weights scale its share when given.
+        Replicas in `avoid` only if there is no other."""
         candidates = self.ready(phase)
+        candidates = [v for v in candidates if v.beat.replica_id not in avoid] or candidates
         if weights:
             weighted = [v for v in candidates if weights.get(v.beat.replica_id, 0.0) > 0]
             candidates = weighted or candidates

@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from thunderserve.common.client import Client, ThunderServeError
+from thunderserve.common.models import load_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -47,6 +48,38 @@ async def test_killed_decode_replica_fails_requests_then_recovers(tiny_cluster):
         tiny_cluster.wait_ready(timeout=120)
         done = await client.complete("Hello again", max_tokens=6, temperature=0)
         assert done.finish_reason == "length" and len(done.token_ids) == 6
+
+
+async def test_requests_on_a_killed_decode_replica_resume_on_another(tiny_cluster):
+    """With a second decode replica up, killing the one that decodes loses no request: each goes on
+    from the tokens it has streamed (prefilled again with them), and the client's stream is whole."""
+    tiny_cluster.start_replica("decode", 1)
+    tiny_cluster.wait_ready(timeout=120, decode=2)
+    tokenizer = load_tokenizer("tiny-random")
+    n = 400
+    async with Client(tiny_cluster.nats_url, timeout_s=120) as client:
+        tasks = [asyncio.create_task(client.complete(f"Story {i}:", max_tokens=n, ignore_eos=True, temperature=0))
+                 for i in range(4)]
+        deadline = time.monotonic() + 30
+        busiest = None
+        while time.monotonic() < deadline:
+            running = {r["id"]: r["running"] for r in (tiny_cluster.health() or {}).get("replicas", [])
+                       if r["phase"] == "decode"}
+            if sum(running.values()) == len(tasks):
+                busiest = max(running, key=running.get)
+                break
+            await asyncio.sleep(0.05)
+        assert busiest is not None, "the requests never reached decode"
+        tiny_cluster.kill(busiest)
+        results = await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)
+    for r in results:
+        assert r.finish_reason == "length" and len(r.token_ids) == n
+        assert r.usage.completion_tokens == n
+        assert r.text == tokenizer.decode(r.token_ids, skip_special_tokens=True)  # no delta lost or doubled
+    metrics = httpx.get(tiny_cluster.http_url + "/metrics", timeout=10).text
+    resumed = int(next(line.split()[1] for line in metrics.splitlines()
+                       if line.startswith("thunderserve_requests_resumed_total")))
+    assert resumed >= 1
 
 
 async def test_killed_prefill_replica_fails_queued_requests(tiny_cluster):

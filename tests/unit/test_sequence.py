@@ -78,3 +78,35 @@ def test_seeded_sampling_is_reproducible_and_top_p_restricts():
     top = int(logits.argmax())
     narrow = SamplingParams(temperature=1.0, top_p=1e-6, seed=1)
     assert {sample_token(logits, narrow, s, EOS) for s in range(10)} == {top}
+
+
+@pytest.mark.parametrize("text, cut, params", [
+    ("Hello world. The end. More text", 2, {"max_tokens": 50, "stop": ["The end"]}),  # stop after the cut
+    ("Hello world. The end. More text", 4, {"max_tokens": 50, "stop": ["The end"]}),  # cut inside "The end"
+    ("café 東京 naïve ☕ ok", 4, {"max_tokens": 50}),  # cut inside a multi-byte character
+    ("one two three four five six", 2, {"max_tokens": 5}),  # max_tokens counts the resumed tokens
+    ("one two three four five six", 2, {"max_tokens": 50, "min_tokens": 4}),
+])
+def test_resumed_tracker_continues_as_if_never_interrupted(tokenizer, text, cut, params):
+    """A replica that takes over after `cut` tokens (`resume`) emits exactly the rest of what one
+    tracker fed every token would have: the same deltas, the same finish, the same counts."""
+    tokens = tokenizer.encode(text, add_special_tokens=False)
+    whole, deltas = _tracker(tokenizer, **params), []
+    for t in tokens:
+        deltas.append(whole.add(t).text)
+        if whole.finish_reason:
+            break
+    assert len(deltas) > cut
+    before = "".join(deltas[:cut])
+    resumed = _tracker(tokenizer, **params)
+    resumed.resume(tokens[:cut])
+    after, reason = _feed(resumed, tokens[cut:])
+    assert before + after == "".join(deltas)
+    assert reason == whole.finish_reason and resumed.completion_tokens == whole.completion_tokens
+
+
+def test_resume_only_before_any_token(tokenizer):
+    tracker = _tracker(tokenizer, max_tokens=10)
+    tracker.add(5)
+    with pytest.raises(RuntimeError):
+        tracker.resume([6, 7])

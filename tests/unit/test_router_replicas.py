@@ -1,0 +1,33 @@
+"""The router's replica choice: least loaded, plan weights, and avoiding a failed attempt's replicas."""
+
+from __future__ import annotations
+
+import pytest
+
+from thunderserve.common.protocol import Heartbeat
+from thunderserve.router.replicas import NoReplicaError, ReplicaTable
+
+
+def _table(*beats: Heartbeat) -> ReplicaTable:
+    table = ReplicaTable(timeout_s=60)
+    for beat in beats:
+        table.update(beat)
+    return table
+
+
+def test_least_loaded_then_avoid_then_fallback() -> None:
+    table = _table(Heartbeat("d0", "decode", "m", capacity=4, running=0),
+                   Heartbeat("d1", "decode", "m", capacity=4, running=3),
+                   Heartbeat("p0", "prefill", "m", capacity=4))
+    assert table.choose("decode").beat.replica_id == "d0"
+    assert table.choose("decode", avoid=frozenset({"d0"})).beat.replica_id == "d1"  # busier, but not the failed one
+    assert table.choose("prefill", avoid=frozenset({"p0"})).beat.replica_id == "p0"  # the only one: still chosen
+    with pytest.raises(NoReplicaError):
+        _table().choose("decode", avoid=frozenset({"d0"}))
+
+
+def test_plan_weights_and_stopping_replicas() -> None:
+    table = _table(Heartbeat("d0", "decode", "m", capacity=4), Heartbeat("d1", "decode", "m", capacity=4))
+    assert table.choose("decode", {"d1": 1.0}).beat.replica_id == "d1"  # the plan routes only to d1
+    table.update(Heartbeat("d1", "decode", "m", capacity=4, state="stopping"))
+    assert table.choose("decode", {"d1": 1.0}).beat.replica_id == "d0"  # d1 leaves: the plan's weight cannot keep it
