@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 
 import httpx
@@ -80,6 +82,27 @@ async def test_requests_on_a_killed_decode_replica_resume_on_another(tiny_cluste
     resumed = int(next(line.split()[1] for line in metrics.splitlines()
                        if line.startswith("thunderserve_requests_resumed_total")))
     assert resumed >= 1
+
+
+async def test_requests_sent_to_a_hung_prefill_replica_are_resumed(tiny_cluster):
+    """A prefill replica that freezes (SIGSTOP: no heartbeats, no work) is given up on after the
+    heartbeat timeout; the requests it was sent are prefilled on the other replica instead."""
+    tiny_cluster.start_replica("prefill", 1)
+    tiny_cluster.wait_ready(timeout=120, prefill=2)
+    frozen = tiny_cluster.procs["prefill-0"]
+    os.kill(frozen.pid, signal.SIGSTOP)
+    try:
+        async with Client(tiny_cluster.nats_url, timeout_s=60) as client:
+            results = await asyncio.wait_for(
+                asyncio.gather(*(client.complete(f"Prompt {i}", max_tokens=5, temperature=0) for i in range(4))),
+                timeout=60)
+    finally:
+        tiny_cluster.kill("prefill-0")  # SIGKILL ends a stopped process too
+    assert all(r.finish_reason == "length" and len(r.token_ids) == 5 for r in results)
+    metrics = httpx.get(tiny_cluster.http_url + "/metrics", timeout=10).text
+    resumed = int(next(line.split()[1] for line in metrics.splitlines()
+                       if line.startswith("thunderserve_requests_resumed_total")))
+    assert resumed >= 1  # least-loaded choice sent some of the four to the frozen replica
 
 
 async def test_killed_prefill_replica_fails_queued_requests(tiny_cluster):
