@@ -54,6 +54,21 @@ def tiny_cluster(tmp_path_factory):
 
 
 @pytest.fixture
+def make_cluster(tmp_path_factory):
+    """Start deployments with settings of the test's own (LocalCluster's arguments); all stop at its end."""
+    started = []
+
+    def make(**kwargs):
+        cluster = start_cluster(tmp_path_factory, **kwargs)
+        started.append(cluster)
+        return cluster
+
+    yield make
+    for cluster in started:
+        cluster.stop()
+
+
+@pytest.fixture
 def mocker_cluster(tmp_path_factory):
     """A fresh deployment with no model (replicas answer at once): for tests of the processes."""
     cluster = start_cluster(tmp_path_factory, model="mocker", threads_per_replica=1)

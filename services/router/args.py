@@ -29,5 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds without a heartbeat before a replica counts as dead (default 2)")
     group.add_argument("--request-timeout", type=float, default=config.env("REQUEST_TIMEOUT", 120.0, float),
                        help="seconds without progress before a request fails (default 120)")
+    group.add_argument("--resume-wait", type=float, default=config.env("RESUME_WAIT", 30.0, float),
+                       help="seconds a request whose replica died may wait for another (or the same, "
+                       "restarted) replica to resume it before it fails (default 30)")
     config.add_logging_args(parser)
     return parser

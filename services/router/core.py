@@ -5,8 +5,9 @@ Both front doors (HTTP in `app`, the SDK's NATS entry in `natsapi`) go through `
 token chunks in order and ends with the final one. Every request in flight is watched: if a
 replica it depends on stops heart-beating (or reports that the KV hop broke), the request is
 resumed on other replicas: they prefill the prompt plus the tokens already streamed and go on
-from there, so the client's stream continues (up to `max_resumes` times). If no replica can take
-it, or nothing arrives for `request_timeout_s`, the request ends with an error instead of hanging.
+from there, so the client's stream continues (up to `max_resumes` times). With no replica free to
+take it, the request waits up to `resume_wait_s` for one (a restarted replica, a phase flip). If
+none comes, or nothing arrives for `request_timeout_s`, it ends with an error instead of hanging.
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ class InFlight:
     traceparent: str
     wire_id: str = ""  # the id replicas know this attempt by ("" = request_id); new on each resume
     resumes: int = 0
+    waiting_since: float | None = None  # its replica failed and no other has taken it yet
+    wait_reason: str = ""
+    avoid: frozenset[str] = frozenset()  # the failed attempt's replicas
     token_ids: list[int] = field(default_factory=list)  # streamed to the client so far
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     next_index: int = 0
@@ -99,6 +103,7 @@ class RouterCore:
         replica_timeout_s: float = 2.0,
         request_timeout_s: float = 120.0,
         max_resumes: int = 2,
+        resume_wait_s: float = 30.0,
     ):
         self.nats_url = nats_url
         self.subjects = subjects
@@ -109,6 +114,7 @@ class RouterCore:
         self.kv_codec = kv_codec
         self.request_timeout_s = request_timeout_s
         self.max_resumes = max_resumes
+        self.resume_wait_s = resume_wait_s
         self.router_id = f"router-{uuid.uuid4().hex[:8]}"
         self.replicas = ReplicaTable(replica_timeout_s)
         self.inflight: dict[str, InFlight] = {}
@@ -248,27 +254,38 @@ class RouterCore:
 
     async def _resume(self, flight: InFlight, why: str) -> bool:
         """Move a request whose replica failed to another pair, after the tokens it has streamed.
-        False if it cannot be (resumed too often, or no replica to take it): the caller fails it."""
+
+        True if dispatched, or parked until a replica can take it (the watchdog calls again; the
+        failed attempt's replicas only if no other is ready). False if it cannot be resumed
+        (resumed too often, or parked for `resume_wait_s`): the caller fails it."""
         # One token per chunk, so the stream so far is exactly `token_ids`; anything else: no resume.
-        if flight.finished or flight.resumes >= self.max_resumes or flight.next_index != len(flight.token_ids):
+        if flight.finished or flight.next_index != len(flight.token_ids):
             return False
+        now = time.monotonic()
+        if flight.waiting_since is None:
+            if flight.resumes >= self.max_resumes:
+                return False
+            # Let go of the failed attempt; whichever of its replicas still lives drops it.
+            for rid in (flight.decode_id,) if flight.in_decode else (flight.prefill_id, flight.decode_id):
+                self._release(rid)
+            with contextlib.suppress(Exception):
+                await self.nc.publish(self.subjects.abort, protocol.encode(Abort(flight.wire_id, "resumed elsewhere")))
+            flight.avoid = frozenset((flight.prefill_id, flight.decode_id))
+            flight.prefill_id = flight.decode_id = ""
+            flight.pending.clear()  # the old attempt's out-of-order chunks: its tokens come again
+            flight.in_decode = False
+            flight.waiting_since, flight.wait_reason = now, why
         try:
-            prefill, decode = self._choose_pair(avoid=frozenset((flight.prefill_id, flight.decode_id)))
+            prefill, decode = self._choose_pair(avoid=flight.avoid)
         except NoReplicaError:
-            return False
-        old_wire = flight.wire_id
-        self.inflight.pop(old_wire, None)
-        for rid in (flight.decode_id,) if flight.in_decode else (flight.prefill_id, flight.decode_id):
-            self._release(rid)
-        with contextlib.suppress(Exception):  # whichever old replica still lives drops it
-            await self.nc.publish(self.subjects.abort, protocol.encode(Abort(old_wire, "resumed elsewhere")))
+            return now - flight.waiting_since < self.resume_wait_s
+        self.inflight.pop(flight.wire_id, None)
+        flight.waiting_since = None
         flight.resumes += 1
         flight.wire_id = f"{flight.request_id}-{flight.resumes}"  # no ".": it ends a NATS subject
-        flight.pending.clear()  # the old attempt's out-of-order chunks: its tokens come again
-        flight.in_decode = False
-        flight.last_activity = time.monotonic()
+        flight.last_activity = now
         self.stats.resumed += 1
-        log.warning("request %s: %s; resuming after %d tokens on %s -> %s", flight.request_id, why,
+        log.warning("request %s: %s; resuming after %d tokens on %s -> %s", flight.request_id, flight.wait_reason,
                     len(flight.token_ids), prefill.beat.replica_id, decode.beat.replica_id)
         await self._dispatch(flight, prefill, decode)
         return True
@@ -323,7 +340,7 @@ class RouterCore:
         if chunk is None:
             return
         flight = self.inflight.get(chunk.request_id)
-        if flight is None or flight.finished:
+        if flight is None or flight.finished or flight.waiting_since is not None:  # parked: a dead attempt's
             return
         flight.last_activity = time.monotonic()
         if chunk.finish_reason == "error":
@@ -354,6 +371,11 @@ class RouterCore:
                 log.warning("replicas stopped responding: %s", ", ".join(sorted(gone)))
             now = time.monotonic()
             for flight in list(self.inflight.values()):
+                if flight.waiting_since is not None:  # parked: is there a replica for it now?
+                    if not await self._resume(flight, flight.wait_reason):
+                        self._fail(flight, f"{flight.wait_reason}; no replica could take the request within "
+                                   f"{self.resume_wait_s:.0f} s")
+                    continue
                 lost = flight.decode_id if flight.decode_id in gone else None
                 if not flight.in_decode and flight.prefill_id in gone:
                     lost = flight.prefill_id

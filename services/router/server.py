@@ -29,6 +29,7 @@ def build_core(args: argparse.Namespace) -> RouterCore:
         kv_codec=args.kv_codec,
         replica_timeout_s=args.replica_timeout,
         request_timeout_s=args.request_timeout,
+        resume_wait_s=args.resume_wait,
     )
 
 

@@ -24,32 +24,51 @@ async def _long_request(client: Client) -> str:
     return "finished"
 
 
-async def test_killed_decode_replica_fails_requests_then_recovers(tiny_cluster):
+async def _until_decoding(cluster, n: int) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        health = cluster.health() or {}
+        if sum(r["running"] for r in health.get("replicas", []) if r["phase"] == "decode") == n:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the requests never reached decode: {cluster.health()}")
+
+
+async def test_requests_wait_for_their_restarted_decode_replica(tiny_cluster):
+    """The only decode replica dies: new requests get a quick 503, the ones it was decoding wait,
+    and when a decode replica is back (here: the same one, restarted) they go on and finish whole."""
+    n = 300
     async with Client(tiny_cluster.nats_url, timeout_s=60) as client:
-        tasks = [asyncio.create_task(_long_request(client)) for _ in range(3)]
-        # wait until they are decoding
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            health = tiny_cluster.health() or {}
-            if sum(r["running"] for r in health.get("replicas", []) if r["phase"] == "decode") == 3:
-                break
-            await asyncio.sleep(0.1)
-        killed_at = time.monotonic()
+        tasks = [asyncio.create_task(client.complete(f"Story {i}:", max_tokens=n, ignore_eos=True, temperature=0))
+                 for i in range(3)]
+        await _until_decoding(tiny_cluster, 3)
         tiny_cluster.kill("decode-0")
-        outcomes = await asyncio.wait_for(asyncio.gather(*tasks), timeout=20)
-        elapsed = time.monotonic() - killed_at
-        assert all("decode-0" in o and "stopped responding" in o for o in outcomes), outcomes
-        assert elapsed < 10, f"requests took {elapsed:.1f} s to fail"
+        await asyncio.sleep(3)  # past the heartbeat timeout: the router has parked them
 
         # no decode replica: new requests are refused quickly with 503, not left hanging
         resp = httpx.post(tiny_cluster.http_url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2},
                           timeout=30)
         assert resp.status_code == 503 and "decode" in resp.json()["error"]["message"]
+        assert not any(t.done() for t in tasks)
 
         tiny_cluster.start_replica("decode", 0)
-        tiny_cluster.wait_ready(timeout=120)
-        done = await client.complete("Hello again", max_tokens=6, temperature=0)
-        assert done.finish_reason == "length" and len(done.token_ids) == 6
+        results = await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)
+    assert all(r.finish_reason == "length" and len(r.token_ids) == n for r in results)
+
+
+async def test_requests_fail_when_no_replica_comes_back(make_cluster):
+    """With no decode replica back within the resume wait (2 s here), the requests end with an
+    error that says why, in bounded time."""
+    cluster = make_cluster(model="tiny-random", threads_per_replica=1, extra_env={"THUNDERSERVE_RESUME_WAIT": "2"})
+    async with Client(cluster.nats_url, timeout_s=60) as client:
+        tasks = [asyncio.create_task(_long_request(client)) for _ in range(3)]
+        await _until_decoding(cluster, 3)
+        killed_at = time.monotonic()
+        cluster.kill("decode-0")
+        outcomes = await asyncio.wait_for(asyncio.gather(*tasks), timeout=30)
+        elapsed = time.monotonic() - killed_at
+    assert all("decode-0 stopped responding" in o and "within 2 s" in o for o in outcomes), outcomes
+    assert elapsed < 10, f"requests took {elapsed:.1f} s to fail"
 
 
 async def test_requests_on_a_killed_decode_replica_resume_on_another(tiny_cluster):
