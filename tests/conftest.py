@@ -46,14 +46,6 @@ def smollm2_cluster(tmp_path_factory):
 
 
 @pytest.fixture
-def tiny_cluster(tmp_path_factory):
-    """A fresh deployment of the tiny random model, for tests that break or change it."""
-    cluster = start_cluster(tmp_path_factory, model="tiny-random", threads_per_replica=1)
-    yield cluster
-    cluster.stop()
-
-
-@pytest.fixture
 def make_cluster(tmp_path_factory):
     """Start deployments with settings of the test's own (LocalCluster's arguments); all stop at its end."""
     started = []
@@ -69,11 +61,15 @@ def make_cluster(tmp_path_factory):
 
 
 @pytest.fixture
-def mocker_cluster(tmp_path_factory):
+def tiny_cluster(make_cluster):
+    """A fresh deployment of the tiny random model, for tests that break or change it."""
+    return make_cluster(model="tiny-random", threads_per_replica=1)
+
+
+@pytest.fixture
+def mocker_cluster(make_cluster):
     """A fresh deployment with no model (replicas answer at once): for tests of the processes."""
-    cluster = start_cluster(tmp_path_factory, model="mocker", threads_per_replica=1)
-    yield cluster
-    cluster.stop()
+    return make_cluster(model="mocker", threads_per_replica=1)
 
 
 @pytest.fixture(scope="session")

@@ -23,14 +23,30 @@ def run(main: Coroutine[Any, Any, Any]) -> Any:
     return uvloop.run(main)
 
 
-async def connect_nats(url: str, name: str, **options: Any) -> nats.NATS:
+async def connect_nats(url: str, name: str, first_timeout: float | None = None, **options: Any) -> nats.NATS:
     """Connect as `name`. nats.py's default error callback logs a traceback for every failed
-    reconnect; a service logs one line instead."""
+    reconnect; a service logs one line instead.
+
+    `first_timeout`: give up on the first connection after this many seconds, with a
+    ConnectionError (nats.py retries an unreachable server every 2 s even with
+    max_reconnect_attempts=0, so a command would hang); None = wait as long as it takes."""
+    quiet = first_timeout is not None  # a command reports the failure once, itself
 
     async def on_error(e: Exception) -> None:
-        log.warning("%s: NATS: %s", name, str(e) or type(e).__name__)
+        if not quiet or nc_box:
+            log.warning("%s: NATS: %s", name, str(e) or type(e).__name__)
 
-    return await nats.connect(url, name=name, error_cb=on_error, **options)
+    nc_box: list[nats.NATS] = []
+    connecting = nats.connect(url, name=name, error_cb=on_error, **options)
+    if first_timeout is None:
+        nc = await connecting
+    else:
+        try:
+            nc = await asyncio.wait_for(connecting, first_timeout)
+        except (TimeoutError, OSError, nats.errors.Error) as exc:
+            raise ConnectionError(f"cannot reach NATS at {url} within {first_timeout:g} s") from exc
+    nc_box.append(nc)
+    return nc
 
 
 async def close_nats(nc: nats.NATS | None, timeout: float = 5.0) -> None:

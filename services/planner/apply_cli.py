@@ -7,9 +7,7 @@ import asyncio
 import sys
 import time
 
-import nats
-
-from thunderserve.common import config
+from thunderserve.common import aio, config
 from thunderserve.common.plan import Plan
 from thunderserve.common.planstore import StalePlanError, current_plan, publish_plan
 from thunderserve.common.protocol import Subjects
@@ -31,9 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
 async def _apply(args: argparse.Namespace, plan: Plan) -> int:
     subjects = Subjects(args.subject_prefix)
     try:
-        nc = await nats.connect(args.nats, connect_timeout=5, max_reconnect_attempts=0)
-    except Exception as exc:
-        print(f"error: cannot reach NATS at {args.nats}: {exc}", file=sys.stderr)
+        nc = await aio.connect_nats(args.nats, "apply", first_timeout=10, max_reconnect_attempts=0)
+    except ConnectionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     try:
         if args.bump:

@@ -1,16 +1,22 @@
-"""`thunderserve plan`: plan a cluster and print the plan (optionally write it as JSON)."""
+"""`thunderserve plan`: plan a cluster and print the plan (optionally write it as JSON); with `--live`,
+publish it to a deployment and keep it right as replicas die and return (`live.LivePlanner`)."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
+import signal
 import sys
 import time
 from pathlib import Path
 
 import yaml
 
+from thunderserve.common import aio, config
 from thunderserve.common.config import CliParser
 from thunderserve.common.plan import Plan
+from thunderserve.common.protocol import Subjects
 
 from .cluster import Cluster
 from .costmodel import CODECS
@@ -57,7 +63,44 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0, help="random seed of the search (default 0)")
     ap.add_argument("--json", metavar="OUT", help="write the plan as JSON to this file ('-' for stdout)")
     ap.add_argument("--quiet", action="store_true", help="no progress line on stderr")
+    live = ap.add_argument_group("live re-planning")
+    live.add_argument("--live", action="store_true",
+                      help="publish the plan to the deployment at --nats, then keep running: when a replica "
+                           "stops heart-beating (or comes back), re-decide phases and routing (no weights move) "
+                           "and publish the next epoch, until Ctrl-C. Replicas must run under the plan's ids "
+                           "(--replica-id)")
+    live.add_argument("--from-plan", metavar="PLAN.json", dest="from_plan",
+                      help="with --live: start from this plan (e.g. `--json` output) instead of searching")
+    live.add_argument("--dead-after", type=float, default=2.0, metavar="S", dest="dead_after",
+                      help="seconds without a heartbeat before a replica counts as dead (default 2)")
+    config.add_nats_args(ap)
     return ap
+
+
+async def _run_live(args: argparse.Namespace, planner: Planner, plan: Plan) -> int:
+    from .live import LivePlanner
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s planner %(levelname)s %(message)s")
+    try:  # fail fast if NATS is not there; once connected, ride out its restarts
+        nc = await aio.connect_nats(args.nats, "planner", first_timeout=10, max_reconnect_attempts=-1)
+    except ConnectionError as exc:
+        return fail(PROG, str(exc))
+    live = LivePlanner(nc, Subjects(args.subject_prefix), planner, plan, dead_after_s=args.dead_after)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await live.start()
+        print(f"live: published plan epoch {live.epoch}; watching {len(plan.replicas)} replicas (Ctrl-C stops)",
+              file=sys.stderr, flush=True)
+        await stop.wait()
+    except ValueError as exc:
+        return fail(PROG, f"cannot publish the plan: {exc}")
+    finally:
+        await live.stop()
+        await aio.close_nats(nc)
+    return 0
 
 
 def _workload(args: argparse.Namespace) -> Workload:
@@ -135,8 +178,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.time_limit is not None and args.time_limit <= 0:
             raise ValueError("--time-limit must be > 0")
         planner = Planner(cluster, model, workload, codec=args.codec, seed=args.seed, max_pp=args.max_pp)
+        if args.from_plan and not args.live:
+            raise ValueError("--from-plan needs --live")
+        start_plan = Plan.from_json(Path(args.from_plan).read_text()) if args.from_plan else None
     except INPUT_ERRORS as exc:
         return fail(PROG, input_error(exc, args.cluster))
+    if start_plan is not None:
+        return asyncio.run(_run_live(args, planner, start_plan))
 
     tty = sys.stderr.isatty()
     last = [0.0]
@@ -171,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     if plan.objective <= 0:
         print(f"{PROG}: warning: no feasible plan (the model does not fit or the SLOs cannot be met)",
               file=sys.stderr)
+        return 0
+    if args.live:
+        return asyncio.run(_run_live(args, planner, plan))
     return 0
 
 

@@ -55,3 +55,30 @@ def test_close_nats_after_the_server_is_gone(caplog: pytest.LogCaptureFixture) -
 
 def test_close_nats_accepts_no_connection() -> None:
     asyncio.run(aio.close_nats(None))
+
+
+def test_first_connection_gives_up_with_a_clear_error(caplog: pytest.LogCaptureFixture) -> None:
+    import time
+
+    from thunderserve.common.natsserver import free_port
+
+    url = f"nats://127.0.0.1:{free_port()}"  # nothing listens there
+
+    async def attempt() -> None:
+        await aio.connect_nats(url, "test", first_timeout=1.0, max_reconnect_attempts=-1)
+
+    t0 = time.monotonic()
+    with caplog.at_level(logging.WARNING), pytest.raises(ConnectionError, match="cannot reach NATS .* within 1 s"):
+        asyncio.run(attempt())
+    assert time.monotonic() - t0 < 5  # nats.py alone would retry for ever
+    assert "NATS:" not in caplog.text  # the caller reports it once, not every retry
+
+
+def test_first_connection_within_the_timeout(nats_url: str) -> None:
+    async def attempt() -> bool:
+        nc = await aio.connect_nats(nats_url, "test", first_timeout=5.0)
+        connected = nc.is_connected
+        await aio.close_nats(nc)
+        return connected
+
+    assert asyncio.run(attempt())

@@ -59,6 +59,8 @@ def _run(args) -> int:
     (["--cluster", PAIR, "--model", "llama-7b", "--workload", "nope.csv", "--rate", "1"], "nope.csv"),
     (["--cluster", PAIR, "--model", "llama-7b", "--workload", "code", "--rate", "x"], "invalid float"),
     (["--cluster", PAIR], "required"),
+    (["--cluster", PAIR, "--model", "llama-7b", "--workload", "code", "--rate", "1", "--from-plan", "p.json"],
+     "--from-plan needs --live"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, needle, capsys):
     assert _run(args) == 2
@@ -80,3 +82,45 @@ def test_module_entry_point_help():
     assert r.returncode == 0
     for flag in ("--cluster", "--model", "--workload", "--rate", "--ttft", "--tpot", "--time-limit", "--json"):
         assert flag in r.stdout
+
+
+def test_live_publishes_the_plan_and_stops_on_sigint(tmp_path, nats_url):
+    """`--live --from-plan`: the plan goes to the store as the next epoch; Ctrl-C ends it cleanly.
+    (Re-planning on a replica's death: tests/e2e/test_live_planner.py.)"""
+    import asyncio
+    import signal
+    import time
+
+    import nats
+
+    from thunderserve.common.planstore import current_plan
+    from thunderserve.common.protocol import Subjects
+
+    plan_file = tmp_path / "plan.json"
+    assert main(["--cluster", PAIR, "--model", "llama-7b", "--workload", "code", "--rate", "1", "--quiet",
+                 "--json", str(plan_file)]) == 0
+    subjects = Subjects(f"live{int(time.time() * 1000) % 100000}")  # a store of this test's own
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "thunderserve.planner", "--cluster", PAIR, "--model", "llama-7b", "--workload",
+         "code", "--rate", "1", "--live", "--from-plan", str(plan_file), "--nats", nats_url,
+         "--subject-prefix", subjects.prefix],
+        stderr=subprocess.PIPE, text=True)
+    try:
+        lines = [proc.stderr.readline() for _ in range(2)]  # the planner's log line, then the CLI's
+        assert any("live: published plan epoch 1" in line for line in lines), lines
+
+        async def stored() -> Plan | None:
+            nc = await nats.connect(nats_url)
+            try:
+                return await current_plan(nc, subjects)
+            finally:
+                await nc.close()
+
+        got = asyncio.run(stored())
+        assert got is not None and got.epoch == 1
+        assert [r.id for r in got.replicas] == [r.id for r in Plan.from_json(plan_file.read_text()).replicas]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -1,0 +1,67 @@
+"""The live planner re-plans when a replica dies: a prefill replica flips to decode in place (no
+weights reloaded), and the requests the dead decode replica held finish on it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import nats
+import pytest
+import yaml
+
+from thunderserve.common.client import Client
+from thunderserve.common.protocol import Subjects
+from thunderserve.planner.cluster import Cluster
+from thunderserve.planner.live import LivePlanner
+from thunderserve.planner.model import ModelSpec
+from thunderserve.planner.planner import Planner
+from thunderserve.planner.workload import Workload
+
+pytestmark = pytest.mark.slow
+
+
+async def _until(check, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_decode_replica_dies_and_a_prefill_replica_takes_its_place(tiny_cluster, tmp_path):
+    tiny_cluster.start_replica("prefill", 1)
+    tiny_cluster.wait_ready(timeout=120, prefill=2, decode=1)
+    # The plan's view of the deployment: three one-GPU replicas named as the local processes are.
+    spec = {"name": "local-3", "nodes": [{"name": "h", "gpu": "A40", "count": 3, "intra_gbps": 100}],
+            "network": {"default_gbps": 10}}
+    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(spec))
+    planner = Planner(Cluster.from_yaml(tmp_path / "cluster.yaml"), ModelSpec.load("llama-7b"),
+                      Workload.from_name("code", rate=1.0))
+    base = planner.build_plan([["h:0"], ["h:1"], ["h:2"]], ["prefill", "prefill", "decode"],
+                              ids=["prefill-0", "prefill-1", "decode-0"])
+    nc = await nats.connect(tiny_cluster.nats_url)
+    live = LivePlanner(nc, Subjects(), planner, base, dead_after_s=1.5)
+    try:
+        await live.start()
+        await _until(lambda: (tiny_cluster.health() or {}).get("plan_epoch") == live.epoch, 30,
+                     "the router to apply the base plan")
+        n = 300
+        async with Client(tiny_cluster.nats_url, timeout_s=60) as client:
+            tasks = [asyncio.create_task(client.complete(f"Story {i}:", max_tokens=n, ignore_eos=True,
+                                                         temperature=0)) for i in range(3)]
+            await _until(lambda: sum(r["running"] for r in (tiny_cluster.health() or {}).get("replicas", [])
+                                     if r["id"] == "decode-0") == 3, 30, "the requests to reach decode-0")
+            tiny_cluster.kill("decode-0")
+            results = await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)
+    finally:
+        await live.stop()
+        await nc.close()
+    assert all(r.finish_reason == "length" and len(r.token_ids) == n for r in results)
+    last = live.history[-1]
+    assert last["dead"] == ["decode-0"] and sorted(last["phases"].values()) == ["decode", "prefill"]
+    flipped = next(rid for rid, phase in last["phases"].items() if phase == "decode")
+    replicas = {r["id"]: r for r in tiny_cluster.health()["replicas"]}
+    assert replicas[flipped]["phase"] == "decode" and replicas[flipped]["plan_epoch"] == last["epoch"]
+    assert last["replan_ms"] < 1000
