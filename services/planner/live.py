@@ -82,6 +82,9 @@ class LivePlanner:
             plan = self._copy(self.base)
         took = time.monotonic() - t0
         try:
+            missing = [phase for phase, ids in (("prefill", plan.prefill_ids), ("decode", plan.decode_ids)) if not ids]
+            if missing:
+                raise ValueError(f"no replica left for {' and '.join(missing)}")
             await self._publish(plan, dead, took)
         except ValueError as exc:  # e.g. no replica left for a phase: keep the current plan
             log.error("replicas %s are gone and no plan can serve without them: %s", ", ".join(sorted(dead)), exc)
