@@ -41,7 +41,7 @@ async def _scenario(nats_url: str, planner: Planner, base, steps) -> tuple[LiveP
     """Beat for the replicas in each step's set for its duration; return the planner and the stored plans."""
     subjects = Subjects(f"livetest{next(_prefixes)}{int(time.time()) % 10000}")
     nc = await nats.connect(nats_url)
-    live = LivePlanner(nc, subjects, planner, base, dead_after_s=0.6, poll_s=0.05)
+    live = LivePlanner(nc, subjects, planner, base, dead_after_s=1.0, poll_s=0.05)
     stored = []
     try:
         await live.start()
@@ -61,7 +61,7 @@ async def _scenario(nats_url: str, planner: Planner, base, steps) -> tuple[LiveP
 
 def test_a_silent_replica_is_replanned_away_and_back(nats_url, planner_and_base):
     planner, base = planner_and_base
-    steps = [(IDS, 1.0), (["prefill-0", "prefill-1"], 1.5), (IDS, 1.0)]
+    steps = [(IDS, 1.5), (["prefill-0", "prefill-1"], 2.5), (IDS, 1.5)]
     live, stored = asyncio.run(_scenario(nats_url, planner, base, steps))
     assert [h["dead"] for h in live.history] == [[], ["decode-0"], []]
     assert [h["epoch"] for h in live.history] == [1, 2, 3]
@@ -75,7 +75,7 @@ def test_a_silent_replica_is_replanned_away_and_back(nats_url, planner_and_base)
 
 def test_a_death_no_plan_can_serve_keeps_the_current_plan(nats_url, planner_and_base, caplog):
     planner, base = planner_and_base
-    steps = [(IDS, 1.0), (["prefill-0"], 1.5)]  # one replica cannot hold both phases
+    steps = [(IDS, 1.5), (["prefill-0"], 2.5)]  # one replica cannot hold both phases
     live, stored = asyncio.run(_scenario(nats_url, planner, base, steps))
     assert [h["epoch"] for h in live.history] == [1]
     assert stored[-1].epoch == 1
