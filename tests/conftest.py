@@ -72,6 +72,27 @@ def mocker_cluster(make_cluster):
     return make_cluster(model="mocker", threads_per_replica=1)
 
 
+@pytest.fixture
+def three_replica_plan(tmp_path):
+    """(planner, plan) for three one-GPU replicas named as a local deployment's processes are:
+    prefill-0 and prefill-1 prefill, decode-0 decodes (llama-7b on A40s, the code workload)."""
+    import yaml
+
+    from thunderserve.planner.cluster import Cluster
+    from thunderserve.planner.model import ModelSpec
+    from thunderserve.planner.planner import Planner
+    from thunderserve.planner.workload import Workload
+
+    spec = {"name": "local-3", "nodes": [{"name": "h", "gpu": "A40", "count": 3, "intra_gbps": 100}],
+            "network": {"default_gbps": 10}}
+    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(spec))
+    planner = Planner(Cluster.from_yaml(tmp_path / "cluster.yaml"), ModelSpec.load("llama-7b"),
+                      Workload.from_name("code", rate=1.0))
+    plan = planner.build_plan([["h:0"], ["h:1"], ["h:2"]], ["prefill", "prefill", "decode"],
+                              ids=["prefill-0", "prefill-1", "decode-0"])
+    return planner, plan
+
+
 @pytest.fixture(scope="session")
 def smollm2_reference():
     """The in-process model the served outputs are compared against."""

@@ -30,22 +30,20 @@ async def connect_nats(url: str, name: str, first_timeout: float | None = None, 
     `first_timeout`: give up on the first connection after this many seconds, with a
     ConnectionError (nats.py retries an unreachable server every 2 s even with
     max_reconnect_attempts=0, so a command would hang); None = wait as long as it takes."""
-    quiet = first_timeout is not None  # a command reports the failure once, itself
+    quiet = first_timeout is not None  # until connected, a command reports the failure once, itself
 
     async def on_error(e: Exception) -> None:
-        if not quiet or nc_box:
+        if not quiet:
             log.warning("%s: NATS: %s", name, str(e) or type(e).__name__)
 
-    nc_box: list[nats.NATS] = []
     connecting = nats.connect(url, name=name, error_cb=on_error, **options)
     if first_timeout is None:
-        nc = await connecting
-    else:
-        try:
-            nc = await asyncio.wait_for(connecting, first_timeout)
-        except (TimeoutError, OSError, nats.errors.Error) as exc:
-            raise ConnectionError(f"cannot reach NATS at {url} within {first_timeout:g} s") from exc
-    nc_box.append(nc)
+        return await connecting
+    try:
+        nc = await asyncio.wait_for(connecting, first_timeout)
+    except (TimeoutError, OSError, nats.errors.Error) as exc:
+        raise ConnectionError(f"cannot reach NATS at {url} within {first_timeout:g} s") from exc
+    quiet = False  # later reconnect errors are logged as a service's are
     return nc
 
 

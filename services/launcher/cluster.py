@@ -129,7 +129,7 @@ class LocalCluster:
         """Until `stop` is set: restart the router or a replica that exits, as `policy` allows.
 
         A restarted replica loads the weights again and rejoins under its old name; meanwhile the
-        router re-dispatches what the dead one held. A service that keeps exiting (more than
+        router resumes what the dead one held. A service that keeps exiting (more than
         `policy.limit` restarts within `policy.window_s`) is left down and reported."""
         restarts: dict[str, list[float]] = {}  # name -> monotonic times of its restarts
         due: dict[str, float] = {}  # name -> when to restart it

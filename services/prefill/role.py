@@ -142,12 +142,13 @@ class PrefillRole:
         try:
             resumed = request.resume_token_ids  # a request taken over from a dead replica: go on after these
             result = self.engine.prefill(request.prompt_token_ids + resumed)
-            first = sample_token(result.logits, request.sampling, len(resumed), self.engine.eos_token_ids)
             tracker = OutputTracker(request.sampling, len(request.prompt_token_ids), self.engine.max_context,
                                     self.engine.eos_token_ids, self.engine.tokenizer)
             tracker.resume(resumed)
+            step = tracker.completion_tokens  # also the chunk index: one token per chunk
+            first = sample_token(result.logits, request.sampling, step, self.engine.eos_token_ids)
             out = tracker.add(first)
-            first_chunk = TokenChunk(request.request_id, len(resumed), [first], out.text, out.finish_reason)
+            first_chunk = TokenChunk(request.request_id, step, [first], out.text, out.finish_reason)
             if out.finish_reason is not None:  # the first token ends it: nothing to hand off
                 first_chunk.usage = Usage(tracker.prompt_len, tracker.completion_tokens)
                 return first_chunk
@@ -183,8 +184,7 @@ class PrefillRole:
 
     async def _fail(self, request: PrefillRequest, error: str, parent: str | None, retryable: bool = False) -> None:
         log.warning("request %s: %s", request.request_id, error)
-        chunk = TokenChunk.failure(request.request_id, error, len(request.prompt_token_ids),
-                                   index=len(request.resume_token_ids), retryable=retryable)
+        chunk = TokenChunk.failure(request.request_id, error, len(request.prompt_token_ids), retryable=retryable)
         try:
             headers = tracing.headers_for(parent)
             await self.host.nc.publish(request.reply_subject, protocol.encode(chunk), headers=headers)

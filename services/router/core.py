@@ -56,9 +56,9 @@ class InFlight:
     prompt_ids: list[int]
     sampling: SamplingParams
     kv_codec: str
-    prefill_id: str
-    decode_id: str
     traceparent: str
+    prefill_id: str = ""  # the current attempt's replicas ("" while parked), set by `_dispatch`
+    decode_id: str = ""
     wire_id: str = ""  # the id replicas know this attempt by ("" = request_id); new on each resume
     resumes: int = 0
     waiting_since: float | None = None  # its replica failed and no other has taken it yet
@@ -215,7 +215,7 @@ class RouterCore:
             raise RequestError(503, f"{exc}; try again shortly", code="no_replica") from None
         request_id = uuid.uuid4().hex
         flight = InFlight(request_id, prompt_ids, sampling, kv_codec or self.kv_codec or "",
-                          prefill.beat.replica_id, decode.beat.replica_id, traceparent or tracing.new_traceparent())
+                          traceparent or tracing.new_traceparent())
         self.stats.requests += 1
         self.stats.prompt_tokens += len(prompt_ids)
         await self._dispatch(flight, prefill, decode)
@@ -266,12 +266,10 @@ class RouterCore:
             if flight.resumes >= self.max_resumes:
                 return False
             # Let go of the failed attempt; whichever of its replicas still lives drops it.
-            for rid in (flight.decode_id,) if flight.in_decode else (flight.prefill_id, flight.decode_id):
-                self._release(rid)
+            flight.avoid = frozenset((flight.prefill_id, flight.decode_id))
+            self._release_attempt(flight)
             with contextlib.suppress(Exception):
                 await self.nc.publish(self.subjects.abort, protocol.encode(Abort(flight.wire_id, "resumed elsewhere")))
-            flight.avoid = frozenset((flight.prefill_id, flight.decode_id))
-            flight.prefill_id = flight.decode_id = ""
             flight.pending.clear()  # the old attempt's out-of-order chunks: its tokens come again
             flight.in_decode = False
             flight.waiting_since, flight.wait_reason = now, why
@@ -312,8 +310,14 @@ class RouterCore:
             return
         flight.finished = True
         self.inflight.pop(flight.wire_id, None)
+        self._release_attempt(flight)
+
+    def _release_attempt(self, flight: InFlight) -> None:
+        """The flight's current attempt no longer occupies its replicas (prefill's share ends
+        once decode's tokens flow)."""
         for rid in (flight.decode_id,) if flight.in_decode else (flight.prefill_id, flight.decode_id):
             self._release(rid)
+        flight.prefill_id = flight.decode_id = ""
 
     def _release(self, replica_id: str) -> None:
         """A request no longer occupies this replica (for load-aware choice)."""

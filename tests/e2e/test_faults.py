@@ -24,6 +24,12 @@ async def _long_request(client: Client) -> str:
     return "finished"
 
 
+def _resumed(cluster) -> int:
+    metrics = httpx.get(cluster.http_url + "/metrics", timeout=10).text
+    return int(next(line.split()[1] for line in metrics.splitlines()
+                    if line.startswith("thunderserve_requests_resumed_total")))
+
+
 async def _until_decoding(cluster, n: int) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -97,9 +103,7 @@ async def test_requests_on_a_killed_decode_replica_resume_on_another(tiny_cluste
         assert r.finish_reason == "length" and len(r.token_ids) == n
         assert r.usage.completion_tokens == n
         assert r.text == tokenizer.decode(r.token_ids, skip_special_tokens=True)  # no delta lost or doubled
-    metrics = httpx.get(tiny_cluster.http_url + "/metrics", timeout=10).text
-    resumed = int(next(line.split()[1] for line in metrics.splitlines()
-                       if line.startswith("thunderserve_requests_resumed_total")))
+    resumed = _resumed(tiny_cluster)
     assert resumed >= 1
 
 
@@ -118,9 +122,7 @@ async def test_requests_sent_to_a_hung_prefill_replica_are_resumed(tiny_cluster)
     finally:
         tiny_cluster.kill("prefill-0")  # SIGKILL ends a stopped process too
     assert all(r.finish_reason == "length" and len(r.token_ids) == 5 for r in results)
-    metrics = httpx.get(tiny_cluster.http_url + "/metrics", timeout=10).text
-    resumed = int(next(line.split()[1] for line in metrics.splitlines()
-                       if line.startswith("thunderserve_requests_resumed_total")))
+    resumed = _resumed(tiny_cluster)
     assert resumed >= 1  # least-loaded choice sent some of the four to the frozen replica
 
 

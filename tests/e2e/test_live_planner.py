@@ -8,15 +8,10 @@ import time
 
 import nats
 import pytest
-import yaml
 
 from thunderserve.common.client import Client
 from thunderserve.common.protocol import Subjects
-from thunderserve.planner.cluster import Cluster
 from thunderserve.planner.live import LivePlanner
-from thunderserve.planner.model import ModelSpec
-from thunderserve.planner.planner import Planner
-from thunderserve.planner.workload import Workload
 
 pytestmark = pytest.mark.slow
 
@@ -30,17 +25,10 @@ async def _until(check, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-async def test_decode_replica_dies_and_a_prefill_replica_takes_its_place(tiny_cluster, tmp_path):
+async def test_decode_replica_dies_and_a_prefill_replica_takes_its_place(tiny_cluster, three_replica_plan):
     tiny_cluster.start_replica("prefill", 1)
     tiny_cluster.wait_ready(timeout=120, prefill=2, decode=1)
-    # The plan's view of the deployment: three one-GPU replicas named as the local processes are.
-    spec = {"name": "local-3", "nodes": [{"name": "h", "gpu": "A40", "count": 3, "intra_gbps": 100}],
-            "network": {"default_gbps": 10}}
-    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(spec))
-    planner = Planner(Cluster.from_yaml(tmp_path / "cluster.yaml"), ModelSpec.load("llama-7b"),
-                      Workload.from_name("code", rate=1.0))
-    base = planner.build_plan([["h:0"], ["h:1"], ["h:2"]], ["prefill", "prefill", "decode"],
-                              ids=["prefill-0", "prefill-1", "decode-0"])
+    planner, base = three_replica_plan  # the plan's replicas are named as the local processes are
     nc = await nats.connect(tiny_cluster.nats_url)
     live = LivePlanner(nc, Subjects(), planner, base, dead_after_s=1.5)
     try:

@@ -9,32 +9,15 @@ import itertools
 import time
 
 import nats
-import pytest
 
 from thunderserve.common import protocol
 from thunderserve.common.planstore import current_plan
 from thunderserve.common.protocol import Heartbeat, Subjects
-from thunderserve.planner.cluster import Cluster
 from thunderserve.planner.live import LivePlanner
-from thunderserve.planner.model import ModelSpec
 from thunderserve.planner.planner import Planner
-from thunderserve.planner.workload import Workload
 
 _prefixes = itertools.count()
 IDS = ["prefill-0", "prefill-1", "decode-0"]
-
-
-@pytest.fixture
-def planner_and_base(tmp_path):
-    import yaml
-
-    spec = {"name": "local-3", "nodes": [{"name": "h", "gpu": "A40", "count": 3, "intra_gbps": 100}],
-            "network": {"default_gbps": 10}}
-    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(spec))
-    planner = Planner(Cluster.from_yaml(tmp_path / "cluster.yaml"), ModelSpec.load("llama-7b"),
-                      Workload.from_name("code", rate=1.0))
-    base = planner.build_plan([["h:0"], ["h:1"], ["h:2"]], ["prefill", "prefill", "decode"], ids=IDS)
-    return planner, base
 
 
 async def _scenario(nats_url: str, planner: Planner, base, steps) -> tuple[LivePlanner, list]:
@@ -59,8 +42,8 @@ async def _scenario(nats_url: str, planner: Planner, base, steps) -> tuple[LiveP
     return live, stored
 
 
-def test_a_silent_replica_is_replanned_away_and_back(nats_url, planner_and_base):
-    planner, base = planner_and_base
+def test_a_silent_replica_is_replanned_away_and_back(nats_url, three_replica_plan):
+    planner, base = three_replica_plan
     steps = [(IDS, 1.5), (["prefill-0", "prefill-1"], 2.5), (IDS, 1.5)]
     live, stored = asyncio.run(_scenario(nats_url, planner, base, steps))
     assert [h["dead"] for h in live.history] == [[], ["decode-0"], []]
@@ -73,8 +56,8 @@ def test_a_silent_replica_is_replanned_away_and_back(nats_url, planner_and_base)
     assert phases[2] == phases[0]  # decode-0 is back: the base plan again
 
 
-def test_a_death_no_plan_can_serve_keeps_the_current_plan(nats_url, planner_and_base, caplog):
-    planner, base = planner_and_base
+def test_a_death_no_plan_can_serve_keeps_the_current_plan(nats_url, three_replica_plan, caplog):
+    planner, base = three_replica_plan
     steps = [(IDS, 1.5), (["prefill-0"], 2.5)]  # one replica cannot hold both phases
     live, stored = asyncio.run(_scenario(nats_url, planner, base, steps))
     assert [h["epoch"] for h in live.history] == [1]
