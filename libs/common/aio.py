@@ -12,6 +12,8 @@ from typing import Any
 import nats
 import nats.errors
 
+from thunderserve.common import tracing
+
 log = logging.getLogger(__name__)
 
 
@@ -45,6 +47,13 @@ async def connect_nats(url: str, name: str, first_timeout: float | None = None, 
         raise ConnectionError(f"cannot reach NATS at {url} within {first_timeout:g} s") from exc
     quiet = False  # later reconnect errors are logged as a service's are
     return nc
+
+
+async def respond(nc: nats.NATS, msg, data: bytes) -> None:
+    """Answer a request on its reply subject, in the request's trace (nats.py's `Msg.respond` sends
+    no headers)."""
+    if msg.reply:
+        await nc.publish(msg.reply, data, headers=tracing.headers_for(tracing.traceparent_of(msg)))
 
 
 async def close_nats(nc: nats.NATS | None, timeout: float = 5.0) -> None:

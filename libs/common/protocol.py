@@ -210,6 +210,24 @@ class Heartbeat:
 
 
 @dataclass
+class WorkloadReport:
+    """router -> planner, every few seconds: what arrived and what finished since its last report.
+
+    `prompt_lens[i]` and `output_lens[i]` belong to one finished request, so the planner sees the
+    lengths paired as its cost model wants them; past `sampled_of` finished requests the pairs are a
+    uniform sample (payloads stay small). `arrivals` counts every request the router admitted or
+    turned away for want of a replica: that is the demand.
+    """
+
+    router_id: str
+    period_s: float  # the span this report covers
+    arrivals: int = 0
+    prompt_lens: list[int] = field(default_factory=list)
+    output_lens: list[int] = field(default_factory=list)
+    sampled_of: int = 0  # finished requests in the period (>= len(prompt_lens))
+
+
+@dataclass
 class CompletionRequest:
     """SDK -> router over NATS: the same fields the HTTP API takes, already validated by the SDK."""
 

@@ -25,7 +25,7 @@ from typing import Protocol
 
 import nats
 
-from thunderserve.common import aio, config, protocol
+from thunderserve.common import aio, config, protocol, tracing
 from thunderserve.common.engine import Engine, MockEngine, create_engine
 from thunderserve.common.kvchannel import BACKENDS, DEFAULT_BACKEND, ChannelClient, ChannelHost
 from thunderserve.common.memory import keep_freed_memory
@@ -191,7 +191,7 @@ class ReplicaHost:
         except Exception as exc:
             reply = {"ok": False, "error": str(exc)}
         if msg.reply:
-            await msg.respond(protocol.encode(reply))
+            await aio.respond(self.nc, msg, protocol.encode(reply))
 
     def heartbeat(self) -> Heartbeat:
         running, waiting, capacity = self.role.load() if self.role else (0, 0, 0)

@@ -15,7 +15,7 @@ import queue
 import threading
 from dataclasses import dataclass
 
-from thunderserve.common import protocol, tracing
+from thunderserve.common import aio, protocol, tracing
 from thunderserve.common.kvchannel import BACKENDS, detach_from
 from thunderserve.common.kvcodec import unpack_cache
 from thunderserve.common.protocol import ConnectReply, ConnectRequest, KVHandoff, TokenChunk, Usage
@@ -93,16 +93,17 @@ class DecodeRole:
         try:
             request = protocol.decode(ConnectRequest, msg.data)
         except protocol.ProtocolError as exc:
-            await msg.respond(protocol.encode(ConnectReply(False, str(exc))))
+            await aio.respond(self.host.nc, msg, protocol.encode(ConnectReply(False, str(exc))))
             return
         if request.backend not in BACKENDS:
-            await msg.respond(protocol.encode(ConnectReply(False, f"unknown channel backend {request.backend!r}")))
+            refusal = ConnectReply(False, f"unknown channel backend {request.backend!r}")
+            await aio.respond(self.host.nc, msg, protocol.encode(refusal))
             return
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(self.host.channel_executor, self.channel.accept, request.pair_id,
                                       request.backend)
         self._pairs[request.pair_id] = future
-        await msg.respond(protocol.encode(ConnectReply(True)))
+        await aio.respond(self.host.nc, msg, protocol.encode(ConnectReply(True)))
         try:
             await future
             log.info("channel pair %s with %s is up", request.pair_id, request.prefill_replica)

@@ -1,5 +1,6 @@
 """`thunderserve plan`: plan a cluster and print the plan (optionally write it as JSON); with `--live`,
-publish it to a deployment and keep it right as replicas die and return (`live.LivePlanner`)."""
+publish it to a deployment and keep it right as replicas die and return and as the traffic shifts
+(`live.LivePlanner`)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from .cluster import Cluster
 from .costmodel import CODECS
 from .model import BUILTIN_MODELS, ModelSpec
 from .planner import Planner
+from .shift import ShiftPolicy
 from .workload import DEFAULT_SLOS, Workload
 
 PROG = "thunderserve plan"
@@ -66,13 +68,22 @@ def build_parser() -> argparse.ArgumentParser:
     live = ap.add_argument_group("live re-planning")
     live.add_argument("--live", action="store_true",
                       help="publish the plan to the deployment at --nats, then keep running: when a replica "
-                           "stops heart-beating (or comes back), re-decide phases and routing (no weights move) "
-                           "and publish the next epoch, until Ctrl-C. Replicas must run under the plan's ids "
-                           "(--replica-id)")
+                           "stops heart-beating (or comes back), or the routers' traffic shifts away from the "
+                           "workload planned for, re-decide phases and routing (no weights move) and publish the "
+                           "next epoch, until Ctrl-C. Replicas must run under the plan's ids (--replica-id)")
     live.add_argument("--from-plan", metavar="PLAN.json", dest="from_plan",
                       help="with --live: start from this plan (e.g. `--json` output) instead of searching")
     live.add_argument("--dead-after", type=float, default=2.0, metavar="S", dest="dead_after",
                       help="seconds without a heartbeat before a replica counts as dead (default 2)")
+    live.add_argument("--shift", type=float, default=0.25, metavar="F",
+                      help="re-plan when the observed rate, mean prompt or mean output length is off from the "
+                           "planned workload's by more than this fraction (default 0.25; 0 = ignore the traffic)")
+    live.add_argument("--shift-window", type=float, default=60.0, metavar="S", dest="shift_window",
+                      help="judge the traffic over the routers' reports of the last S seconds (default 60)")
+    live.add_argument("--shift-min-requests", type=int, default=50, metavar="N", dest="shift_min_requests",
+                      help="finished requests the window needs before it counts (default 50)")
+    live.add_argument("--shift-cooldown", type=float, default=30.0, metavar="S", dest="shift_cooldown",
+                      help="at least S seconds between two re-plans for the traffic (default 30)")
     config.add_nats_args(ap)
     return ap
 
@@ -85,7 +96,8 @@ async def _run_live(args: argparse.Namespace, planner: Planner, plan: Plan) -> i
         nc = await aio.connect_nats(args.nats, "planner", first_timeout=10, max_reconnect_attempts=-1)
     except ConnectionError as exc:
         return fail(PROG, str(exc))
-    live = LivePlanner(nc, Subjects(args.subject_prefix), planner, plan, dead_after_s=args.dead_after)
+    live = LivePlanner(nc, Subjects(args.subject_prefix), planner, plan, dead_after_s=args.dead_after,
+                       shift=_shift_policy(args))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -101,6 +113,18 @@ async def _run_live(args: argparse.Namespace, planner: Planner, plan: Plan) -> i
         await live.stop()
         await aio.close_nats(nc)
     return 0
+
+
+def _shift_policy(args: argparse.Namespace) -> ShiftPolicy | None:
+    for flag, value, zero_ok in (("--shift", args.shift, True), ("--shift-window", args.shift_window, False),
+                                 ("--shift-min-requests", args.shift_min_requests, False),
+                                 ("--shift-cooldown", args.shift_cooldown, True)):
+        if value < 0 or (value == 0 and not zero_ok):
+            raise ValueError(f"{flag} must be {'>= 0' if zero_ok else '> 0'}")
+    if args.shift == 0:
+        return None
+    return ShiftPolicy(window_s=args.shift_window, threshold=args.shift, min_requests=args.shift_min_requests,
+                       cooldown_s=args.shift_cooldown)
 
 
 def _workload(args: argparse.Namespace) -> Workload:
@@ -180,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         planner = Planner(cluster, model, workload, codec=args.codec, seed=args.seed, max_pp=args.max_pp)
         if args.from_plan and not args.live:
             raise ValueError("--from-plan needs --live")
+        if args.live:
+            _shift_policy(args)  # bad values: an error now, not after the search
         start_plan = Plan.from_json(Path(args.from_plan).read_text()) if args.from_plan else None
     except INPUT_ERRORS as exc:
         return fail(PROG, input_error(exc, args.cluster))

@@ -76,7 +76,7 @@ class SystemResult:
                 "goodput": round(self.goodput, 3), "goodput_per_dollar": round(self.goodput_per_dollar, 4),
                 "tokens_per_s": round(self.tokens_per_s, 1), "p90_ttft_s": _r(self.p90_ttft),
                 "p90_tpot_s": _r(self.p90_tpot), "min_slo_scale": _r(self.slo_scale),
-                "replicas": _shape(self.plan), "candidates": self.candidates,
+                "replicas": plan_shape(self.plan), "candidates": self.candidates,
                 "token_budget": self.config.token_budget if self.config.colocated_policy == "chunked" else None}
 
 
@@ -84,7 +84,7 @@ def _r(x: float) -> float | None:
     return round(x, 4) if math.isfinite(x) else None
 
 
-def _shape(plan: Plan) -> str:
+def plan_shape(plan: Plan) -> str:
     """E.g. "2P(TP2xPP4)+1D(TP4xPP4)" - phases and layouts at a glance."""
     counts: dict[tuple[str, str], int] = {}
     for r in plan.replicas:
@@ -177,7 +177,7 @@ def run_workload(shape: str, s: Settings, log: Log = print) -> dict:
             res.tokens_per_s() if res else 0.0, res.percentile("ttft", 90) if res else math.inf,
             res.percentile("tpot", 90) if res else math.inf, len(plans) * len(configs), g.probes, config=cfg))
         budget = f", token budget {cfg.token_budget}" if cfg.colocated_policy == "chunked" else ""
-        log(f"  {name} on {cluster.name}: goodput {g.goodput:.2f} req/s ({_shape(plan)}{budget}), "
+        log(f"  {name} on {cluster.name}: goodput {g.goodput:.2f} req/s ({plan_shape(plan)}{budget}), "
             f"{len(plans)} candidates x {len(configs)} configs, {time.monotonic() - t0:.1f} s")
     _latency_curves(results, cloud, server, model, w, slo, s)
     return summarise(shape, w, results)

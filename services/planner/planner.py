@@ -279,7 +279,7 @@ class Planner:
             return other.reschedule(plan, None, failed)
         failed = set(failed)
         keep = [r for r in plan.replicas if r.id not in failed and not (set(r.gpus) & failed)]
-        layouts = [_layout_of(r) for r in keep]
+        layouts = [layout_of(r) for r in keep]
         # a fixed layout's capacity in either phase (cheap: no layout search)
         perf = {(r.id, ph): evaluate_layout(self.cluster, self.model, self.workload, lay, ph, self.calib)
                 for r, lay in zip(keep, layouts, strict=True) for ph in PHASES}
@@ -303,7 +303,7 @@ def _with_layout(perf: GroupPerf, layout: Layout) -> GroupPerf:
     return dataclasses.replace(perf, layout=layout)
 
 
-def _layout_of(r: Replica) -> Layout:
+def layout_of(r: Replica) -> Layout:
     return Layout(tuple(StageSpec(s.node or s.gpus[0].split(":", 1)[0], tuple(s.gpus), s.tp, s.layer_start,
                                   s.layer_end) for s in r.stages))
 

@@ -172,7 +172,7 @@ class PrefillRole:
             reply = await self.host.nc.request(
                 self.host.subjects.connect(decode_replica),
                 protocol.encode(ConnectRequest(self.host.replica_id, pair_id, self.host.channel_client.backend)),
-                timeout=CONNECT_TIMEOUT_S,
+                timeout=CONNECT_TIMEOUT_S, headers=tracing.headers_for(None),
             )
             answer = protocol.decode(ConnectReply, reply.data)
             if not answer.ok:

@@ -35,6 +35,7 @@ from thunderserve.common.protocol import (
     TokenChunk,
 )
 from thunderserve.router.replicas import NoReplicaError, ReplicaTable
+from thunderserve.router.workload import WorkloadRecorder
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,7 @@ class RouterCore:
         request_timeout_s: float = 120.0,
         max_resumes: int = 2,
         resume_wait_s: float = 30.0,
+        workload_period_s: float = 5.0,
     ):
         self.nats_url = nats_url
         self.subjects = subjects
@@ -115,7 +117,9 @@ class RouterCore:
         self.request_timeout_s = request_timeout_s
         self.max_resumes = max_resumes
         self.resume_wait_s = resume_wait_s
+        self.workload_period_s = workload_period_s  # 0: send no workload reports
         self.router_id = f"router-{uuid.uuid4().hex[:8]}"
+        self.workload = WorkloadRecorder(self.router_id)
         self.replicas = ReplicaTable(replica_timeout_s)
         self.inflight: dict[str, InFlight] = {}
         self.stats = RouterStats()
@@ -130,6 +134,8 @@ class RouterCore:
         await self.nc.subscribe(self.subjects.heartbeats, cb=self._on_heartbeat)
         await self.nc.subscribe(self.subjects.tokens_wildcard(self.router_id), cb=self._on_chunk)
         self._tasks.append(asyncio.create_task(self._watchdog()))
+        if self.workload_period_s > 0:
+            self._tasks.append(asyncio.create_task(self._report_workload()))
         self._plan_watcher = PlanWatcher(self.nc, self.subjects, self._apply_plan)
         await self._plan_watcher.start()
 
@@ -208,6 +214,7 @@ class RouterCore:
         if kv_codec is not None and kv_codec not in codec_names():
             raise RequestError(400, f"unknown kv_codec {kv_codec!r}; choose one of {', '.join(codec_names())}",
                                param="kv_codec")
+        self.workload.arrived()  # demand, whether or not a replica takes it
         try:
             prefill, decode = self._choose_pair()
         except NoReplicaError as exc:
@@ -269,7 +276,8 @@ class RouterCore:
             flight.avoid = frozenset((flight.prefill_id, flight.decode_id))
             self._release_attempt(flight)
             with contextlib.suppress(Exception):
-                await self.nc.publish(self.subjects.abort, protocol.encode(Abort(flight.wire_id, "resumed elsewhere")))
+                await self.nc.publish(self.subjects.abort, protocol.encode(Abort(flight.wire_id, "resumed elsewhere")),
+                                      headers=tracing.headers_for(flight.traceparent))
             flight.pending.clear()  # the old attempt's out-of-order chunks: its tokens come again
             flight.in_decode = False
             flight.waiting_since, flight.wait_reason = now, why
@@ -303,7 +311,8 @@ class RouterCore:
     async def abort(self, flight: InFlight, reason: str) -> None:
         self._finish(flight)
         with contextlib.suppress(Exception):
-            await self.nc.publish(self.subjects.abort, protocol.encode(Abort(flight.wire_id, reason)))
+            await self.nc.publish(self.subjects.abort, protocol.encode(Abort(flight.wire_id, reason)),
+                                  headers=tracing.headers_for(flight.traceparent))
 
     def _finish(self, flight: InFlight) -> None:
         if flight.finished:
@@ -365,6 +374,7 @@ class RouterCore:
             self.stats.completion_tokens += len(ready.token_ids)
             if ready.finish_reason is not None:
                 self._finish(flight)
+                self.workload.finished(flight.prompt_len, len(flight.token_ids))
             flight.queue.put_nowait(ready)
 
     async def _watchdog(self) -> None:
@@ -390,6 +400,15 @@ class RouterCore:
                 elif now - flight.last_activity > self.request_timeout_s:
                     self._fail(flight, f"no progress for {self.request_timeout_s:.0f} s")
                     await self.abort(flight, "timeout")
+
+    async def _report_workload(self) -> None:
+        """Every `workload_period_s`, what arrived and finished: the planner's view of the load."""
+        while True:
+            await asyncio.sleep(self.workload_period_s)
+            report = self.workload.report()
+            with contextlib.suppress(Exception):  # NATS reconnecting: this period's figures are lost
+                await self.nc.publish(self.subjects.workload, protocol.encode(report),
+                                      headers=tracing.headers_for(None))  # a trace of its own
 
     def health(self) -> dict:
         prefill, decode = self.replicas.ready("prefill"), self.replicas.ready("decode")

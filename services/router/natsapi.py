@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from thunderserve.common import protocol, tracing
+from thunderserve.common import aio, protocol, tracing
 from thunderserve.common.protocol import CompletionEvent, CompletionRequest
 from thunderserve.router.core import RequestError, RouterCore
 
@@ -53,12 +53,13 @@ class NatsEntry:
             flight = await core.submit(prompt_ids, request.sampling, tracing.child_traceparent(parent),
                                        kv_codec=request.kv_codec)
         except RequestError as exc:
-            await msg.respond(protocol.encode(CompletionEvent("", error=exc.message, status=exc.status)))
+            refusal = CompletionEvent("", error=exc.message, status=exc.status)
+            await aio.respond(self.core.nc, msg, protocol.encode(refusal))
             return
         except protocol.ProtocolError as exc:
-            await msg.respond(protocol.encode(CompletionEvent("", error=str(exc), status=400)))
+            await aio.respond(self.core.nc, msg, protocol.encode(CompletionEvent("", error=str(exc), status=400)))
             return
-        await msg.respond(protocol.encode(CompletionEvent(flight.request_id, status=202)))
+        await aio.respond(self.core.nc, msg, protocol.encode(CompletionEvent(flight.request_id, status=202)))
         task = asyncio.create_task(self._relay(flight, request.reply_subject))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -75,4 +76,4 @@ class NatsEntry:
                 error=chunk.error,
                 status=503 if chunk.finish_reason == "error" else 200,
             )
-            await nc.publish(reply_subject, protocol.encode(event))
+            await nc.publish(reply_subject, protocol.encode(event), headers=tracing.headers_for(flight.traceparent))

@@ -30,6 +30,7 @@ def build_core(args: argparse.Namespace) -> RouterCore:
         replica_timeout_s=args.replica_timeout,
         request_timeout_s=args.request_timeout,
         resume_wait_s=args.resume_wait,
+        workload_period_s=args.workload_period,
     )
 
 

@@ -1,5 +1,7 @@
 """The live planner re-plans when a replica dies: a prefill replica flips to decode in place (no
-weights reloaded), and the requests the dead decode replica held finish on it."""
+weights reloaded), and the requests the dead decode replica held finish on it. It re-plans when the
+router's traffic shifts: chat-like requests against a plan made for long prompts flip a prefill
+replica to decode, while requests keep flowing."""
 
 from __future__ import annotations
 
@@ -9,9 +11,11 @@ import time
 import nats
 import pytest
 
+from thunderserve.common import protocol
 from thunderserve.common.client import Client
-from thunderserve.common.protocol import Subjects
+from thunderserve.common.protocol import Subjects, WorkloadReport
 from thunderserve.planner.live import LivePlanner
+from thunderserve.planner.shift import ShiftPolicy
 
 pytestmark = pytest.mark.slow
 
@@ -53,3 +57,52 @@ async def test_decode_replica_dies_and_a_prefill_replica_takes_its_place(tiny_cl
     replicas = {r["id"]: r for r in tiny_cluster.health()["replicas"]}
     assert replicas[flipped]["phase"] == "decode" and replicas[flipped]["plan_epoch"] == last["epoch"]
     assert last["replan_ms"] < 1000
+
+
+async def test_the_routers_traffic_shifts_and_a_prefill_replica_becomes_a_decode_replica(make_cluster,
+                                                                                     three_replica_plan):
+    cluster = make_cluster(model="tiny-random", prefill=2, decode=1, threads_per_replica=1,
+                           extra_env={"THUNDERSERVE_WORKLOAD_PERIOD": "0.25"})
+    planner, base = three_replica_plan  # made for the code shape: ~2,200-token prompts, ~29 output tokens
+    nc = await nats.connect(cluster.nats_url)
+    reports: list[WorkloadReport] = []
+
+    async def on_report(msg):
+        reports.append(protocol.decode(WorkloadReport, msg.data))
+
+    await nc.subscribe(Subjects().workload, cb=on_report)
+    policy = ShiftPolicy(window_s=3.0, threshold=0.25, min_requests=6, cooldown_s=0.0)
+    live = LivePlanner(nc, Subjects(), planner, base, dead_after_s=3.0, shift=policy)
+    n = 200  # the planner flips a replica at this shape (at 60 output tokens two prefill replicas still win)
+    try:
+        await live.start()
+        await _until(lambda: (cluster.health() or {}).get("plan_epoch") == live.epoch, 30,
+                     "the router to apply the base plan")
+        async with Client(cluster.nats_url, timeout_s=60) as client:
+            tasks = []
+            deadline = time.monotonic() + 60
+            while live.epoch == 1 and time.monotonic() < deadline:  # chat-like: short prompts, long outputs
+                tasks.append(asyncio.create_task(client.complete(f"Hi {len(tasks)}", max_tokens=n, ignore_eos=True,
+                                                                 temperature=0)))
+                await asyncio.sleep(0.25)
+            after = [asyncio.create_task(client.complete("And now?", max_tokens=n, ignore_eos=True))
+                     for _ in range(2)]
+            results = await asyncio.wait_for(asyncio.gather(*tasks, *after), timeout=120)
+    finally:
+        await live.stop()
+        await nc.close()
+    assert live.epoch == 2, "no re-plan for the shifted traffic"
+    assert all(r.finish_reason == "length" and len(r.token_ids) == n for r in results)  # none lost in the flip
+    last = live.history[-1]
+    assert last["trigger"].startswith("workload shift: ") and "mean prompt" in last["trigger"]
+    assert sorted(last["phases"].values()) == ["decode", "decode", "prefill"]
+    flipped = next(rid for rid, phase in last["phases"].items() if rid.startswith("prefill") and phase == "decode")
+    await _until(lambda: {r["id"]: r for r in cluster.health()["replicas"]}[flipped]["phase"] == "decode", 30,
+                 f"{flipped} to flip to decode")
+    # what the router reported is what was served: each finished request's (prompt, output) lengths
+    served = sorted((r.usage.prompt_tokens, r.usage.completion_tokens) for r in results)
+    reported = sorted(pair for rep in reports for pair in zip(rep.prompt_lens, rep.output_lens, strict=True))
+    assert sum(rep.sampled_of for rep in reports) >= len(reported)
+    assert set(reported) <= set(served) and len(reported) >= len(results) - 4  # the last period may be unsent
+    assert sum(rep.arrivals for rep in reports) >= len(results) - 4
+    assert last["workload"]["output_mean"] == pytest.approx(n)

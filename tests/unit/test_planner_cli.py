@@ -61,6 +61,10 @@ def _run(args) -> int:
     (["--cluster", PAIR], "required"),
     (["--cluster", PAIR, "--model", "llama-7b", "--workload", "code", "--rate", "1", "--from-plan", "p.json"],
      "--from-plan needs --live"),
+    (["--cluster", PAIR, "--model", "llama-7b", "--workload", "code", "--rate", "1", "--live", "--shift", "-0.5"],
+     "--shift must be >= 0"),
+    (["--cluster", PAIR, "--model", "llama-7b", "--workload", "code", "--rate", "1", "--live",
+      "--shift-min-requests", "0"], "--shift-min-requests must be > 0"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, needle, capsys):
     assert _run(args) == 2

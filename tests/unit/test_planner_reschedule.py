@@ -89,7 +89,7 @@ def _reference(planner, plan, failed=()):
     """The re-scheduling algorithm before the LP-saving changes: every codec's LP solved, every flip
     above the capacity bound scored (no route-capacity pruning)."""
     from thunderserve.planner.parallel import PHASES, evaluate_layout
-    from thunderserve.planner.planner import _layout_of
+    from thunderserve.planner.planner import layout_of
 
     def choose(items):
         best = planner.orchestrate(items, "int4")
@@ -103,7 +103,7 @@ def _reference(planner, plan, failed=()):
 
     keep = [r for r in plan.replicas if r.id not in failed and not (set(r.gpus) & set(failed))]
     ids = [r.id for r in keep]
-    perf = {(r.id, ph): evaluate_layout(planner.cluster, planner.model, planner.workload, _layout_of(r), ph,
+    perf = {(r.id, ph): evaluate_layout(planner.cluster, planner.model, planner.workload, layout_of(r), ph,
                                         planner.calib) for r in keep for ph in PHASES}
     other = {"prefill": "decode", "decode": "prefill"}
     cache = {}

@@ -1,0 +1,64 @@
+"""W3C trace context rides in every NATS message (DESIGN.md §2): watched on the bus of a real deployment.
+
+Every message on the deployment's subjects, and every reply to one, carries a `traceparent` header;
+the messages of one request (prefill request, KV handoff, token chunks, the SDK's events) all carry
+that request's trace id, the one its HTTP caller or SDK sent."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import nats
+
+from thunderserve.common import tracing
+from thunderserve.common.client import Client
+
+REQUEST_SUBJECTS = ("ts.prefill.", "ts.decode.", "ts.tokens.")
+
+
+async def test_every_message_carries_trace_context_and_a_request_keeps_its_trace(make_cluster):
+    cluster = make_cluster(model="mocker", threads_per_replica=1, extra_env={"THUNDERSERVE_WORKLOAD_PERIOD": "0.3"})
+    nc = await nats.connect(cluster.nats_url)
+    seen: list[tuple[float, str, str | None, str | None]] = []  # (time, subject, reply, traceparent)
+
+    async def on_any(msg):
+        seen.append((time.monotonic(), msg.subject, msg.reply or None, tracing.traceparent_of(msg)))
+
+    await nc.subscribe(">", cb=on_any)
+    await nc.flush()
+    try:
+        parent = tracing.new_traceparent()
+        t0 = time.monotonic()
+        async with httpx.AsyncClient(timeout=30) as http:
+            resp = await http.post(cluster.http_url + "/v1/completions", headers={"traceparent": parent},
+                                   json={"prompt": "Hello", "max_tokens": 4, "ignore_eos": True})
+        assert resp.status_code == 200, resp.text
+        await asyncio.sleep(0.3)
+        t1 = time.monotonic()
+        async with Client(cluster.nats_url, timeout_s=30) as client:
+            result = await client.complete("Hi", max_tokens=3, ignore_eos=True)
+        assert len(result.token_ids) == 3
+        await asyncio.sleep(1.0)  # heartbeats and workload reports
+    finally:
+        await nc.close()
+
+    ours = [s for s in seen if s[1].startswith("ts.")]
+    kinds = {s[1].split(".")[1] for s in ours}
+    assert {"prefill", "decode", "tokens", "heartbeat", "workload", "connect", "api"} <= kinds, kinds
+    assert [s for s in ours if s[3] is None] == [], "messages without trace context"
+    replies = {s[2] for s in ours if s[2]}
+    answered = [s for s in seen if s[1] in replies]
+    assert answered and all(s[3] is not None for s in answered), "replies without trace context"
+
+    http_hops = [s for s in ours if t0 <= s[0] < t1 and s[1].startswith(REQUEST_SUBJECTS)]
+    assert {s[1].split(".")[1] for s in http_hops} == {"prefill", "decode", "tokens"}
+    assert {tracing.trace_id(s[3]) for s in http_hops} == {tracing.trace_id(parent)}
+    # the SDK's request: its entry message starts a trace, and every hop and event after it continue it
+    entry = next(s for s in ours if s[1] == "ts.api.completions")
+    sdk_trace = tracing.trace_id(entry[3])
+    sdk_hops = [s for s in ours if s[0] > entry[0] and s[1].startswith(REQUEST_SUBJECTS)]
+    assert sdk_hops and {tracing.trace_id(s[3]) for s in sdk_hops} == {sdk_trace}
+    events = [s for s in seen if s[0] > entry[0] and s[1].startswith("_INBOX.") and s[1] not in replies]
+    assert events and all(tracing.trace_id(s[3]) == sdk_trace for s in events)
