@@ -213,7 +213,8 @@ class ReplicaHost:
         if self.nc is None or self.nc.is_closed:
             return
         try:
-            await self.nc.publish(self.subjects.heartbeat(self.replica_id), protocol.encode(self.heartbeat()))
+            await self.nc.publish(self.subjects.heartbeat(self.replica_id), protocol.encode(self.heartbeat()),
+                                  headers=tracing.headers_for(None))
         except Exception as exc:
             log.debug("heartbeat failed: %s", exc)
 

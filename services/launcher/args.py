@@ -24,8 +24,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "answer at once, to try the system without the compute), or a local HuggingFace model folder")
     parser.add_argument("--dtype", default=config.env("DTYPE", "float32"),
                         choices=["float32", "bfloat16", "float16"], help="model compute dtype (default float32)")
-    parser.add_argument("--prefill", type=int, default=1, metavar="N", help="prefill replicas (default 1)")
-    parser.add_argument("--decode", type=int, default=1, metavar="M", help="decode replicas (default 1)")
+    parser.add_argument("--prefill", type=int, default=None, metavar="N", help="prefill replicas (default 1)")
+    parser.add_argument("--decode", type=int, default=None, metavar="M", help="decode replicas (default 1)")
+    parser.add_argument("--plan", metavar="PLAN.json",
+                        help="serve this plan (from `thunderserve plan ... --json`): one replica process per plan "
+                        "replica, under its id and in its phase, and a live planner that re-plans when a replica "
+                        "dies or the traffic shifts (phases and routing; no weights move). The local processes "
+                        "stand in for the plan's GPUs. Replaces --prefill and --decode")
     parser.add_argument("--kv-codec", default=config.env("KV_CODEC", None), choices=codec_names(),
                         help=f"KV-cache codec on the prefill->decode hop (default {DEFAULT_CODEC}; a plan or a "
                         "request that names a codec wins)")

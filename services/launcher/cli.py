@@ -14,7 +14,11 @@ from thunderserve.launcher.cluster import LocalCluster, RestartPolicy
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s up %(levelname)s %(message)s")
-    if args.prefill < 1 or args.decode < 1:
+    if args.plan and (args.prefill is not None or args.decode is not None):
+        print("error: --plan gives the replicas; drop --prefill and --decode", file=sys.stderr)
+        return 2
+    prefill, decode = args.prefill or 1, args.decode or 1
+    if (args.prefill is not None and args.prefill < 1) or (args.decode is not None and args.decode < 1):
         print("error: --prefill and --decode need at least 1 replica each", file=sys.stderr)
         return 2
     if args.restart_limit < 0:
@@ -23,14 +27,19 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    cluster = LocalCluster(
-        model=args.model, prefill=args.prefill, decode=args.decode, kv_codec=args.kv_codec, dtype=args.dtype,
-        http_host=args.host, http_port=args.http_port, nats_url=args.nats, subject_prefix=args.subject_prefix,
-        threads_per_replica=args.threads_per_replica, max_batch=args.max_batch, log_level=args.log_level,
-        decode_nice=args.decode_nice,
-    )
-    print(f"starting ThunderServe: model {args.model}, {args.prefill} prefill + {args.decode} decode "
-          "replica(s) (the first start converts the model once)...", flush=True)
+    try:
+        cluster = LocalCluster(
+            model=args.model, prefill=prefill, decode=decode, kv_codec=args.kv_codec, dtype=args.dtype,
+            http_host=args.host, http_port=args.http_port, nats_url=args.nats, subject_prefix=args.subject_prefix,
+            threads_per_replica=args.threads_per_replica, max_batch=args.max_batch, log_level=args.log_level,
+            decode_nice=args.decode_nice, plan_file=args.plan,
+        )
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # the plan file: missing, not a plan, not servable
+        print(f"error: --plan: {exc}", file=sys.stderr)
+        return 2
+    replicas = ", ".join(f"{name} {phase}" for name, phase in cluster.replica_specs())
+    print(f"starting ThunderServe: model {args.model}, replicas {replicas}"
+          f"{' with a live planner' if args.plan else ''} (the first start converts the model once)...", flush=True)
     try:
         cluster.start(timeout=args.ready_timeout)
     except Exception as exc:

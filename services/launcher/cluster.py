@@ -5,6 +5,11 @@ tested path is the one users start. Children get SIGTERM on stop (they drain and
 die with the launcher if it is killed (PR_SET_PDEATHSIG), so nothing is left behind.
 `supervise` restarts a router or replica that exits (`thunderserve up` runs it; tests that kill
 a replica on purpose do not).
+
+With `plan_file` (a plan made by `thunderserve plan --json`), the processes are the plan's replicas:
+one per replica, under its id and in its phase, plus a live planner process
+(`thunderserve plan --live --from-plan`) that publishes the plan and re-plans it when a replica
+dies or the traffic shifts. The local processes stand in for the plan's GPUs.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from pathlib import Path
 
 from thunderserve.common.models import resolve_model
 from thunderserve.common.natsserver import NatsServer, free_port
+from thunderserve.common.plan import Plan
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +76,35 @@ class LocalCluster:
     log_dir: str | None = None  # None = children inherit this process's stdout/stderr
     log_level: str = "INFO"
     extra_env: dict[str, str] = field(default_factory=dict)
+    plan_file: str | None = None  # serve this plan's replicas, with a live planner (prefill/decode unused)
+    planner_args: list[str] = field(default_factory=list)  # more flags for the live planner
     procs: dict[str, subprocess.Popen] = field(default_factory=dict, init=False)
     nats: NatsServer | None = field(default=None, init=False)
     _expected_dead: set[str] = field(default_factory=set, init=False)  # killed on purpose
+    _phases: dict[str, str] = field(default_factory=dict, init=False)  # replica name -> the phase it started in
+
+    def __post_init__(self) -> None:
+        self.plan = Plan.from_json(Path(self.plan_file).read_text()) if self.plan_file else None
+        if self.plan is not None:
+            self.plan.validate()
+            bad = [r.id for r in self.plan.replicas if not r.id or not all(c.isalnum() or c in "-_" for c in r.id)]
+            if bad:  # ids end NATS subjects and log file names
+                raise ValueError(f"replica ids may hold only letters, digits, '-' and '_': {', '.join(bad)}")
+            missing = [ph for ph in ("prefill", "decode") if not self.plan.ids(ph)]
+            if missing:
+                raise ValueError(f"{self.plan_file}: the plan has no {' and no '.join(missing)} replica")
+            self.prefill, self.decode = len(self.plan.ids("prefill")), len(self.plan.ids("decode"))
 
     @property
     def http_url(self) -> str:
         return f"http://{self.http_host}:{self.http_port}"
+
+    def replica_specs(self) -> list[tuple[str, str]]:
+        """(name, phase) of every replica process: the plan's, or prefill-i and decode-j."""
+        if self.plan is not None:
+            return [(r.id, r.phase) for r in self.plan.replicas]
+        return [(f"prefill-{i}", "prefill") for i in range(self.prefill)] + \
+               [(f"decode-{i}", "decode") for i in range(self.decode)]
 
     def _threads(self) -> int:
         if self.threads_per_replica > 0:
@@ -101,8 +129,10 @@ class LocalCluster:
     def _common(self) -> list[str]:
         return ["--nats", self.nats_url, "--subject-prefix", self.subject_prefix, "--log-level", self.log_level]
 
-    def start_replica(self, phase: str, index: int) -> subprocess.Popen:
-        name = f"{phase}-{index}"
+    def start_replica(self, phase: str, index: int | str) -> subprocess.Popen:
+        """Start a replica in `phase`, named `index` (a str) or `<phase>-<index>`."""
+        name = index if isinstance(index, str) else f"{phase}-{index}"
+        self._phases[name] = phase
         args = [*self._common(), "--model", self.model, "--dtype", self.dtype, "--replica-id", name,
                 "--threads", str(self._threads()), "--max-batch", str(self.max_batch)]
         if self.kv_codec:
@@ -117,12 +147,19 @@ class LocalCluster:
             args += ["--kv-codec", self.kv_codec]
         return self._spawn("router", "thunderserve.router", args)
 
+    def start_planner(self) -> subprocess.Popen:
+        args = ["--live", "--from-plan", str(self.plan_file), "--nats", self.nats_url,
+                "--subject-prefix", self.subject_prefix, *self.planner_args]
+        return self._spawn("planner", "thunderserve.planner", args)
+
     def respawn(self, name: str) -> subprocess.Popen:
-        """Start a service that exited again, under its name and with its settings."""
+        """Start a service that exited again, under its name and with its settings (a replica in the
+        phase it first started in: a plan in force flips it again)."""
         if name == "router":
             return self.start_router()
-        phase, _, index = name.rpartition("-")
-        return self.start_replica(phase, int(index))
+        if name == "planner":
+            return self.start_planner()
+        return self.start_replica(self._phases[name], name)
 
     def supervise(self, stop: threading.Event, policy: RestartPolicy = RestartPolicy(), poll_s: float = 1.0,
                   report: Callable[[str], None] = log.warning) -> None:
@@ -162,12 +199,13 @@ class LocalCluster:
         if not self.http_port:
             self.http_port = free_port(self.http_host)
         try:
-            for i in range(self.prefill):
-                self.start_replica("prefill", i)
-            for i in range(self.decode):
-                self.start_replica("decode", i)
+            for name, phase in self.replica_specs():
+                self.start_replica(phase, name)
             self.start_router()
             self.wait_ready(timeout)
+            if self.plan is not None:  # the planner publishes the plan; ready once the router has it
+                self.start_planner()
+                self.wait_for(lambda body: body.get("plan_epoch", 0) >= 1, timeout, "the router to apply the plan")
         except BaseException:
             self.stop()
             raise
@@ -186,16 +224,21 @@ class LocalCluster:
         """Block until the router sees the wanted number of ready replicas of each phase."""
         want_p = self.prefill if prefill is None else prefill
         want_d = self.decode if decode is None else decode
+        return self.wait_for(lambda body: body.get("prefill_replicas", 0) >= want_p
+                             and body.get("decode_replicas", 0) >= want_d, timeout, "services to be ready")
+
+    def wait_for(self, ready: Callable[[dict], bool], timeout: float, what: str) -> dict:
+        """Block until the router's /health body passes `ready`; a service that exits meanwhile is an error."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for name, proc in self.procs.items():
                 if proc.poll() is not None and (name == "router" or name not in self._expected_dead):
                     raise RuntimeError(f"{name} exited with code {proc.returncode} during start-up")
             body = self.health()
-            if body and body.get("prefill_replicas", 0) >= want_p and body.get("decode_replicas", 0) >= want_d:
+            if body and ready(body):
                 return body
             time.sleep(0.2)
-        raise TimeoutError(f"services not ready within {timeout} s (last health: {self.health()})")
+        raise TimeoutError(f"timed out after {timeout} s waiting for {what} (last health: {self.health()})")
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         proc = self.procs[name]
@@ -204,8 +247,8 @@ class LocalCluster:
         proc.wait(timeout=30)
 
     def stop(self, timeout: float = 20.0) -> None:
-        # Router first (no new work), then replicas (they drain), then NATS.
-        order = sorted(self.procs, key=lambda n: 0 if n == "router" else 1)
+        # Router first (no new work), then the planner (no new plans), then replicas (they drain), then NATS.
+        order = sorted(self.procs, key=lambda n: {"router": 0, "planner": 1}.get(n, 2))
         for name in order:
             proc = self.procs[name]
             if proc.poll() is None:

@@ -40,11 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: thunderserve plan --cluster deploy/clusters/cloud-32.yaml --model llama-30b "
                "--workload code --rate 2 --json plan.json",
     )
-    ap.add_argument("--cluster", required=True, metavar="FILE",
+    ap.add_argument("--cluster", metavar="FILE",
                     help="cluster spec YAML (nodes: name, gpu, count, intra_gbps; network: default_gbps, links)")
-    ap.add_argument("--model", required=True, metavar="NAME|config.json",
+    ap.add_argument("--model", metavar="NAME|config.json",
                     help=f"built-in model ({', '.join(BUILTIN_MODELS)}) or a HuggingFace config.json / model folder")
-    ap.add_argument("--workload", required=True, metavar="code|conversation|TRACE.csv",
+    ap.add_argument("--workload", metavar="code|conversation|TRACE.csv",
                     help="named workload shape (ships with a synthetic trace) or an Azure-format trace CSV "
                          "(TIMESTAMP,ContextTokens,GeneratedTokens)")
     ap.add_argument("--rate", type=float, metavar="R",
@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "workload planned for, re-decide phases and routing (no weights move) and publish the "
                            "next epoch, until Ctrl-C. Replicas must run under the plan's ids (--replica-id)")
     live.add_argument("--from-plan", metavar="PLAN.json", dest="from_plan",
-                      help="with --live: start from this plan (e.g. `--json` output) instead of searching")
+                      help="with --live: start from this plan (e.g. `--json` output) instead of searching; "
+                           "without --cluster, --model and --workload, re-plan it for what it records it was made for")
     live.add_argument("--dead-after", type=float, default=2.0, metavar="S", dest="dead_after",
                       help="seconds without a heartbeat before a replica counts as dead (default 2)")
     live.add_argument("--shift", type=float, default=0.25, metavar="F",
@@ -194,19 +195,23 @@ def format_plan(plan: Plan) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cluster = Cluster.from_yaml(args.cluster)
-        model = ModelSpec.load(args.model)
-        workload = _workload(args)
-        if args.max_pp < 1:
-            raise ValueError("--max-pp must be >= 1")
-        if args.time_limit is not None and args.time_limit <= 0:
-            raise ValueError("--time-limit must be > 0")
-        planner = Planner(cluster, model, workload, codec=args.codec, seed=args.seed, max_pp=args.max_pp)
         if args.from_plan and not args.live:
             raise ValueError("--from-plan needs --live")
         if args.live:
             _shift_policy(args)  # bad values: an error now, not after the search
         start_plan = Plan.from_json(Path(args.from_plan).read_text()) if args.from_plan else None
+        given = [a for a in (args.cluster, args.model, args.workload) if a is not None]
+        if start_plan is not None and not given:  # the plan says what it was made for
+            planner = Planner.from_plan(start_plan)
+        elif len(given) < 3:
+            raise ValueError("--cluster, --model and --workload are required (or --live --from-plan PLAN.json alone)")
+        else:
+            if args.max_pp < 1:
+                raise ValueError("--max-pp must be >= 1")
+            if args.time_limit is not None and args.time_limit <= 0:
+                raise ValueError("--time-limit must be > 0")
+            planner = Planner(Cluster.from_yaml(args.cluster), ModelSpec.load(args.model), _workload(args),
+                              codec=args.codec, seed=args.seed, max_pp=args.max_pp)
     except INPUT_ERRORS as exc:
         return fail(PROG, input_error(exc, args.cluster))
     if start_plan is not None:
@@ -226,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
             print(msg, file=sys.stderr, flush=True)
 
     if not args.quiet:
-        print(f"planning {model.name} on {cluster.name} ({cluster.n_gpus} GPUs)...", file=sys.stderr)
+        cluster = planner.cluster
+        print(f"planning {planner.model.name} on {cluster.name} ({cluster.n_gpus} GPUs)...", file=sys.stderr)
     t0 = time.monotonic()
     plan = planner.solve(time_limit_s=args.time_limit, progress=progress)
     if not args.quiet:

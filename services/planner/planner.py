@@ -47,6 +47,19 @@ class Planner:
         self._sigs: dict[tuple[str, ...], Signature] = {}
         self.lp_solves = 0
 
+    @classmethod
+    def from_plan(cls, plan: Plan) -> Planner:
+        """The planner that made `plan` (cluster, model, workload, settings), from what the plan records."""
+        meta = plan.meta
+        missing = [k for k in ("cluster_spec", "model_spec", "workload_sample") if k not in meta]
+        if missing or not plan.workload:
+            raise ValueError(f"the plan does not say what it was made for (no {', '.join(missing) or 'workload'}); "
+                             "make it with `thunderserve plan ... --json`")
+        settings = meta.get("planner", {})
+        return cls(Cluster.from_dict(meta["cluster_spec"]), ModelSpec(**meta["model_spec"]),
+                   Workload.from_summary(plan.workload, meta["workload_sample"]), codec=settings.get("codec", "auto"),
+                   seed=settings.get("seed", 0), max_pp=settings.get("max_pp", 4))
+
     # --- lower level: groups ---------------------------------------------------------------------
     def signature(self, group: Iterable[str]) -> Signature:
         if isinstance(group, tuple):  # the search's groups are tuples: memoise
@@ -256,6 +269,10 @@ class Planner:
                                            if r.first_from_decode and (p, d) in result.flows),
             meta={"cluster_price_per_hour": round(self.cluster.price_per_hour(), 4),
                   "cluster_spec": self.cluster.to_dict(),
+                  # what `Planner.from_plan` needs to re-plan this plan later (e.g. a live planner)
+                  "model_spec": dataclasses.asdict(self.model),
+                  "workload_sample": self.workload.sample(),
+                  "planner": {"codec": self.codec, "max_pp": self.max_pp, "seed": self.seed},
                   "kv_transfer_s": {f"{p}->{d}": round(r.transfer_s, 4) for (p, d), r in result.routes.items()
                                     if (p, d) in result.flows}},
         )

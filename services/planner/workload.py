@@ -97,6 +97,26 @@ class Workload:
         return Workload(rate, self.prompt_lens, self.output_lens, self.ttft_slo, self.tpot_slo,
                         self.attainment, self.name)
 
+    def sample(self, max_pairs: int = 512) -> dict[str, list[int]]:
+        """At most `max_pairs` of the lengths, evenly spaced in sorted order (paired lengths stay
+        paired): enough to rebuild the cost model's view of this workload (`from_summary`)."""
+        def pick(n: int) -> np.ndarray:
+            return np.unique(np.linspace(0, n - 1, min(n, max_pairs)).round().astype(int))
+
+        p, o = np.asarray(self.prompt_lens), np.asarray(self.output_lens)
+        if len(p) == len(o):
+            order = np.lexsort((o, p))
+            idx = order[pick(len(p))]
+            return {"prompt_lens": p[idx].tolist(), "output_lens": o[idx].tolist()}
+        return {"prompt_lens": np.sort(p)[pick(len(p))].tolist(), "output_lens": np.sort(o)[pick(len(o))].tolist()}
+
+    @classmethod
+    def from_summary(cls, summary: dict, sample: dict[str, list[int]]) -> Workload:
+        """The workload a plan was made for, from its `summary()` and `sample()`."""
+        return cls(float(summary["rate"]), list(sample["prompt_lens"]), list(sample["output_lens"]),
+                   float(summary["ttft_slo"]), float(summary["tpot_slo"]), float(summary["attainment"]),
+                   str(summary.get("name", "custom")))
+
     def summary(self) -> dict:
         return {"name": self.name, "rate": self.rate, "prompt_mean": round(self.prompt_mean, 1),
                 "output_mean": round(self.output_mean, 1), "prompt_q": round(self.prompt_q, 1),
