@@ -74,11 +74,11 @@ class NatsServer:
         except NatsServerError:
             with open(self.log_path, errors="replace") as fh:
                 err = fh.read()[-2000:]
-            self.stop()
+            self._terminate()  # the store stays: a restart must not lose what JetStream holds
             raise NatsServerError(f"could not start nats-server on port {self.port}: {err.strip()}") from None
         return self
 
-    def stop(self) -> None:
+    def _terminate(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -87,6 +87,10 @@ class NatsServer:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+
+    def stop(self) -> None:
+        """Stop the server; a store directory it made itself goes too."""
+        self._terminate()
         if self._own_dir and os.path.isdir(self.store_dir):
             shutil.rmtree(self.store_dir, ignore_errors=True)
 

@@ -2,7 +2,8 @@
 
 The planner (or an operator) `publish`es a plan with a higher epoch than the stored one;
 the router and every replica `watch` the key and hot-apply each newer plan. Replicas
-acknowledge by carrying the applied epoch in their heartbeats.
+acknowledge by carrying the applied epoch in their heartbeats (a replica whose phase changes
+does so once it has drained and flipped); `EpochAcks` records when each one did.
 """
 
 from __future__ import annotations
@@ -10,13 +11,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Iterable
 
 import nats
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 
+from thunderserve.common import protocol
 from thunderserve.common.plan import Plan
-from thunderserve.common.protocol import Subjects
+from thunderserve.common.protocol import Heartbeat, Subjects
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,69 @@ async def publish_plan(nc: nats.NATS, subjects: Subjects, plan: Plan) -> int:
         return await kv.create(PLAN_KEY, plan.to_json().encode())
 
 
+class EpochAcks:
+    """When each replica acknowledged each published epoch, from the heartbeats fed to `beat`.
+
+    `expect(epoch, ids)` right after publishing; a heartbeat carrying that epoch or a later one
+    acknowledges it. `done(epoch)` once every expected replica has."""
+
+    def __init__(self) -> None:
+        self._published: dict[int, float] = {}  # epoch -> monotonic time published
+        self._expected: dict[int, set[str]] = {}
+        self._acked: dict[int, dict[str, float]] = {}  # epoch -> replica -> seconds after publishing
+
+    def expect(self, epoch: int, replica_ids: Iterable[str], now: float | None = None) -> None:
+        self._published[epoch] = time.monotonic() if now is None else now
+        self._expected[epoch] = set(replica_ids)
+        self._acked[epoch] = {}
+
+    def beat(self, beat: Heartbeat, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        for epoch, expected in self._expected.items():
+            if beat.plan_epoch >= epoch and beat.replica_id in expected and beat.replica_id not in self._acked[epoch]:
+                self._acked[epoch][beat.replica_id] = now - self._published[epoch]
+
+    def pending(self, epoch: int) -> set[str]:
+        return self._expected.get(epoch, set()) - set(self._acked.get(epoch, {}))
+
+    def done(self, epoch: int) -> bool:
+        return epoch in self._expected and not self.pending(epoch)
+
+    def ack_times(self, epoch: int) -> dict[str, float]:
+        """Seconds from publishing to each replica's acknowledgement."""
+        return dict(self._acked.get(epoch, {}))
+
+    def forget(self, epoch: int) -> None:
+        for table in (self._published, self._expected, self._acked):
+            table.pop(epoch, None)
+
+
+async def wait_for_acks(nc: nats.NATS, subjects: Subjects, publish: Callable[[], Awaitable[int]],
+                        replica_ids: Iterable[str], timeout_s: float) -> tuple[int, dict[str, float], set[str]]:
+    """Run `publish` (it returns the epoch it published) while watching the heartbeats; wait up to
+    `timeout_s` for every replica in `replica_ids` to acknowledge it. Returns (epoch, the replicas'
+    acknowledgement times in s, the replicas that did not in time)."""
+    acks = EpochAcks()
+
+    async def on_beat(msg) -> None:
+        beat = protocol.decode_or_warn(Heartbeat, msg.data, log)
+        if beat is not None:
+            acks.beat(beat)
+
+    sub = await nc.subscribe(subjects.heartbeats, cb=on_beat)
+    try:
+        t0 = time.monotonic()
+        epoch = await publish()
+        acks.expect(epoch, replica_ids, now=t0)
+        deadline = t0 + timeout_s
+        while not acks.done(epoch) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return epoch, acks.ack_times(epoch), acks.pending(epoch)
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+
+
 class PlanWatcher:
     """Calls `on_plan` with every plan newer than the last one applied (the current one first)."""
 
@@ -73,6 +139,17 @@ class PlanWatcher:
         kv = await _bucket(self.nc, self.subjects, create=True)
         watcher = await kv.watch(PLAN_KEY)
         self._task = asyncio.create_task(self._run(watcher))
+
+    async def restart(self) -> None:
+        """Watch afresh (after a NATS reconnect: the old watch would take several seconds to notice
+        that its consumer went with the server). Plans not newer than the applied one are skipped."""
+        await self.stop()
+        try:
+            await self.start()
+        except Exception as exc:  # JetStream still recovering: the old watch's own recovery is gone too
+            log.warning("could not watch the plan again after reconnecting (%s); retrying", exc)
+            await asyncio.sleep(1.0)
+            await self.start()
 
     async def _run(self, watcher) -> None:
         async for entry in watcher:

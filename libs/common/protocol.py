@@ -207,6 +207,10 @@ class Heartbeat:
     plan_epoch: int = 0
     state: str = "ready"  # "ready" | "draining" | "stopping"
     max_context: int = 0
+    # This process and its NATS connection ("<process id>-<connections so far>"). A new session (a
+    # reconnect, or a restarted process under the same id): what was sent to the replica before is
+    # lost to it (NATS core keeps nothing for an absent subscriber).
+    session: str = ""
 
 
 @dataclass

@@ -77,6 +77,8 @@ class ReplicaHost:
         self.plan_epoch = 0
         self.plan_kv_codec: str | None = None  # the current plan's codec, when a plan names one
         self._plan_watcher: PlanWatcher | None = None
+        self.connection = 0  # NATS (re)connections so far
+        self.incarnation = uuid.uuid4().hex[:12]  # this process; with `connection`, the heartbeat's session
         # One thread runs the model (torch work is serial per replica); others move KV.
         self.model_executor = ThreadPoolExecutor(1, thread_name_prefix="model")
         self.channel_executor = ThreadPoolExecutor(8, thread_name_prefix="kvchannel")
@@ -117,7 +119,8 @@ class ReplicaHost:
             self.model_executor, lambda: create_engine(self.args.model, self.args.dtype, self.args.threads)
         )
         self.nc = await aio.connect_nats(self.args.nats, self.replica_id, max_reconnect_attempts=-1,
-                                         reconnect_time_wait=0.5)
+                                         reconnect_time_wait=0.5, reconnected_cb=self._on_reconnected)
+        self.connection = 1
         await self.nc.subscribe(self.subjects.abort, cb=self._on_abort)
         await self.nc.subscribe(self.subjects.control(self.replica_id), cb=self._on_control)
         self.role = load_role(self.phase, self)
@@ -129,6 +132,15 @@ class ReplicaHost:
         log.info("%s: ready as %s (model %s)", self.replica_id, self.phase, self.engine.name)
         await self._stop.wait()
         await self.shutdown()
+
+    async def _on_reconnected(self) -> None:
+        """Back on NATS: say so in the next heartbeat (the router re-sends what it may have lost) and
+        watch the plan afresh."""
+        self.connection += 1
+        log.warning("%s: reconnected to NATS (connection %d)", self.replica_id, self.connection)
+        await self._send_heartbeat()
+        if self._plan_watcher is not None:
+            await self._plan_watcher.restart()
 
     async def shutdown(self) -> None:
         log.info("%s: stopping (draining in-flight work)", self.replica_id)
@@ -207,6 +219,7 @@ class ReplicaHost:
             plan_epoch=self.plan_epoch,
             state=self.state,
             max_context=self.engine.max_context if self.engine else 0,
+            session=f"{self.incarnation}-{self.connection}",
         )
 
     async def _send_heartbeat(self) -> None:

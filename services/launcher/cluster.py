@@ -159,20 +159,31 @@ class LocalCluster:
             return self.start_router()
         if name == "planner":
             return self.start_planner()
+        if name == "nats-server":  # same port, same store directory
+            return self.nats.start().proc
         return self.start_replica(self._phases[name], name)
+
+    def _supervised(self) -> dict[str, subprocess.Popen]:
+        """The processes `supervise` watches: the services, and the embedded nats-server if it runs one."""
+        procs = dict(self.procs)
+        if self.nats is not None and self.nats.proc is not None:
+            procs["nats-server"] = self.nats.proc
+        return procs
 
     def supervise(self, stop: threading.Event, policy: RestartPolicy = RestartPolicy(), poll_s: float = 1.0,
                   report: Callable[[str], None] = log.warning) -> None:
-        """Until `stop` is set: restart the router or a replica that exits, as `policy` allows.
+        """Until `stop` is set: restart the router, a replica or the embedded nats-server when it exits,
+        as `policy` allows.
 
         A restarted replica loads the weights again and rejoins under its old name; meanwhile the
-        router resumes what the dead one held. A service that keeps exiting (more than
-        `policy.limit` restarts within `policy.window_s`) is left down and reported."""
+        router resumes what the dead one held. nats-server comes back on its port with its JetStream
+        store (the plan survives), and every service reconnects to it. A process that keeps exiting
+        (more than `policy.limit` restarts within `policy.window_s`) is left down and reported."""
         restarts: dict[str, list[float]] = {}  # name -> monotonic times of its restarts
         due: dict[str, float] = {}  # name -> when to restart it
         while not stop.wait(poll_s):
             now = time.monotonic()
-            for name, proc in list(self.procs.items()):
+            for name, proc in self._supervised().items():
                 if name in due or proc.poll() is None:
                     continue
                 recent = [t for t in restarts.get(name, []) if now - t < policy.window_s]
@@ -180,25 +191,37 @@ class LocalCluster:
                 if len(recent) >= policy.limit:
                     report(f"{name} exited with code {proc.returncode} after {len(recent)} restart(s) within "
                            f"{policy.window_s:.0f} s; leaving it down")
-                    del self.procs[name]
+                    self._abandon(name)
                     continue
-                due[name] = now + policy.delay(len(recent))
+                # NATS at once: every service is cut off until it is back
+                due[name] = now if name == "nats-server" else now + policy.delay(len(recent))
                 report(f"{name} exited with code {proc.returncode}; restarting it in {due[name] - now:.0f} s")
             for name, when in list(due.items()):
                 if now >= when and not stop.is_set():
                     del due[name]
                     restarts[name].append(now)
                     self._expected_dead.discard(name)
-                    self.respawn(name)
+                    try:
+                        self.respawn(name)
+                    except (OSError, RuntimeError) as exc:  # e.g. nats-server cannot bind its port yet
+                        report(f"could not restart {name}: {exc}; trying again")
+                        due[name] = time.monotonic() + policy.delay(len(restarts[name]))
+
+    def _abandon(self, name: str) -> None:
+        if name == "nats-server":
+            self.nats.proc = None
+        else:
+            del self.procs[name]
 
     def start(self, timeout: float = 300.0) -> LocalCluster:
         resolve_model(self.model)  # convert/cache weights once, before several processes want them
-        if self.nats_url is None:
-            self.nats = NatsServer().start()
-            self.nats_url = self.nats.url
         if not self.http_port:
             self.http_port = free_port(self.http_host)
         try:
+            if self.nats_url is None:
+                self.nats = NatsServer()
+                self.nats_url = self.nats.url
+                self.nats.start()
             for name, phase in self.replica_specs():
                 self.start_replica(phase, name)
             self.start_router()

@@ -12,7 +12,8 @@ stay, so no weights move) when
   workload just becomes the reference.
 A published plan is the next epoch; the router and the replicas hot-apply it (a replica whose phase
 changes drains and flips in place, and the requests the router parked when their replica died
-resume on it).
+resume on it). The planner records when each replica acknowledged the epoch (its heartbeats carry
+it): `history[-1]["acks_s"]`, and `applied_s` once every replica of the plan has.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import nats
 
 from thunderserve.common import protocol
 from thunderserve.common.plan import Plan
-from thunderserve.common.planstore import StalePlanError, current_plan, publish_plan
+from thunderserve.common.planstore import EpochAcks, StalePlanError, current_plan, publish_plan
 from thunderserve.common.protocol import Heartbeat, Subjects, WorkloadReport
 
 from .planner import Planner
@@ -48,6 +49,7 @@ class LivePlanner:
         self.current: Plan | None = None  # the last plan this planner published
         self.epoch = 0  # its epoch
         self.history: list[dict] = []  # one entry per published plan
+        self.acks = EpochAcks()
         self._started = 0.0
         self._last_shift = float("-inf")  # when the workload last made it re-plan
         self._subs: list = []
@@ -75,6 +77,7 @@ class LivePlanner:
         beat = protocol.decode_or_warn(Heartbeat, msg.data, log)
         if beat is not None and beat.state != "stopping":
             self.seen[beat.replica_id] = time.monotonic()
+            self.acks.beat(beat)
 
     async def _on_workload(self, msg) -> None:
         report = protocol.decode_or_warn(WorkloadReport, msg.data, log)
@@ -96,6 +99,7 @@ class LivePlanner:
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(self.poll_s)
+            self._note_acks()
             now = time.monotonic()
             dead = self.silent(now)
             if dead != self.dead:
@@ -107,6 +111,16 @@ class LivePlanner:
                 self._last_shift = now
                 observed, reasons = moved
                 await self._replan(dead, observed, "workload shift: " + ", ".join(reasons))
+
+    def _note_acks(self) -> None:
+        if not self.history or "applied_s" in self.history[-1]:
+            return
+        entry = self.history[-1]
+        entry["acks_s"] = {rid: round(s, 3) for rid, s in self.acks.ack_times(self.epoch).items()}
+        if self.acks.done(self.epoch):
+            entry["applied_s"] = max(entry["acks_s"].values(), default=0.0)
+            log.info("plan epoch %d applied by all %d replicas in %.2f s", self.epoch, len(entry["acks_s"]),
+                     entry["applied_s"])
 
     async def _replan(self, dead: frozenset[str], workload: Workload, why: str) -> None:
         t0 = time.monotonic()
@@ -140,6 +154,8 @@ class LivePlanner:
                 continue
         else:
             raise ValueError("could not publish: the stored plan's epoch keeps moving")
+        self.acks.forget(self.epoch)  # a replaced epoch's late acknowledgements no longer matter
+        self.acks.expect(plan.epoch, [r.id for r in plan.replicas])
         self.current, self.epoch, self.dead, self.workload = plan, plan.epoch, dead, workload
         phases = {r.id: r.phase for r in plan.replicas}
         self.history.append({"epoch": plan.epoch, "trigger": why, "dead": sorted(dead), "phases": phases,

@@ -8,6 +8,11 @@ resumed on other replicas: they prefill the prompt plus the tokens already strea
 from there, so the client's stream continues (up to `max_resumes` times). With no replica free to
 take it, the request waits up to `resume_wait_s` for one (a restarted replica, a phase flip). If
 none comes, or nothing arrives for `request_timeout_s`, it ends with an error instead of hanging.
+
+NATS core keeps nothing for a subscriber that is cut off, so a reconnect may have lost messages.
+When the router reconnects, every request in flight is resumed on replicas heard from since; when a
+replica's heartbeat shows a new session (it reconnected, or restarted under its id), the requests
+sent to it before are resumed.
 """
 
 from __future__ import annotations
@@ -65,6 +70,8 @@ class InFlight:
     waiting_since: float | None = None  # its replica failed and no other has taken it yet
     wait_reason: str = ""
     avoid: frozenset[str] = frozenset()  # the failed attempt's replicas
+    dispatched_at: float = 0.0  # monotonic time of the current attempt's dispatch
+    fresh_after: float = 0.0  # resume only on replicas heard from after this (the router reconnected then)
     token_ids: list[int] = field(default_factory=list)  # streamed to the client so far
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     next_index: int = 0
@@ -130,7 +137,7 @@ class RouterCore:
 
     async def start(self) -> None:
         self.nc = await aio.connect_nats(self.nats_url, self.router_id, max_reconnect_attempts=-1,
-                                         reconnect_time_wait=0.5)
+                                         reconnect_time_wait=0.5, reconnected_cb=self._on_reconnected)
         await self.nc.subscribe(self.subjects.heartbeats, cb=self._on_heartbeat)
         await self.nc.subscribe(self.subjects.tokens_wildcard(self.router_id), cb=self._on_chunk)
         self._tasks.append(asyncio.create_task(self._watchdog()))
@@ -228,17 +235,19 @@ class RouterCore:
         await self._dispatch(flight, prefill, decode)
         return flight
 
-    def _choose_pair(self, avoid: frozenset[str] = frozenset()):
+    def _choose_pair(self, avoid: frozenset[str] = frozenset(), seen_after: float = 0.0):
         """A prefill replica by the plan's dispatch weights, then a decode replica by its routes;
-        replicas in `avoid` (those a failed attempt used) only if there is no other."""
+        replicas in `avoid` (those a failed attempt used) only if there is no other, and only
+        replicas heard from after `seen_after`."""
         plan = self.plan
-        prefill = self.replicas.choose("prefill", plan.dispatch if plan else None, avoid)
+        prefill = self.replicas.choose("prefill", plan.dispatch if plan else None, avoid, seen_after)
         routes = plan.routing.get(prefill.beat.replica_id) if plan else None
-        return prefill, self.replicas.choose("decode", routes, avoid)
+        return prefill, self.replicas.choose("decode", routes, avoid, seen_after)
 
     async def _dispatch(self, flight: InFlight, prefill, decode) -> None:
         """Send the flight's current attempt to this prefill/decode pair."""
         flight.prefill_id, flight.decode_id = prefill.beat.replica_id, decode.beat.replica_id
+        flight.dispatched_at = time.monotonic()
         self.inflight[flight.wire_id] = flight
         for view in (prefill, decode):
             view.assigned += 1
@@ -259,12 +268,12 @@ class RouterCore:
             headers=tracing.headers_for(flight.traceparent),
         )
 
-    async def _resume(self, flight: InFlight, why: str) -> bool:
+    async def _resume(self, flight: InFlight, why: str, avoid_failed: bool = True) -> bool:
         """Move a request whose replica failed to another pair, after the tokens it has streamed.
 
         True if dispatched, or parked until a replica can take it (the watchdog calls again; the
-        failed attempt's replicas only if no other is ready). False if it cannot be resumed
-        (resumed too often, or parked for `resume_wait_s`): the caller fails it."""
+        failed attempt's replicas only if no other is ready, unless not `avoid_failed`). False if it
+        cannot be resumed (resumed too often, or parked for `resume_wait_s`): the caller fails it."""
         # One token per chunk, so the stream so far is exactly `token_ids`; anything else: no resume.
         if flight.finished or flight.next_index != len(flight.token_ids):
             return False
@@ -273,7 +282,7 @@ class RouterCore:
             if flight.resumes >= self.max_resumes:
                 return False
             # Let go of the failed attempt; whichever of its replicas still lives drops it.
-            flight.avoid = frozenset((flight.prefill_id, flight.decode_id))
+            flight.avoid = frozenset((flight.prefill_id, flight.decode_id)) if avoid_failed else frozenset()
             self._release_attempt(flight)
             with contextlib.suppress(Exception):
                 await self.nc.publish(self.subjects.abort, protocol.encode(Abort(flight.wire_id, "resumed elsewhere")),
@@ -282,7 +291,7 @@ class RouterCore:
             flight.in_decode = False
             flight.waiting_since, flight.wait_reason = now, why
         try:
-            prefill, decode = self._choose_pair(avoid=flight.avoid)
+            prefill, decode = self._choose_pair(avoid=flight.avoid, seen_after=flight.fresh_after)
         except NoReplicaError:
             return now - flight.waiting_since < self.resume_wait_s
         self.inflight.pop(flight.wire_id, None)
@@ -343,10 +352,31 @@ class RouterCore:
         self._finish(flight)
         flight.queue.put_nowait(chunk)
 
+    async def _on_reconnected(self) -> None:
+        """Back on NATS after a drop: what the replicas sent meanwhile, and what this router sent them,
+        may be lost. Resume every request in flight on replicas heard from from now on."""
+        now = time.monotonic()
+        flights = [f for f in self.inflight.values() if not f.finished and f.waiting_since is None]
+        log.warning("reconnected to NATS; resuming the %d request(s) in flight", len(flights))
+        for flight in flights:
+            flight.fresh_after = now
+            if not await self._resume(flight, "the router's NATS connection dropped", avoid_failed=False):
+                self._fail(flight, "the router's NATS connection dropped")
+        if self._plan_watcher is not None:
+            await self._plan_watcher.restart()
+
     async def _on_heartbeat(self, msg) -> None:
         beat = protocol.decode_or_warn(Heartbeat, msg.data, log)
-        if beat is not None:
-            self.replicas.update(beat)
+        if beat is None or not self.replicas.update(beat):
+            return
+        # A new session (it reconnected to NATS, or restarted): what was sent to it before may be lost.
+        rid, now = beat.replica_id, time.monotonic()
+        for flight in list(self.inflight.values()):
+            uses = flight.decode_id == rid or (not flight.in_decode and flight.prefill_id == rid)
+            if uses and not flight.finished and flight.waiting_since is None and flight.dispatched_at < now:
+                why = f"replica {rid} reconnected to NATS or restarted"
+                if not await self._resume(flight, why):
+                    self._fail(flight, why)
 
     async def _on_chunk(self, msg) -> None:
         chunk = protocol.decode_or_warn(TokenChunk, msg.data, log)

@@ -33,8 +33,11 @@ class ReplicaTable:
         self.replicas: dict[str, ReplicaView] = {}
         self._tiebreak = itertools.count()
 
-    def update(self, beat: Heartbeat) -> None:
+    def update(self, beat: Heartbeat) -> bool:
+        """Take a heartbeat in. True if the replica's session changed since its last one (it reconnected
+        to NATS, or restarted under the same id): what was sent to it before is lost."""
         view = self.replicas.get(beat.replica_id)
+        reconnected = view is not None and beat.session != view.beat.session
         if view is None:
             self.replicas[beat.replica_id] = ReplicaView(beat, time.monotonic())
         else:
@@ -42,6 +45,7 @@ class ReplicaTable:
         if beat.state == "stopping":
             # A replica that says it is leaving takes no new work; it still finishes its own.
             self.replicas[beat.replica_id].last_seen = 0.0
+        return reconnected
 
     def alive(self, replica_id: str) -> bool:
         view = self.replicas.get(replica_id)
@@ -55,19 +59,21 @@ class ReplicaTable:
             del self.replicas[rid]
         return gone
 
-    def ready(self, phase: str) -> list[ReplicaView]:
+    def ready(self, phase: str, seen_after: float = 0.0) -> list[ReplicaView]:
+        """Replicas of `phase` taking work, heard from within the timeout (and after `seen_after`)."""
         now = time.monotonic()
         return [
             v
             for v in self.replicas.values()
             if v.beat.phase == phase and v.beat.state == "ready" and now - v.last_seen <= self.timeout_s
+            and v.last_seen > seen_after
         ]
 
     def choose(self, phase: str, weights: dict[str, float] | None = None,
-               avoid: frozenset[str] = frozenset()) -> ReplicaView:
+               avoid: frozenset[str] = frozenset(), seen_after: float = 0.0) -> ReplicaView:
         """The least-loaded ready replica of `phase`; plan weights scale its share when given.
-        Replicas in `avoid` only if there is no other."""
-        candidates = self.ready(phase)
+        Replicas in `avoid` only if there is no other; only those heard from after `seen_after`."""
+        candidates = self.ready(phase, seen_after)
         candidates = [v for v in candidates if v.beat.replica_id not in avoid] or candidates
         if weights:
             weighted = [v for v in candidates if weights.get(v.beat.replica_id, 0.0) > 0]

@@ -137,3 +137,33 @@ async def test_killed_prefill_replica_fails_queued_requests(tiny_cluster):
     async with Client(tiny_cluster.nats_url) as client:
         results = await asyncio.gather(*(client.complete(f"Prompt {i}", max_tokens=4) for i in range(4)))
     assert all(len(r.token_ids) == 4 for r in results)
+
+
+async def test_requests_in_flight_survive_a_nats_server_crash(make_cluster):
+    """SIGKILL the embedded nats-server while three HTTP requests decode. The supervisor brings it
+    back; NATS kept nothing sent during the gap, so the router resumes every request it held on
+    replicas heard from since, and each finishes with all its tokens."""
+    import threading
+
+    from thunderserve.launcher.cluster import RestartPolicy
+
+    cluster = make_cluster(model="tiny-random", threads_per_replica=1)
+    stop = threading.Event()
+    supervisor = threading.Thread(target=cluster.supervise, args=(stop, RestartPolicy(backoff_s=0.1), 0.1),
+                                  daemon=True)
+    supervisor.start()
+    n = 300
+    try:
+        async with httpx.AsyncClient(timeout=120) as http:
+            tasks = [asyncio.create_task(http.post(cluster.http_url + "/v1/completions", json={
+                "prompt": f"Story {i}:", "max_tokens": n, "ignore_eos": True, "temperature": 0})) for i in range(3)]
+            await _until_decoding(cluster, 3)
+            os.kill(cluster.nats.proc.pid, signal.SIGKILL)
+            responses = await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)
+    finally:
+        stop.set()
+        supervisor.join(timeout=10)
+    bodies = [r.json() for r in responses]
+    assert all(r.status_code == 200 for r in responses), bodies
+    assert all(b["usage"]["completion_tokens"] == n and b["choices"][0]["finish_reason"] == "length" for b in bodies)
+    assert _resumed(cluster) >= 3

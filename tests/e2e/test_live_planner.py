@@ -57,6 +57,8 @@ async def test_decode_replica_dies_and_a_prefill_replica_takes_its_place(tiny_cl
     replicas = {r["id"]: r for r in tiny_cluster.health()["replicas"]}
     assert replicas[flipped]["phase"] == "decode" and replicas[flipped]["plan_epoch"] == last["epoch"]
     assert last["replan_ms"] < 1000
+    # the planner recorded when each replica of the new plan applied it (the flipped one after its drain)
+    assert sorted(last["acks_s"]) == sorted(last["phases"]) and last["applied_s"] == max(last["acks_s"].values())
 
 
 async def test_the_routers_traffic_shifts_and_a_prefill_replica_becomes_a_decode_replica(make_cluster,

@@ -1,30 +1,40 @@
-"""A published plan is hot-applied: phases flip in place, the router follows its tables."""
+"""A published plan is hot-applied: phases flip in place, the router follows its tables. Plans go
+out through `thunderserve apply --wait`, which reports when each replica applied the epoch."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
+import tempfile
 import time
 
-import nats
 import pytest
 
 from thunderserve.common.client import Client
 from thunderserve.common.plan import Plan, Replica
-from thunderserve.common.planstore import publish_plan
-from thunderserve.common.protocol import Subjects
+from thunderserve.planner.apply_cli import main as apply_main
 
 pytestmark = pytest.mark.slow
 
 
-async def _publish_and_wait(cluster, plan: Plan, also=lambda replicas: True) -> dict:
-    """Publish `plan`; return /health once the router and every replica acknowledged its epoch (and `also`)."""
-    nc = await nats.connect(cluster.nats_url)
-    try:
-        await publish_plan(nc, Subjects(), plan)
-    finally:
-        await nc.close()
+def _apply(cluster, plan: Plan, wait_s: float, capsys) -> tuple[int, str, str]:
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+        f.write(plan.to_json())
+        f.flush()
+        code = apply_main([f.name, "--nats", cluster.nats_url, "--wait", str(wait_s)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+async def _publish_and_wait(cluster, plan: Plan, capsys, also=lambda replicas: True) -> dict:
+    """Apply `plan` (`thunderserve apply --wait`: every replica of the plan must acknowledge it); return
+    /health once the router has applied it too (and `also`)."""
+    code, out, err = await asyncio.to_thread(_apply, cluster, plan, 30, capsys)
+    assert code == 0, err
+    acked = set(re.findall(r"^  (\S+) \((?:prefill|decode)\) applied it after [0-9.]+ s$", out, re.M))
+    assert sorted(acked) == sorted(r.id for r in plan.replicas), out
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         health = cluster.health() or {}
@@ -36,7 +46,7 @@ async def _publish_and_wait(cluster, plan: Plan, also=lambda replicas: True) -> 
     raise AssertionError(f"plan epoch {plan.epoch} was not acknowledged: {cluster.health()}")
 
 
-async def test_plan_flips_a_replica_and_steers_routing(tiny_cluster):
+async def test_plan_flips_a_replica_and_steers_routing(tiny_cluster, capsys):
     tiny_cluster.start_replica("prefill", 1)
     tiny_cluster.wait_ready(timeout=120, prefill=2, decode=1)
     plan = Plan(
@@ -48,7 +58,7 @@ async def test_plan_flips_a_replica_and_steers_routing(tiny_cluster):
         epoch=7,
     )
     health = await _publish_and_wait(
-        tiny_cluster, plan, also=lambda replicas: replicas.get("prefill-1", {}).get("phase") == "decode")
+        tiny_cluster, plan, capsys, also=lambda replicas: replicas.get("prefill-1", {}).get("phase") == "decode")
     replicas = {r["id"]: r for r in health["replicas"]}
     assert health["plan_epoch"] == 7
     assert replicas["prefill-1"]["phase"] == "decode" and replicas["prefill-1"]["state"] == "ready"
@@ -82,17 +92,21 @@ async def _first_token_while_decode_paused(cluster, client: Client, pause_s: flo
     return early, tokens
 
 
-async def test_plan_decides_which_replica_streams_the_first_token(tiny_cluster):
+async def test_plan_decides_which_replica_streams_the_first_token(tiny_cluster, capsys):
     replicas = [Replica("prefill-0", "prefill", ["h:0"]), Replica("decode-0", "decode", ["h:1"])]
     async with Client(tiny_cluster.nats_url, timeout_s=60) as client:
         await client.complete("warm up the channel pair", max_tokens=3)
-        await _publish_and_wait(tiny_cluster, Plan(replicas=replicas, epoch=11, kv_codec="none"))
+        await _publish_and_wait(tiny_cluster, Plan(replicas=replicas, epoch=11, kv_codec="none"), capsys)
         early, streamed = await _first_token_while_decode_paused(tiny_cluster, client)
         assert early  # the prefill replica streams it without waiting for decode
 
         held_plan = Plan(replicas=replicas, epoch=12, kv_codec="none",
                          first_token_from_decode=["prefill-0->decode-0"])
-        await _publish_and_wait(tiny_cluster, held_plan)
+        await _publish_and_wait(tiny_cluster, held_plan, capsys)
         early, held = await _first_token_while_decode_paused(tiny_cluster, client)
         assert not early  # it waits for the KV to land on the (paused) decode replica
+
+        ghost = Plan(replicas=[*replicas, Replica("ghost", "decode", ["h:2"])], epoch=13, kv_codec="none")
+        code, _, err = await asyncio.to_thread(_apply, tiny_cluster, ghost, 1.5, capsys)
+        assert code == 1 and "not applied within 1.5 s by ghost" in err  # no such replica: it says so
     assert held == streamed and len(held) == 5  # the same tokens either way

@@ -78,3 +78,42 @@ def test_service_that_keeps_exiting_is_left_down(mocker_cluster):
     assert "after 2 restart(s) within 300 s; leaving it down" in sup.reports[-1], sup.reports
     # the others were left alone
     assert cluster.procs["decode-0"].poll() is None and cluster.procs["router"].poll() is None
+
+
+def test_a_crashed_nats_server_comes_back_with_the_plan_and_every_service_reconnects(mocker_cluster):
+    """SIGKILL the embedded nats-server: it restarts on its port with its JetStream store, so the
+    stored plan survives; the router and replicas reconnect, serve again, and still follow new plans."""
+    import asyncio
+
+    import nats
+
+    from thunderserve.common.plan import Plan, Replica
+    from thunderserve.common.planstore import current_plan, publish_plan
+    from thunderserve.common.protocol import Subjects
+
+    cluster = mocker_cluster
+    replicas = [Replica("prefill-0", "prefill", ["h:0"]), Replica("decode-0", "decode", ["h:1"])]
+
+    async def publish(plan: Plan) -> Plan | None:
+        nc = await nats.connect(cluster.nats_url)
+        try:
+            if plan is not None:
+                await publish_plan(nc, Subjects(), plan)
+            return await current_plan(nc, Subjects())
+        finally:
+            await nc.close()
+
+    asyncio.run(publish(Plan(replicas=replicas, epoch=5, kv_codec="none")))
+    _until(lambda: (cluster.health() or {}).get("plan_epoch") == 5, 20, "the router to apply epoch 5")
+    with _Supervisor(cluster, RestartPolicy(backoff_s=0.1)) as sup:
+        old = cluster.nats.proc
+        os.kill(old.pid, signal.SIGKILL)
+        _until(lambda: cluster.nats.proc is not None and cluster.nats.proc is not old
+               and cluster.nats.proc.poll() is None, 10, "nats-server to be restarted")
+        assert any("nats-server exited with code -9; restarting it" in r for r in sup.reports), sup.reports
+        _until(lambda: _serves(cluster), 30, "the deployment to serve again")
+        assert asyncio.run(publish(None)).epoch == 5  # the plan outlived the server
+        asyncio.run(publish(Plan(replicas=replicas, epoch=6, kv_codec="int8")))
+        _until(lambda: (cluster.health() or {}).get("plan_epoch") == 6
+               and all(r["plan_epoch"] == 6 for r in cluster.health()["replicas"]), 30,
+               "the router and the replicas to apply a plan published after the restart")

@@ -12,8 +12,9 @@ import time
 import httpx
 import nats
 
-from thunderserve.common import tracing
+from thunderserve.common import protocol, tracing
 from thunderserve.common.client import Client
+from thunderserve.common.protocol import CompletionRequest
 
 REQUEST_SUBJECTS = ("ts.prefill.", "ts.decode.", "ts.tokens.")
 
@@ -21,10 +22,10 @@ REQUEST_SUBJECTS = ("ts.prefill.", "ts.decode.", "ts.tokens.")
 async def test_every_message_carries_trace_context_and_a_request_keeps_its_trace(make_cluster):
     cluster = make_cluster(model="mocker", threads_per_replica=1, extra_env={"THUNDERSERVE_WORKLOAD_PERIOD": "0.3"})
     nc = await nats.connect(cluster.nats_url)
-    seen: list[tuple[float, str, str | None, str | None]] = []  # (time, subject, reply, traceparent)
+    seen: list[tuple[float, str, str | None, str | None, bytes]] = []  # (time, subject, reply, traceparent, data)
 
     async def on_any(msg):
-        seen.append((time.monotonic(), msg.subject, msg.reply or None, tracing.traceparent_of(msg)))
+        seen.append((time.monotonic(), msg.subject, msg.reply or None, tracing.traceparent_of(msg), msg.data))
 
     await nc.subscribe(">", cb=on_any)
     await nc.flush()
@@ -60,5 +61,6 @@ async def test_every_message_carries_trace_context_and_a_request_keeps_its_trace
     sdk_trace = tracing.trace_id(entry[3])
     sdk_hops = [s for s in ours if s[0] > entry[0] and s[1].startswith(REQUEST_SUBJECTS)]
     assert sdk_hops and {tracing.trace_id(s[3]) for s in sdk_hops} == {sdk_trace}
-    events = [s for s in seen if s[0] > entry[0] and s[1].startswith("_INBOX.") and s[1] not in replies]
+    inbox = protocol.decode(CompletionRequest, entry[4]).reply_subject  # where the router streams its events
+    events = [s for s in seen if s[1] == inbox]
     assert events and all(tracing.trace_id(s[3]) == sdk_trace for s in events)

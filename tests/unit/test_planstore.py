@@ -82,3 +82,21 @@ def test_apply_cli_publishes_and_refuses_stale(nats_url, tmp_path, capsys):
     assert "epoch 6" in capsys.readouterr().out
     (tmp_path / "bad.json").write_text("{nope")
     assert main([str(tmp_path / "bad.json"), "--nats", nats_url]) == 2
+
+
+def test_epoch_acks_count_a_heartbeat_carrying_the_epoch_or_a_later_one():
+    from thunderserve.common.planstore import EpochAcks
+    from thunderserve.common.protocol import Heartbeat
+
+    acks = EpochAcks()
+    acks.expect(3, ["a", "b"], now=10.0)
+    acks.beat(Heartbeat("a", "prefill", "m", plan_epoch=2), now=10.5)  # not yet applied
+    acks.beat(Heartbeat("stranger", "decode", "m", plan_epoch=3), now=10.6)  # not in the plan
+    assert acks.pending(3) == {"a", "b"} and not acks.done(3)
+    acks.beat(Heartbeat("a", "prefill", "m", plan_epoch=3), now=11.0)
+    acks.beat(Heartbeat("a", "prefill", "m", plan_epoch=3), now=12.0)  # the first one counts
+    acks.beat(Heartbeat("b", "decode", "m", plan_epoch=4), now=13.0)  # already past it
+    assert acks.done(3) and acks.ack_times(3) == {"a": 1.0, "b": 3.0}
+    assert not acks.done(9) and acks.pending(9) == set()  # never published
+    acks.forget(3)
+    assert acks.ack_times(3) == {} and not acks.done(3)

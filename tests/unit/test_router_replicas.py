@@ -31,3 +31,21 @@ def test_plan_weights_and_stopping_replicas() -> None:
     assert table.choose("decode", {"d1": 1.0}).beat.replica_id == "d1"  # the plan routes only to d1
     table.update(Heartbeat("d1", "decode", "m", capacity=4, state="stopping"))
     assert table.choose("decode", {"d1": 1.0}).beat.replica_id == "d0"  # d1 leaves: the plan's weight cannot keep it
+
+
+def test_a_new_session_is_reported_and_seen_after_filters_stale_replicas():
+    import time
+
+    from thunderserve.common.protocol import Heartbeat
+    from thunderserve.router.replicas import NoReplicaError, ReplicaTable
+
+    table = ReplicaTable(timeout_s=5.0)
+    assert table.update(Heartbeat("p", "prefill", "m", session="a-1")) is False  # first sight
+    assert table.update(Heartbeat("p", "prefill", "m", session="a-1")) is False
+    assert table.update(Heartbeat("p", "prefill", "m", session="a-2")) is True  # reconnected
+    assert table.update(Heartbeat("p", "prefill", "m", session="b-1")) is True  # restarted under its id
+    mark = time.monotonic()
+    with pytest.raises(NoReplicaError):
+        table.choose("prefill", seen_after=mark)  # not heard from since
+    table.update(Heartbeat("p", "prefill", "m", session="b-1"))
+    assert table.choose("prefill", seen_after=mark).beat.replica_id == "p"
