@@ -4,6 +4,10 @@
         result = await client.complete("Hello", max_tokens=16)
         async for chunk in client.stream(messages=[{"role": "user", "content": "Hi"}]):
             print(chunk.text, end="")
+
+NATS keeps nothing for a client that is cut off. Events are numbered, so when the connection drops
+and comes back (or an event is missing) the client asks the request's router to replay what it
+missed, and the stream goes on whole.
 """
 
 from __future__ import annotations
@@ -17,7 +21,17 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from thunderserve.common import aio, protocol, tracing
-from thunderserve.common.protocol import CompletionEvent, CompletionRequest, SamplingParams, Subjects, Usage
+from thunderserve.common.protocol import (
+    CompletionEvent,
+    CompletionRequest,
+    ReplayReply,
+    ReplayRequest,
+    SamplingParams,
+    Subjects,
+    Usage,
+)
+
+REPLAY_RETRY_S = 0.5  # after a failed replay (the router not back yet), ask again this much later
 
 
 class ThunderServeError(Exception):
@@ -51,6 +65,7 @@ class Client:
         self.subjects = Subjects(subject_prefix)
         self.timeout_s = timeout_s
         self.nc: nats.NATS | None = None
+        self._streams: set[asyncio.Queue] = set()  # the event queues of the streams running now
 
     async def __aenter__(self) -> Client:
         await self.connect()
@@ -60,7 +75,23 @@ class Client:
         await self.close()
 
     async def connect(self) -> None:
-        self.nc = await nats.connect(self.nats_url, name="thunderserve-client")
+        self.nc = await nats.connect(self.nats_url, name="thunderserve-client", reconnected_cb=self._on_reconnected)
+
+    async def _on_reconnected(self) -> None:
+        for queue in self._streams:  # events may have been lost: each stream asks for a replay
+            queue.put_nowait(None)
+
+    async def _replay(self, subject: str, request_id: str, from_index: int) -> list[CompletionEvent] | None:
+        """The request's events from `from_index` on, from its router; None if it cannot answer now."""
+        try:
+            reply = await self.nc.request(subject, protocol.encode(ReplayRequest(request_id, from_index)),
+                                          timeout=5.0, headers=tracing.headers_for(None))
+        except (NoRespondersError, NatsTimeoutError):
+            return None
+        answer = protocol.decode(ReplayReply, reply.data)
+        if not answer.known:
+            raise ThunderServeError("the router no longer holds this request's events; they were lost", 502)
+        return answer.events
 
     async def close(self) -> None:
         await aio.close_nats(self.nc)
@@ -99,12 +130,13 @@ class Client:
         except TypeError as exc:
             raise ValueError(f"unknown sampling parameter: {exc}") from None
         inbox = self.nc.new_inbox()
-        events: asyncio.Queue[CompletionEvent] = asyncio.Queue()
+        events: asyncio.Queue[CompletionEvent | None] = asyncio.Queue()  # None: ask for a replay
 
         async def on_event(msg):
             events.put_nowait(protocol.decode(CompletionEvent, msg.data))
 
         sub = await self.nc.subscribe(inbox, cb=on_event)
+        self._streams.add(events)
         try:
             request = CompletionRequest(prompt=prompt, messages=messages, model=model, sampling=sampling,
                                         reply_subject=inbox, kv_codec=kv_codec)
@@ -118,15 +150,40 @@ class Client:
             accepted = protocol.decode(CompletionEvent, reply.data)
             if accepted.status >= 400:
                 raise ThunderServeError(accepted.error, accepted.status)
+            expected, early = 0, {}  # the next event's index; events that came before it
+            loop = asyncio.get_running_loop()
             while True:
                 try:
                     event = await asyncio.wait_for(events.get(), self.timeout_s)
                 except TimeoutError:
                     raise ThunderServeError(f"no progress for {self.timeout_s} s", 504) from None
-                if event.error:
-                    raise ThunderServeError(event.error, event.status)
-                yield Chunk(event.text, event.token_ids, event.finish_reason, event.usage)
-                if event.finish_reason is not None:
-                    return
+                if event is not None:
+                    if not accepted.replay_subject:  # a router without replay: events in arrival order
+                        event.index = expected
+                    if event.index >= expected:
+                        early[event.index] = event
+                    if expected in early or not early:
+                        received = []
+                    else:  # a gap: the events before this one were lost
+                        received = await self._replay(accepted.replay_subject, accepted.request_id, expected)
+                elif accepted.replay_subject:  # reconnected: ask for whatever came meanwhile
+                    received = await self._replay(accepted.replay_subject, accepted.request_id, expected)
+                else:
+                    received = []
+                if received is None:  # the router is not back yet: ask again shortly
+                    loop.call_later(REPLAY_RETRY_S, events.put_nowait, None)
+                    received = []
+                for ev in received:
+                    if ev.index >= expected:
+                        early.setdefault(ev.index, ev)
+                while expected in early:
+                    ev = early.pop(expected)
+                    expected += 1
+                    if ev.error:
+                        raise ThunderServeError(ev.error, ev.status)
+                    yield Chunk(ev.text, ev.token_ids, ev.finish_reason, ev.usage)
+                    if ev.finish_reason is not None:
+                        return
         finally:
+            self._streams.discard(events)
             await sub.unsubscribe()

@@ -68,6 +68,10 @@ class Subjects:
         """The router's NATS request entry used by the client SDK."""
         return f"{self.prefix}.api.completions"
 
+    def api_replay(self, router: str) -> str:
+        """One router's replay of a request's events (what the SDK missed in a NATS drop)."""
+        return f"{self.prefix}.api.replay.{router}"
+
     @property
     def workload(self) -> str:
         return f"{self.prefix}.workload"
@@ -246,7 +250,10 @@ class CompletionRequest:
 
 @dataclass
 class CompletionEvent:
-    """router -> SDK: a chunk of text, or the end of the request (with usage), or an error."""
+    """router -> SDK: a chunk of text, or the end of the request (with usage), or an error.
+
+    Events of a request are numbered from 0 (`index`), so the SDK sees a gap; the acceptance (status
+    202) names the subject where the router replays them (`replay_subject`)."""
 
     request_id: str
     text: str = ""
@@ -255,6 +262,22 @@ class CompletionEvent:
     usage: Usage | None = None
     error: str = ""
     status: int = 200
+    index: int = 0
+    replay_subject: str = ""
+
+
+@dataclass
+class ReplayRequest:
+    """SDK -> the request's router: send the request's events from `from_index` on again."""
+
+    request_id: str
+    from_index: int = 0
+
+
+@dataclass
+class ReplayReply:
+    events: list[CompletionEvent] = field(default_factory=list)
+    known: bool = True  # False: the router has no such request (finished too long ago, or never)
 
 
 # --- encoding ------------------------------------------------------------------------------

@@ -101,6 +101,8 @@ def create_app(core: RouterCore) -> FastAPI:
             f"thunderserve_requests_rejected_total {s.rejected}",
             "# TYPE thunderserve_requests_resumed_total counter",
             f"thunderserve_requests_resumed_total {s.resumed}",
+            "# TYPE thunderserve_sdk_replays_total counter",
+            f"thunderserve_sdk_replays_total {s.replays}",
             "# TYPE thunderserve_prompt_tokens_total counter",
             f"thunderserve_prompt_tokens_total {s.prompt_tokens}",
             "# TYPE thunderserve_completion_tokens_total counter",

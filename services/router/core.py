@@ -93,6 +93,7 @@ class RouterStats:
     requests: int = 0
     errors: int = 0
     resumed: int = 0
+    replays: int = 0  # SDK requests to send events again (it missed some in a NATS drop)
     rejected: int = 0
     completion_tokens: int = 0
     prompt_tokens: int = 0

@@ -2,7 +2,9 @@
 
 The SDK sends a `CompletionRequest` as a NATS request; the router answers at once with an
 acceptance (or the same 4xx error the HTTP API would give), then streams `CompletionEvent`s
-to the SDK's inbox until the final one.
+to the SDK's inbox until the final one. Events are numbered and kept until `KEEP_S` after the
+request ends: an SDK that missed some (NATS keeps nothing for a client that is cut off) asks this
+router to replay them (`ReplayRequest` on `<prefix>.api.replay.<router>`).
 """
 
 from __future__ import annotations
@@ -11,28 +13,35 @@ import asyncio
 import logging
 
 from thunderserve.common import aio, protocol, tracing
-from thunderserve.common.protocol import CompletionEvent, CompletionRequest
+from thunderserve.common.protocol import CompletionEvent, CompletionRequest, ReplayReply, ReplayRequest
 from thunderserve.router.core import RequestError, RouterCore
 
 log = logging.getLogger(__name__)
 
 QUEUE_GROUP = "routers"
+KEEP_S = 60.0  # how long a finished request's events stay available for replay
+MAX_REPLAY = 4096  # events per replay reply (the SDK asks again for the rest); ~50 bytes each
 
 
 class NatsEntry:
     def __init__(self, core: RouterCore):
         self.core = core
-        self._sub = None
+        self._subs: list = []
         self._tasks: set[asyncio.Task] = set()
+        self._history: dict[str, list[CompletionEvent]] = {}  # request id -> its events so far
+
+    @property
+    def replay_subject(self) -> str:
+        return self.core.subjects.api_replay(self.core.router_id)
 
     async def start(self) -> None:
-        self._sub = await self.core.nc.subscribe(
-            self.core.subjects.api_completions, queue=QUEUE_GROUP, cb=self._on_request
-        )
+        nc = self.core.nc
+        self._subs = [await nc.subscribe(self.core.subjects.api_completions, queue=QUEUE_GROUP, cb=self._on_request),
+                      await nc.subscribe(self.replay_subject, cb=self._on_replay)]
 
     async def stop(self) -> None:
-        if self._sub is not None:
-            await self._sub.unsubscribe()
+        for sub in self._subs:
+            await sub.unsubscribe()
         for task in list(self._tasks):
             task.cancel()
 
@@ -59,21 +68,39 @@ class NatsEntry:
         except protocol.ProtocolError as exc:
             await aio.respond(self.core.nc, msg, protocol.encode(CompletionEvent("", error=str(exc), status=400)))
             return
-        await aio.respond(self.core.nc, msg, protocol.encode(CompletionEvent(flight.request_id, status=202)))
+        accepted = CompletionEvent(flight.request_id, status=202, replay_subject=self.replay_subject)
+        await aio.respond(self.core.nc, msg, protocol.encode(accepted))
         task = asyncio.create_task(self._relay(flight, request.reply_subject))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _relay(self, flight, reply_subject: str) -> None:
         nc = self.core.nc
-        async for chunk in self.core.events(flight):
-            event = CompletionEvent(
-                request_id=flight.request_id,
-                text=chunk.text,
-                token_ids=chunk.token_ids,
-                finish_reason=chunk.finish_reason,
-                usage=chunk.usage,
-                error=chunk.error,
-                status=503 if chunk.finish_reason == "error" else 200,
-            )
-            await nc.publish(reply_subject, protocol.encode(event), headers=tracing.headers_for(flight.traceparent))
+        history = self._history[flight.request_id] = []
+        try:
+            async for chunk in self.core.events(flight):
+                event = CompletionEvent(
+                    request_id=flight.request_id,
+                    text=chunk.text,
+                    token_ids=chunk.token_ids,
+                    finish_reason=chunk.finish_reason,
+                    usage=chunk.usage,
+                    error=chunk.error,
+                    status=503 if chunk.finish_reason == "error" else 200,
+                    index=len(history),
+                )
+                history.append(event)
+                await nc.publish(reply_subject, protocol.encode(event),
+                                 headers=tracing.headers_for(flight.traceparent))
+        finally:
+            asyncio.get_running_loop().call_later(KEEP_S, self._history.pop, flight.request_id, None)
+
+    async def _on_replay(self, msg) -> None:
+        ask = protocol.decode_or_warn(ReplayRequest, msg.data, log)
+        if ask is None:
+            return
+        self.core.stats.replays += 1
+        events = self._history.get(ask.request_id)
+        reply = ReplayReply(events[max(0, ask.from_index):][:MAX_REPLAY]) if events is not None \
+            else ReplayReply(known=False)
+        await aio.respond(self.core.nc, msg, protocol.encode(reply))

@@ -140,9 +140,10 @@ async def test_killed_prefill_replica_fails_queued_requests(tiny_cluster):
 
 
 async def test_requests_in_flight_survive_a_nats_server_crash(make_cluster):
-    """SIGKILL the embedded nats-server while three HTTP requests decode. The supervisor brings it
-    back; NATS kept nothing sent during the gap, so the router resumes every request it held on
-    replicas heard from since, and each finishes with all its tokens."""
+    """SIGKILL the embedded nats-server while three HTTP requests and two SDK streams decode. The
+    supervisor brings it back; NATS kept nothing sent during the gap, so the router resumes every
+    request it held on replicas heard from since, the SDK asks the router to replay the events it
+    missed, and each request finishes with all its tokens."""
     import threading
 
     from thunderserve.launcher.cluster import RestartPolicy
@@ -154,16 +155,25 @@ async def test_requests_in_flight_survive_a_nats_server_crash(make_cluster):
     supervisor.start()
     n = 300
     try:
-        async with httpx.AsyncClient(timeout=120) as http:
+        async with httpx.AsyncClient(timeout=120) as http, Client(cluster.nats_url, timeout_s=60) as client:
             tasks = [asyncio.create_task(http.post(cluster.http_url + "/v1/completions", json={
                 "prompt": f"Story {i}:", "max_tokens": n, "ignore_eos": True, "temperature": 0})) for i in range(3)]
-            await _until_decoding(cluster, 3)
+            sdk = [asyncio.create_task(client.complete(f"Tale {i}:", max_tokens=n, ignore_eos=True, temperature=0))
+                   for i in range(2)]
+            await _until_decoding(cluster, 5)
             os.kill(cluster.nats.proc.pid, signal.SIGKILL)
             responses = await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)
+            streamed = await asyncio.wait_for(asyncio.gather(*sdk), timeout=120)
     finally:
         stop.set()
         supervisor.join(timeout=10)
     bodies = [r.json() for r in responses]
     assert all(r.status_code == 200 for r in responses), bodies
     assert all(b["usage"]["completion_tokens"] == n and b["choices"][0]["finish_reason"] == "length" for b in bodies)
-    assert _resumed(cluster) >= 3
+    assert _resumed(cluster) >= 5
+    tokenizer = load_tokenizer(cluster.model)
+    for result in streamed:  # every token once, in order: the text is the tokens' text
+        assert result.finish_reason == "length" and len(result.token_ids) == n == result.usage.completion_tokens
+        assert result.text == tokenizer.decode(result.token_ids)
+    metrics = httpx.get(cluster.http_url + "/metrics", timeout=10).text
+    assert "thunderserve_sdk_replays_total 0" not in metrics  # the SDK did ask for what it missed
