@@ -32,7 +32,7 @@ import time
 from typing import Any
 
 import torch
-from backbone_common import finish, host_info, median, progress, r
+from backbone_common import finish, host_info, median, progress, r, save_plot
 
 METHODS = ["tcp", "channel", "channel_fresh_buffer", "channel_gloo"]
 MB = 1 << 20
@@ -169,10 +169,7 @@ def plot(result: dict[str, Any], path) -> None:
     ax.set_xticks(range(len(sizes)), sizes)
     ax.set_ylabel("GB/s (median)")
     ax.set_title("KV channel (gloo) vs plain TCP, two processes on one host")
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_plot(fig, ax, path)
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 import torch
-from backbone_common import finish, host_info, median, progress, prompt_ids, r
+from backbone_common import finish, host_info, median, progress, prompt_ids, r, save_plot
 
 from thunderserve.common.engine import Engine, PrefillResult
 
@@ -157,10 +157,7 @@ def plot(result: dict[str, Any], path) -> None:
     ax.set_xticks(range(len(labels)), labels)
     ax.set_ylabel("decode tokens/s")
     ax.set_title(f"{result['model']}: continuous batch vs model.generate ({result['prompt_tokens']}-token prompts)")
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_plot(fig, ax, path)
 
 
 def main() -> None:

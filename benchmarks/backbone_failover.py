@@ -30,7 +30,7 @@ import threading
 import time
 
 import httpx
-from backbone_common import finish, host_info, progress, r
+from backbone_common import finish, host_info, progress, r, save_plot
 
 from thunderserve.common.client import Client
 from thunderserve.launcher.cluster import LocalCluster, RestartPolicy
@@ -122,10 +122,7 @@ def plot(result: dict, path) -> None:
     ax.set_ylabel("tokens received")
     what = "the NATS server dies" if result["victim"] == "nats-server" else "a decode replica dies"
     ax.set_title(f"{result['model']}: {what} mid-generation")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_plot(fig, ax, path, grid="both")
 
 
 def main() -> None:

@@ -281,8 +281,10 @@ def main(phase: str, argv: list[str] | None = None) -> int:
     # the GIL otherwise waits up to 5 ms for a busy one to yield it.
     sys.setswitchinterval(float(os.environ.get("THUNDERSERVE_SWITCH_INTERVAL", "0.0005")))
     keep_freed_memory()  # model steps and KV codec passes reuse mapped pages (common/memory.py)
+    host = ReplicaHost(args, phase)
+    tracing.configure(host.replica_id)  # spans to $THUNDERSERVE_TRACE_DIR, if set
     try:
-        aio.run(ReplicaHost(args, phase).run())
+        aio.run(host.run())
     except KeyboardInterrupt:
         pass
     return 0

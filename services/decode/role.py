@@ -30,8 +30,12 @@ PAIR_WAIT_S = 15.0
 class _Sequence:
     handoff: KVHandoff
     tracker: OutputTracker
-    headers: dict[str, str]
+    span: tracing.Span  # this replica's span of the request; the chunks it sends carry it
     index: int = 0  # the next chunk index
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return self.span.headers
 
 
 class DecodeRole:
@@ -114,20 +118,22 @@ class DecodeRole:
     # --- receiving --------------------------------------------------------------------------
 
     async def _on_handoff(self, msg) -> None:
-        headers = tracing.headers_for(tracing.traceparent_of(msg))
         handoff = protocol.decode_or_warn(KVHandoff, msg.data, log)
         if handoff is None:
             return
+        span = tracing.start_span("decode.request", tracing.traceparent_of(msg), request_id=handoff.request_id,
+                                  prefill_replica=handoff.prefill_replica)
         self._receiving += 1
         try:
-            await self._receive(handoff, headers)
+            await self._receive(handoff, span)
         except Exception as exc:
             log.warning("request %s: KV receive failed: %s", handoff.request_id, exc)
-            self._publish_error(handoff, f"KV receive failed: {exc}", headers, retryable=True)
+            span.end(error=f"KV receive failed: {exc}")
+            self._publish_error(handoff, f"KV receive failed: {exc}", span.headers, retryable=True)
         finally:
             self._receiving -= 1
 
-    async def _receive(self, handoff: KVHandoff, headers: dict[str, str]) -> None:
+    async def _receive(self, handoff: KVHandoff, span: tracing.Span) -> None:
         future = self._pairs.get(handoff.pair_id)
         if future is None:
             raise RuntimeError(f"unknown channel pair {handoff.pair_id}")
@@ -140,9 +146,13 @@ class DecodeRole:
             nbytes = int(handoff.kv_manifest["nbytes"])
             buf = self.channel.buffers.take(nbytes)
             try:
+                recv = span.child("kv.receive", bytes=nbytes)
                 payload = pair.recv(nbytes, handoff.tag, out=buf)
+                recv.end()
+                unpack = span.child("kv.decode", codec=handoff.kv_manifest.get("codec"))
                 layers = unpack_cache(payload, handoff.kv_manifest)
                 flat = detach_from(buf, [t for kv in layers for t in kv])
+                unpack.end()
             finally:
                 self.channel.buffers.give(buf)
             tracker = OutputTracker(
@@ -154,7 +164,7 @@ class DecodeRole:
             )
             tracker.resume(handoff.resume_token_ids)
             kv = [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
-            self._joins.put((_Sequence(handoff, tracker, headers, index=len(handoff.resume_token_ids)), kv))
+            self._joins.put((_Sequence(handoff, tracker, span, index=len(handoff.resume_token_ids)), kv))
             self._wake.set()
 
         await loop.run_in_executor(self.host.channel_executor, receive)
@@ -177,6 +187,7 @@ class DecodeRole:
                 for seq_id in list(batch.seq_ids):
                     seq = self._active.pop(seq_id)
                     batch.remove(seq_id)
+                    seq.span.end(error=f"decode step failed: {exc}")
                     self._publish_error(seq.handoff, f"decode step failed: {exc}", seq.headers)
                 continue
             for seq_id, row in logits.items():
@@ -198,7 +209,9 @@ class DecodeRole:
             request_id = seq.handoff.request_id
             if request_id in self._aborted:
                 del self._aborted[request_id]
+                seq.span.end(aborted=True)
                 continue
+            seq.span.attributes["batch_on_join"] = len(batch)
             if seq.handoff.first_chunk_sent:
                 # Prefill streamed it; track it so text deltas and stops continue from there.
                 seq.tracker.add(seq.handoff.first_token_id)
@@ -217,6 +230,7 @@ class DecodeRole:
             if request_id in self._active:
                 seq = self._active.pop(request_id)
                 batch.remove(request_id)
+                seq.span.end(aborted=True, completion_tokens=seq.tracker.completion_tokens)
                 log.info("request %s aborted after %d tokens", request_id, seq.tracker.completion_tokens)
             else:
                 self._aborted[request_id] = None
@@ -239,6 +253,8 @@ class DecodeRole:
         )
         seq.index += 1
         self.host.publish_soon(seq.handoff.reply_subject, chunk, seq.headers)
+        if out.finish_reason is not None:
+            seq.span.end(completion_tokens=seq.tracker.completion_tokens, finish_reason=out.finish_reason)
         return out.finish_reason is not None
 
     def _publish_error(self, handoff: KVHandoff, error: str, headers: dict[str, str], retryable: bool = False) -> None:

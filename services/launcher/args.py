@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--decode-nice", type=int, default=0,
                         help="lower the decode replicas' CPU priority by N, so prompts go first on a shared "
                         "host (shorter time to first token; default 0)")
+    parser.add_argument("--trace-dir", default=config.env("TRACE_DIR", None), metavar="DIR",
+                        help="record every request's spans (router, prefill forward, KV encode/send/receive/decode, "
+                        "decode) as JSON lines in DIR, one file per process (env THUNDERSERVE_TRACE_DIR); "
+                        "`python -m thunderserve.common.tracing DIR` prints them as trees")
     parser.add_argument("--ready-timeout", type=float, default=300.0,
                         help="seconds to wait for every service to be ready (default 300)")
     parser.add_argument("--restart-limit", type=int, default=3, metavar="N",

@@ -79,22 +79,33 @@ class PrefillRole:
         task.add_done_callback(self._inflight.discard)
 
     async def _handle(self, request: PrefillRequest, parent: str | None) -> None:
+        span = tracing.start_span("prefill.request", parent, request_id=request.request_id,
+                                  prompt_tokens=len(request.prompt_token_ids) + len(request.resume_token_ids),
+                                  decode_replica=request.decode_replica)
+        try:
+            await self._handle_in(request, span)
+        finally:
+            span.end()
+
+    async def _handle_in(self, request: PrefillRequest, span: tracing.Span) -> None:
         loop = asyncio.get_running_loop()
+        parent = span.traceparent  # what this replica sends continues its span
         self._waiting += 1
         try:
             # Connect first (cheap when the pair exists) so a dead decode replica fails fast.
             pair = await self._pair_for(request.decode_replica, request.decode_endpoint)
-            outcome = await loop.run_in_executor(self.host.model_executor, self._compute, request)
+            outcome = await loop.run_in_executor(self.host.model_executor, self._compute, request, span)
         except Exception as exc:
             self._waiting -= 1
+            span.attributes["error"] = str(exc)
             await self._fail(request, f"prefill failed: {exc}", parent)
             return
         self._waiting -= 1
         if outcome is None:  # aborted while queued
+            span.attributes["aborted"] = True
             return
         if isinstance(outcome, TokenChunk):  # the first token finished it: nothing to hand off
-            await self.host.nc.publish(request.reply_subject, protocol.encode(outcome),
-                                       headers=tracing.headers_for(parent))
+            await self.host.nc.publish(request.reply_subject, protocol.encode(outcome), headers=span.headers)
             return
         payload, manifest, first_chunk = outcome
         # Stream the first token now (TTFT does not wait for the KV transfer and decode admission),
@@ -102,8 +113,7 @@ class PrefillRole:
         plan = self.host.plan
         first_here = plan is None or not plan.first_token_waits(self.host.replica_id, request.decode_replica)
         if first_here:
-            await self.host.nc.publish(request.reply_subject, protocol.encode(first_chunk),
-                                       headers=tracing.headers_for(parent))
+            await self.host.nc.publish(request.reply_subject, protocol.encode(first_chunk), headers=span.headers)
         handoff = KVHandoff(
             request_id=request.request_id,
             prefill_replica=self.host.replica_id,
@@ -121,16 +131,19 @@ class PrefillRole:
             await self.host.nc.publish(
                 self.host.subjects.decode(request.decode_replica),
                 protocol.encode(handoff),
-                headers=tracing.headers_for(parent),
+                headers=span.headers,
             )
+            send = span.child("kv.send", bytes=int(payload.numel()))
             await loop.run_in_executor(self.host.channel_executor, pair.send, payload, handoff.tag)
+            send.end()
         except (ChannelError, Exception) as exc:
+            span.attributes["error"] = str(exc)
             self.host.channel_client.drop(request.decode_endpoint)
             await self._fail(request, f"KV transfer to {request.decode_replica} failed: {exc}", parent,
                              retryable=True)
 
-    def _compute(self, request: PrefillRequest):
-        """Model thread: prefill, choose the first token, compress the KV.
+    def _compute(self, request: PrefillRequest, span: tracing.Span):
+        """Model thread: prefill, choose the first token, compress the KV (child spans of `span`).
 
         Returns None if aborted, the final chunk if the first token ends the request (EOS,
         a stop, max_tokens=1: no KV needs to move), else (payload, manifest, first chunk).
@@ -141,7 +154,9 @@ class PrefillRole:
         self._running += 1
         try:
             resumed = request.resume_token_ids  # a request taken over from a dead replica: go on after these
+            forward = span.child("prefill.forward", tokens=len(request.prompt_token_ids) + len(resumed))
             result = self.engine.prefill(request.prompt_token_ids + resumed)
+            forward.end()
             tracker = OutputTracker(request.sampling, len(request.prompt_token_ids), self.engine.max_context,
                                     self.engine.eos_token_ids, self.engine.tokenizer)
             tracker.resume(resumed)
@@ -154,7 +169,9 @@ class PrefillRole:
                 return first_chunk
             # The request's codec, else the current plan's, else this replica's default.
             codec = get_codec(request.kv_codec or self.host.plan_kv_codec or self.default_codec)
+            encode = span.child("kv.encode", codec=codec.name)
             payload, manifest = pack_cache(codec, result.kv, model=self.engine.name)
+            encode.end(bytes=int(payload.numel()))
             return payload, manifest, first_chunk
         finally:
             self._running -= 1

@@ -140,7 +140,7 @@ def create_app(core: RouterCore) -> FastAPI:
 
 async def _serve(core: RouterCore, request: Request, prompt_ids, sampling, body, chat: bool):
     parent = request.headers.get(tracing.TRACEPARENT)
-    flight = await core.submit(prompt_ids, sampling, tracing.child_traceparent(parent), kv_codec=body.kv_codec)
+    flight = await core.submit(prompt_ids, sampling, parent, kv_codec=body.kv_codec)
     builder = ResponseBuilder(flight.request_id, core.model_name, chat)
     if body.stream:
         return StreamingResponse(

@@ -62,7 +62,7 @@ class InFlight:
     prompt_ids: list[int]
     sampling: SamplingParams
     kv_codec: str
-    traceparent: str
+    span: tracing.Span  # the router's span of this request: every hop's spans descend from it
     prefill_id: str = ""  # the current attempt's replicas ("" while parked), set by `_dispatch`
     decode_id: str = ""
     wire_id: str = ""  # the id replicas know this attempt by ("" = request_id); new on each resume
@@ -82,6 +82,10 @@ class InFlight:
 
     def __post_init__(self) -> None:
         self.wire_id = self.wire_id or self.request_id
+
+    @property
+    def traceparent(self) -> str:
+        return self.span.traceparent
 
     @property
     def prompt_len(self) -> int:
@@ -217,7 +221,8 @@ class RouterCore:
         traceparent: str | None = None,
         kv_codec: str | None = None,
     ) -> InFlight:
-        """Dispatch a request. `kv_codec` overrides the deployment's codec for this request."""
+        """Dispatch a request. `kv_codec` overrides the deployment's codec for this request;
+        `traceparent`: the caller's trace context (None: the request starts a trace)."""
         self.check_lengths(prompt_ids, sampling)
         if kv_codec is not None and kv_codec not in codec_names():
             raise RequestError(400, f"unknown kv_codec {kv_codec!r}; choose one of {', '.join(codec_names())}",
@@ -229,8 +234,9 @@ class RouterCore:
             self.stats.rejected += 1
             raise RequestError(503, f"{exc}; try again shortly", code="no_replica") from None
         request_id = uuid.uuid4().hex
-        flight = InFlight(request_id, prompt_ids, sampling, kv_codec or self.kv_codec or "",
-                          traceparent or tracing.new_traceparent())
+        span = tracing.start_span("router.request", traceparent, request_id=request_id,
+                                  prompt_tokens=len(prompt_ids), max_tokens=sampling.max_tokens)
+        flight = InFlight(request_id, prompt_ids, sampling, kv_codec or self.kv_codec or "", span)
         self.stats.requests += 1
         self.stats.prompt_tokens += len(prompt_ids)
         await self._dispatch(flight, prefill, decode)
@@ -266,7 +272,7 @@ class RouterCore:
         await self.nc.publish(
             self.subjects.prefill(flight.prefill_id),
             protocol.encode(message),
-            headers=tracing.headers_for(flight.traceparent),
+            headers=flight.span.headers,
         )
 
     async def _resume(self, flight: InFlight, why: str, avoid_failed: bool = True) -> bool:
@@ -303,6 +309,7 @@ class RouterCore:
         self.stats.resumed += 1
         log.warning("request %s: %s; resuming after %d tokens on %s -> %s", flight.request_id, flight.wait_reason,
                     len(flight.token_ids), prefill.beat.replica_id, decode.beat.replica_id)
+        flight.span.attributes[f"resume_{flight.resumes}"] = f"{flight.wait_reason}; {len(flight.token_ids)} tokens in"
         await self._dispatch(flight, prefill, decode)
         return True
 
@@ -330,6 +337,7 @@ class RouterCore:
         flight.finished = True
         self.inflight.pop(flight.wire_id, None)
         self._release_attempt(flight)
+        flight.span.end(completion_tokens=len(flight.token_ids), resumes=flight.resumes)
 
     def _release_attempt(self, flight: InFlight) -> None:
         """The flight's current attempt no longer occupies its replicas (prefill's share ends
@@ -348,6 +356,7 @@ class RouterCore:
         if flight.finished:
             return
         self.stats.errors += 1
+        flight.span.attributes["error"] = error
         chunk = TokenChunk.failure(flight.request_id, error, flight.prompt_len, flight.next_index,
                                    len(flight.token_ids))
         self._finish(flight)
@@ -404,6 +413,7 @@ class RouterCore:
                 self._release(flight.prefill_id)
             self.stats.completion_tokens += len(ready.token_ids)
             if ready.finish_reason is not None:
+                flight.span.attributes["finish_reason"] = ready.finish_reason
                 self._finish(flight)
                 self.workload.finished(flight.prompt_len, len(flight.token_ids))
             flight.queue.put_nowait(ready)

@@ -59,7 +59,7 @@ class NatsEntry:
             else:
                 raise RequestError(400, "either prompt or messages is required", param="prompt")
             parent = tracing.traceparent_of(msg)
-            flight = await core.submit(prompt_ids, request.sampling, tracing.child_traceparent(parent),
+            flight = await core.submit(prompt_ids, request.sampling, parent,
                                        kv_codec=request.kv_codec)
         except RequestError as exc:
             refusal = CompletionEvent("", error=exc.message, status=exc.status)

@@ -8,6 +8,7 @@ import logging
 import uvicorn
 from transformers import AutoConfig
 
+from thunderserve.common import tracing
 from thunderserve.common.models import ALIASES, load_tokenizer, resolve_model
 from thunderserve.common.protocol import Subjects
 from thunderserve.router.app import create_app
@@ -36,6 +37,7 @@ def build_core(args: argparse.Namespace) -> RouterCore:
 
 def serve(args: argparse.Namespace) -> None:
     logging.basicConfig(level=args.log_level, format="%(asctime)s router %(levelname)s %(name)s: %(message)s")
+    tracing.configure("router")
     core = build_core(args)
     app = create_app(core)
     uvicorn.run(app, host=args.host, port=args.http_port, log_level=args.log_level.lower(),

@@ -2,7 +2,8 @@
 
 Every message on the deployment's subjects, and every reply to one, carries a `traceparent` header;
 the messages of one request (prefill request, KV handoff, token chunks, the SDK's events) all carry
-that request's trace id, the one its HTTP caller or SDK sent."""
+that request's trace id, the one its HTTP caller or SDK sent. With THUNDERSERVE_TRACE_DIR set, the
+services record the request's spans, linked into one tree under the caller's span."""
 
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ from thunderserve.common.protocol import CompletionRequest
 REQUEST_SUBJECTS = ("ts.prefill.", "ts.decode.", "ts.tokens.")
 
 
-async def test_every_message_carries_trace_context_and_a_request_keeps_its_trace(make_cluster):
-    cluster = make_cluster(model="mocker", threads_per_replica=1, extra_env={"THUNDERSERVE_WORKLOAD_PERIOD": "0.3"})
+async def test_every_message_carries_trace_context_and_a_request_keeps_its_trace(make_cluster, tmp_path):
+    trace_dir = tmp_path / "spans"
+    cluster = make_cluster(model="tiny-random", threads_per_replica=1, extra_env={
+        "THUNDERSERVE_WORKLOAD_PERIOD": "0.3", "THUNDERSERVE_TRACE_DIR": str(trace_dir)})
     nc = await nats.connect(cluster.nats_url)
     seen: list[tuple[float, str, str | None, str | None, bytes]] = []  # (time, subject, reply, traceparent, data)
 
@@ -64,3 +67,24 @@ async def test_every_message_carries_trace_context_and_a_request_keeps_its_trace
     inbox = protocol.decode(CompletionRequest, entry[4]).reply_subject  # where the router streams its events
     events = [s for s in seen if s[1] == inbox]
     assert events and all(tracing.trace_id(s[3]) == sdk_trace for s in events)
+
+    # the spans: one tree under the HTTP caller's span, every hop in it
+    spans = [sp for sp in tracing.read_spans(trace_dir) if sp["traceId"] == tracing.trace_id(parent)]
+    by_name = {sp["name"]: sp for sp in spans}
+    assert sorted(by_name) == sorted(["router.request", "prefill.request", "prefill.forward", "kv.encode", "kv.send",
+                                      "decode.request", "kv.receive", "kv.decode"]), sorted(by_name)
+    assert len(spans) == len(by_name)  # each once: nothing resumed, nothing doubled
+    parent_of = {name: sp["parentSpanId"] for name, sp in by_name.items()}
+    span_of = {name: sp["spanId"] for name, sp in by_name.items()}
+    assert parent_of["router.request"] == parent.split("-")[2]  # the caller's span
+    assert parent_of["prefill.request"] == span_of["router.request"]
+    assert {parent_of[n] for n in ("prefill.forward", "kv.encode", "kv.send", "decode.request")} == \
+        {span_of["prefill.request"]}
+    assert {parent_of["kv.receive"], parent_of["kv.decode"]} == {span_of["decode.request"]}
+    assert by_name["router.request"]["attributes"]["completion_tokens"] == 4
+    assert by_name["kv.send"]["attributes"]["bytes"] == by_name["kv.receive"]["attributes"]["bytes"] > 0
+    services = {sp["service"] for sp in spans}
+    assert services == {"router", "prefill-0", "decode-0"}
+    root = by_name["router.request"]
+    assert all(root["startTimeUnixNano"] <= sp["startTimeUnixNano"] and sp["endTimeUnixNano"] <= root["endTimeUnixNano"]
+               for sp in spans)  # one host's clock: every hop inside the router's span
