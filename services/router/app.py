@@ -43,7 +43,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return (f"invalid '{param}': {msg}" if param else msg), param
 
 
-def create_app(core: RouterCore) -> FastAPI:
+def create_app(core: RouterCore, drain_timeout_s: float = 0.0) -> FastAPI:
     entry = NatsEntry(core)
 
     @asynccontextmanager
@@ -53,6 +53,8 @@ def create_app(core: RouterCore) -> FastAPI:
         try:
             yield
         finally:
+            # HTTP streams have drained (uvicorn waited for them); the SDK's get the same chance
+            await core.drain(drain_timeout_s)
             await entry.stop()
             await core.stop()
 

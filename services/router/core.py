@@ -137,6 +137,7 @@ class RouterCore:
         self.stats = RouterStats()
         self.nc: nats.NATS | None = None
         self.plan: Plan | None = None  # replaced whole, never mutated: a request sees one plan
+        self.draining = False  # stopping: no new requests, the ones in flight may finish
         self._plan_watcher: PlanWatcher | None = None
         self._tasks: list[asyncio.Task] = []
 
@@ -156,6 +157,21 @@ class RouterCore:
         self.plan = plan
         log.info("plan epoch %d: %d prefill, %d decode replicas", plan.epoch, len(plan.prefill_ids),
                  len(plan.decode_ids))
+
+    def begin_drain(self) -> None:
+        """Take no new requests (503); the ones in flight go on."""
+        self.draining = True
+        log.warning("draining: refusing new requests, %d in flight", len(self.inflight))
+
+    async def drain(self, timeout_s: float) -> None:
+        """Refuse new requests and wait up to `timeout_s` for the ones in flight to finish."""
+        if not self.draining:
+            self.begin_drain()
+        deadline = time.monotonic() + timeout_s
+        while self.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.inflight:
+            log.warning("drain timed out with %d request(s) in flight; failing them", len(self.inflight))
 
     async def stop(self) -> None:
         if self._plan_watcher is not None:
@@ -223,6 +239,9 @@ class RouterCore:
     ) -> InFlight:
         """Dispatch a request. `kv_codec` overrides the deployment's codec for this request;
         `traceparent`: the caller's trace context (None: the request starts a trace)."""
+        if self.draining:
+            raise RequestError(503, "this router is shutting down; send the request to another router",
+                               code="shutting_down")
         self.check_lengths(prompt_ids, sampling)
         if kv_codec is not None and kv_codec not in codec_names():
             raise RequestError(400, f"unknown kv_codec {kv_codec!r}; choose one of {', '.join(codec_names())}",

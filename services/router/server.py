@@ -35,10 +35,26 @@ def build_core(args: argparse.Namespace) -> RouterCore:
     )
 
 
+class _DrainingServer(uvicorn.Server):
+    """uvicorn, telling the router when a stop begins: it refuses new requests from then on, and the
+    ones in flight get up to the drain timeout to finish (uvicorn waits for open HTTP streams; the
+    app's shutdown then waits for the SDK's)."""
+
+    def __init__(self, config: uvicorn.Config, core: RouterCore):
+        super().__init__(config)
+        self.core = core
+
+    def handle_exit(self, sig, frame) -> None:
+        if not self.core.draining:
+            self.core.begin_drain()
+        super().handle_exit(sig, frame)
+
+
 def serve(args: argparse.Namespace) -> None:
     logging.basicConfig(level=args.log_level, format="%(asctime)s router %(levelname)s %(name)s: %(message)s")
     tracing.configure("router")
     core = build_core(args)
-    app = create_app(core)
-    uvicorn.run(app, host=args.host, port=args.http_port, log_level=args.log_level.lower(),
-                access_log=False, timeout_graceful_shutdown=5)
+    app = create_app(core, drain_timeout_s=args.drain_timeout)
+    config = uvicorn.Config(app, host=args.host, port=args.http_port, log_level=args.log_level.lower(),
+                            access_log=False, timeout_graceful_shutdown=max(1, int(args.drain_timeout)))
+    _DrainingServer(config, core).run()

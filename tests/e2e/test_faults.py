@@ -177,3 +177,25 @@ async def test_requests_in_flight_survive_a_nats_server_crash(make_cluster):
         assert result.text == tokenizer.decode(result.token_ids)
     metrics = httpx.get(cluster.http_url + "/metrics", timeout=10).text
     assert "thunderserve_sdk_replays_total 0" not in metrics  # the SDK did ask for what it missed
+
+
+async def test_a_stopping_router_refuses_new_requests_and_lets_the_ones_in_flight_finish(tiny_cluster):
+    """SIGTERM the router while two HTTP requests and an SDK stream decode: a new SDK request gets a 503
+    that says why, the three in flight finish whole, and the router exits cleanly."""
+    n = 300
+    router = tiny_cluster.procs["router"]
+    async with httpx.AsyncClient(timeout=120) as http, Client(tiny_cluster.nats_url, timeout_s=60) as client:
+        tasks = [asyncio.create_task(http.post(tiny_cluster.http_url + "/v1/completions", json={
+            "prompt": f"Story {i}:", "max_tokens": n, "ignore_eos": True, "temperature": 0})) for i in range(2)]
+        sdk = asyncio.create_task(client.complete("Tale:", max_tokens=n, ignore_eos=True, temperature=0))
+        await _until_decoding(tiny_cluster, 3)
+        router.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        with pytest.raises(ThunderServeError) as refused:
+            await client.complete("One more?", max_tokens=3)
+        assert refused.value.status == 503 and "shutting down" in str(refused.value)
+        responses = await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)
+        streamed = await asyncio.wait_for(sdk, timeout=120)
+    assert all(r.status_code == 200 and r.json()["usage"]["completion_tokens"] == n for r in responses)
+    assert streamed.finish_reason == "length" and len(streamed.token_ids) == n
+    assert await asyncio.to_thread(router.wait, 30) in (0, -signal.SIGTERM)  # uvicorn exits by the signal it got
