@@ -95,6 +95,10 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     logit_bias: dict[int, float] = field(default_factory=dict)
+    # OpenAI's penalties over the tokens generated so far: each logit drops by
+    # frequency_penalty * (times the token was generated) + presence_penalty * (whether it was)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     @property
     def greedy(self) -> bool:

@@ -9,6 +9,7 @@ leaking the start of a stop string) and decides when the request is finished.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -28,9 +29,15 @@ def sample_token(
     params: SamplingParams,
     step: int,
     eos_token_ids: frozenset[int],
+    generated: Sequence[int] = (),
 ) -> int:
-    """Choose the token at generation step `step` (0 = the first generated token)."""
+    """Choose the token at generation step `step` (0 = the first generated token); `generated`: the
+    tokens generated before it (for the presence and frequency penalties)."""
     logits = logits.float()
+    if generated and (params.presence_penalty or params.frequency_penalty):
+        counts = torch.bincount(torch.tensor(generated, dtype=torch.long), minlength=logits.shape[-1])
+        counts = counts[: logits.shape[-1]].to(logits.dtype)
+        logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).to(logits.dtype)
     if params.logit_bias:
         logits = logits.clone()
         for token, bias in params.logit_bias.items():

@@ -193,7 +193,7 @@ class DecodeRole:
             for seq_id, row in logits.items():
                 seq = self._active[seq_id]
                 step = seq.tracker.completion_tokens
-                token = sample_token(row, seq.handoff.sampling, step, self.engine.eos_token_ids)
+                token = sample_token(row, seq.handoff.sampling, step, self.engine.eos_token_ids, seq.tracker.token_ids)
                 if self._emit(seq, token):
                     batch.remove(seq_id)
                     del self._active[seq_id]

@@ -161,7 +161,7 @@ class PrefillRole:
                                     self.engine.eos_token_ids, self.engine.tokenizer)
             tracker.resume(resumed)
             step = tracker.completion_tokens  # also the chunk index: one token per chunk
-            first = sample_token(result.logits, request.sampling, step, self.engine.eos_token_ids)
+            first = sample_token(result.logits, request.sampling, step, self.engine.eos_token_ids, resumed)
             out = tracker.add(first)
             first_chunk = TokenChunk(request.request_id, step, [first], out.text, out.finish_reason)
             if out.finish_reason is not None:  # the first token ends it: nothing to hand off

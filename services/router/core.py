@@ -224,6 +224,9 @@ class RouterCore:
             )
         if sampling.min_tokens > sampling.max_tokens:
             raise RequestError(400, "min_tokens cannot exceed max_tokens", param="min_tokens")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(sampling, name) <= 2.0:
+                raise RequestError(400, f"{name} must be between -2 and 2", param=name)
         vocab = len(self.tokenizer)
         if any(not 0 <= t < vocab for t in sampling.logit_bias):
             raise RequestError(400, f"logit_bias keys must be token ids in [0, {vocab})", param="logit_bias")

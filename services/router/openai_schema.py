@@ -29,6 +29,8 @@ class _Common(BaseModel):
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
     ignore_eos: StrictBool = False
     min_tokens: Annotated[int, Field(ge=0)] = 0
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     user: str | None = None
     kv_codec: StrictStr | None = None  # extension: KV compression for this request
 
@@ -68,6 +70,8 @@ class _Common(BaseModel):
             ignore_eos=self.ignore_eos,
             min_tokens=self.min_tokens,
             logit_bias={int(k): float(v) for k, v in (self.logit_bias or {}).items()},
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
         )
 
     @property

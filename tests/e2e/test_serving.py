@@ -58,6 +58,30 @@ async def test_greedy_matches_generate(smollm2_cluster, smollm2_reference):
         assert got.token_ids == expected
 
 
+async def test_penalties_match_an_in_process_greedy_loop(smollm2_cluster, smollm2_reference):
+    """presence/frequency penalties through the services (the first token on prefill, the rest on decode)
+    give the tokens of an in-process greedy loop that applies them, and differ from plain greedy."""
+    from thunderserve.common.protocol import SamplingParams
+    from thunderserve.common.sequence import sample_token
+
+    model, tokenizer = smollm2_reference
+    text, n = "List the days of the week, then list them again.", 24
+    ids = _chat_ids(tokenizer, text)
+    params = SamplingParams(max_tokens=n, temperature=0, frequency_penalty=2.0, presence_penalty=2.0)
+    expected: list[int] = []
+    with torch.inference_mode():
+        for step in range(n):
+            logits = model(torch.tensor([ids + expected])).logits[0, -1]
+            expected.append(sample_token(logits, params, step, frozenset(), expected))
+    expected = _trim_eos(expected, tokenizer.eos_token_id)
+    async with Client(smollm2_cluster.nats_url) as client:
+        got = await client.complete(messages=[{"role": "user", "content": text}], max_tokens=n, temperature=0,
+                                    frequency_penalty=2.0, presence_penalty=2.0)
+        plain = await client.complete(messages=[{"role": "user", "content": text}], max_tokens=n, temperature=0)
+    assert got.token_ids == expected
+    assert got.token_ids != plain.token_ids
+
+
 def test_openai_sdk(smollm2_cluster, smollm2_reference):
     _, tokenizer = smollm2_reference
     client = openai.OpenAI(base_url=smollm2_cluster.http_url + "/v1", api_key="unused")
@@ -136,6 +160,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "hi", "temperature": "hot"}, "temperature"),
     ("/v1/completions", {"prompt": "hi", "temperature": 5}, "temperature"),
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"abc": 1}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "hi", "presence_penalty": 3}, "presence_penalty"),
     ("/v1/chat/completions", {"messages": []}, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
     ("/v1/chat/completions", {"messages": "hi"}, "messages"),

@@ -69,6 +69,20 @@ def test_greedy_min_tokens_and_logit_bias():
     assert sample_token(logits, SamplingParams(temperature=0, logit_bias={0: 10.0}), 0, EOS) == 0
 
 
+def test_presence_and_frequency_penalties_push_down_what_was_generated():
+    logits = torch.tensor([0.0, 3.0, 2.5, 1.0])
+    greedy = SamplingParams(temperature=0)
+    assert sample_token(logits, greedy, 2, EOS, generated=[1, 1]) == 1  # no penalty: unchanged
+    presence = SamplingParams(temperature=0, presence_penalty=1.0)
+    assert sample_token(logits, presence, 2, EOS, generated=[1, 1]) == 2  # 3.0 - 1 < 2.5
+    freq = SamplingParams(temperature=0, frequency_penalty=0.3)
+    assert sample_token(logits, freq, 1, EOS, generated=[1]) == 1  # 3.0 - 0.3 still wins
+    assert sample_token(logits, freq, 2, EOS, generated=[1, 1]) == 2  # 3.0 - 0.6 < 2.5: counts matter
+    negative = SamplingParams(temperature=0, frequency_penalty=-1.5)
+    assert sample_token(logits, negative, 2, EOS, generated=[3, 3]) == 3  # a negative one rewards repeats
+    assert sample_token(logits, presence, 0, EOS) == 1  # nothing generated yet
+
+
 def test_seeded_sampling_is_reproducible_and_top_p_restricts():
     logits = torch.randn(1000, generator=torch.Generator().manual_seed(1))
     p = SamplingParams(temperature=1.0, seed=7)
