@@ -28,6 +28,7 @@ from thunderserve.common.protocol import (
     ReplayRequest,
     SamplingParams,
     Subjects,
+    TokenLogprob,
     Usage,
 )
 
@@ -48,6 +49,7 @@ class Chunk:
     token_ids: list[int]
     finish_reason: str | None = None
     usage: Usage | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # with logprobs=k: one per token
 
 
 @dataclass
@@ -56,6 +58,7 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     usage: Usage = field(default_factory=Usage)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 class Client:
@@ -104,6 +107,7 @@ class Client:
         async for chunk in self.stream(prompt, messages=messages, **params):
             parts.append(chunk.text)
             result.token_ids.extend(chunk.token_ids)
+            result.logprobs.extend(chunk.logprobs)
             if chunk.finish_reason is not None:
                 result.finish_reason = chunk.finish_reason
                 result.usage = chunk.usage or Usage()
@@ -116,8 +120,9 @@ class Client:
         """Yield the request's text chunks as they are generated; the last has `finish_reason`.
 
         Keyword parameters are SamplingParams fields: max_tokens, temperature, top_p, seed,
-        stop, ignore_eos, min_tokens, logit_bias. `kv_codec` ("none", "int8", "int4")
-        overrides the deployment's KV compression for this request.
+        stop, ignore_eos, min_tokens, logit_bias, presence_penalty, frequency_penalty, logprobs
+        (k: each chunk's `logprobs` has its tokens' and k alternatives). `kv_codec` ("none",
+        "int8", "int4") overrides the deployment's KV compression for this request.
         """
         if self.nc is None:
             raise RuntimeError("Client is not connected: use `async with Client(...)` or await connect()")
@@ -181,7 +186,7 @@ class Client:
                     expected += 1
                     if ev.error:
                         raise ThunderServeError(ev.error, ev.status)
-                    yield Chunk(ev.text, ev.token_ids, ev.finish_reason, ev.usage)
+                    yield Chunk(ev.text, ev.token_ids, ev.finish_reason, ev.usage, ev.logprobs)
                     if ev.finish_reason is not None:
                         return
         finally:

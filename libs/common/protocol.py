@@ -99,6 +99,8 @@ class SamplingParams:
     # frequency_penalty * (times the token was generated) + presence_penalty * (whether it was)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # None: no log-probabilities; k >= 0: each generated token's, and its k most likely alternatives
+    logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -136,6 +138,7 @@ class KVHandoff:
     kv_manifest: dict[str, Any]  # codec, per-tensor layout, byte count (see kvcodec.pack_cache)
     first_chunk_sent: bool = False  # the prefill replica already streamed the first token
     resume_token_ids: list[int] = field(default_factory=list)  # as in PrefillRequest: the KV covers them
+    first_logprob: TokenLogprob | None = None  # when asked for: the first token's, for decode to send
 
 
 @dataclass
@@ -164,6 +167,16 @@ class Usage:
 
 
 @dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model (raw logits, before penalties, biases or
+    temperature), and the `k` most likely tokens at that step."""
+
+    token_id: int
+    logprob: float
+    top: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
 class TokenChunk:
     """decode (or prefill, on failure) -> router: the next tokens of a request, in order by `index`.
 
@@ -179,6 +192,7 @@ class TokenChunk:
     usage: Usage | None = None
     error: str = ""
     retryable: bool = False  # an error of the replicas' (one died, the KV hop broke), not of the request
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, when the request asked
 
     @classmethod
     def failure(cls, request_id: str, error: str, prompt_tokens: int, index: int = 0,
@@ -268,6 +282,7 @@ class CompletionEvent:
     status: int = 200
     index: int = 0
     replay_subject: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass

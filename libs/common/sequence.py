@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from thunderserve.common.protocol import SamplingParams
+from thunderserve.common.protocol import SamplingParams, TokenLogprob
+
+MAX_LOGPROBS = 20  # alternatives per token at most (OpenAI's limit)
 
 
 def _generator(seed: int, step: int) -> torch.Generator:
@@ -60,6 +62,16 @@ def sample_token(
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     generator = _generator(params.seed, step) if params.seed is not None else None
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """`token`'s log-probability under the raw `logits`, and the `top` most likely tokens'."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    out = TokenLogprob(int(token), float(lp[token]))
+    if top > 0:
+        values, ids = torch.topk(lp, min(top, MAX_LOGPROBS, lp.shape[-1]))
+        out.top = {int(i): float(v) for i, v in zip(ids.tolist(), values.tolist(), strict=True)}
+    return out
 
 
 @dataclass

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from thunderserve.common import aio, protocol, tracing
 from thunderserve.common.kvchannel import BACKENDS, detach_from
 from thunderserve.common.kvcodec import unpack_cache
-from thunderserve.common.protocol import ConnectReply, ConnectRequest, KVHandoff, TokenChunk, Usage
-from thunderserve.common.sequence import OutputTracker, sample_token
+from thunderserve.common.protocol import ConnectReply, ConnectRequest, KVHandoff, TokenChunk, TokenLogprob, Usage
+from thunderserve.common.sequence import OutputTracker, sample_token, token_logprob
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +193,10 @@ class DecodeRole:
             for seq_id, row in logits.items():
                 seq = self._active[seq_id]
                 step = seq.tracker.completion_tokens
-                token = sample_token(row, seq.handoff.sampling, step, self.engine.eos_token_ids, seq.tracker.token_ids)
-                if self._emit(seq, token):
+                sampling = seq.handoff.sampling
+                token = sample_token(row, sampling, step, self.engine.eos_token_ids, seq.tracker.token_ids)
+                logprob = token_logprob(row, token, sampling.logprobs) if sampling.logprobs is not None else None
+                if self._emit(seq, token, logprob):
                     batch.remove(seq_id)
                     del self._active[seq_id]
                 else:
@@ -216,7 +218,7 @@ class DecodeRole:
                 # Prefill streamed it; track it so text deltas and stops continue from there.
                 seq.tracker.add(seq.handoff.first_token_id)
                 seq.index += 1
-            elif self._emit(seq, seq.handoff.first_token_id):
+            elif self._emit(seq, seq.handoff.first_token_id, seq.handoff.first_logprob):
                 continue  # finished on its first token (EOS, max_tokens=1, ...)
             batch.add(request_id, kv, seq.handoff.first_token_id)
             self._active[request_id] = seq
@@ -237,7 +239,7 @@ class DecodeRole:
                 while len(self._aborted) > 10_000:
                     self._aborted.pop(next(iter(self._aborted)))
 
-    def _emit(self, seq: _Sequence, token: int) -> bool:
+    def _emit(self, seq: _Sequence, token: int, logprob: TokenLogprob | None = None) -> bool:
         """Record and publish one generated token; True when the request is finished."""
         out = seq.tracker.add(token)
         usage = None
@@ -250,6 +252,7 @@ class DecodeRole:
             text=out.text,
             finish_reason=out.finish_reason,
             usage=usage,
+            logprobs=[logprob] if logprob is not None else [],
         )
         seq.index += 1
         self.host.publish_soon(seq.handoff.reply_subject, chunk, seq.headers)

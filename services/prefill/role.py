@@ -23,7 +23,7 @@ from thunderserve.common.protocol import (
     TokenChunk,
     Usage,
 )
-from thunderserve.common.sequence import OutputTracker, sample_token
+from thunderserve.common.sequence import OutputTracker, sample_token, token_logprob
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,7 @@ class PrefillRole:
             kv_manifest=manifest,
             first_chunk_sent=first_here,
             resume_token_ids=request.resume_token_ids,
+            first_logprob=first_chunk.logprobs[0] if first_chunk.logprobs else None,
         )
         try:
             await self.host.nc.publish(
@@ -164,6 +165,8 @@ class PrefillRole:
             first = sample_token(result.logits, request.sampling, step, self.engine.eos_token_ids, resumed)
             out = tracker.add(first)
             first_chunk = TokenChunk(request.request_id, step, [first], out.text, out.finish_reason)
+            if request.sampling.logprobs is not None:
+                first_chunk.logprobs = [token_logprob(result.logits, first, request.sampling.logprobs)]
             if out.finish_reason is not None:  # the first token ends it: nothing to hand off
                 first_chunk.usage = Usage(tracker.prompt_len, tracker.completion_tokens)
                 return first_chunk

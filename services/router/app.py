@@ -143,7 +143,7 @@ def create_app(core: RouterCore, drain_timeout_s: float = 0.0) -> FastAPI:
 async def _serve(core: RouterCore, request: Request, prompt_ids, sampling, body, chat: bool):
     parent = request.headers.get(tracing.TRACEPARENT)
     flight = await core.submit(prompt_ids, sampling, parent, kv_codec=body.kv_codec)
-    builder = ResponseBuilder(flight.request_id, core.model_name, chat)
+    builder = ResponseBuilder(flight.request_id, core.model_name, chat, core.tokenizer)
     if body.stream:
         return StreamingResponse(
             _sse(core, flight, builder, body.include_usage),
@@ -151,14 +151,16 @@ async def _serve(core: RouterCore, request: Request, prompt_ids, sampling, body,
             headers={"Cache-Control": "no-cache", "X-Request-Id": flight.request_id},
         )
     parts: list[str] = []
+    logprobs = []
     last = None
     async for chunk in core.events(flight):
         parts.append(chunk.text)
+        logprobs += chunk.logprobs
         last = chunk
     if last is None or last.finish_reason == "error":
         message = last.error if last is not None else "request ended without output"
         return _error(503, message, code="replica_failure")
-    return JSONResponse(builder.full("".join(parts), last.finish_reason, last.usage))
+    return JSONResponse(builder.full("".join(parts), last.finish_reason, last.usage, logprobs))
 
 
 def _sse_line(obj: dict) -> str:
@@ -171,8 +173,8 @@ async def _sse(core: RouterCore, flight, builder: ResponseBuilder, include_usage
         if chunk.finish_reason == "error":
             yield _sse_line(error_body(chunk.error, 503, code="replica_failure"))
             break
-        if chunk.text or chunk.finish_reason is not None or first:
-            yield _sse_line(builder.chunk(chunk.text, chunk.finish_reason, first=first))
+        if chunk.text or chunk.finish_reason is not None or first or chunk.logprobs:
+            yield _sse_line(builder.chunk(chunk.text, chunk.finish_reason, first=first, logprobs=chunk.logprobs))
             first = False
         if chunk.finish_reason is not None and include_usage:
             yield _sse_line(builder.usage_chunk(chunk.usage))

@@ -39,6 +39,7 @@ from thunderserve.common.protocol import (
     Subjects,
     TokenChunk,
 )
+from thunderserve.common.sequence import MAX_LOGPROBS
 from thunderserve.router.replicas import NoReplicaError, ReplicaTable
 from thunderserve.router.workload import WorkloadRecorder
 
@@ -227,6 +228,8 @@ class RouterCore:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(sampling, name) <= 2.0:
                 raise RequestError(400, f"{name} must be between -2 and 2", param=name)
+        if sampling.logprobs is not None and not 0 <= sampling.logprobs <= MAX_LOGPROBS:
+            raise RequestError(400, f"logprobs must be between 0 and {MAX_LOGPROBS}", param="logprobs")
         vocab = len(self.tokenizer)
         if any(not 0 <= t < vocab for t in sampling.logit_bias):
             raise RequestError(400, f"logit_bias keys must be token ids in [0, {vocab})", param="logit_bias")

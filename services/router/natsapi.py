@@ -88,6 +88,7 @@ class NatsEntry:
                     error=chunk.error,
                     status=503 if chunk.finish_reason == "error" else 200,
                     index=len(history),
+                    logprobs=chunk.logprobs,
                 )
                 history.append(event)
                 await nc.publish(reply_subject, protocol.encode(event),

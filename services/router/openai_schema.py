@@ -7,7 +7,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
 
-from thunderserve.common.protocol import SamplingParams, Usage
+from thunderserve.common.protocol import SamplingParams, TokenLogprob, Usage
+from thunderserve.common.sequence import MAX_LOGPROBS
 
 
 class StreamOptions(BaseModel):
@@ -82,7 +83,7 @@ class _Common(BaseModel):
 class CompletionBody(_Common):
     prompt: StrictStr | list[StrictStr] | list[int]
     echo: StrictBool = False
-    logprobs: int | None = None
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None  # k alternatives per token
 
     @field_validator("prompt")
     @classmethod
@@ -103,12 +104,10 @@ class CompletionBody(_Common):
             raise ValueError("echo is not supported")
         return echo
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, logprobs):
-        if logprobs:
-            raise ValueError("logprobs are not supported")
-        return logprobs
+    def sampling(self, default_max_tokens: int) -> SamplingParams:
+        params = super().sampling(default_max_tokens)
+        params.logprobs = self.logprobs
+        return params
 
 
 class ChatMessage(BaseModel):
@@ -127,18 +126,20 @@ class ChatBody(_Common):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: int | None = None
     logprobs: StrictBool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
 
-    @field_validator("logprobs")
+    @field_validator("top_logprobs")
     @classmethod
-    def _no_logprobs(cls, logprobs: bool) -> bool:
-        if logprobs:
-            raise ValueError("logprobs are not supported")
-        return logprobs
+    def _top_needs_logprobs(cls, top, info):
+        if top is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return top
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
         params = super().sampling(default_max_tokens)
         if self.max_tokens is None and self.max_completion_tokens is not None:
             params.max_tokens = self.max_completion_tokens
+        params.logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return params
 
     def chat(self) -> list[dict[str, str]]:
@@ -164,38 +165,68 @@ def error_body(message: str, status: int, param: str | None = None, code: str | 
 
 
 class ResponseBuilder:
-    """Builds the OpenAI response objects of one request (completion or chat)."""
+    """Builds the OpenAI response objects of one request (completion or chat). With `tokenizer`,
+    log-probabilities are rendered with each token's text (OpenAI's shapes for either endpoint)."""
 
-    def __init__(self, request_id: str, model: str, chat: bool):
+    def __init__(self, request_id: str, model: str, chat: bool, tokenizer=None):
         self.id = ("chatcmpl-" if chat else "cmpl-") + request_id
         self.model = model
         self.chat = chat
+        self.tokenizer = tokenizer
         self.created = int(time.time())
+        self._offset = 0  # completions' text_offset: characters of token text so far
 
     def _base(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def full(self, text: str, finish_reason: str | None, usage: Usage | None) -> dict:
+    def _token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id]) if self.tokenizer is not None else str(token_id)
+
+    def logprobs(self, items: list[TokenLogprob] | None) -> dict | None:
+        """OpenAI's `logprobs` object for these tokens (None when none were asked for)."""
+        if not items:
+            return None
+        if self.chat:
+            def entry(token_id: int, lp: float) -> dict:
+                text = self._token(token_id)
+                return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+            return {"content": [{**entry(it.token_id, it.logprob),
+                                 "top_logprobs": [entry(t, lp) for t, lp in it.top.items()]} for it in items]}
+        tokens = [self._token(it.token_id) for it in items]
+        offsets = []
+        for text in tokens:
+            offsets.append(self._offset)
+            self._offset += len(text)
+        return {"tokens": tokens, "token_logprobs": [it.logprob for it in items],
+                "top_logprobs": [{self._token(t): lp for t, lp in it.top.items()} for it in items],
+                "text_offset": offsets}
+
+    def full(self, text: str, finish_reason: str | None, usage: Usage | None,
+             logprobs: list[TokenLogprob] | None = None) -> dict:
+        lp = self.logprobs(logprobs)
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "finish_reason": finish_reason, "logprobs": None}
+                      "finish_reason": finish_reason, "logprobs": lp}
             body = self._base("chat.completion")
         else:
-            choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
+            choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": lp}
             body = self._base("text_completion")
         body["choices"] = [choice]
         body["usage"] = usage_dict(usage)
         return body
 
-    def chunk(self, text: str, finish_reason: str | None, first: bool = False) -> dict:
+    def chunk(self, text: str, finish_reason: str | None, first: bool = False,
+              logprobs: list[TokenLogprob] | None = None) -> dict:
+        lp = self.logprobs(logprobs)
         if self.chat:
             delta = {"role": "assistant", "content": text} if first else {"content": text}
             if finish_reason is not None and not text:
                 delta = {}
-            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": lp}
             body = self._base("chat.completion.chunk")
         else:
-            choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
+            choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": lp}
             body = self._base("text_completion")
         body["choices"] = [choice]
         return body

@@ -82,6 +82,50 @@ async def test_penalties_match_an_in_process_greedy_loop(smollm2_cluster, smollm
     assert got.token_ids != plain.token_ids
 
 
+async def test_logprobs_are_the_models(smollm2_cluster, smollm2_reference):
+    """Each generated token's log-probability and its top alternatives, over HTTP (completions and chat,
+    whole and streamed) and the SDK, equal the reference model's log-softmax at that step (KV uncompressed)."""
+    model, tokenizer = smollm2_reference
+    prompt, n = "The capital of France is", 6
+    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    expected = _generate(model, ids, n)
+    with torch.inference_mode():
+        logits = model(torch.tensor([ids + expected])).logits[0, len(ids) - 1:-1]
+    ref = torch.log_softmax(logits.float(), dim=-1)
+    ref_top = torch.topk(ref, 3)
+
+    http = httpx.post(smollm2_cluster.http_url + "/v1/completions", timeout=60, json={
+        "prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True, "logprobs": 3}).json()
+    lp = http["choices"][0]["logprobs"]
+    assert lp["tokens"] == [tokenizer.decode([t]) for t in expected]
+    assert lp["token_logprobs"] == pytest.approx(ref[range(n), expected].tolist(), abs=2e-4)
+    for step, top in enumerate(lp["top_logprobs"]):
+        want = {tokenizer.decode([t]): v for t, v in zip(ref_top.indices[step].tolist(), ref_top.values[step].tolist())}
+        assert top.keys() == want.keys() and list(top.values()) == pytest.approx(list(want.values()), abs=2e-4)
+    assert lp["text_offset"][0] == 0 and lp["text_offset"][1] == len(lp["tokens"][0])
+
+    chat_body = {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 5, "temperature": 0,
+                 "logprobs": True, "top_logprobs": 2}
+    whole = httpx.post(smollm2_cluster.http_url + "/v1/chat/completions", json=chat_body, timeout=60).json()
+    content = whole["choices"][0]["logprobs"]["content"]
+    assert len(content) == whole["usage"]["completion_tokens"] and all(len(c["top_logprobs"]) == 2 for c in content)
+    assert all(c["logprob"] <= 0 and c["bytes"] == list(c["token"].encode()) for c in content)
+    streamed = []
+    with httpx.stream("POST", smollm2_cluster.http_url + "/v1/chat/completions", timeout=60,
+                      json={**chat_body, "stream": True}) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: {"):
+                choice = (json.loads(line[6:])["choices"] or [{}])[0]
+                streamed += (choice.get("logprobs") or {}).get("content", [])
+    assert [c["logprob"] for c in streamed] == pytest.approx([c["logprob"] for c in content], abs=1e-6)
+
+    async with Client(smollm2_cluster.nats_url) as client:
+        got = await client.complete(prompt, max_tokens=n, temperature=0, ignore_eos=True, logprobs=0)
+    assert [x.token_id for x in got.logprobs] == got.token_ids == expected
+    assert [x.logprob for x in got.logprobs] == pytest.approx(ref[range(n), expected].tolist(), abs=2e-4)
+    assert all(x.top == {} for x in got.logprobs)
+
+
 def test_openai_sdk(smollm2_cluster, smollm2_reference):
     _, tokenizer = smollm2_reference
     client = openai.OpenAI(base_url=smollm2_cluster.http_url + "/v1", api_key="unused")
@@ -161,6 +205,8 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "hi", "temperature": 5}, "temperature"),
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"abc": 1}}, "logit_bias"),
     ("/v1/completions", {"prompt": "hi", "presence_penalty": 3}, "presence_penalty"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 50}, "logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
     ("/v1/chat/completions", {"messages": []}, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
     ("/v1/chat/completions", {"messages": "hi"}, "messages"),
