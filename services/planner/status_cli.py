@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def gather(nats_url: str, subjects: Subjects, listen_s: float) -> dict:
-    nc = await aio.connect_nats(nats_url, "status", first_timeout=10, max_reconnect_attempts=0)
+    nc = await aio.connect_nats(nats_url, "status", first_timeout=5, max_reconnect_attempts=0)
     beats: dict[str, tuple[float, Heartbeat]] = {}
     reports: list[WorkloadReport] = []
 
