@@ -73,7 +73,7 @@ def quantize(
     and no transpose is needed); values per token use inner = 1. `widths` [outer, inner]
     (uint8, 1..8) gives each channel its own bit width instead of `bits`. `bounds`: x's
     (amin, amax) over dim 1 [outer, inner], if the caller has them (used when one group
-    covers n, saving two passes).
+    covers n, saving two passes; with several groups each takes its own range).
     """
     x = x.float()
     outer, n, inner = x.shape
@@ -85,7 +85,7 @@ def quantize(
     zeros, scales = [], []
     for start, stop, g in _parts(n, group):
         part = x[:, start:stop].view(outer, (stop - start) // g, g, inner)
-        if bounds is not None and stop - start == n:
+        if bounds is not None and stop - start == n == g:  # one group covers n: its range is the bounds
             lo, hi = bounds[0].unsqueeze(1), bounds[1].unsqueeze(1)
         else:
             lo, hi = part.amin(2), part.amax(2)

@@ -142,14 +142,20 @@ class PlanWatcher:
 
     async def restart(self) -> None:
         """Watch afresh (after a NATS reconnect: the old watch would take several seconds to notice
-        that its consumer went with the server). Plans not newer than the applied one are skipped."""
+        that its consumer went with the server). Plans not newer than the applied one are skipped.
+        While JetStream is still recovering, it tries again (backing off to 5 s) until it can."""
         await self.stop()
-        try:
-            await self.start()
-        except Exception as exc:  # JetStream still recovering: the old watch's own recovery is gone too
-            log.warning("could not watch the plan again after reconnecting (%s); retrying", exc)
-            await asyncio.sleep(1.0)
-            await self.start()
+        delay = 0.25
+        while True:
+            try:
+                await self.start()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("could not watch the plan again after reconnecting (%s); retrying in %.2g s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(5.0, delay * 2)
 
     async def _run(self, watcher) -> None:
         async for entry in watcher:

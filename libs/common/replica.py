@@ -139,8 +139,8 @@ class ReplicaHost:
         self.connection += 1
         log.warning("%s: reconnected to NATS (connection %d)", self.replica_id, self.connection)
         await self._send_heartbeat()
-        if self._plan_watcher is not None:
-            await self._plan_watcher.restart()
+        if self._plan_watcher is not None:  # in the background: nats.py awaits this callback mid-reconnect
+            self._tasks.append(asyncio.create_task(self._plan_watcher.restart()))
 
     async def shutdown(self) -> None:
         log.info("%s: stopping (draining in-flight work)", self.replica_id)

@@ -397,8 +397,8 @@ class RouterCore:
             flight.fresh_after = now
             if not await self._resume(flight, "the router's NATS connection dropped", avoid_failed=False):
                 self._fail(flight, "the router's NATS connection dropped")
-        if self._plan_watcher is not None:
-            await self._plan_watcher.restart()
+        if self._plan_watcher is not None:  # in the background: nats.py awaits this callback mid-reconnect
+            self._tasks.append(asyncio.create_task(self._plan_watcher.restart()))
 
     async def _on_heartbeat(self, msg) -> None:
         beat = protocol.decode_or_warn(Heartbeat, msg.data, log)

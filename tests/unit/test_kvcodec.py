@@ -417,3 +417,13 @@ def test_agreement_standard_error() -> None:
     assert result([0.5] * 10).agreement_se == 0.0
     assert result([1.0]).agreement_se == 0.0  # one prompt: no spread to measure
     assert result([1.0, 0.0, 1.0, 0.0]).summary()["agreement_se"] == pytest.approx(0.2887, abs=1e-4)
+
+
+def test_per_channel_widths_with_several_groups_in_one_part():
+    """Keys with per-channel widths over n tokens that are a whole number of groups (here 32 = 2 x 16,
+    after 6 sink tokens; in production: 8,192 tokens at groups of 4,096): each group gets its own range.
+    Hypothesis found that the whole-n bounds were used for both, giving one range where the decoder
+    reads two."""
+    spec = QuantSpec(2, 16, "channel", 0, 6, "uniform", 0.0, 0, True)
+    weights = torch.rand(3, 64, generator=torch.Generator().manual_seed(0)) * 10
+    _assert_within_bound(GroupQuantCodec(spec, spec, key_weights=weights), _kv((1, 3, 38, 64), 0), "key")
