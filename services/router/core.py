@@ -9,6 +9,10 @@ from there, so the client's stream continues (up to `max_resumes` times). With n
 take it, the request waits up to `resume_wait_s` for one (a restarted replica, a phase flip). If
 none comes, or nothing arrives for `request_timeout_s`, it ends with an error instead of hanging.
 
+A replica whose heartbeat is late is probed: a NATS request to its control subject. "No
+responders" means its connection is gone (the process died), and it counts as dead at once, well
+before the heartbeat timeout; a replica that is only slow answers, or times out, and waits.
+
 NATS core keeps nothing for a subscriber that is cut off, so a reconnect may have lost messages.
 When the router reconnects, every request in flight is resumed on replicas heard from since; when a
 replica's heartbeat shows a new session (it reconnected, or restarted under its id), the requests
@@ -26,6 +30,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import nats
+from nats.errors import NoRespondersError
 
 from thunderserve.common import aio, protocol, tracing
 from thunderserve.common.kvcodec import codec_names
@@ -33,6 +38,7 @@ from thunderserve.common.plan import Plan
 from thunderserve.common.planstore import PlanWatcher
 from thunderserve.common.protocol import (
     Abort,
+    ControlCommand,
     Heartbeat,
     PrefillRequest,
     SamplingParams,
@@ -44,6 +50,9 @@ from thunderserve.router.replicas import NoReplicaError, ReplicaTable
 from thunderserve.router.workload import WorkloadRecorder
 
 log = logging.getLogger(__name__)
+
+PROBE_AFTER_S = 0.75  # probe a replica this long after its last heartbeat (they come every 0.5 s)
+PROBE_TIMEOUT_S = 0.5
 
 
 class RequestError(Exception):
@@ -141,6 +150,7 @@ class RouterCore:
         self.draining = False  # stopping: no new requests, the ones in flight may finish
         self._plan_watcher: PlanWatcher | None = None
         self._tasks: list[asyncio.Task] = []
+        self._probing: set[str] = set()  # replicas with a probe in flight
 
     async def start(self) -> None:
         self.nc = await aio.connect_nats(self.nats_url, self.router_id, max_reconnect_attempts=-1,
@@ -443,9 +453,27 @@ class RouterCore:
                 self.workload.finished(flight.prompt_len, len(flight.token_ids))
             flight.queue.put_nowait(ready)
 
+    async def _probe(self, replica_id: str) -> None:
+        """Is a late replica still on NATS? No responders on its control subject: it is gone."""
+        try:
+            await self.nc.request(self.subjects.control(replica_id), protocol.encode(ControlCommand()),
+                                  timeout=PROBE_TIMEOUT_S, headers=tracing.headers_for(None))
+        except NoRespondersError:
+            log.warning("replica %s is gone from NATS (late heartbeat, no responders)", replica_id)
+            self.replicas.forget(replica_id)
+        except Exception:  # a timeout (alive but busy, or a frozen process): the heartbeat timeout decides
+            pass
+        finally:
+            self._probing.discard(replica_id)
+
     async def _watchdog(self) -> None:
         while True:
             await asyncio.sleep(0.2)
+            for rid in self.replicas.overdue(PROBE_AFTER_S):
+                if rid not in self._probing:
+                    self._probing.add(rid)
+                    self._tasks.append(asyncio.create_task(self._probe(rid)))
+            self._tasks = [t for t in self._tasks if not t.done()]
             gone = set(self.replicas.expired())
             if gone:
                 log.warning("replicas stopped responding: %s", ", ".join(sorted(gone)))

@@ -51,6 +51,17 @@ class ReplicaTable:
         view = self.replicas.get(replica_id)
         return view is not None and time.monotonic() - view.last_seen <= self.timeout_s
 
+    def overdue(self, after_s: float) -> list[str]:
+        """Replicas silent for more than `after_s` but not yet past the timeout: worth a probe."""
+        now = time.monotonic()
+        return [rid for rid, v in self.replicas.items() if after_s < now - v.last_seen <= self.timeout_s]
+
+    def forget(self, replica_id: str) -> None:
+        """Count the replica as gone at the next `expired()` (it is known dead before its timeout)."""
+        view = self.replicas.get(replica_id)
+        if view is not None:
+            view.last_seen = -self.timeout_s - 1.0
+
     def expired(self) -> list[str]:
         """Replicas whose heartbeats stopped: forget them and return their ids."""
         now = time.monotonic()

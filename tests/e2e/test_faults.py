@@ -199,3 +199,26 @@ async def test_a_stopping_router_refuses_new_requests_and_lets_the_ones_in_fligh
     assert all(r.status_code == 200 and r.json()["usage"]["completion_tokens"] == n for r in responses)
     assert streamed.finish_reason == "length" and len(streamed.token_ids) == n
     assert await asyncio.to_thread(router.wait, 30) in (0, -signal.SIGTERM)  # uvicorn exits by the signal it got
+
+
+async def test_a_dead_replica_is_found_by_a_probe_before_its_heartbeat_timeout(make_cluster):
+    """Heartbeat timeout 10 s here. A SIGKILLed decode replica's NATS connection closes with it, so the
+    router's probe of the late replica gets "no responders": it counts the replica as dead within a few
+    seconds, not ten, and the requests it held resume on the other decode replica."""
+    cluster = make_cluster(model="tiny-random", decode=2, threads_per_replica=1,
+                           extra_env={"THUNDERSERVE_REPLICA_TIMEOUT": "10"})
+    n = 300
+    async with Client(cluster.nats_url, timeout_s=60) as client:
+        tasks = [asyncio.create_task(client.complete(f"Story {i}:", max_tokens=n, ignore_eos=True, temperature=0))
+                 for i in range(4)]
+        await _until_decoding(cluster, 4)
+        running = {r["id"]: r["running"] for r in cluster.health()["replicas"] if r["phase"] == "decode"}
+        victim = max(running, key=running.get)
+        cluster.kill(victim)
+        killed = time.monotonic()
+        while any(r["id"] == victim for r in (cluster.health() or {}).get("replicas", [])):
+            assert time.monotonic() - killed < 6, f"{victim} still listed: the probe did not find it gone"
+            await asyncio.sleep(0.05)
+        results = await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)
+    assert all(r.finish_reason == "length" and len(r.token_ids) == n for r in results)
+    assert _resumed(cluster) >= 1
