@@ -17,6 +17,7 @@ import torch
 from thunderserve.common.protocol import SamplingParams, TokenLogprob
 
 MAX_LOGPROBS = 20  # alternatives per token at most (OpenAI's limit)
+MAX_PENALTY = 2.0  # presence/frequency penalties lie in [-MAX_PENALTY, MAX_PENALTY] (OpenAI's range)
 
 
 def _generator(seed: int, step: int) -> torch.Generator:

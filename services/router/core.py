@@ -45,7 +45,7 @@ from thunderserve.common.protocol import (
     Subjects,
     TokenChunk,
 )
-from thunderserve.common.sequence import MAX_LOGPROBS
+from thunderserve.common.sequence import MAX_LOGPROBS, MAX_PENALTY
 from thunderserve.router.replicas import NoReplicaError, ReplicaTable
 from thunderserve.router.workload import WorkloadRecorder
 
@@ -80,7 +80,6 @@ class InFlight:
     waiting_since: float | None = None  # its replica failed and no other has taken it yet
     wait_reason: str = ""
     avoid: frozenset[str] = frozenset()  # the failed attempt's replicas
-    dispatched_at: float = 0.0  # monotonic time of the current attempt's dispatch
     fresh_after: float = 0.0  # resume only on replicas heard from after this (the router reconnected then)
     token_ids: list[int] = field(default_factory=list)  # streamed to the client so far
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
@@ -236,8 +235,8 @@ class RouterCore:
         if sampling.min_tokens > sampling.max_tokens:
             raise RequestError(400, "min_tokens cannot exceed max_tokens", param="min_tokens")
         for name in ("presence_penalty", "frequency_penalty"):
-            if not -2.0 <= getattr(sampling, name) <= 2.0:
-                raise RequestError(400, f"{name} must be between -2 and 2", param=name)
+            if not -MAX_PENALTY <= getattr(sampling, name) <= MAX_PENALTY:
+                raise RequestError(400, f"{name} must be between -{MAX_PENALTY:g} and {MAX_PENALTY:g}", param=name)
         if sampling.logprobs is not None and not 0 <= sampling.logprobs <= MAX_LOGPROBS:
             raise RequestError(400, f"logprobs must be between 0 and {MAX_LOGPROBS}", param="logprobs")
         vocab = len(self.tokenizer)
@@ -289,7 +288,6 @@ class RouterCore:
     async def _dispatch(self, flight: InFlight, prefill, decode) -> None:
         """Send the flight's current attempt to this prefill/decode pair."""
         flight.prefill_id, flight.decode_id = prefill.beat.replica_id, decode.beat.replica_id
-        flight.dispatched_at = time.monotonic()
         self.inflight[flight.wire_id] = flight
         for view in (prefill, decode):
             view.assigned += 1
@@ -397,16 +395,19 @@ class RouterCore:
         self._finish(flight)
         flight.queue.put_nowait(chunk)
 
+    async def _resume_or_fail(self, flight: InFlight, why: str, avoid_failed: bool = True) -> None:
+        if not await self._resume(flight, why, avoid_failed):
+            self._fail(flight, why)
+
     async def _on_reconnected(self) -> None:
         """Back on NATS after a drop: what the replicas sent meanwhile, and what this router sent them,
         may be lost. Resume every request in flight on replicas heard from from now on."""
         now = time.monotonic()
-        flights = [f for f in self.inflight.values() if not f.finished and f.waiting_since is None]
+        flights = [f for f in self.inflight.values() if f.waiting_since is None]  # parked ones wait anyway
         log.warning("reconnected to NATS; resuming the %d request(s) in flight", len(flights))
         for flight in flights:
             flight.fresh_after = now
-            if not await self._resume(flight, "the router's NATS connection dropped", avoid_failed=False):
-                self._fail(flight, "the router's NATS connection dropped")
+            await self._resume_or_fail(flight, "the router's NATS connection dropped", avoid_failed=False)
         if self._plan_watcher is not None:  # in the background: nats.py awaits this callback mid-reconnect
             self._tasks.append(asyncio.create_task(self._plan_watcher.restart()))
 
@@ -415,13 +416,12 @@ class RouterCore:
         if beat is None or not self.replicas.update(beat):
             return
         # A new session (it reconnected to NATS, or restarted): what was sent to it before may be lost.
-        rid, now = beat.replica_id, time.monotonic()
+        # A flight sent after this heartbeat went to the new session, so only the ones in flight now.
+        rid = beat.replica_id
         for flight in list(self.inflight.values()):
             uses = flight.decode_id == rid or (not flight.in_decode and flight.prefill_id == rid)
-            if uses and not flight.finished and flight.waiting_since is None and flight.dispatched_at < now:
-                why = f"replica {rid} reconnected to NATS or restarted"
-                if not await self._resume(flight, why):
-                    self._fail(flight, why)
+            if uses and flight.waiting_since is None:
+                await self._resume_or_fail(flight, f"replica {rid} reconnected to NATS or restarted")
 
     async def _on_chunk(self, msg) -> None:
         chunk = protocol.decode_or_warn(TokenChunk, msg.data, log)

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
 
 from thunderserve.common.protocol import SamplingParams, TokenLogprob, Usage
-from thunderserve.common.sequence import MAX_LOGPROBS
+from thunderserve.common.sequence import MAX_LOGPROBS, MAX_PENALTY
 
 
 class StreamOptions(BaseModel):
@@ -30,8 +30,8 @@ class _Common(BaseModel):
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
     ignore_eos: StrictBool = False
     min_tokens: Annotated[int, Field(ge=0)] = 0
-    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
-    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    presence_penalty: Annotated[float, Field(ge=-MAX_PENALTY, le=MAX_PENALTY)] = 0.0
+    frequency_penalty: Annotated[float, Field(ge=-MAX_PENALTY, le=MAX_PENALTY)] = 0.0
     user: str | None = None
     kv_codec: StrictStr | None = None  # extension: KV compression for this request
 

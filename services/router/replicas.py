@@ -44,7 +44,7 @@ class ReplicaTable:
             view.beat, view.last_seen = beat, time.monotonic()
         if beat.state == "stopping":
             # A replica that says it is leaving takes no new work; it still finishes its own.
-            self.replicas[beat.replica_id].last_seen = 0.0
+            self.forget(beat.replica_id)
         return reconnected
 
     def alive(self, replica_id: str) -> bool:
