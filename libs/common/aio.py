@@ -12,7 +12,7 @@ from typing import Any
 import nats
 import nats.errors
 
-from thunderserve.common import tracing
+from thunderserve.common import protocol, tracing
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,21 @@ async def respond(nc: nats.NATS, msg, data: bytes) -> None:
     no headers)."""
     if msg.reply:
         await nc.publish(msg.reply, data, headers=tracing.headers_for(tracing.traceparent_of(msg)))
+
+
+async def replica_gone(nc: nats.NATS, subjects: protocol.Subjects, replica_id: str,
+                       timeout: float = protocol.PROBE_TIMEOUT_S) -> bool:
+    """Probe a replica with an empty command on its control subject, which it always listens to.
+    True only if NATS answers "no responders" (its connection is gone: the process died); a reply,
+    or a timeout (alive but busy, or frozen with its connection open), is False."""
+    try:
+        await nc.request(subjects.control(replica_id), protocol.encode(protocol.ControlCommand()),
+                         timeout=timeout, headers=tracing.headers_for(None))
+    except nats.errors.NoRespondersError:
+        return True
+    except (nats.errors.Error, TimeoutError):
+        pass
+    return False
 
 
 async def close_nats(nc: nats.NATS | None, timeout: float = 5.0) -> None:

@@ -217,6 +217,13 @@ class ControlCommand:
     phase: str | None = None  # swap the phase role: "prefill" | "decode"
 
 
+HEARTBEAT_INTERVAL_S = 0.5  # every replica heart-beats this often
+# A replica this late is probed (`aio.replica_gone`): "no responders" on its control subject means its
+# process is gone, long before a heartbeat timeout would say so.
+PROBE_AFTER_S = 0.75
+PROBE_TIMEOUT_S = 0.5
+
+
 @dataclass
 class Heartbeat:
     replica_id: str

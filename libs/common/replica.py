@@ -36,7 +36,6 @@ from thunderserve.common.protocol import Abort, ControlCommand, Heartbeat, Subje
 log = logging.getLogger(__name__)
 
 ROLE_MODULES = {"prefill": "thunderserve.prefill.role", "decode": "thunderserve.decode.role"}
-HEARTBEAT_INTERVAL_S = 0.5
 
 
 class PhaseRole(Protocol):
@@ -234,7 +233,7 @@ class ReplicaHost:
     async def _heartbeat_loop(self) -> None:
         while True:
             await self._send_heartbeat()
-            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+            await asyncio.sleep(protocol.HEARTBEAT_INTERVAL_S)
 
 
 def build_parser(phase: str) -> argparse.ArgumentParser:

@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with --live: start from this plan (e.g. `--json` output) instead of searching; "
                            "without --cluster, --model and --workload, re-plan it for what it records it was made for")
     live.add_argument("--dead-after", type=float, default=2.0, metavar="S", dest="dead_after",
-                      help="seconds without a heartbeat before a replica counts as dead (default 2)")
+                      help="seconds without a heartbeat before a replica counts as dead (default 2); one whose "
+                           "heartbeat is 0.75 s late and whose connection is gone from NATS counts as dead at once")
     live.add_argument("--shift", type=float, default=0.25, metavar="F",
                       help="re-plan when the observed rate, mean prompt or mean output length is off from the "
                            "planned workload's by more than this fraction (default 0.25; 0 = ignore the traffic)")

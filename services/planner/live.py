@@ -4,8 +4,9 @@ and as the traffic shifts.
 `LivePlanner` watches the replicas' heartbeats and the routers' workload reports. It re-plans with
 the lightweight rescheduling (`Planner.reschedule`: phases and routing only, grouping and layouts
 stay, so no weights move) when
-- a replica of the base plan has been silent for `dead_after_s`, or a silent one heart-beats again:
-  the new plan covers the replicas alive, and is always published;
+- a replica of the base plan has been silent for `dead_after_s`, or is gone from NATS (a late one is
+  probed as the router probes it: "no responders" on its control subject means its process died), or
+  a silent one heart-beats again: the new plan covers the replicas alive, and is always published;
 - the workload of the last `shift.window_s` (rate, mean prompt or output length) is off from the one
   the current plan was made for by more than `shift.threshold`, and steady (`shift.steady_shift`):
   the new plan is published if it serves differently (phases, routes, codec), else the observed
@@ -25,7 +26,7 @@ import time
 
 import nats
 
-from thunderserve.common import protocol
+from thunderserve.common import aio, protocol
 from thunderserve.common.plan import Plan
 from thunderserve.common.planstore import EpochAcks, StalePlanError, current_plan, publish_plan
 from thunderserve.common.protocol import Heartbeat, Subjects, WorkloadReport
@@ -54,6 +55,7 @@ class LivePlanner:
         self._last_shift = float("-inf")  # when the workload last made it re-plan
         self._subs: list = []
         self._task: asyncio.Task | None = None
+        self._probes: dict[str, asyncio.Task] = {}  # replica id -> its probe in flight
 
     async def start(self) -> None:
         """Publish the base plan (as the next epoch) and start watching."""
@@ -65,10 +67,11 @@ class LivePlanner:
         self._task = asyncio.create_task(self._loop())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in [self._task, *self._probes.values()]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -89,6 +92,22 @@ class LivePlanner:
         return frozenset(r.id for r in self.base.replicas
                          if now - self.seen.get(r.id, self._started) > self.dead_after_s)
 
+    def _probe_late(self, now: float) -> None:
+        """Probe each replica heard from before whose heartbeat is late but not yet past `dead_after_s`."""
+        for r in self.base.replicas:
+            last = self.seen.get(r.id)
+            if (last is not None and protocol.PROBE_AFTER_S < now - last <= self.dead_after_s
+                    and r.id not in self._probes):
+                self._probes[r.id] = asyncio.create_task(self._probe(r.id, last))
+
+    async def _probe(self, replica_id: str, last: float) -> None:
+        try:
+            if await aio.replica_gone(self.nc, self.subjects, replica_id) and self.seen.get(replica_id) == last:
+                log.warning("replica %s is gone from NATS (late heartbeat, no responders)", replica_id)
+                self.seen[replica_id] = float("-inf")  # silent from now on, until it heart-beats again
+        finally:
+            self._probes.pop(replica_id, None)
+
     def shifted(self, now: float) -> tuple[Workload, list[str]] | None:
         """The observed workload and what moved, if it moved past the threshold and is steady (and
         the cool-down is over)."""
@@ -101,6 +120,7 @@ class LivePlanner:
             await asyncio.sleep(self.poll_s)
             self._note_acks()
             now = time.monotonic()
+            self._probe_late(now)
             dead = self.silent(now)
             if dead != self.dead:
                 gone, back = sorted(dead - self.dead), sorted(self.dead - dead)

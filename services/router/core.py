@@ -30,7 +30,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import nats
-from nats.errors import NoRespondersError
 
 from thunderserve.common import aio, protocol, tracing
 from thunderserve.common.kvcodec import codec_names
@@ -38,7 +37,6 @@ from thunderserve.common.plan import Plan
 from thunderserve.common.planstore import PlanWatcher
 from thunderserve.common.protocol import (
     Abort,
-    ControlCommand,
     Heartbeat,
     PrefillRequest,
     SamplingParams,
@@ -51,8 +49,6 @@ from thunderserve.router.workload import WorkloadRecorder
 
 log = logging.getLogger(__name__)
 
-PROBE_AFTER_S = 0.75  # probe a replica this long after its last heartbeat (they come every 0.5 s)
-PROBE_TIMEOUT_S = 0.5
 
 
 class RequestError(Exception):
@@ -456,20 +452,16 @@ class RouterCore:
     async def _probe(self, replica_id: str) -> None:
         """Is a late replica still on NATS? No responders on its control subject: it is gone."""
         try:
-            await self.nc.request(self.subjects.control(replica_id), protocol.encode(ControlCommand()),
-                                  timeout=PROBE_TIMEOUT_S, headers=tracing.headers_for(None))
-        except NoRespondersError:
-            log.warning("replica %s is gone from NATS (late heartbeat, no responders)", replica_id)
-            self.replicas.forget(replica_id)
-        except Exception:  # a timeout (alive but busy, or a frozen process): the heartbeat timeout decides
-            pass
+            if await aio.replica_gone(self.nc, self.subjects, replica_id):
+                log.warning("replica %s is gone from NATS (late heartbeat, no responders)", replica_id)
+                self.replicas.forget(replica_id)
         finally:
             self._probing.discard(replica_id)
 
     async def _watchdog(self) -> None:
         while True:
             await asyncio.sleep(0.2)
-            for rid in self.replicas.overdue(PROBE_AFTER_S):
+            for rid in self.replicas.overdue(protocol.PROBE_AFTER_S):
                 if rid not in self._probing:
                     self._probing.add(rid)
                     self._tasks.append(asyncio.create_task(self._probe(rid)))

@@ -107,3 +107,48 @@ def test_without_a_shift_policy_traffic_is_ignored(nats_url, three_replica_plan)
     planner, base = three_replica_plan
     live, stored = asyncio.run(_scenario(nats_url, planner, base, [(IDS, 1.5, [(20, 200)] * 3, 1.0)]))
     assert [h["epoch"] for h in live.history] == [1] and stored[-1].epoch == 1
+
+
+def test_a_late_replica_gone_from_nats_is_replanned_away_before_its_heartbeat_timeout(
+        nats_url, three_replica_plan):
+    """With a 10 s heartbeat timeout: decode-0 stops beating and its connection goes (its process
+    died), prefill-1 stops beating but still answers on its control subject (alive, only late). The
+    probe finds decode-0 gone within a couple of seconds; prefill-1 is left in the plan."""
+    planner, base = three_replica_plan
+
+    async def main() -> tuple[LivePlanner, float | None]:
+        subjects = Subjects(f"liveprobe{next(_prefixes)}{int(time.time()) % 10000}")
+        nc, replicas = await nats.connect(nats_url), {rid: await nats.connect(nats_url) for rid in IDS}
+
+        async def answer(msg) -> None:
+            await msg.respond(protocol.encode({"ok": True}))
+
+        for rid, conn in replicas.items():
+            await conn.subscribe(subjects.control(rid), cb=answer)
+        live = LivePlanner(nc, subjects, planner, base, dead_after_s=10.0, poll_s=0.05, shift=None)
+        gone_after = None
+        try:
+            await live.start()
+            beating, t_stop = set(IDS), None
+            for step in range(40):  # 4 s
+                if step == 10:
+                    beating -= {"decode-0", "prefill-1"}
+                    await replicas["decode-0"].close()
+                    t_stop = time.monotonic()
+                for rid in beating:
+                    phase = "decode" if rid.startswith("decode") else "prefill"
+                    await replicas[rid].publish(subjects.heartbeat(rid), protocol.encode(Heartbeat(rid, phase, "m")))
+                if gone_after is None and len(live.history) > 1:
+                    gone_after = time.monotonic() - t_stop
+                await asyncio.sleep(0.1)
+        finally:
+            await live.stop()
+            for conn in [nc, *replicas.values()]:
+                if not conn.is_closed:
+                    await conn.close()
+        return live, gone_after
+
+    live, gone_after = asyncio.run(main())
+    assert [h["dead"] for h in live.history] == [[], ["decode-0"]]
+    assert gone_after is not None and gone_after < 2.5  # the probe, not the 10 s timeout
+    assert "prefill-1" in live.history[-1]["phases"]
