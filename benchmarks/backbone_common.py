@@ -67,6 +67,21 @@ def percentile(values: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
+async def sdk_stream(client, prompt: str, max_tokens: int, times: list[float]) -> dict[str, Any]:
+    """Stream one greedy chat request of exactly `max_tokens` tokens through the SDK `client`,
+    appending each token's arrival time to `times`. A failure is a result here, not a crash."""
+    tokens, finish_reason, error = 0, None, ""
+    try:
+        async for chunk in client.stream(messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
+                                         temperature=0, ignore_eos=True):
+            tokens += len(chunk.token_ids)
+            times.extend([time.monotonic()] * len(chunk.token_ids))
+            finish_reason = chunk.finish_reason
+    except Exception as exc:
+        error = str(exc)
+    return {"tokens": tokens, "finish_reason": finish_reason, "error": error}
+
+
 def save_plot(fig, ax, path, grid: str = "y") -> None:
     """The benchmarks' common finish of a plot: small legend, light grid (`grid`: "y" or "both"), file."""
     ax.legend(fontsize=8)

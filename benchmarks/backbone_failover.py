@@ -30,23 +30,10 @@ import threading
 import time
 
 import httpx
-from backbone_common import finish, host_info, progress, r, save_plot
+from backbone_common import finish, host_info, progress, r, save_plot, sdk_stream
 
 from thunderserve.common.client import Client
 from thunderserve.launcher.cluster import LocalCluster, RestartPolicy
-
-
-async def _stream(client: Client, prompt: str, max_tokens: int, times: list[float]) -> dict:
-    tokens, finish_reason, error = 0, None, ""
-    try:
-        async for chunk in client.stream(messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
-                                         temperature=0, ignore_eos=True):
-            tokens += len(chunk.token_ids)
-            times.extend([time.monotonic()] * len(chunk.token_ids))
-            finish_reason = chunk.finish_reason
-    except Exception as exc:  # a lost request is a result here, not a crash of the benchmark
-        error = str(exc)
-    return {"tokens": tokens, "finish_reason": finish_reason, "error": error}
 
 
 async def _http_stream(http: httpx.AsyncClient, url: str, prompt: str, max_tokens: int,
@@ -81,7 +68,7 @@ async def _run(cluster: LocalCluster, args) -> dict:
         if args.kill == "nats":
             streams = [_http_stream(http, cluster.http_url, p, args.max_tokens, t) for p, t in zip(prompts, times)]
         else:
-            streams = [_stream(client, p, args.max_tokens, t) for p, t in zip(prompts, times)]
+            streams = [sdk_stream(client, p, args.max_tokens, t) for p, t in zip(prompts, times)]
         tasks = [asyncio.create_task(s) for s in streams]
         while min(len(t) for t in times) < args.kill_after:
             if all(task.done() for task in tasks):
