@@ -119,9 +119,9 @@ class Client:
                      **params) -> AsyncIterator[Chunk]:
         """Yield the request's text chunks as they are generated; the last has `finish_reason`.
 
-        Keyword parameters are SamplingParams fields: max_tokens, temperature, top_p, seed,
-        stop, ignore_eos, min_tokens, logit_bias, presence_penalty, frequency_penalty, logprobs
-        (k: each chunk's `logprobs` has its tokens' and k alternatives). `kv_codec` ("none",
+        Keyword parameters are SamplingParams fields: max_tokens, temperature, top_p, top_k, min_p,
+        seed, stop, stop_token_ids, ignore_eos, min_tokens, logit_bias, presence_penalty,
+        frequency_penalty, logprobs (k: each chunk's `logprobs` has its tokens' and k alternatives). `kv_codec` ("none",
         "int8", "int4") overrides the deployment's KV compression for this request.
         """
         if self.nc is None:

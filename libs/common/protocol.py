@@ -89,6 +89,8 @@ class SamplingParams:
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # sample among the k most likely tokens only (0 = all)
+    min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one's probability
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)

@@ -1,7 +1,7 @@
 """Per-request token choice and output bookkeeping, shared by both phase roles.
 
 `sample_token` turns one position's logits into a token under a request's SamplingParams
-(logit bias, min_tokens, temperature, top-p, a per-request seed). `OutputTracker` keeps
+(penalties, logit bias, min_tokens, temperature, top-k, min-p, top-p, a per-request seed). `OutputTracker` keeps
 the generated tokens, turns them into text deltas (never splitting a UTF-8 character or
 leaking the start of a stop string) and decides when the request is finished.
 """
@@ -54,6 +54,14 @@ def sample_token(
     if params.greedy:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits / params.temperature, dim=-1)
+    # The filters in vLLM's order of effect: top-k, then min-p, then top-p over what is left.
+    if 0 < params.top_k < probs.shape[-1]:
+        kth = torch.topk(probs, params.top_k).values[-1]
+        probs = torch.where(probs >= kth, probs, 0.0)
+        probs = probs / probs.sum()
+    if params.min_p > 0.0:
+        probs = torch.where(probs >= params.min_p * probs.max(), probs, 0.0)
+        probs = probs / probs.sum()
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         cumulative = torch.cumsum(sorted_probs, dim=-1)

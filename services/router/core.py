@@ -209,7 +209,7 @@ class RouterCore:
             raise RequestError(400, f"cannot apply the chat template: {exc}", param="messages") from None
         return list(encoded["input_ids"])
 
-    def check_lengths(self, prompt_ids: list[int], sampling: SamplingParams) -> None:
+    def check_request(self, prompt_ids: list[int], sampling: SamplingParams) -> None:
         if not prompt_ids:
             raise RequestError(400, "the prompt is empty", param="prompt")
         if len(prompt_ids) >= self.max_context:
@@ -230,6 +230,14 @@ class RouterCore:
             )
         if sampling.min_tokens > sampling.max_tokens:
             raise RequestError(400, "min_tokens cannot exceed max_tokens", param="min_tokens")
+        if not 0.0 <= sampling.temperature <= 2.0:
+            raise RequestError(400, "temperature must be between 0 and 2", param="temperature")
+        if not 0.0 < sampling.top_p <= 1.0:
+            raise RequestError(400, "top_p must be in (0, 1]", param="top_p")
+        if sampling.top_k < 0:
+            raise RequestError(400, "top_k must be at least 0 (0: no limit)", param="top_k")
+        if not 0.0 <= sampling.min_p <= 1.0:
+            raise RequestError(400, "min_p must be between 0 and 1", param="min_p")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -MAX_PENALTY <= getattr(sampling, name) <= MAX_PENALTY:
                 raise RequestError(400, f"{name} must be between -{MAX_PENALTY:g} and {MAX_PENALTY:g}", param=name)
@@ -238,6 +246,8 @@ class RouterCore:
         vocab = len(self.tokenizer)
         if any(not 0 <= t < vocab for t in sampling.logit_bias):
             raise RequestError(400, f"logit_bias keys must be token ids in [0, {vocab})", param="logit_bias")
+        if any(not 0 <= t < vocab for t in sampling.stop_token_ids):
+            raise RequestError(400, f"stop_token_ids must be token ids in [0, {vocab})", param="stop_token_ids")
 
     # --- dispatch and tracking --------------------------------------------------------------
 
@@ -253,7 +263,7 @@ class RouterCore:
         if self.draining:
             raise RequestError(503, "this router is shutting down; send the request to another router",
                                code="shutting_down")
-        self.check_lengths(prompt_ids, sampling)
+        self.check_request(prompt_ids, sampling)
         if kv_codec is not None and kv_codec not in codec_names():
             raise RequestError(400, f"unknown kv_codec {kv_codec!r}; choose one of {', '.join(codec_names())}",
                                param="kv_codec")

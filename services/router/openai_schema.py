@@ -22,11 +22,15 @@ class _Common(BaseModel):
     max_tokens: int | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    top_k: Annotated[int, Field(ge=-1)] | None = None  # extension (vLLM's): -1, 0 or None = no limit
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0  # extension (vLLM's)
     n: int = 1
+    best_of: int | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     stop: StrictStr | list[StrictStr] | None = None
     seed: int | None = None
+    stop_token_ids: list[int] | None = None  # extension (vLLM's)
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
     ignore_eos: StrictBool = False
     min_tokens: Annotated[int, Field(ge=0)] = 0
@@ -34,6 +38,12 @@ class _Common(BaseModel):
     frequency_penalty: Annotated[float, Field(ge=-MAX_PENALTY, le=MAX_PENALTY)] = 0.0
     user: str | None = None
     kv_codec: StrictStr | None = None  # extension: KV compression for this request
+    # Known OpenAI (and vLLM) parameters this server cannot honour: refused, never silently ignored.
+    response_format: dict | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    functions: list | None = None
+    repetition_penalty: float | None = None
 
     @field_validator("n")
     @classmethod
@@ -41,6 +51,41 @@ class _Common(BaseModel):
         if n != 1:
             raise ValueError("only n=1 is supported")
         return n
+
+    @field_validator("best_of")
+    @classmethod
+    def _one_candidate(cls, best_of: int | None) -> int | None:
+        if best_of not in (None, 1):
+            raise ValueError("only best_of=1 is supported")
+        return best_of
+
+    @field_validator("response_format")
+    @classmethod
+    def _plain_text(cls, fmt: dict | None) -> dict | None:
+        if fmt is not None and fmt.get("type", "text") != "text":
+            raise ValueError(f"response_format {fmt.get('type')!r} is not supported: outputs are plain text")
+        return fmt
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_tools(cls, tools: list | None) -> list | None:
+        if tools:
+            raise ValueError("tool and function calling are not supported")
+        return tools
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _no_tool_choice(cls, choice):
+        if choice not in (None, "none", "auto"):  # "auto" with no tools means none
+            raise ValueError("tool and function calling are not supported")
+        return choice
+
+    @field_validator("repetition_penalty")
+    @classmethod
+    def _no_repetition_penalty(cls, penalty: float | None) -> float | None:
+        if penalty not in (None, 1.0):
+            raise ValueError("repetition_penalty is not supported; use presence_penalty or frequency_penalty")
+        return penalty
 
     @field_validator("stop")
     @classmethod
@@ -66,8 +111,11 @@ class _Common(BaseModel):
             max_tokens=max_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
+            top_k=max(0, self.top_k or 0),
+            min_p=self.min_p,
             seed=self.seed,
             stop=list(self.stop or []),
+            stop_token_ids=list(self.stop_token_ids or []),
             ignore_eos=self.ignore_eos,
             min_tokens=self.min_tokens,
             logit_bias={int(k): float(v) for k, v in (self.logit_bias or {}).items()},
@@ -83,6 +131,7 @@ class _Common(BaseModel):
 class CompletionBody(_Common):
     prompt: StrictStr | list[StrictStr] | list[int]
     echo: StrictBool = False
+    suffix: StrictStr | None = None
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None  # k alternatives per token
 
     @field_validator("prompt")
@@ -96,6 +145,13 @@ class CompletionBody(_Common):
                     raise ValueError("only one prompt per request is supported")
                 return prompt[0]
         return prompt
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, suffix: str | None) -> str | None:
+        if suffix:
+            raise ValueError("suffix (insertion) is not supported")
+        return suffix
 
     @field_validator("echo")
     @classmethod

@@ -206,6 +206,16 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"abc": 1}}, "logit_bias"),
     ("/v1/completions", {"prompt": "hi", "presence_penalty": 3}, "presence_penalty"),
     ("/v1/completions", {"prompt": "hi", "logprobs": 50}, "logprobs"),
+    ("/v1/completions", {"prompt": "hi", "best_of": 3}, "best_of"),
+    ("/v1/completions", {"prompt": "hi", "suffix": "end"}, "suffix"),
+    ("/v1/completions", {"prompt": "hi", "repetition_penalty": 1.2}, "repetition_penalty"),
+    ("/v1/completions", {"prompt": "hi", "top_k": -2}, "top_k"),
+    ("/v1/completions", {"prompt": "hi", "min_p": 1.5}, "min_p"),
+    ("/v1/completions", {"prompt": "hi", "stop_token_ids": [10**9]}, "stop_token_ids"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
     ("/v1/chat/completions", {"messages": []}, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
@@ -268,8 +278,26 @@ async def test_sdk_reports_bad_input(smollm2_cluster):
         with pytest.raises(ThunderServeError) as err:
             await client.complete("hi", model="not-a-model")
         assert err.value.status == 404
+        for bad in ({"temperature": -1.0}, {"top_k": -1}, {"min_p": 2.0}):
+            with pytest.raises(ThunderServeError) as err:
+                await client.complete("hi", max_tokens=2, **bad)
+            assert err.value.status == 400 and next(iter(bad)) in str(err.value)
         chunks = [c async for c in client.stream("Once upon a time", max_tokens=5, temperature=0)]
         assert chunks[-1].finish_reason == "length" and sum(len(c.token_ids) for c in chunks) == 5
+
+
+async def test_top_k_and_stop_token_ids_reach_both_phases(smollm2_cluster, smollm2_reference):
+    """top_k=1 samples the most likely token at any temperature: the greedy tokens, on the prefill's
+    first token and decode's after it. A stop token id ends the request where it is generated."""
+    model, tokenizer = smollm2_reference
+    prompt = "The three primary colours are"
+    expected = _generate(model, tokenizer.encode(prompt, add_special_tokens=False), 12)
+    async with Client(smollm2_cluster.nats_url) as client:
+        sampled = await client.complete(prompt, max_tokens=12, temperature=1.5, top_k=1, seed=1, ignore_eos=True)
+        assert sampled.token_ids == expected
+        stop_at = next(i for i in range(1, 12) if expected[i] not in expected[:i])
+        stopped = await client.complete(prompt, max_tokens=12, temperature=0, stop_token_ids=[expected[stop_at]])
+        assert stopped.finish_reason == "stop" and stopped.token_ids == expected[:stop_at + 1]
 
 
 async def test_requests_that_end_on_their_first_token(smollm2_cluster, smollm2_reference):

@@ -94,6 +94,24 @@ def test_seeded_sampling_is_reproducible_and_top_p_restricts():
     assert {sample_token(logits, narrow, s, EOS) for s in range(10)} == {top}
 
 
+def test_top_k_and_min_p_keep_only_the_likely_tokens():
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(2))
+    probs = torch.softmax(logits, dim=-1)
+    top5 = set(torch.topk(logits, 5).indices.tolist())
+    k5 = SamplingParams(temperature=1.0, top_k=5, seed=3)
+    drawn = {sample_token(logits, k5, s, EOS) for s in range(200)}
+    assert drawn <= top5 and len(drawn) > 1
+    assert {sample_token(logits, SamplingParams(temperature=1.0, top_k=1, seed=4), s, EOS)
+            for s in range(20)} == {int(logits.argmax())}
+    min_p = SamplingParams(temperature=1.0, min_p=0.3, seed=5)
+    allowed = set(torch.nonzero(probs >= 0.3 * probs.max()).flatten().tolist())
+    assert 1 < len(allowed) < 1000
+    drawn = {sample_token(logits, min_p, s, EOS) for s in range(200)}
+    assert drawn <= allowed and len(drawn) > 1
+    everything = {sample_token(logits, SamplingParams(temperature=1.0, seed=5), s, EOS) for s in range(200)}
+    assert not everything <= allowed  # without the filters, unlikely tokens do come up
+
+
 @pytest.mark.parametrize("text, cut, params", [
     ("Hello world. The end. More text", 2, {"max_tokens": 50, "stop": ["The end"]}),  # stop after the cut
     ("Hello world. The end. More text", 4, {"max_tokens": 50, "stop": ["The end"]}),  # cut inside "The end"
