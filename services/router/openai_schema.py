@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationInfo, field_validator
 
 from thunderserve.common.protocol import SamplingParams, TokenLogprob, Usage
 from thunderserve.common.sequence import MAX_LOGPROBS, MAX_PENALTY
@@ -13,6 +14,24 @@ from thunderserve.common.sequence import MAX_LOGPROBS, MAX_PENALTY
 
 class StreamOptions(BaseModel):
     include_usage: StrictBool = False
+
+
+# Known OpenAI (and vLLM) parameters, each with the values this server honours and what it says to
+# the others: a 400, never a parameter silently ignored.
+_REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "n": (lambda v: v == 1, "only n=1 is supported"),
+    "best_of": (lambda v: v in (None, 1), "only best_of=1 is supported"),
+    "echo": (lambda v: not v, "echo is not supported"),
+    "suffix": (lambda v: not v, "suffix (insertion) is not supported"),
+    "response_format": (lambda v: v is None or v.get("type", "text") == "text",
+                        "only the text response_format is supported"),
+    "tools": (lambda v: not v, "tool and function calling are not supported"),
+    "functions": (lambda v: not v, "tool and function calling are not supported"),
+    "tool_choice": (lambda v: v in (None, "none", "auto"),  # "auto" with no tools means none
+                    "tool and function calling are not supported"),
+    "repetition_penalty": (lambda v: v in (None, 1.0),
+                           "repetition_penalty is not supported; use presence_penalty or frequency_penalty"),
+}
 
 
 class _Common(BaseModel):
@@ -38,54 +57,20 @@ class _Common(BaseModel):
     frequency_penalty: Annotated[float, Field(ge=-MAX_PENALTY, le=MAX_PENALTY)] = 0.0
     user: str | None = None
     kv_codec: StrictStr | None = None  # extension: KV compression for this request
-    # Known OpenAI (and vLLM) parameters this server cannot honour: refused, never silently ignored.
+    # Refused unless at their defaults (_REFUSED)
     response_format: dict | None = None
     tools: list | None = None
     tool_choice: str | dict | None = None
     functions: list | None = None
     repetition_penalty: float | None = None
 
-    @field_validator("n")
+    @field_validator(*_REFUSED, check_fields=False)  # echo and suffix: completions only
     @classmethod
-    def _only_one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError("only n=1 is supported")
-        return n
-
-    @field_validator("best_of")
-    @classmethod
-    def _one_candidate(cls, best_of: int | None) -> int | None:
-        if best_of not in (None, 1):
-            raise ValueError("only best_of=1 is supported")
-        return best_of
-
-    @field_validator("response_format")
-    @classmethod
-    def _plain_text(cls, fmt: dict | None) -> dict | None:
-        if fmt is not None and fmt.get("type", "text") != "text":
-            raise ValueError(f"response_format {fmt.get('type')!r} is not supported: outputs are plain text")
-        return fmt
-
-    @field_validator("tools", "functions")
-    @classmethod
-    def _no_tools(cls, tools: list | None) -> list | None:
-        if tools:
-            raise ValueError("tool and function calling are not supported")
-        return tools
-
-    @field_validator("tool_choice")
-    @classmethod
-    def _no_tool_choice(cls, choice):
-        if choice not in (None, "none", "auto"):  # "auto" with no tools means none
-            raise ValueError("tool and function calling are not supported")
-        return choice
-
-    @field_validator("repetition_penalty")
-    @classmethod
-    def _no_repetition_penalty(cls, penalty: float | None) -> float | None:
-        if penalty not in (None, 1.0):
-            raise ValueError("repetition_penalty is not supported; use presence_penalty or frequency_penalty")
-        return penalty
+    def _honoured(cls, value, info: ValidationInfo):
+        honoured, message = _REFUSED[info.field_name]
+        if not honoured(value):
+            raise ValueError(message)
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -145,20 +130,6 @@ class CompletionBody(_Common):
                     raise ValueError("only one prompt per request is supported")
                 return prompt[0]
         return prompt
-
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, suffix: str | None) -> str | None:
-        if suffix:
-            raise ValueError("suffix (insertion) is not supported")
-        return suffix
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, echo: bool) -> bool:
-        if echo:
-            raise ValueError("echo is not supported")
-        return echo
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
         params = super().sampling(default_max_tokens)

@@ -208,6 +208,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "hi", "logprobs": 50}, "logprobs"),
     ("/v1/completions", {"prompt": "hi", "best_of": 3}, "best_of"),
     ("/v1/completions", {"prompt": "hi", "suffix": "end"}, "suffix"),
+    ("/v1/completions", {"prompt": "hi", "echo": True}, "echo"),
     ("/v1/completions", {"prompt": "hi", "repetition_penalty": 1.2}, "repetition_penalty"),
     ("/v1/completions", {"prompt": "hi", "top_k": -2}, "top_k"),
     ("/v1/completions", {"prompt": "hi", "min_p": 1.5}, "min_p"),
