@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("thunderserve.planner.cli", "plan a cluster: grouping, phases, parallel layout, routing"),
     "simulate": ("thunderserve.planner.simulate_cli", "simulate a plan under a request stream"),
     "apply": ("thunderserve.planner.apply_cli", "publish a plan to a running deployment (hot-applied)"),
+    "profile": ("thunderserve.planner.profile_cli", "time the engine here and calibrate the planner's cost model"),
     "status": ("thunderserve.planner.status_cli", "show a running deployment: plan, replicas, traffic"),
 }
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
 import sys
@@ -20,7 +21,7 @@ from thunderserve.common.plan import Plan
 from thunderserve.common.protocol import Subjects
 
 from .cluster import Cluster
-from .costmodel import CODECS
+from .costmodel import CODECS, Calibration
 from .model import BUILTIN_MODELS, ModelSpec
 from .planner import Planner
 from .shift import ShiftPolicy
@@ -62,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="stop the search after S seconds (default: iteration cap / no-improvement stop)")
     ap.add_argument("--max-pp", type=int, default=4, metavar="N", dest="max_pp",
                     help="deepest pipeline a replica may have (default 4)")
+    ap.add_argument("--calibration", metavar="PROFILE.json",
+                    help="cost-model efficiencies measured by `thunderserve profile --gpu TYPE --json PROFILE.json` "
+                         "(default: the built-in guesses)")
     ap.add_argument("--seed", type=int, default=0, help="random seed of the search (default 0)")
     ap.add_argument("--json", metavar="OUT", help="write the plan as JSON to this file ('-' for stdout)")
     ap.add_argument("--quiet", action="store_true", help="no progress line on stderr")
@@ -127,6 +131,13 @@ def _shift_policy(args: argparse.Namespace) -> ShiftPolicy | None:
         return None
     return ShiftPolicy(window_s=args.shift_window, threshold=args.shift, min_requests=args.shift_min_requests,
                        cooldown_s=args.shift_cooldown)
+
+
+def _calibration(path: str) -> Calibration:
+    profile = json.loads(Path(path).read_text())
+    if "calibration" not in profile:
+        raise ValueError(f"{path}: no efficiencies in this profile (make it with `thunderserve profile --gpu TYPE`)")
+    return Calibration(**profile["calibration"])
 
 
 def _workload(args: argparse.Namespace) -> Workload:
@@ -212,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.time_limit is not None and args.time_limit <= 0:
                 raise ValueError("--time-limit must be > 0")
             planner = Planner(Cluster.from_yaml(args.cluster), ModelSpec.load(args.model), _workload(args),
-                              codec=args.codec, seed=args.seed, max_pp=args.max_pp)
+                              codec=args.codec, seed=args.seed, max_pp=args.max_pp,
+                              calibration=_calibration(args.calibration) if args.calibration else None)
     except INPUT_ERRORS as exc:
         return fail(PROG, input_error(exc, args.cluster))
     if start_plan is not None:

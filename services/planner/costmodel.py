@@ -37,6 +37,9 @@ class Calibration:
     mem_usable: float = 0.90  # fraction of device memory left after CUDA context, allocator slack
     prefill_kv_buffers: int = 2  # prompts whose KV a prefill stage holds at once (compute + send)
     stage_overhead: float = 1e-3  # per stage and forward pass: kernel launches, scheduling, sync, s
+    # How far a pass's compute and memory traffic overlap: 1 = the roofline (time = the larger), 0 = one
+    # after the other (time = the sum). `thunderserve profile` fits it; a single CPU thread is near 0.
+    overlap: float = 1.0
     link_util_max: float = 0.6  # KV links are FIFO servers: the LP loads them at most this much, and TTFT
     # pays the M/G/1 mean wait at that load
     ttft_miss_share: float = 0.5  # share of the miss budget (1 - attainment) planned for TTFT; TPOT gets the rest
@@ -125,7 +128,7 @@ def stage_pass_time(model: ModelSpec, st: StageHW, tokens: float, attn_pairs: fl
         st.gpu.mem_bw * calib.mem_eff)
     comm = 2 * st.layers * allreduce_time(tokens * model.hidden * model.bytes_per_weight, st.tp,
                                           st.intra_gbps, calib)
-    return max(compute, mem) + comm + calib.stage_overhead
+    return max(compute, mem) + (1.0 - calib.overlap) * min(compute, mem) + comm + calib.stage_overhead
 
 
 def prefill_stage_time(model: ModelSpec, st: StageHW, tokens: float,

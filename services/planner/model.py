@@ -91,24 +91,29 @@ class ModelSpec:
             p = p / "config.json"
         with open(p) as f:
             cfg = json.load(f)
-        if "text_config" in cfg:  # multimodal wrappers keep the LM config nested
-            cfg = cfg["text_config"]
         try:
-            heads = int(cfg["num_attention_heads"])
-            return cls(
-                name=str(cfg.get("_name_or_path") or p.parent.name or "hf-model"),
-                layers=int(cfg["num_hidden_layers"]),
-                hidden=int(cfg["hidden_size"]),
-                heads=heads,
-                kv_heads=int(cfg.get("num_key_value_heads") or heads),
-                intermediate=int(cfg["intermediate_size"]),
-                vocab=int(cfg["vocab_size"]),
-                bytes_per_weight=_DTYPE_BYTES.get(str(cfg.get("torch_dtype", "float16")), 2),
-                head_dim=int(cfg.get("head_dim") or 0),
-                tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            )
+            return cls.from_config(cfg, str(cfg.get("_name_or_path") or p.parent.name or "hf-model"))
         except KeyError as exc:
             raise ValueError(f"{p}: config.json lacks {exc.args[0]!r}") from None
+
+    @classmethod
+    def from_config(cls, cfg: dict, name: str) -> ModelSpec:
+        """From a HuggingFace config's fields (a KeyError names a missing one)."""
+        if "text_config" in cfg:  # multimodal wrappers keep the LM config nested
+            cfg = cfg["text_config"]
+        heads = int(cfg["num_attention_heads"])
+        return cls(
+            name=name,
+            layers=int(cfg["num_hidden_layers"]),
+            hidden=int(cfg["hidden_size"]),
+            heads=heads,
+            kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            intermediate=int(cfg["intermediate_size"]),
+            vocab=int(cfg["vocab_size"]),
+            bytes_per_weight=_DTYPE_BYTES.get(str(cfg.get("torch_dtype", "float16")), 2),
+            head_dim=int(cfg.get("head_dim") or 0),
+            tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        )
 
     @classmethod
     def load(cls, name_or_path: str) -> ModelSpec:

@@ -58,7 +58,8 @@ class Planner:
         settings = meta.get("planner", {})
         return cls(Cluster.from_dict(meta["cluster_spec"]), ModelSpec(**meta["model_spec"]),
                    Workload.from_summary(plan.workload, meta["workload_sample"]), codec=settings.get("codec", "auto"),
-                   seed=settings.get("seed", 0), max_pp=settings.get("max_pp", 4))
+                   seed=settings.get("seed", 0), max_pp=settings.get("max_pp", 4),
+                   calibration=cm.Calibration(**settings["calibration"]) if "calibration" in settings else None)
 
     # --- lower level: groups ---------------------------------------------------------------------
     def signature(self, group: Iterable[str]) -> Signature:
@@ -272,7 +273,9 @@ class Planner:
                   # what `Planner.from_plan` needs to re-plan this plan later (e.g. a live planner)
                   "model_spec": dataclasses.asdict(self.model),
                   "workload_sample": self.workload.sample(),
-                  "planner": {"codec": self.codec, "max_pp": self.max_pp, "seed": self.seed},
+                  "planner": {"codec": self.codec, "max_pp": self.max_pp, "seed": self.seed,
+                              **({"calibration": dataclasses.asdict(self.calib)}
+                                 if self.calib != cm.DEFAULT_CALIBRATION else {})},
                   "kv_transfer_s": {f"{p}->{d}": round(r.transfer_s, 4) for (p, d), r in result.routes.items()
                                     if (p, d) in result.flows}},
         )
