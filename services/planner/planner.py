@@ -24,6 +24,12 @@ Signature = tuple[tuple[str, int], ...]  # (node, GPU count) per node: GPUs of a
 Progress = Callable[[int, float, float], None]  # (iteration, best score, elapsed s)
 
 
+def plan_calibration(plan: Plan) -> cm.Calibration:
+    """The cost-model calibration `plan` was made with (`plan --calibration`), else the default."""
+    recorded = plan.meta.get("planner", {}).get("calibration")
+    return cm.Calibration(**recorded) if recorded else cm.DEFAULT_CALIBRATION
+
+
 class Planner:
     def __init__(self, cluster: Cluster, model: ModelSpec, workload: Workload, codec: str = "auto",
                  calibration: cm.Calibration | None = None, seed: int = 0, codec_tolerance: float = 0.01,
@@ -59,7 +65,7 @@ class Planner:
         return cls(Cluster.from_dict(meta["cluster_spec"]), ModelSpec(**meta["model_spec"]),
                    Workload.from_summary(plan.workload, meta["workload_sample"]), codec=settings.get("codec", "auto"),
                    seed=settings.get("seed", 0), max_pp=settings.get("max_pp", 4),
-                   calibration=cm.Calibration(**settings["calibration"]) if "calibration" in settings else None)
+                   calibration=plan_calibration(plan))
 
     # --- lower level: groups ---------------------------------------------------------------------
     def signature(self, group: Iterable[str]) -> Signature:

@@ -15,6 +15,7 @@ from thunderserve.common.plan import Plan
 from .cli import INPUT_ERRORS, fail, input_error
 from .cluster import Cluster
 from .model import ModelSpec
+from .planner import plan_calibration
 from .simulator import COLOCATED_POLICIES, SLO, SimConfig, Simulator, find_goodput, poisson_requests, trace_requests
 from .workload import DEFAULT_SLOS, Workload, read_trace
 
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         slo = _slo(args, plan, shape)
         cfg = SimConfig(prefill_batch_tokens=args.prefill_batch_tokens, colocated_policy=args.colocated,
                         token_budget=args.token_budget)
-        sim = Simulator(plan, cluster, model, slo, config=cfg)
+        sim = Simulator(plan, cluster, model, slo, calib=plan_calibration(plan), config=cfg)
     except INPUT_ERRORS as exc:
         return fail(PROG, input_error(exc, args.cluster))
 

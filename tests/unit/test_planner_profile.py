@@ -15,6 +15,7 @@ from thunderserve.planner.cli import main as plan_main
 from thunderserve.planner.model import ModelSpec
 from thunderserve.planner.planner import Planner
 from thunderserve.planner.profile_cli import main as profile_main
+from thunderserve.planner.simulate_cli import main as simulate_main
 
 PAIR = "deploy/clusters/a40-3090ti-40g.yaml"
 
@@ -61,6 +62,17 @@ def test_efficiencies_are_the_rates_over_the_datasheet_and_a_plan_keeps_them(tmp
     assert plan_main([*args, "--json", str(tmp_path / "default.json")]) == 0
     default = Plan.from_json((tmp_path / "default.json").read_text())
     assert plan.objective < default.objective  # 40% of peak compute against the default guess of 55%
+    # `simulate` judges the plan under the cost model it was made with
+    stripped = json.loads(out.read_text())
+    del stripped["meta"]["planner"]["calibration"]
+    (tmp_path / "stripped.json").write_text(json.dumps(stripped))
+    ttft = {}
+    for name in ("plan", "stripped"):
+        sim_args = ["--plan", str(tmp_path / f"{name}.json"), "--workload", "code", "--rate", "0.2", "--duration", "60",
+                    "--cluster", PAIR, "--json", str(tmp_path / f"sim-{name}.json")]
+        assert simulate_main(sim_args) == 0
+        ttft[name] = json.loads((tmp_path / f"sim-{name}.json").read_text())["ttft_s"]["p50"]
+    assert ttft["plan"] > ttft["stripped"] * 1.2  # 40% of peak compute, not 55%: prefill takes longer
     (tmp_path / "rates-only.json").write_text(json.dumps({"fit": {}}))
     assert plan_main([*args, "--calibration", str(tmp_path / "rates-only.json")]) == 2
 
