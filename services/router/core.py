@@ -476,9 +476,12 @@ class RouterCore:
                     self._probing.add(rid)
                     self._tasks.append(asyncio.create_task(self._probe(rid)))
             self._tasks = [t for t in self._tasks if not t.done()]
-            gone = set(self.replicas.expired())
-            if gone:
-                log.warning("replicas stopped responding: %s", ", ".join(sorted(gone)))
+            expired = self.replicas.expired()
+            gone = set(expired)
+            if left := sorted(rid for rid, clean in expired.items() if clean):
+                log.info("replicas stopped: %s", ", ".join(left))
+            if lost := sorted(rid for rid, clean in expired.items() if not clean):
+                log.warning("replicas stopped responding: %s", ", ".join(lost))
             now = time.monotonic()
             for flight in list(self.inflight.values()):
                 if flight.waiting_since is not None:  # parked: is there a replica for it now?

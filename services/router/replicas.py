@@ -62,10 +62,12 @@ class ReplicaTable:
         if view is not None:
             view.last_seen = -self.timeout_s - 1.0
 
-    def expired(self) -> list[str]:
-        """Replicas whose heartbeats stopped: forget them and return their ids."""
+    def expired(self) -> dict[str, bool]:
+        """Replicas whose heartbeats stopped: forget them; returns id -> whether it said it was leaving
+        (its last heartbeat was "stopping": a clean stop, not a failure)."""
         now = time.monotonic()
-        gone = [rid for rid, v in self.replicas.items() if now - v.last_seen > self.timeout_s]
+        gone = {rid: v.beat.state == "stopping" for rid, v in self.replicas.items()
+                if now - v.last_seen > self.timeout_s}
         for rid in gone:
             del self.replicas[rid]
         return gone

@@ -31,6 +31,9 @@ def test_plan_weights_and_stopping_replicas() -> None:
     assert table.choose("decode", {"d1": 1.0}).beat.replica_id == "d1"  # the plan routes only to d1
     table.update(Heartbeat("d1", "decode", "m", capacity=4, state="stopping"))
     assert table.choose("decode", {"d1": 1.0}).beat.replica_id == "d0"  # d1 leaves: the plan's weight cannot keep it
+    table.forget("d0")  # d0 is found dead (a probe)
+    assert table.expired() == {"d1": True, "d0": False}  # d1 said goodbye; d0 did not
+    assert table.expired() == {}
 
 
 def test_a_new_session_is_reported_and_seen_after_filters_stale_replicas():
