@@ -22,6 +22,51 @@ def nats_url(nats_server) -> str:
     return nats_server.url
 
 
+class OtlpCollector:
+    """The receiving end of OTLP/HTTP: a local HTTP server that keeps every JSON body POSTed to it."""
+
+    def __init__(self) -> None:
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        collector = self
+        self.requests: list[tuple[str, str, dict]] = []  # (path, content type, body)
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                collector.requests.append((self.path, self.headers["Content-Type"], body))
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def spans(self) -> list[tuple[str, dict]]:
+        """(service.name, span) of every span received."""
+        out = []
+        for _, _, body in list(self.requests):
+            for resource in body["resourceSpans"]:
+                service = next(a["value"]["stringValue"] for a in resource["resource"]["attributes"]
+                               if a["key"] == "service.name")
+                out += [(service, span) for scope in resource["scopeSpans"] for span in scope["spans"]]
+        return out
+
+
+@pytest.fixture
+def otlp_collector():
+    collector = OtlpCollector()
+    yield collector
+    collector.server.shutdown()
+
+
 def start_cluster(tmp_path_factory, **kwargs):
     """A LocalCluster (NATS + router + replicas as processes), logs in a temp folder."""
     from thunderserve.launcher.cluster import LocalCluster

@@ -8,19 +8,28 @@ KV encode and send, decode's KV receive and generation. With `THUNDERSERVE_TRACE
 process appends its finished spans to `<dir>/<service>-<pid>.jsonl`, one JSON object per line
 with OpenTelemetry's field names (traceId, spanId, parentSpanId, name, startTimeUnixNano,
 endTimeUnixNano, attributes), so any tool that reads OTLP-shaped JSON can take them;
-`python -m thunderserve.common.tracing DIR` prints each request's spans as a tree. Without the
-variable a span costs a few microseconds and writes nothing.
+`python -m thunderserve.common.tracing DIR` prints each request's spans as a tree. With
+`THUNDERSERVE_OTLP_ENDPOINT` set (a collector's OTLP/HTTP address, e.g. http://127.0.0.1:4318), the
+spans also go to `<endpoint>/v1/traces` in OTLP's JSON encoding, batched by a background thread, so
+Jaeger, Tempo or an OpenTelemetry Collector show them. Without either a span costs a few
+microseconds and goes nowhere.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
+import logging
 import os
 import secrets
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 TRACEPARENT = "traceparent"
 
@@ -58,45 +67,162 @@ def traceparent_of(msg) -> str | None:
 # --- spans ---------------------------------------------------------------------------------
 
 TRACE_DIR_ENV = "THUNDERSERVE_TRACE_DIR"
+OTLP_ENDPOINT_ENV = "THUNDERSERVE_OTLP_ENDPOINT"
+
+
+def _otlp_value(value: Any) -> dict[str, Any]:
+    if isinstance(value, bool):
+        return {"boolValue": value}
+    if isinstance(value, int):
+        return {"intValue": str(value)}  # OTLP/JSON writes 64-bit integers as strings
+    if isinstance(value, float):
+        return {"doubleValue": value}
+    return {"stringValue": str(value)}
+
+
+def otlp_request(service: str, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """An OTLP ExportTraceServiceRequest, JSON-encoded (hex ids, nanoseconds as strings), of `records`
+    (this module's span records) from `service`."""
+    spans = []
+    for r in records:
+        span = {"traceId": r["traceId"], "spanId": r["spanId"], "name": r["name"], "kind": 1,  # INTERNAL
+                "startTimeUnixNano": str(r["startTimeUnixNano"]), "endTimeUnixNano": str(r["endTimeUnixNano"]),
+                "attributes": [{"key": k, "value": _otlp_value(v)} for k, v in r["attributes"].items()]}
+        if r["parentSpanId"]:
+            span["parentSpanId"] = r["parentSpanId"]
+        spans.append(span)
+    return {"resourceSpans": [{"resource": {"attributes": [{"key": "service.name", "value": {"stringValue": service}}]},
+                               "scopeSpans": [{"scope": {"name": "thunderserve"}, "spans": spans}]}]}
+
+
+class OtlpExporter:
+    """Sends finished spans to an OTLP/HTTP collector from a background thread: a batch of up to
+    `batch` spans every `interval_s`. A collector that is slow or down costs dropped spans (at most
+    `max_queue` wait) and one warning per outage, never a stalled service."""
+
+    def __init__(self, endpoint: str, service: str, interval_s: float = 1.0, batch: int = 512,
+                 max_queue: int = 8192, timeout_s: float = 5.0):
+        if not endpoint.startswith(("http://", "https://")):
+            raise ValueError(f"the OTLP endpoint must be an http:// or https:// URL, not {endpoint!r}")
+        self.url = endpoint.rstrip("/") + ("" if endpoint.rstrip("/").endswith("/v1/traces") else "/v1/traces")
+        self.service, self.interval_s, self.batch, self.max_queue, self.timeout_s = \
+            service, interval_s, batch, max_queue, timeout_s
+        self.sent = self.dropped = 0
+        self._queue: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = False
+        self._failing = False
+        self._thread = threading.Thread(target=self._run, name="otlp-export", daemon=True)
+        self._thread.start()
+
+    def add(self, record: dict[str, Any]) -> None:
+        with self._lock:
+            if len(self._queue) >= self.max_queue:
+                self.dropped += 1
+                return
+            self._queue.append(record)
+            if len(self._queue) >= self.batch:
+                self._wake.set()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
+            self._send_all()
+            if self._stop:
+                return
+
+    def _send_all(self) -> None:
+        while True:
+            with self._lock:
+                records, self._queue = self._queue[: self.batch], self._queue[self.batch:]
+            if not records:
+                return
+            body = json.dumps(otlp_request(self.service, records)).encode()
+            request = urllib.request.Request(self.url, data=body, method="POST",
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:
+                    resp.read()
+                self.sent += len(records)
+                if self._failing:
+                    log.info("OTLP export to %s works again", self.url)
+                self._failing = False
+            except (OSError, urllib.error.URLError) as exc:
+                self.dropped += len(records)
+                if not self._failing:
+                    log.warning("OTLP export to %s failed (%s); dropping spans until it works", self.url, exc)
+                self._failing = True
+                return
+
+    def close(self) -> None:
+        """Send what is queued (within the timeout) and stop."""
+        self._stop = True
+        self._wake.set()
+        self._thread.join(self.timeout_s + 1.0)
 
 
 class _Sink:
-    """Where this process's finished spans go (a JSON-lines file), if anywhere."""
+    """Where this process's finished spans go (a JSON-lines file, a collector), if anywhere."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.file = None
+        self.exporter: OtlpExporter | None = None
         self.service = "thunderserve"
 
-    def configure(self, service: str, trace_dir: str | None = None) -> None:
+    def configure(self, service: str, trace_dir: str | None = None, otlp_endpoint: str | None = None) -> None:
         trace_dir = trace_dir if trace_dir is not None else os.environ.get(TRACE_DIR_ENV, "")
+        otlp_endpoint = otlp_endpoint if otlp_endpoint is not None else os.environ.get(OTLP_ENDPOINT_ENV, "")
         with self.lock:
             self.service = service
             if self.file is not None:
                 self.file.close()
                 self.file = None
+            if self.exporter is not None:
+                self.exporter.close()
+                self.exporter = None
             if trace_dir:
                 Path(trace_dir).mkdir(parents=True, exist_ok=True)
                 self.file = open(Path(trace_dir) / f"{service}-{os.getpid()}.jsonl", "a", buffering=1)  # noqa: SIM115
+            if otlp_endpoint:
+                try:
+                    self.exporter = OtlpExporter(otlp_endpoint, service)
+                except ValueError as exc:  # a service still runs; it just sends no spans
+                    log.error("%s; spans are not exported", exc)
+
+    @property
+    def active(self) -> bool:
+        return self.file is not None or self.exporter is not None
 
     def write(self, record: dict[str, Any]) -> None:
         with self.lock:
             if self.file is not None:
-                record["service"] = self.service
-                self.file.write(json.dumps(record) + "\n")
+                self.file.write(json.dumps({**record, "service": self.service}) + "\n")
+            if self.exporter is not None:
+                self.exporter.add(record)
+
+    def close(self) -> None:
+        with self.lock:
+            exporter, self.exporter = self.exporter, None
+        if exporter is not None:
+            exporter.close()
 
 
 _sink = _Sink()
+atexit.register(_sink.close)  # a stopping service sends its last spans
 
 
-def configure(service: str, trace_dir: str | None = None) -> None:
-    """Record this process's spans as `service`, into `trace_dir` (default: $THUNDERSERVE_TRACE_DIR;
-    empty: record nothing). Every service calls it once at start-up."""
-    _sink.configure(service, trace_dir)
+def configure(service: str, trace_dir: str | None = None, otlp_endpoint: str | None = None) -> None:
+    """Record this process's spans as `service`: into `trace_dir` (default: $THUNDERSERVE_TRACE_DIR)
+    and to the collector at `otlp_endpoint` (default: $THUNDERSERVE_OTLP_ENDPOINT); empty: nowhere.
+    Every service calls it once at start-up."""
+    _sink.configure(service, trace_dir, otlp_endpoint)
 
 
 def recording() -> bool:
-    return _sink.file is not None
+    return _sink.active
 
 
 class Span:
@@ -132,7 +258,7 @@ class Span:
         if self.ended:
             return
         self.ended = True
-        if _sink.file is None:
+        if not _sink.active:
             return
         self.attributes.update(attributes)
         end_ns = time.time_ns()

@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="record every request's spans (router, prefill forward, KV encode/send/receive/decode, "
                         "decode) as JSON lines in DIR, one file per process (env THUNDERSERVE_TRACE_DIR); "
                         "`python -m thunderserve.common.tracing DIR` prints them as trees")
+    parser.add_argument("--otlp-endpoint", default=config.env("OTLP_ENDPOINT", None), metavar="URL",
+                        help="also send the spans to this OpenTelemetry collector (OTLP/HTTP, JSON; e.g. "
+                        "http://127.0.0.1:4318 for Jaeger or an OpenTelemetry Collector; env "
+                        "THUNDERSERVE_OTLP_ENDPOINT)")
     parser.add_argument("--ready-timeout", type=float, default=300.0,
                         help="seconds to wait for every service to be ready (default 300)")
     parser.add_argument("--restart-limit", type=int, default=3, metavar="N",

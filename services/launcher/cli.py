@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
             http_host=args.host, http_port=args.http_port, nats_url=args.nats, subject_prefix=args.subject_prefix,
             threads_per_replica=args.threads_per_replica, max_batch=args.max_batch, log_level=args.log_level,
             decode_nice=args.decode_nice, plan_file=args.plan,
-            extra_env={"THUNDERSERVE_TRACE_DIR": args.trace_dir} if args.trace_dir else {},
+            extra_env={name: value for name, value in (("THUNDERSERVE_TRACE_DIR", args.trace_dir),
+                                                        ("THUNDERSERVE_OTLP_ENDPOINT", args.otlp_endpoint)) if value},
         )
     except (OSError, ValueError, KeyError, TypeError) as exc:  # the plan file: missing, not a plan, not servable
         print(f"error: --plan: {exc}", file=sys.stderr)

@@ -3,7 +3,8 @@
 Every message on the deployment's subjects, and every reply to one, carries a `traceparent` header;
 the messages of one request (prefill request, KV handoff, token chunks, the SDK's events) all carry
 that request's trace id, the one its HTTP caller or SDK sent. With THUNDERSERVE_TRACE_DIR set, the
-services record the request's spans, linked into one tree under the caller's span."""
+services record the request's spans, linked into one tree under the caller's span; with
+THUNDERSERVE_OTLP_ENDPOINT set, they send the same spans to that OTLP collector."""
 
 from __future__ import annotations
 
@@ -20,10 +21,12 @@ from thunderserve.common.protocol import CompletionRequest
 REQUEST_SUBJECTS = ("ts.prefill.", "ts.decode.", "ts.tokens.")
 
 
-async def test_every_message_carries_trace_context_and_a_request_keeps_its_trace(make_cluster, tmp_path):
+async def test_every_message_carries_trace_context_and_a_request_keeps_its_trace(make_cluster, tmp_path,
+                                                                                 otlp_collector):
     trace_dir = tmp_path / "spans"
     cluster = make_cluster(model="tiny-random", threads_per_replica=1, extra_env={
-        "THUNDERSERVE_WORKLOAD_PERIOD": "0.3", "THUNDERSERVE_TRACE_DIR": str(trace_dir)})
+        "THUNDERSERVE_WORKLOAD_PERIOD": "0.3", "THUNDERSERVE_TRACE_DIR": str(trace_dir),
+        "THUNDERSERVE_OTLP_ENDPOINT": otlp_collector.url})
     nc = await nats.connect(cluster.nats_url)
     seen: list[tuple[float, str, str | None, str | None, bytes]] = []  # (time, subject, reply, traceparent, data)
 
@@ -88,3 +91,13 @@ async def test_every_message_carries_trace_context_and_a_request_keeps_its_trace
     root = by_name["router.request"]
     assert all(root["startTimeUnixNano"] <= sp["startTimeUnixNano"] and sp["endTimeUnixNano"] <= root["endTimeUnixNano"]
                for sp in spans)  # one host's clock: every hop inside the router's span
+
+    # ... and the same spans reached the OTLP collector, under each service's name
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        exported = {span["spanId"]: service for service, span in otlp_collector.spans()
+                    if span["traceId"] == tracing.trace_id(parent)}
+        if len(exported) >= len(spans):
+            break
+        await asyncio.sleep(0.2)
+    assert exported == {sp["spanId"]: sp["service"] for sp in spans}
