@@ -23,7 +23,9 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
 def _error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, status, param, code), status_code=status)
+    # A client told to come back (overloaded, no replica yet) learns when: one second is a replica's heartbeat or two.
+    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    return JSONResponse(error_body(message, status, param, code), status_code=status, headers=headers)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:

@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--resume-wait", type=float, default=config.env("RESUME_WAIT", 30.0, float),
                        help="seconds a request whose replica died may wait for another (or the same, "
                        "restarted) replica to resume it before it fails (default 30)")
+    group.add_argument("--max-inflight", type=int, default=config.env("MAX_INFLIGHT", 512, int), metavar="N",
+                       help="requests in flight at most; more get a 429 to retry, instead of queueing without bound "
+                       "(env THUNDERSERVE_MAX_INFLIGHT; default 512; 0 = no limit)")
     group.add_argument("--drain-timeout", type=float, default=config.env("DRAIN_TIMEOUT", 30.0, float),
                        metavar="S", help="on SIGTERM/SIGINT, refuse new requests and give the ones in flight up to "
                        "S seconds to finish before stopping (env THUNDERSERVE_DRAIN_TIMEOUT; default 30)")

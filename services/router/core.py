@@ -123,6 +123,7 @@ class RouterCore:
         max_resumes: int = 2,
         resume_wait_s: float = 30.0,
         workload_period_s: float = 5.0,
+        max_inflight: int = 0,
     ):
         self.nats_url = nats_url
         self.subjects = subjects
@@ -135,6 +136,7 @@ class RouterCore:
         self.max_resumes = max_resumes
         self.resume_wait_s = resume_wait_s
         self.workload_period_s = workload_period_s  # 0: send no workload reports
+        self.max_inflight = max_inflight  # 0: no limit
         self.router_id = f"router-{uuid.uuid4().hex[:8]}"
         self.workload = WorkloadRecorder(self.router_id)
         self.replicas = ReplicaTable(replica_timeout_s)
@@ -268,6 +270,10 @@ class RouterCore:
             raise RequestError(400, f"unknown kv_codec {kv_codec!r}; choose one of {', '.join(codec_names())}",
                                param="kv_codec")
         self.workload.arrived()  # demand, whether or not a replica takes it
+        if 0 < self.max_inflight <= len(self.inflight):
+            self.stats.rejected += 1
+            raise RequestError(429, f"the server is at its limit of {self.max_inflight} requests in flight; "
+                               "retry shortly", code="overloaded")
         try:
             prefill, decode = self._choose_pair()
         except NoReplicaError as exc:

@@ -32,6 +32,7 @@ def build_core(args: argparse.Namespace) -> RouterCore:
         request_timeout_s=args.request_timeout,
         resume_wait_s=args.resume_wait,
         workload_period_s=args.workload_period,
+        max_inflight=args.max_inflight,
     )
 
 

@@ -310,3 +310,26 @@ async def test_requests_that_end_on_their_first_token(smollm2_cluster, smollm2_r
         assert one.token_ids == expected and one.finish_reason == "length"
         eos = await client.complete("Hello", max_tokens=10, logit_bias={tokenizer.eos_token_id: 100.0})
         assert eos.finish_reason == "stop" and eos.text == "" and eos.usage.completion_tokens == 1
+
+
+async def test_requests_past_the_inflight_limit_get_a_429_to_retry(make_cluster):
+    cluster = make_cluster(model="tiny-random", threads_per_replica=1, extra_env={"THUNDERSERVE_MAX_INFLIGHT": "2"})
+    body = {"prompt": "Count:", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    async with httpx.AsyncClient(timeout=60) as http, Client(cluster.nats_url) as client:
+        async def stream() -> int:
+            async with http.stream("POST", cluster.http_url + "/v1/completions", json=body) as resp:
+                return sum([line.startswith("data: {") async for line in resp.aiter_lines()])
+
+        running = [asyncio.create_task(stream()) for _ in range(2)]
+        deadline = time.monotonic() + 20
+        while (cluster.health() or {}).get("in_flight", 0) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        extra = await http.post(cluster.http_url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+        assert extra.status_code == 429 and extra.headers["retry-after"] == "1"
+        assert "limit of 2 requests in flight" in extra.json()["error"]["message"]
+        with pytest.raises(ThunderServeError) as err:
+            await client.complete("Hi", max_tokens=2)
+        assert err.value.status == 429
+        assert all(n > 0 for n in await asyncio.gather(*running))  # the two in flight were not disturbed
+        again = await http.post(cluster.http_url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+        assert again.status_code == 200
