@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -13,6 +15,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from thunderserve.common import tracing
+from thunderserve.common.protocol import SamplingParams, TokenChunk, Usage
 from thunderserve.router.core import RequestError, RouterCore
 from thunderserve.router.natsapi import NatsEntry
 from thunderserve.router.openai_schema import ChatBody, CompletionBody, ResponseBuilder, error_body
@@ -144,40 +147,104 @@ def create_app(core: RouterCore, drain_timeout_s: float = 0.0) -> FastAPI:
 
 async def _serve(core: RouterCore, request: Request, prompt_ids, sampling, body, chat: bool):
     parent = request.headers.get(tracing.TRACEPARENT)
-    flight = await core.submit(prompt_ids, sampling, parent, kv_codec=body.kv_codec)
-    builder = ResponseBuilder(flight.request_id, core.model_name, chat, core.tokenizer)
+    flights = await _submit_choices(core, prompt_ids, sampling, body.n, parent, body.kv_codec)
+    builder = ResponseBuilder(flights[0].request_id, core.model_name, chat, core.tokenizer)
     if body.stream:
         return StreamingResponse(
-            _sse(core, flight, builder, body.include_usage),
+            _sse(core, flights, builder, body.include_usage),
             media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Request-Id": flight.request_id},
+            headers={"Cache-Control": "no-cache", "X-Request-Id": flights[0].request_id},
         )
-    parts: list[str] = []
-    logprobs = []
-    last = None
-    async for chunk in core.events(flight):
-        parts.append(chunk.text)
-        logprobs += chunk.logprobs
-        last = chunk
-    if last is None or last.finish_reason == "error":
-        message = last.error if last is not None else "request ended without output"
-        return _error(503, message, code="replica_failure")
-    return JSONResponse(builder.full("".join(parts), last.finish_reason, last.usage, logprobs))
+    parts: list[list[str]] = [[] for _ in flights]
+    logprobs: list[list] = [[] for _ in flights]
+    last: list[TokenChunk | None] = [None] * len(flights)
+    async for index, chunk in _choice_events(core, flights):
+        if chunk.finish_reason == "error":
+            return _error(503, chunk.error, code="replica_failure")
+        parts[index].append(chunk.text)
+        logprobs[index] += chunk.logprobs
+        last[index] = chunk
+    if any(chunk is None for chunk in last):
+        return _error(503, "request ended without output", code="replica_failure")
+    choices = [("".join(p), chunk.finish_reason, lp) for p, chunk, lp in zip(parts, last, logprobs)]
+    return JSONResponse(builder.full(choices, _total_usage([chunk.usage for chunk in last])))
+
+
+async def _submit_choices(core: RouterCore, prompt_ids, sampling: SamplingParams, n: int, parent: str | None,
+                          kv_codec: str | None) -> list:
+    """One request to the replicas per choice. With a seed, choice i samples with seed + i: the choices
+    differ, and the same request gives the same n choices again. If one cannot be placed, none runs."""
+    flights = []
+    try:
+        for i in range(n):
+            seed = sampling.seed + i if sampling.seed is not None else None
+            flights.append(await core.submit(prompt_ids, dataclasses.replace(sampling, seed=seed), parent,
+                                             kv_codec=kv_codec))
+    except BaseException:
+        for flight in flights:
+            await core.abort(flight, "another choice of the request was refused")
+        raise
+    return flights
+
+
+async def _choice_events(core: RouterCore, flights: list) -> AsyncIterator[tuple[int, TokenChunk]]:
+    """Every choice's chunks as they come, tagged with the choice's index; each choice's end is its
+    chunk with a finish_reason. Leaving early (the client went away, an error) aborts the rest."""
+    if len(flights) == 1:  # the common case: no tasks
+        async for chunk in core.events(flights[0]):
+            yield 0, chunk
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, flight) -> None:
+        try:
+            async for chunk in core.events(flight):
+                queue.put_nowait((index, chunk))
+        except Exception as exc:  # never leave the merge waiting on a choice that cannot end
+            log.exception("choice %d of request %s failed", index, flight.request_id)
+            queue.put_nowait((index, TokenChunk.failure(flight.request_id, f"internal error: {exc}", 0)))
+
+    tasks = [asyncio.create_task(pump(i, f)) for i, f in enumerate(flights)]
+    try:
+        for _ in flights:
+            while True:
+                index, chunk = await queue.get()
+                yield index, chunk
+                if chunk.finish_reason is not None:
+                    break
+    finally:
+        for task in tasks:
+            task.cancel()
+        for flight in flights:
+            if not flight.finished:
+                await core.abort(flight, "client went away")
+
+
+def _total_usage(usages: list[Usage | None]) -> Usage:
+    """The prompt once, the completions of every choice."""
+    given = [u for u in usages if u is not None]
+    return Usage(given[0].prompt_tokens if given else 0, sum(u.completion_tokens for u in given))
 
 
 def _sse_line(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _sse(core: RouterCore, flight, builder: ResponseBuilder, include_usage: bool) -> AsyncIterator[str]:
-    first = True
-    async for chunk in core.events(flight):
+async def _sse(core: RouterCore, flights: list, builder: ResponseBuilder, include_usage: bool) -> AsyncIterator[str]:
+    started: set[int] = set()
+    usages: list[Usage | None] = []
+    async for index, chunk in _choice_events(core, flights):
         if chunk.finish_reason == "error":
             yield _sse_line(error_body(chunk.error, 503, code="replica_failure"))
             break
+        first = index not in started
         if chunk.text or chunk.finish_reason is not None or first or chunk.logprobs:
-            yield _sse_line(builder.chunk(chunk.text, chunk.finish_reason, first=first, logprobs=chunk.logprobs))
-            first = False
-        if chunk.finish_reason is not None and include_usage:
-            yield _sse_line(builder.usage_chunk(chunk.usage))
+            yield _sse_line(builder.chunk(chunk.text, chunk.finish_reason, first=first, logprobs=chunk.logprobs,
+                                          index=index))
+            started.add(index)
+        if chunk.finish_reason is not None:
+            usages.append(chunk.usage)
+    else:
+        if include_usage:
+            yield _sse_line(builder.usage_chunk(_total_usage(usages)))
     yield "data: [DONE]\n\n"

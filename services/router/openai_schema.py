@@ -16,10 +16,11 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
+MAX_CHOICES = 16  # n at most
+
 # Known OpenAI (and vLLM) parameters, each with the values this server honours and what it says to
 # the others: a 400, never a parameter silently ignored.
 _REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "n": (lambda v: v == 1, "only n=1 is supported"),
     "best_of": (lambda v: v in (None, 1), "only best_of=1 is supported"),
     "echo": (lambda v: not v, "echo is not supported"),
     "suffix": (lambda v: not v, "suffix (insertion) is not supported"),
@@ -43,7 +44,7 @@ class _Common(BaseModel):
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     top_k: Annotated[int, Field(ge=-1)] | None = None  # extension (vLLM's): -1, 0 or None = no limit
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0  # extension (vLLM's)
-    n: int = 1
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1  # choices, each its own request to the replicas
     best_of: int | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
@@ -201,7 +202,7 @@ class ResponseBuilder:
         self.chat = chat
         self.tokenizer = tokenizer
         self.created = int(time.time())
-        self._offset = 0  # completions' text_offset: characters of token text so far
+        self._offsets: dict[int, int] = {}  # completions' text_offset: characters of token text so far, per choice
 
     def _base(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -209,8 +210,8 @@ class ResponseBuilder:
     def _token(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id]) if self.tokenizer is not None else str(token_id)
 
-    def logprobs(self, items: list[TokenLogprob] | None) -> dict | None:
-        """OpenAI's `logprobs` object for these tokens (None when none were asked for)."""
+    def logprobs(self, items: list[TokenLogprob] | None, index: int = 0) -> dict | None:
+        """OpenAI's `logprobs` object for these tokens of choice `index` (None when none were asked for)."""
         if not items:
             return None
         if self.chat:
@@ -223,37 +224,35 @@ class ResponseBuilder:
         tokens = [self._token(it.token_id) for it in items]
         offsets = []
         for text in tokens:
-            offsets.append(self._offset)
-            self._offset += len(text)
+            offsets.append(self._offsets.get(index, 0))
+            self._offsets[index] = offsets[-1] + len(text)
         return {"tokens": tokens, "token_logprobs": [it.logprob for it in items],
                 "top_logprobs": [{self._token(t): lp for t, lp in it.top.items()} for it in items],
                 "text_offset": offsets}
 
-    def full(self, text: str, finish_reason: str | None, usage: Usage | None,
-             logprobs: list[TokenLogprob] | None = None) -> dict:
-        lp = self.logprobs(logprobs)
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "finish_reason": finish_reason, "logprobs": lp}
-            body = self._base("chat.completion")
-        else:
-            choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": lp}
-            body = self._base("text_completion")
-        body["choices"] = [choice]
+    def full(self, choices: list[tuple[str, str | None, list[TokenLogprob]]], usage: Usage | None) -> dict:
+        """The whole response: one (text, finish_reason, logprobs) per choice, in index order."""
+        body = self._base("chat.completion" if self.chat else "text_completion")
+        body["choices"] = []
+        for index, (text, finish_reason, logprobs) in enumerate(choices):
+            lp = self.logprobs(logprobs, index)
+            content = {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
+            body["choices"].append({"index": index, **content, "finish_reason": finish_reason, "logprobs": lp})
         body["usage"] = usage_dict(usage)
         return body
 
     def chunk(self, text: str, finish_reason: str | None, first: bool = False,
-              logprobs: list[TokenLogprob] | None = None) -> dict:
-        lp = self.logprobs(logprobs)
+              logprobs: list[TokenLogprob] | None = None, index: int = 0) -> dict:
+        """One streamed chunk of choice `index` (`first`: that choice's first chunk)."""
+        lp = self.logprobs(logprobs, index)
         if self.chat:
             delta = {"role": "assistant", "content": text} if first else {"content": text}
             if finish_reason is not None and not text:
                 delta = {}
-            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": lp}
+            choice = {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": lp}
             body = self._base("chat.completion.chunk")
         else:
-            choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": lp}
+            choice = {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": lp}
             body = self._base("text_completion")
         body["choices"] = [choice]
         return body

@@ -200,7 +200,8 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "hi", "max_tokens": 10_000_000}, "context"),
     ("/v1/completions", {"prompt": "hello " * 9000, "max_tokens": 4}, "context"),
     ("/v1/completions", {"prompt": "hi", "model": "gpt-5"}, "gpt-5"),
-    ("/v1/completions", {"prompt": "hi", "n": 2}, "n"),
+    ("/v1/completions", {"prompt": "hi", "n": 17}, "n"),
+    ("/v1/completions", {"prompt": "hi", "n": 0}, "n"),
     ("/v1/completions", {"prompt": "hi", "temperature": "hot"}, "temperature"),
     ("/v1/completions", {"prompt": "hi", "temperature": 5}, "temperature"),
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"abc": 1}}, "logit_bias"),
@@ -247,8 +248,10 @@ def _decode_running(cluster) -> int:
     return sum(r["running"] + r["waiting"] for r in health.get("replicas", []) if r["phase"] == "decode")
 
 
-def test_client_disconnect_frees_its_batch_slot(smollm2_cluster):
-    body = {"prompt": "Count from one to one thousand:", "max_tokens": 2000, "ignore_eos": True, "stream": True}
+@pytest.mark.parametrize("n", [1, 2])
+def test_client_disconnect_frees_its_batch_slot(smollm2_cluster, n):
+    body = {"prompt": "Count from one to one thousand:", "max_tokens": 2000, "ignore_eos": True, "stream": True,
+            "n": n}
     with httpx.Client(timeout=60) as http:
         with http.stream("POST", smollm2_cluster.http_url + "/v1/completions", json=body) as resp:
             assert resp.status_code == 200
@@ -261,9 +264,9 @@ def test_client_disconnect_frees_its_batch_slot(smollm2_cluster):
                     events.append(json.loads(line[6:]))
             assert len(events) == 3 and not any("error" in e for e in events), events
             deadline = time.monotonic() + 10
-            while _decode_running(smollm2_cluster) == 0 and time.monotonic() < deadline:
+            while _decode_running(smollm2_cluster) < n and time.monotonic() < deadline:
                 time.sleep(0.1)
-            assert _decode_running(smollm2_cluster) == 1, smollm2_cluster.health()["replicas"]
+            assert _decode_running(smollm2_cluster) == n, smollm2_cluster.health()["replicas"]
     # the connection is closed: the decode replica must drop the sequence
     deadline = time.monotonic() + 10
     while _decode_running(smollm2_cluster) and time.monotonic() < deadline:
@@ -333,3 +336,39 @@ async def test_requests_past_the_inflight_limit_get_a_429_to_retry(make_cluster)
         assert all(n > 0 for n in await asyncio.gather(*running))  # the two in flight were not disturbed
         again = await http.post(cluster.http_url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
         assert again.status_code == 200
+
+
+def test_n_choices_are_the_seeded_requests_one_by_one(smollm2_cluster):
+    """n choices, whole and streamed: choice i is what the same request with seed + i gives alone; the
+    usage counts the prompt once and every choice's tokens."""
+    url = smollm2_cluster.http_url
+    body = {"prompt": "Once upon a time", "max_tokens": 6, "temperature": 1.0, "seed": 5, "ignore_eos": True}
+    with httpx.Client(timeout=60) as http:
+        whole = http.post(url + "/v1/completions", json={**body, "n": 3}).json()
+        alone = [http.post(url + "/v1/completions", json={**body, "seed": 5 + i}).json() for i in range(3)]
+        assert [c["index"] for c in whole["choices"]] == [0, 1, 2]
+        assert [c["text"] for c in whole["choices"]] == [a["choices"][0]["text"] for a in alone]
+        assert len({c["text"] for c in whole["choices"]}) > 1  # the seeds differ, so do the choices
+        prompt_tokens = alone[0]["usage"]["prompt_tokens"]
+        assert whole["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 18,
+                                  "total_tokens": prompt_tokens + 18}
+
+        chat = {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 5, "temperature": 1.0,
+                "seed": 9, "n": 2, "stream": True, "stream_options": {"include_usage": True}}
+        texts, roles, finishes, usage = {0: "", 1: ""}, [], [], None
+        with http.stream("POST", url + "/v1/chat/completions", json=chat) as resp:
+            for line in resp.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                event = json.loads(line[6:])
+                if event.get("usage"):
+                    usage = event["usage"]
+                for choice in event["choices"]:
+                    texts[choice["index"]] += choice["delta"].get("content", "")
+                    roles += [choice["index"]] if choice["delta"].get("role") else []
+                    finishes += [choice["index"]] if choice["finish_reason"] else []
+        assert sorted(roles) == [0, 1] and sorted(finishes) == [0, 1]  # each choice starts and ends once
+        singles = [http.post(url + "/v1/chat/completions", json={**chat, "n": 1, "stream": False, "seed": 9 + i}
+                             ).json() for i in range(2)]
+        assert [texts[0], texts[1]] == [one["choices"][0]["message"]["content"] for one in singles]
+        assert usage["completion_tokens"] == sum(one["usage"]["completion_tokens"] for one in singles)
