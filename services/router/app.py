@@ -119,6 +119,7 @@ def create_app(core: RouterCore, drain_timeout_s: float = 0.0) -> FastAPI:
         ]
         for phase in ("prefill", "decode"):
             lines.append(f'thunderserve_replicas_ready{{phase="{phase}"}} {len(core.replicas.ready(phase))}')
+        lines += core.latency.render()
         return PlainTextResponse("\n".join(lines) + "\n")
 
     @app.post("/v1/completions")

@@ -44,6 +44,7 @@ from thunderserve.common.protocol import (
     TokenChunk,
 )
 from thunderserve.common.sequence import MAX_LOGPROBS, MAX_PENALTY
+from thunderserve.router.metrics import LatencyMetrics
 from thunderserve.router.replicas import NoReplicaError, ReplicaTable
 from thunderserve.router.workload import WorkloadRecorder
 
@@ -84,6 +85,8 @@ class InFlight:
     in_decode: bool = False  # decode's tokens arrive: the prefill replica is done with it
     finished: bool = False
     last_activity: float = field(default_factory=time.monotonic)
+    submitted_at: float = field(default_factory=time.monotonic)
+    last_token_at: float | None = None  # when its latest token reached the router
 
     def __post_init__(self) -> None:
         self.wire_id = self.wire_id or self.request_id
@@ -142,6 +145,7 @@ class RouterCore:
         self.replicas = ReplicaTable(replica_timeout_s)
         self.inflight: dict[str, InFlight] = {}
         self.stats = RouterStats()
+        self.latency = LatencyMetrics()
         self.nc: nats.NATS | None = None
         self.plan: Plan | None = None  # replaced whole, never mutated: a request sees one plan
         self.draining = False  # stopping: no new requests, the ones in flight may finish
@@ -454,6 +458,7 @@ class RouterCore:
             ready = flight.pending.pop(flight.next_index)
             flight.next_index += 1
             flight.token_ids += ready.token_ids
+            self._time_tokens(flight, len(ready.token_ids))
             # The prefill replica streams index 0 itself; it is done once decode's tokens flow.
             if not flight.in_decode and (ready.index >= 1 or ready.finish_reason is not None):
                 flight.in_decode = True
@@ -462,8 +467,20 @@ class RouterCore:
             if ready.finish_reason is not None:
                 flight.span.attributes["finish_reason"] = ready.finish_reason
                 self._finish(flight)
+                self.latency.e2e.observe(time.monotonic() - flight.submitted_at)  # finished, not failed
                 self.workload.finished(flight.prompt_len, len(flight.token_ids))
             flight.queue.put_nowait(ready)
+
+    def _time_tokens(self, flight: InFlight, n: int) -> None:
+        if n == 0:
+            return
+        now = time.monotonic()
+        if flight.last_token_at is None:
+            self.latency.ttft.observe(now - flight.submitted_at)
+            n -= 1
+        if n > 0:  # a chunk of several tokens: its gap is shared out among them
+            self.latency.inter_token.observe((now - (flight.last_token_at or now)) / n, n)
+        flight.last_token_at = now
 
     async def _probe(self, replica_id: str) -> None:
         """Is a late replica still on NATS? No responders on its control subject: it is gone."""

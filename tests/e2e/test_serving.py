@@ -372,3 +372,26 @@ def test_n_choices_are_the_seeded_requests_one_by_one(smollm2_cluster):
                              ).json() for i in range(2)]
         assert [texts[0], texts[1]] == [one["choices"][0]["message"]["content"] for one in singles]
         assert usage["completion_tokens"] == sum(one["usage"]["completion_tokens"] for one in singles)
+
+
+def test_metrics_time_the_first_token_the_gaps_and_the_request(smollm2_cluster):
+    def counts() -> dict[str, float]:
+        text = httpx.get(smollm2_cluster.http_url + "/metrics", timeout=10).text
+        return {name: float(value) for name, value in (line.split() for line in text.splitlines()
+                                                        if line and not line.startswith("#"))}
+
+    before = counts()
+    t0 = time.monotonic()
+    resp = httpx.post(smollm2_cluster.http_url + "/v1/completions", timeout=60,
+                      json={"prompt": "Hello", "max_tokens": 5, "temperature": 0, "ignore_eos": True})
+    took = time.monotonic() - t0
+    assert resp.status_code == 200
+    after = counts()
+    delta = {k: after[k] - before.get(k, 0.0) for k in after}
+    assert delta["thunderserve_time_to_first_token_seconds_count"] == 1
+    assert delta["thunderserve_inter_token_latency_seconds_count"] == 4
+    assert delta["thunderserve_e2e_request_latency_seconds_count"] == 1
+    ttft = delta["thunderserve_time_to_first_token_seconds_sum"]
+    e2e = delta["thunderserve_e2e_request_latency_seconds_sum"]
+    assert 0 < ttft < e2e <= took
+    assert delta['thunderserve_e2e_request_latency_seconds_bucket{le="+Inf"}'] == 1
