@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="record every request's spans (router, prefill forward, KV encode/send/receive/decode, "
                         "decode) as JSON lines in DIR, one file per process (env THUNDERSERVE_TRACE_DIR); "
                         "`python -m thunderserve.common.tracing DIR` prints them as trees")
+    parser.add_argument("--api-key", default=config.env("API_KEY", None), metavar="KEY",
+                        help="the HTTP API wants 'Authorization: Bearer KEY' (env THUNDERSERVE_API_KEY; default: "
+                        "open); /health and /metrics stay open")
     parser.add_argument("--otlp-endpoint", default=config.env("OTLP_ENDPOINT", None), metavar="URL",
                         help="also send the spans to this OpenTelemetry collector (OTLP/HTTP, JSON; e.g. "
                         "http://127.0.0.1:4318 for Jaeger or an OpenTelemetry Collector; env "

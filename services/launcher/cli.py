@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
             threads_per_replica=args.threads_per_replica, max_batch=args.max_batch, log_level=args.log_level,
             decode_nice=args.decode_nice, plan_file=args.plan,
             extra_env={name: value for name, value in (("THUNDERSERVE_TRACE_DIR", args.trace_dir),
-                                                        ("THUNDERSERVE_OTLP_ENDPOINT", args.otlp_endpoint)) if value},
+                                                        ("THUNDERSERVE_OTLP_ENDPOINT", args.otlp_endpoint),
+                                                        ("THUNDERSERVE_API_KEY", args.api_key)) if value},
         )
     except (OSError, ValueError, KeyError, TypeError) as exc:  # the plan file: missing, not a plan, not servable
         print(f"error: --plan: {exc}", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hmac
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -48,7 +49,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return (f"invalid '{param}': {msg}" if param else msg), param
 
 
-def create_app(core: RouterCore, drain_timeout_s: float = 0.0) -> FastAPI:
+def create_app(core: RouterCore, drain_timeout_s: float = 0.0, api_key: str | None = None) -> FastAPI:
+    """`api_key`: the /v1 endpoints want `Authorization: Bearer <api_key>` (None: open to all)."""
     entry = NatsEntry(core)
 
     @asynccontextmanager
@@ -65,6 +67,18 @@ def create_app(core: RouterCore, drain_timeout_s: float = 0.0) -> FastAPI:
 
     app = FastAPI(title="ThunderServe router", lifespan=lifespan)
     app.state.core = core
+
+    if api_key:
+        expected = f"Bearer {api_key}".encode()
+
+        @app.middleware("http")
+        async def _authorized(request: Request, call_next):
+            # /health and /metrics stay open (probes and scrapers); the API needs the key
+            given = request.headers.get("authorization", "").encode()
+            if request.url.path.startswith("/v1/") and not hmac.compare_digest(given, expected):
+                return _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                              code="invalid_api_key")
+            return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     async def _on_invalid(request: Request, exc: RequestValidationError):

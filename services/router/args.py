@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--resume-wait", type=float, default=config.env("RESUME_WAIT", 30.0, float),
                        help="seconds a request whose replica died may wait for another (or the same, "
                        "restarted) replica to resume it before it fails (default 30)")
+    group.add_argument("--api-key", default=config.env("API_KEY", None), metavar="KEY",
+                       help="require 'Authorization: Bearer KEY' on the /v1 endpoints (env THUNDERSERVE_API_KEY; "
+                       "default: none). /health and /metrics stay open; the NATS SDK entry is guarded by NATS's own "
+                       "authentication, not this key")
     group.add_argument("--max-inflight", type=int, default=config.env("MAX_INFLIGHT", 512, int), metavar="N",
                        help="requests in flight at most; more get a 429 to retry, instead of queueing without bound "
                        "(env THUNDERSERVE_MAX_INFLIGHT; default 512; 0 = no limit)")

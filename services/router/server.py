@@ -55,7 +55,7 @@ def serve(args: argparse.Namespace) -> None:
     logging.basicConfig(level=args.log_level, format="%(asctime)s router %(levelname)s %(name)s: %(message)s")
     tracing.configure("router")
     core = build_core(args)
-    app = create_app(core, drain_timeout_s=args.drain_timeout)
+    app = create_app(core, drain_timeout_s=args.drain_timeout, api_key=args.api_key or None)
     config = uvicorn.Config(app, host=args.host, port=args.http_port, log_level=args.log_level.lower(),
                             access_log=False, timeout_graceful_shutdown=max(1, int(args.drain_timeout)))
     _DrainingServer(config, core).run()

@@ -395,3 +395,16 @@ def test_metrics_time_the_first_token_the_gaps_and_the_request(smollm2_cluster):
     e2e = delta["thunderserve_e2e_request_latency_seconds_sum"]
     assert 0 < ttft < e2e <= took
     assert delta['thunderserve_e2e_request_latency_seconds_bucket{le="+Inf"}'] == 1
+
+
+def test_an_api_key_guards_the_api_but_not_health_or_metrics(make_cluster):
+    cluster = make_cluster(model="tiny-random", threads_per_replica=1, extra_env={"THUNDERSERVE_API_KEY": "sekret"})
+    url, body = cluster.http_url, {"prompt": "Hi", "max_tokens": 2}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
+        resp = httpx.post(url + "/v1/completions", json=body, headers=headers, timeout=30)
+        assert resp.status_code == 401 and resp.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(url + "/v1/models", timeout=10).status_code == 401
+    ok = httpx.post(url + "/v1/completions", json=body, headers={"Authorization": "Bearer sekret"}, timeout=30)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+    assert httpx.get(url + "/health", timeout=10).status_code == 200
+    assert httpx.get(url + "/metrics", timeout=10).status_code == 200
