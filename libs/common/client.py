@@ -50,6 +50,7 @@ class Chunk:
     finish_reason: str | None = None
     usage: Usage | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)  # with logprobs=k: one per token
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # with prompt_logprobs=k, on the first
 
 
 @dataclass
@@ -59,6 +60,7 @@ class Completion:
     finish_reason: str | None = None
     usage: Usage = field(default_factory=Usage)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # prompt tokens 1..n-1
 
 
 class Client:
@@ -108,6 +110,7 @@ class Client:
             parts.append(chunk.text)
             result.token_ids.extend(chunk.token_ids)
             result.logprobs.extend(chunk.logprobs)
+            result.prompt_logprobs.extend(chunk.prompt_logprobs)
             if chunk.finish_reason is not None:
                 result.finish_reason = chunk.finish_reason
                 result.usage = chunk.usage or Usage()
@@ -121,8 +124,10 @@ class Client:
 
         Keyword parameters are SamplingParams fields: max_tokens, temperature, top_p, top_k, min_p,
         seed, stop, stop_token_ids, ignore_eos, min_tokens, logit_bias, presence_penalty,
-        frequency_penalty, logprobs (k: each chunk's `logprobs` has its tokens' and k alternatives). `kv_codec` ("none",
-        "int8", "int4") overrides the deployment's KV compression for this request.
+        frequency_penalty, logprobs (k: each chunk's `logprobs` has its tokens' and k alternatives),
+        prompt_logprobs (k: the first chunk's `prompt_logprobs` scores the prompt's tokens after the
+        first; max_tokens may then be 0). `kv_codec` ("none", "int8", "int4") overrides the
+        deployment's KV compression for this request.
         """
         if self.nc is None:
             raise RuntimeError("Client is not connected: use `async with Client(...)` or await connect()")
@@ -186,7 +191,7 @@ class Client:
                     expected += 1
                     if ev.error:
                         raise ThunderServeError(ev.error, ev.status)
-                    yield Chunk(ev.text, ev.token_ids, ev.finish_reason, ev.usage, ev.logprobs)
+                    yield Chunk(ev.text, ev.token_ids, ev.finish_reason, ev.usage, ev.logprobs, ev.prompt_logprobs)
                     if ev.finish_reason is not None:
                         return
         finally:

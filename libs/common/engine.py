@@ -71,6 +71,7 @@ def _register_attention() -> None:
 class PrefillResult:
     kv: KVLayers
     logits: torch.Tensor  # [vocab], fp32, for the token after the prompt
+    prompt_logits: torch.Tensor | None = None  # [n - 1, vocab]: row i scores prompt token i + 1 (if asked)
 
 
 class Engine:
@@ -97,14 +98,16 @@ class Engine:
         return self.info.name
 
     @torch.inference_mode()
-    def prefill(self, token_ids: list[int]) -> PrefillResult:
+    def prefill(self, token_ids: list[int], prompt_logits: bool = False) -> PrefillResult:
+        """The prompt's KV and the logits for the token after it (`prompt_logits`: every position's too)."""
         if not token_ids:
             raise ValueError("empty prompt")
         input_ids = torch.tensor([token_ids], dtype=torch.long)
         cache = DynamicCache(config=self.config)
-        out = self.model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=0 if prompt_logits else 1)
         kv = [(layer.keys, layer.values) for layer in out.cache.layers]
-        return PrefillResult(kv=kv, logits=out.logits[0, -1].float())
+        return PrefillResult(kv=kv, logits=out.logits[0, -1].float(),
+                             prompt_logits=out.logits[0, :-1] if prompt_logits else None)
 
     def new_batch(self) -> DecodeBatch:
         return DecodeBatch(self)
@@ -311,12 +314,13 @@ class MockEngine:
     def logits_for(self, position: int) -> torch.Tensor:
         return self._logits[position % len(self._logits)]
 
-    def prefill(self, token_ids: list[int]) -> PrefillResult:
+    def prefill(self, token_ids: list[int], prompt_logits: bool = False) -> PrefillResult:
         if not token_ids:
             raise ValueError("empty prompt")
         shape = (1, 1, len(token_ids), self.MOCK_HEAD_DIM)
         kv = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(self.MOCK_LAYERS)]
-        return PrefillResult(kv=kv, logits=self.logits_for(len(token_ids)))
+        rows = torch.stack([self.logits_for(i) for i in range(1, len(token_ids))]) if prompt_logits else None
+        return PrefillResult(kv=kv, logits=self.logits_for(len(token_ids)), prompt_logits=rows)
 
     def new_batch(self) -> MockBatch:
         return MockBatch(self)

@@ -103,6 +103,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     # None: no log-probabilities; k >= 0: each generated token's, and its k most likely alternatives
     logprobs: int | None = None
+    # None: none; k >= 0: every prompt token's after the first (what the model gave it, from the tokens
+    # before it), and k alternatives; sent on the first chunk. With it, max_tokens may be 0.
+    prompt_logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -195,6 +198,7 @@ class TokenChunk:
     error: str = ""
     retryable: bool = False  # an error of the replicas' (one died, the KV hop broke), not of the request
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, when the request asked
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # prompt tokens 1..n-1, on chunk 0
 
     @classmethod
     def failure(cls, request_id: str, error: str, prompt_tokens: int, index: int = 0,
@@ -292,6 +296,7 @@ class CompletionEvent:
     index: int = 0
     replay_subject: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # prompt tokens 1..n-1, on the first
 
 
 @dataclass

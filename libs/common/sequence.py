@@ -83,6 +83,25 @@ def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
     return out
 
 
+def prompt_token_logprobs(prompt_logits: torch.Tensor, token_ids: Sequence[int], top: int,
+                          rows_at_once: int = 256) -> list[TokenLogprob]:
+    """Prompt tokens 1..n-1's log-probabilities under the raw logits of the positions before them
+    (`prompt_logits[i]` scores `token_ids[i + 1]`), with `top` alternatives each; a few hundred rows at
+    a time, so a long prompt's log-softmax never needs a second [n, vocab] tensor."""
+    out: list[TokenLogprob] = []
+    for start in range(0, len(token_ids) - 1, rows_at_once):
+        lp = torch.log_softmax(prompt_logits[start:start + rows_at_once].float(), dim=-1)
+        targets = torch.tensor(token_ids[start + 1:start + 1 + lp.shape[0]], dtype=torch.long)
+        chosen = lp.gather(1, targets[:, None])[:, 0].tolist()
+        if top > 0:
+            values, ids = torch.topk(lp, min(top, MAX_LOGPROBS, lp.shape[-1]), dim=-1)
+            tops = [dict(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+        else:
+            tops = [{} for _ in range(lp.shape[0])]
+        out += [TokenLogprob(t, c, top_row) for t, c, top_row in zip(targets.tolist(), chosen, tops, strict=True)]
+    return out
+
+
 @dataclass
 class StepOutput:
     text: str  # new text to send (may be empty while a character or stop string is pending)

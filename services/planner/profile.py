@@ -102,11 +102,14 @@ def fit(points: Sequence[Point], model: ModelSpec) -> Fit:
     unit = GPUSpec("unit", 1.0, 0.0, 1.0, 0.0)  # 1 TFLOP/s, 1 GB/s, no overhead: time = work
     work_flops = predict(longest, model, dataclasses.replace(unit, mem_gbps=1e12), _rates_calib(0.0))
     work_bytes = predict(smallest, model, dataclasses.replace(unit, tflops=1e12), _rates_calib(0.0))
+    # Rates within 1e-6..1e6 TFLOP/s and GB/s: a bound the points barely touch (a tiny model moves few
+    # bytes) must not drift off to where exp() overflows.
+    lo, hi = [math.log(1e-6)] * 2 + [math.log(1e-7), 0.0], [math.log(1e6)] * 2 + [0.0, 1.0]
     start = [math.log(work_flops / longest.seconds), math.log(work_bytes / smallest.seconds), math.log(1e-3)]
+    start = [min(max(x, lo[i] + 1e-9), hi[i] - 1e-9) for i, x in enumerate(start)]
     best = None
     for overlap in (1.0, 0.5, 0.0):  # the overlap's error surface can have a local minimum at either end
-        result = least_squares(residuals, [*start, overlap], method="trf",
-                               bounds=([-np.inf, -np.inf, math.log(1e-7), 0.0], [np.inf, np.inf, 0.0, 1.0]))
+        result = least_squares(residuals, [*start, overlap], method="trf", bounds=(lo, hi))
         if best is None or result.cost < best.cost:
             best = result
     x = best.x

@@ -23,7 +23,7 @@ from thunderserve.common.protocol import (
     TokenChunk,
     Usage,
 )
-from thunderserve.common.sequence import OutputTracker, sample_token, token_logprob
+from thunderserve.common.sequence import OutputTracker, prompt_token_logprobs, sample_token, token_logprob
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,9 @@ class PrefillRole:
         # Stream the first token now (TTFT does not wait for the KV transfer and decode admission),
         # unless the plan has this route's decode replica send it once the KV has landed.
         plan = self.host.plan
-        first_here = plan is None or not plan.first_token_waits(self.host.replica_id, request.decode_replica)
+        # (The prompt's log-probabilities ride on the first chunk: this replica sends it then.)
+        first_here = plan is None or bool(first_chunk.prompt_logprobs) or not plan.first_token_waits(
+            self.host.replica_id, request.decode_replica)
         if first_here:
             await self.host.nc.publish(request.reply_subject, protocol.encode(first_chunk), headers=span.headers)
         handoff = KVHandoff(
@@ -155,16 +157,25 @@ class PrefillRole:
         self._running += 1
         try:
             resumed = request.resume_token_ids  # a request taken over from a dead replica: go on after these
+            # The prompt's own log-probabilities, if asked: on the first attempt only (a resumed one's
+            # router has them already).
+            scored = request.sampling.prompt_logprobs is not None and not resumed
             forward = span.child("prefill.forward", tokens=len(request.prompt_token_ids) + len(resumed))
-            result = self.engine.prefill(request.prompt_token_ids + resumed)
+            result = self.engine.prefill(request.prompt_token_ids + resumed, prompt_logits=scored)
             forward.end()
+            prompt_lps = prompt_token_logprobs(result.prompt_logits, request.prompt_token_ids,
+                                               request.sampling.prompt_logprobs) if scored else []
+            if request.sampling.max_tokens == 0:  # scoring only: nothing to generate
+                return TokenChunk(request.request_id, 0, [], "", "length",
+                                  usage=Usage(len(request.prompt_token_ids), 0), prompt_logprobs=prompt_lps)
             tracker = OutputTracker(request.sampling, len(request.prompt_token_ids), self.engine.max_context,
                                     self.engine.eos_token_ids, self.engine.tokenizer)
             tracker.resume(resumed)
             step = tracker.completion_tokens  # also the chunk index: one token per chunk
             first = sample_token(result.logits, request.sampling, step, self.engine.eos_token_ids, resumed)
             out = tracker.add(first)
-            first_chunk = TokenChunk(request.request_id, step, [first], out.text, out.finish_reason)
+            first_chunk = TokenChunk(request.request_id, step, [first], out.text, out.finish_reason,
+                                     prompt_logprobs=prompt_lps)
             if request.sampling.logprobs is not None:
                 first_chunk.logprobs = [token_logprob(result.logits, first, request.sampling.logprobs)]
             if out.finish_reason is not None:  # the first token ends it: nothing to hand off

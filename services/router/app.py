@@ -147,7 +147,10 @@ def create_app(core: RouterCore, drain_timeout_s: float = 0.0, api_key: str | No
             if any(not 0 <= t < vocab for t in prompt_ids):
                 raise RequestError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
         sampling = body.sampling(COMPLETIONS_DEFAULT_MAX_TOKENS)
-        return await _serve(core, request, prompt_ids, sampling, body, chat=False)
+        echo = None
+        if body.echo:
+            echo = (body.prompt if isinstance(body.prompt, str) else core.tokenizer.decode(prompt_ids), prompt_ids)
+        return await _serve(core, request, prompt_ids, sampling, body, chat=False, echo=echo)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, request: Request):
@@ -160,29 +163,34 @@ def create_app(core: RouterCore, drain_timeout_s: float = 0.0, api_key: str | No
     return app
 
 
-async def _serve(core: RouterCore, request: Request, prompt_ids, sampling, body, chat: bool):
+async def _serve(core: RouterCore, request: Request, prompt_ids, sampling, body, chat: bool,
+                 echo: tuple[str, list[int]] | None = None):
     parent = request.headers.get(tracing.TRACEPARENT)
     flights = await _submit_choices(core, prompt_ids, sampling, body.n, parent, body.kv_codec)
-    builder = ResponseBuilder(flights[0].request_id, core.model_name, chat, core.tokenizer)
+    builder = ResponseBuilder(flights[0].request_id, core.model_name, chat, core.tokenizer, echo=echo)
+    show_prompt_logprobs = echo is not None and body.logprobs is not None
     if body.stream:
         return StreamingResponse(
-            _sse(core, flights, builder, body.include_usage),
+            _sse(core, flights, builder, body.include_usage, show_prompt_logprobs),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Request-Id": flights[0].request_id},
         )
     parts: list[list[str]] = [[] for _ in flights]
     logprobs: list[list] = [[] for _ in flights]
     last: list[TokenChunk | None] = [None] * len(flights)
+    prompt_logprobs = None
     async for index, chunk in _choice_events(core, flights):
         if chunk.finish_reason == "error":
             return _error(503, chunk.error, code="replica_failure")
+        if show_prompt_logprobs and prompt_logprobs is None and chunk.index == 0:
+            prompt_logprobs = chunk.prompt_logprobs
         parts[index].append(chunk.text)
         logprobs[index] += chunk.logprobs
         last[index] = chunk
     if any(chunk is None for chunk in last):
         return _error(503, "request ended without output", code="replica_failure")
     choices = [("".join(p), chunk.finish_reason, lp) for p, chunk, lp in zip(parts, last, logprobs)]
-    return JSONResponse(builder.full(choices, _total_usage([chunk.usage for chunk in last])))
+    return JSONResponse(builder.full(choices, _total_usage([chunk.usage for chunk in last]), prompt_logprobs))
 
 
 async def _submit_choices(core: RouterCore, prompt_ids, sampling: SamplingParams, n: int, parent: str | None,
@@ -245,7 +253,8 @@ def _sse_line(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _sse(core: RouterCore, flights: list, builder: ResponseBuilder, include_usage: bool) -> AsyncIterator[str]:
+async def _sse(core: RouterCore, flights: list, builder: ResponseBuilder, include_usage: bool,
+               show_prompt_logprobs: bool = False) -> AsyncIterator[str]:
     started: set[int] = set()
     usages: list[Usage | None] = []
     async for index, chunk in _choice_events(core, flights):
@@ -253,6 +262,8 @@ async def _sse(core: RouterCore, flights: list, builder: ResponseBuilder, includ
             yield _sse_line(error_body(chunk.error, 503, code="replica_failure"))
             break
         first = index not in started
+        if first and builder.echo is not None:
+            yield _sse_line(builder.echo_chunk(chunk.prompt_logprobs if show_prompt_logprobs else None, index))
         if chunk.text or chunk.finish_reason is not None or first or chunk.logprobs:
             yield _sse_line(builder.chunk(chunk.text, chunk.finish_reason, first=first, logprobs=chunk.logprobs,
                                           index=index))

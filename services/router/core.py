@@ -50,6 +50,8 @@ from thunderserve.router.workload import WorkloadRecorder
 
 log = logging.getLogger(__name__)
 
+PROMPT_LOGPROBS_BYTES = 900_000  # a prompt's log-probabilities, encoded, at most (NATS' default max payload: 1 MB)
+
 
 
 class RequestError(Exception):
@@ -225,8 +227,19 @@ class RouterCore:
                 f"{len(prompt_ids)} tokens.",
                 param="prompt", code="context_length_exceeded",
             )
-        if sampling.max_tokens < 1:
-            raise RequestError(400, "max_tokens must be at least 1", param="max_tokens")
+        scoring = sampling.prompt_logprobs is not None
+        if sampling.max_tokens < (0 if scoring else 1):
+            raise RequestError(400, "max_tokens must be at least 1 (0 only to score the prompt, with echo and "
+                               "logprobs)", param="max_tokens")
+        if scoring:
+            k = sampling.prompt_logprobs
+            if not 0 <= k <= MAX_LOGPROBS:
+                raise RequestError(400, f"logprobs must be between 0 and {MAX_LOGPROBS}", param="logprobs")
+            # They ride on one NATS message (~35 bytes per token, ~12 more per alternative; 1 MB at most).
+            if len(prompt_ids) * (35 + 12 * k) > PROMPT_LOGPROBS_BYTES:
+                raise RequestError(400, f"the prompt's log-probabilities with {k} alternatives each are too large "
+                                   f"for one message at {len(prompt_ids)} prompt tokens; ask for fewer "
+                                   "alternatives or a shorter prompt", param="logprobs")
         if len(prompt_ids) + sampling.max_tokens > self.max_context:
             raise RequestError(
                 400,

@@ -89,6 +89,7 @@ class NatsEntry:
                     status=503 if chunk.finish_reason == "error" else 200,
                     index=len(history),
                     logprobs=chunk.logprobs,
+                    prompt_logprobs=chunk.prompt_logprobs,
                 )
                 history.append(event)
                 await nc.publish(reply_subject, protocol.encode(event),

@@ -22,7 +22,6 @@ MAX_CHOICES = 16  # n at most
 # the others: a 400, never a parameter silently ignored.
 _REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "best_of": (lambda v: v in (None, 1), "only best_of=1 is supported"),
-    "echo": (lambda v: not v, "echo is not supported"),
     "suffix": (lambda v: not v, "suffix (insertion) is not supported"),
     "response_format": (lambda v: v is None or v.get("type", "text") == "text",
                         "only the text response_format is supported"),
@@ -65,7 +64,7 @@ class _Common(BaseModel):
     functions: list | None = None
     repetition_penalty: float | None = None
 
-    @field_validator(*_REFUSED, check_fields=False)  # echo and suffix: completions only
+    @field_validator(*_REFUSED, check_fields=False)  # suffix: completions only
     @classmethod
     def _honoured(cls, value, info: ValidationInfo):
         honoured, message = _REFUSED[info.field_name]
@@ -135,6 +134,8 @@ class CompletionBody(_Common):
     def sampling(self, default_max_tokens: int) -> SamplingParams:
         params = super().sampling(default_max_tokens)
         params.logprobs = self.logprobs
+        if self.echo and (self.logprobs is not None or params.max_tokens == 0):
+            params.prompt_logprobs = self.logprobs or 0  # (max_tokens 0: the prompt is scored, not shown)
         return params
 
 
@@ -196,7 +197,10 @@ class ResponseBuilder:
     """Builds the OpenAI response objects of one request (completion or chat). With `tokenizer`,
     log-probabilities are rendered with each token's text (OpenAI's shapes for either endpoint)."""
 
-    def __init__(self, request_id: str, model: str, chat: bool, tokenizer=None):
+    def __init__(self, request_id: str, model: str, chat: bool, tokenizer=None,
+                 echo: tuple[str, list[int]] | None = None):
+        """`echo`: (prompt text, prompt token ids) to put before each completion choice."""
+        self.echo = echo
         self.id = ("chatcmpl-" if chat else "cmpl-") + request_id
         self.model = model
         self.chat = chat
@@ -230,12 +234,38 @@ class ResponseBuilder:
                 "top_logprobs": [{self._token(t): lp for t, lp in it.top.items()} for it in items],
                 "text_offset": offsets}
 
-    def full(self, choices: list[tuple[str, str | None, list[TokenLogprob]]], usage: Usage | None) -> dict:
-        """The whole response: one (text, finish_reason, logprobs) per choice, in index order."""
+    def prompt_logprobs(self, items: list[TokenLogprob], index: int = 0) -> dict:
+        """The echoed prompt's part of a completion's `logprobs`: its first token has none."""
+        tokens = [self._token(t) for t in self.echo[1]]
+        offsets = []
+        for text in tokens:
+            offsets.append(self._offsets.get(index, 0))
+            self._offsets[index] = offsets[-1] + len(text)
+        return {"tokens": tokens, "token_logprobs": [None] + [it.logprob for it in items],
+                "top_logprobs": [None] + [{self._token(t): lp for t, lp in it.top.items()} for it in items],
+                "text_offset": offsets}
+
+    def echo_chunk(self, prompt_logprobs: list[TokenLogprob] | None, index: int = 0) -> dict:
+        """The streamed chunk that echoes the prompt, before a completion choice's first tokens."""
+        body = self.chunk(self.echo[0], None, index=index)
+        if prompt_logprobs is not None:
+            body["choices"][0]["logprobs"] = self.prompt_logprobs(prompt_logprobs, index)
+        return body
+
+    def full(self, choices: list[tuple[str, str | None, list[TokenLogprob]]], usage: Usage | None,
+             prompt_logprobs: list[TokenLogprob] | None = None) -> dict:
+        """The whole response: one (text, finish_reason, logprobs) per choice, in index order; with echo,
+        each choice starts with the prompt (and, given `prompt_logprobs`, its log-probabilities)."""
         body = self._base("chat.completion" if self.chat else "text_completion")
         body["choices"] = []
         for index, (text, finish_reason, logprobs) in enumerate(choices):
+            head = None
+            if self.echo is not None:
+                text = self.echo[0] + text
+                head = self.prompt_logprobs(prompt_logprobs, index) if prompt_logprobs is not None else None
             lp = self.logprobs(logprobs, index)
+            if head is not None:
+                lp = {key: head[key] + (lp or {}).get(key, []) for key in head}
             content = {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
             body["choices"].append({"index": index, **content, "finish_reason": finish_reason, "logprobs": lp})
         body["usage"] = usage_dict(usage)

@@ -209,7 +209,6 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "hi", "logprobs": 50}, "logprobs"),
     ("/v1/completions", {"prompt": "hi", "best_of": 3}, "best_of"),
     ("/v1/completions", {"prompt": "hi", "suffix": "end"}, "suffix"),
-    ("/v1/completions", {"prompt": "hi", "echo": True}, "echo"),
     ("/v1/completions", {"prompt": "hi", "repetition_penalty": 1.2}, "repetition_penalty"),
     ("/v1/completions", {"prompt": "hi", "top_k": -2}, "top_k"),
     ("/v1/completions", {"prompt": "hi", "min_p": 1.5}, "min_p"),
@@ -408,3 +407,62 @@ def test_an_api_key_guards_the_api_but_not_health_or_metrics(make_cluster):
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
     assert httpx.get(url + "/health", timeout=10).status_code == 200
     assert httpx.get(url + "/metrics", timeout=10).status_code == 200
+
+
+def test_echo_scores_the_prompt_as_the_model_does(smollm2_cluster, smollm2_reference):
+    """echo + logprobs (what evaluation harnesses send to score text): the prompt comes back with each
+    token's log-probability under the reference model, then the completion; max_tokens 0 scores only."""
+    model, tokenizer = smollm2_reference
+    prompt = "The capital of France is Paris"
+    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    with torch.inference_mode():
+        ref = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    want = [ref[i - 1, ids[i]].item() for i in range(1, len(ids))]
+    url = smollm2_cluster.http_url + "/v1/completions"
+    scored = httpx.post(url, timeout=60, json={"prompt": prompt, "echo": True, "logprobs": 2, "max_tokens": 0}).json()
+    choice = scored["choices"][0]
+    assert choice["text"] == prompt and choice["finish_reason"] == "length"
+    assert scored["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
+    lp = choice["logprobs"]
+    assert lp["tokens"] == [tokenizer.decode([t]) for t in ids]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert lp["token_logprobs"][1:] == pytest.approx(want, abs=2e-4)
+    top = torch.topk(ref[0], 2)
+    assert lp["top_logprobs"][1] == pytest.approx(
+        {tokenizer.decode([t]): v for t, v in zip(top.indices.tolist(), top.values.tolist())}, abs=2e-4)
+
+    body = {"prompt": prompt, "echo": True, "logprobs": 0, "max_tokens": 3, "temperature": 0, "ignore_eos": True}
+    both = httpx.post(url, timeout=60, json=body).json()["choices"][0]
+    plain = httpx.post(url, timeout=60, json={**body, "echo": False}).json()["choices"][0]
+    assert both["text"] == prompt + plain["text"]
+    assert both["logprobs"]["tokens"] == lp["tokens"] + plain["logprobs"]["tokens"]
+    # (the same up to float rounding: scoring every position runs the LM head over all rows at once)
+    assert both["logprobs"]["token_logprobs"][len(ids):] == pytest.approx(plain["logprobs"]["token_logprobs"],
+                                                                           abs=1e-4)
+    offsets = both["logprobs"]["text_offset"]
+    assert offsets[0] == 0 and offsets == sorted(offsets) and offsets[len(ids)] == len("".join(lp["tokens"]))
+
+    with httpx.stream("POST", url, timeout=60, json={**body, "stream": True}) as resp:
+        events = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: {")]
+    assert events[0]["choices"][0]["text"] == prompt
+    assert "".join(e["choices"][0]["text"] for e in events) == both["text"]
+
+    too_big = httpx.post(url, timeout=60, json={"prompt": "word " * 4000, "echo": True, "logprobs": 20,
+                                                 "max_tokens": 0})
+    assert too_big.status_code == 400 and "too large" in too_big.json()["error"]["message"]
+    no_echo = httpx.post(url, timeout=60, json={"prompt": prompt, "max_tokens": 0})
+    assert no_echo.status_code == 400 and "max_tokens" in no_echo.json()["error"]["message"]
+
+
+async def test_the_sdk_scores_a_prompt(smollm2_cluster, smollm2_reference):
+    model, tokenizer = smollm2_reference
+    prompt = "Water boils at one hundred degrees"
+    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    with torch.inference_mode():
+        ref = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    async with Client(smollm2_cluster.nats_url) as client:
+        result = await client.complete(prompt, max_tokens=0, prompt_logprobs=0)
+    assert result.token_ids == [] and result.finish_reason == "length"
+    assert [lp.token_id for lp in result.prompt_logprobs] == ids[1:]
+    assert [lp.logprob for lp in result.prompt_logprobs] == pytest.approx(
+        [ref[i - 1, ids[i]].item() for i in range(1, len(ids))], abs=2e-4)
