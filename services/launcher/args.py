@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-key", default=config.env("API_KEY", None), metavar="KEY",
                         help="the HTTP API wants 'Authorization: Bearer KEY' (env THUNDERSERVE_API_KEY; default: "
                         "open); /health and /metrics stay open")
+    parser.add_argument("--max-inflight", type=int, default=config.env("MAX_INFLIGHT", None, int), metavar="N",
+                        help="requests in flight at most; more get a 429 to retry (env THUNDERSERVE_MAX_INFLIGHT; "
+                        "default 512; 0 = no limit)")
     parser.add_argument("--otlp-endpoint", default=config.env("OTLP_ENDPOINT", None), metavar="URL",
                         help="also send the spans to this OpenTelemetry collector (OTLP/HTTP, JSON; e.g. "
                         "http://127.0.0.1:4318 for Jaeger or an OpenTelemetry Collector; env "

@@ -11,6 +11,13 @@ from thunderserve.launcher.args import build_parser
 from thunderserve.launcher.cluster import LocalCluster, RestartPolicy
 
 
+def _service_env(args) -> dict[str, str]:
+    """The settings the services take from their environment (each reads the ones it knows)."""
+    given = {"TRACE_DIR": args.trace_dir, "OTLP_ENDPOINT": args.otlp_endpoint, "API_KEY": args.api_key,
+             "MAX_INFLIGHT": args.max_inflight}
+    return {f"THUNDERSERVE_{name}": str(value) for name, value in given.items() if value not in (None, "")}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s up %(levelname)s %(message)s")
@@ -33,9 +40,7 @@ def main(argv: list[str] | None = None) -> int:
             http_host=args.host, http_port=args.http_port, nats_url=args.nats, subject_prefix=args.subject_prefix,
             threads_per_replica=args.threads_per_replica, max_batch=args.max_batch, log_level=args.log_level,
             decode_nice=args.decode_nice, plan_file=args.plan,
-            extra_env={name: value for name, value in (("THUNDERSERVE_TRACE_DIR", args.trace_dir),
-                                                        ("THUNDERSERVE_OTLP_ENDPOINT", args.otlp_endpoint),
-                                                        ("THUNDERSERVE_API_KEY", args.api_key)) if value},
+            extra_env=_service_env(args),
         )
     except (OSError, ValueError, KeyError, TypeError) as exc:  # the plan file: missing, not a plan, not servable
         print(f"error: --plan: {exc}", file=sys.stderr)
