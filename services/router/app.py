@@ -19,11 +19,19 @@ from thunderserve.common import tracing
 from thunderserve.common.protocol import SamplingParams, TokenChunk, Usage
 from thunderserve.router.core import RequestError, RouterCore
 from thunderserve.router.natsapi import NatsEntry
-from thunderserve.router.openai_schema import ChatBody, CompletionBody, ResponseBuilder, error_body
+from thunderserve.router.openai_schema import (
+    ChatBody,
+    CompletionBody,
+    DetokenizeBody,
+    ResponseBuilder,
+    TokenizeBody,
+    error_body,
+)
 
 log = logging.getLogger(__name__)
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+OPEN_PATHS = frozenset({"/health", "/metrics"})  # answered without the API key
 
 
 def _error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
@@ -75,7 +83,7 @@ def create_app(core: RouterCore, drain_timeout_s: float = 0.0, api_key: str | No
         async def _authorized(request: Request, call_next):
             # /health and /metrics stay open (probes and scrapers); the API needs the key
             given = request.headers.get("authorization", "").encode()
-            if request.url.path.startswith("/v1/") and not hmac.compare_digest(given, expected):
+            if request.url.path not in OPEN_PATHS and not hmac.compare_digest(given, expected):
                 return _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                               code="invalid_api_key")
             return await call_next(request)
@@ -151,6 +159,19 @@ def create_app(core: RouterCore, drain_timeout_s: float = 0.0, api_key: str | No
         if body.echo:
             echo = (body.prompt if isinstance(body.prompt, str) else core.tokenizer.decode(prompt_ids), prompt_ids)
         return await _serve(core, request, prompt_ids, sampling, body, chat=False, echo=echo)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeBody):
+        """The token ids the server would prefill for a prompt or a chat, and the room left after them."""
+        ids = core.tokenize_prompt(body.prompt) if body.prompt is not None else core.tokenize_chat(body.chat())
+        return {"tokens": ids, "count": len(ids), "max_model_len": core.max_context}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeBody):
+        vocab = len(core.tokenizer)
+        if any(not 0 <= t < vocab for t in body.tokens):
+            raise RequestError(400, f"token ids must be in [0, {vocab})", param="tokens")
+        return {"prompt": core.tokenizer.decode(body.tokens)}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, request: Request):

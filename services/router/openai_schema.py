@@ -6,7 +6,16 @@ import time
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from thunderserve.common.protocol import SamplingParams, TokenLogprob, Usage
 from thunderserve.common.sequence import MAX_LOGPROBS, MAX_PENALTY
@@ -151,6 +160,12 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
+def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """The messages as the chat template takes them (OpenAI's "developer" role is a system message)."""
+    role = {"developer": "system"}
+    return [{"role": role.get(m.role, m.role), "content": m.text()} for m in messages]
+
+
 class ChatBody(_Common):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: int | None = None
@@ -172,8 +187,31 @@ class ChatBody(_Common):
         return params
 
     def chat(self) -> list[dict[str, str]]:
-        role = {"developer": "system"}
-        return [{"role": role.get(m.role, m.role), "content": m.text()} for m in self.messages]
+        return chat_messages(self.messages)
+
+
+class TokenizeBody(BaseModel):
+    """/tokenize: exactly one of a prompt (as /v1/completions takes it) or chat messages."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: StrictStr | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        return self
+
+    def chat(self) -> list[dict[str, str]]:
+        return chat_messages(self.messages or [])
+
+
+class DetokenizeBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    tokens: list[int]
 
 
 # --- responses -----------------------------------------------------------------------------

@@ -403,6 +403,7 @@ def test_an_api_key_guards_the_api_but_not_health_or_metrics(make_cluster):
         resp = httpx.post(url + "/v1/completions", json=body, headers=headers, timeout=30)
         assert resp.status_code == 401 and resp.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(url + "/v1/models", timeout=10).status_code == 401
+    assert httpx.post(url + "/tokenize", json={"prompt": "x"}, timeout=10).status_code == 401
     ok = httpx.post(url + "/v1/completions", json=body, headers={"Authorization": "Bearer sekret"}, timeout=30)
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
     assert httpx.get(url + "/health", timeout=10).status_code == 200
@@ -466,3 +467,23 @@ async def test_the_sdk_scores_a_prompt(smollm2_cluster, smollm2_reference):
     assert [lp.token_id for lp in result.prompt_logprobs] == ids[1:]
     assert [lp.logprob for lp in result.prompt_logprobs] == pytest.approx(
         [ref[i - 1, ids[i]].item() for i in range(1, len(ids))], abs=2e-4)
+
+
+def test_tokenize_and_detokenize(smollm2_cluster, smollm2_reference):
+    _, tokenizer = smollm2_reference
+    url = smollm2_cluster.http_url
+    text = "Hello, world!"
+    got = httpx.post(url + "/tokenize", json={"prompt": text}, timeout=30).json()
+    assert got["tokens"] == tokenizer.encode(text, add_special_tokens=False) and got["count"] == len(got["tokens"])
+    assert got["max_model_len"] == 8192
+    chat = httpx.post(url + "/tokenize", json={"messages": [{"role": "user", "content": text}]}, timeout=30).json()
+    reply = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+        "messages": [{"role": "user", "content": text}], "max_tokens": 1}).json()
+    assert chat["count"] == reply["usage"]["prompt_tokens"] > got["count"]  # what the chat request prefills
+    back = httpx.post(url + "/detokenize", json={"tokens": got["tokens"]}, timeout=30).json()
+    assert back == {"prompt": text}
+    both = {"prompt": "a", "messages": [{"role": "user", "content": "b"}]}
+    for path, body in (("/tokenize", {}), ("/tokenize", both), ("/tokenize", {"messages": []}),
+                       ("/detokenize", {"tokens": [-1]}), ("/detokenize", {"tokens": "abc"})):
+        resp = httpx.post(url + path, json=body, timeout=30)
+        assert resp.status_code == 400 and resp.json()["error"]["message"], (path, body, resp.text)
