@@ -147,17 +147,18 @@ def create_app(core: RouterCore, drain_timeout_s: float = 0.0, api_key: str | No
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
         core.check_model(body.model)
-        if isinstance(body.prompt, str):
-            prompt_ids = core.tokenize_prompt(body.prompt)
-        else:
-            prompt_ids = list(body.prompt)
-            vocab = len(core.tokenizer)
-            if any(not 0 <= t < vocab for t in prompt_ids):
+        vocab = len(core.tokenizer)
+        prompt_ids = []
+        for prompt in body.prompts():
+            ids = core.tokenize_prompt(prompt) if isinstance(prompt, str) else list(prompt)
+            if any(not 0 <= t < vocab for t in ids):
                 raise RequestError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+            prompt_ids.append(ids)
         sampling = body.sampling(COMPLETIONS_DEFAULT_MAX_TOKENS)
         echo = None
-        if body.echo:
-            echo = (body.prompt if isinstance(body.prompt, str) else core.tokenizer.decode(prompt_ids), prompt_ids)
+        if body.echo:  # per prompt: its text as given (or decoded from its ids), and its ids
+            echo = [(p if isinstance(p, str) else core.tokenizer.decode(ids), ids)
+                    for p, ids in zip(body.prompts(), prompt_ids)]
         return await _serve(core, request, prompt_ids, sampling, body, chat=False, echo=echo)
 
     @app.post("/tokenize")
@@ -179,39 +180,52 @@ def create_app(core: RouterCore, drain_timeout_s: float = 0.0, api_key: str | No
         prompt_ids = core.tokenize_chat(body.chat())
         # Chat has no fixed default: generate until the model stops or the context is full.
         sampling = body.sampling(max(core.max_context - len(prompt_ids), 1))
-        return await _serve(core, request, prompt_ids, sampling, body, chat=True)
+        return await _serve(core, request, [prompt_ids], sampling, body, chat=True)
 
     return app
 
 
-async def _serve(core: RouterCore, request: Request, prompt_ids, sampling, body, chat: bool,
-                 echo: tuple[str, list[int]] | None = None):
+async def _serve(core: RouterCore, request: Request, prompt_ids: list[list[int]], sampling, body, chat: bool,
+                 echo: list[tuple[str, list[int]]] | None = None):
+    """Serve `body.n` choices of each prompt in `prompt_ids` (choice index = prompt * n + i);
+    `echo`: each prompt's (text, ids) to put first."""
     parent = request.headers.get(tracing.TRACEPARENT)
-    flights = await _submit_choices(core, prompt_ids, sampling, body.n, parent, body.kv_codec)
-    builder = ResponseBuilder(flights[0].request_id, core.model_name, chat, core.tokenizer, echo=echo)
+    flights = []
+    try:
+        for ids in prompt_ids:
+            flights += await _submit_choices(core, ids, sampling, body.n, parent, body.kv_codec)
+    except BaseException:
+        for flight in flights:
+            await core.abort(flight, "another choice of the request was refused")
+        raise
+    echo_per_choice = [e for e in echo for _ in range(body.n)] if echo is not None else None
+    builder = ResponseBuilder(flights[0].request_id, core.model_name, chat, core.tokenizer, echo=echo_per_choice)
     show_prompt_logprobs = echo is not None and body.logprobs is not None
     if body.stream:
         return StreamingResponse(
-            _sse(core, flights, builder, body.include_usage, show_prompt_logprobs),
+            _sse(core, flights, builder, body.include_usage, show_prompt_logprobs,
+                 sum(len(ids) for ids in prompt_ids)),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Request-Id": flights[0].request_id},
         )
     parts: list[list[str]] = [[] for _ in flights]
     logprobs: list[list] = [[] for _ in flights]
     last: list[TokenChunk | None] = [None] * len(flights)
-    prompt_logprobs = None
+    prompt_logprobs: list[list | None] = [None] * len(flights)
     async for index, chunk in _choice_events(core, flights):
         if chunk.finish_reason == "error":
             return _error(503, chunk.error, code="replica_failure")
-        if show_prompt_logprobs and prompt_logprobs is None and chunk.index == 0:
-            prompt_logprobs = chunk.prompt_logprobs
+        if show_prompt_logprobs and prompt_logprobs[index] is None and chunk.index == 0:
+            prompt_logprobs[index] = chunk.prompt_logprobs
         parts[index].append(chunk.text)
         logprobs[index] += chunk.logprobs
         last[index] = chunk
     if any(chunk is None for chunk in last):
         return _error(503, "request ended without output", code="replica_failure")
     choices = [("".join(p), chunk.finish_reason, lp) for p, chunk, lp in zip(parts, last, logprobs)]
-    return JSONResponse(builder.full(choices, _total_usage([chunk.usage for chunk in last]), prompt_logprobs))
+    usage = Usage(sum(len(ids) for ids in prompt_ids), sum(chunk.usage.completion_tokens for chunk in last
+                                                             if chunk.usage is not None))
+    return JSONResponse(builder.full(choices, usage, prompt_logprobs if show_prompt_logprobs else None))
 
 
 async def _submit_choices(core: RouterCore, prompt_ids, sampling: SamplingParams, n: int, parent: str | None,
@@ -264,20 +278,14 @@ async def _choice_events(core: RouterCore, flights: list) -> AsyncIterator[tuple
                 await core.abort(flight, "client went away")
 
 
-def _total_usage(usages: list[Usage | None]) -> Usage:
-    """The prompt once, the completions of every choice."""
-    given = [u for u in usages if u is not None]
-    return Usage(given[0].prompt_tokens if given else 0, sum(u.completion_tokens for u in given))
-
-
 def _sse_line(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
 async def _sse(core: RouterCore, flights: list, builder: ResponseBuilder, include_usage: bool,
-               show_prompt_logprobs: bool = False) -> AsyncIterator[str]:
+               show_prompt_logprobs: bool, prompt_tokens: int) -> AsyncIterator[str]:
     started: set[int] = set()
-    usages: list[Usage | None] = []
+    completion_tokens = 0
     async for index, chunk in _choice_events(core, flights):
         if chunk.finish_reason == "error":
             yield _sse_line(error_body(chunk.error, 503, code="replica_failure"))
@@ -289,9 +297,9 @@ async def _sse(core: RouterCore, flights: list, builder: ResponseBuilder, includ
             yield _sse_line(builder.chunk(chunk.text, chunk.finish_reason, first=first, logprobs=chunk.logprobs,
                                           index=index))
             started.add(index)
-        if chunk.finish_reason is not None:
-            usages.append(chunk.usage)
+        if chunk.finish_reason is not None and chunk.usage is not None:
+            completion_tokens += chunk.usage.completion_tokens
     else:
         if include_usage:
-            yield _sse_line(builder.usage_chunk(_total_usage(usages)))
+            yield _sse_line(builder.usage_chunk(Usage(prompt_tokens, completion_tokens)))
     yield "data: [DONE]\n\n"

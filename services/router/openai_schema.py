@@ -26,6 +26,8 @@ class StreamOptions(BaseModel):
 
 
 MAX_CHOICES = 16  # n at most
+MAX_PROMPTS = 64  # prompts in one completions request at most
+MAX_CHOICES_IN_ALL = 128  # prompts x n at most
 
 # Known OpenAI (and vLLM) parameters, each with the values this server honours and what it says to
 # the others: a 400, never a parameter silently ignored.
@@ -123,22 +125,34 @@ class _Common(BaseModel):
 
 
 class CompletionBody(_Common):
-    prompt: StrictStr | list[StrictStr] | list[int]
+    # One prompt (text or token ids) or several (a list of texts or of token-id lists): each gets `n` choices.
+    prompt: StrictStr | list[StrictStr] | list[int] | list[list[int]]
     echo: StrictBool = False
     suffix: StrictStr | None = None
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None  # k alternatives per token
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, prompt):
+    def _prompts_given(cls, prompt):
         if isinstance(prompt, list):
             if not prompt:
                 raise ValueError("the prompt is empty")
-            if isinstance(prompt[0], str):
-                if len(prompt) != 1:
-                    raise ValueError("only one prompt per request is supported")
-                return prompt[0]
+            if isinstance(prompt[0], (str, list)) and len(prompt) > MAX_PROMPTS:
+                raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
         return prompt
+
+    @model_validator(mode="after")
+    def _choices_in_all(self):
+        if len(self.prompts()) * self.n > MAX_CHOICES_IN_ALL:
+            raise ValueError(f"{len(self.prompts())} prompts x n={self.n} is more than {MAX_CHOICES_IN_ALL} "
+                             "choices in one request")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt: a text or its token ids."""
+        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], (str, list)):
+            return list(self.prompt)
+        return [self.prompt]
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
         params = super().sampling(default_max_tokens)
@@ -236,8 +250,8 @@ class ResponseBuilder:
     log-probabilities are rendered with each token's text (OpenAI's shapes for either endpoint)."""
 
     def __init__(self, request_id: str, model: str, chat: bool, tokenizer=None,
-                 echo: tuple[str, list[int]] | None = None):
-        """`echo`: (prompt text, prompt token ids) to put before each completion choice."""
+                 echo: list[tuple[str, list[int]]] | None = None):
+        """`echo`: per completion choice, (prompt text, prompt token ids) to put before it."""
         self.echo = echo
         self.id = ("chatcmpl-" if chat else "cmpl-") + request_id
         self.model = model
@@ -273,8 +287,8 @@ class ResponseBuilder:
                 "text_offset": offsets}
 
     def prompt_logprobs(self, items: list[TokenLogprob], index: int = 0) -> dict:
-        """The echoed prompt's part of a completion's `logprobs`: its first token has none."""
-        tokens = [self._token(t) for t in self.echo[1]]
+        """The echoed prompt's part of choice `index`'s `logprobs`: its first token has none."""
+        tokens = [self._token(t) for t in self.echo[index][1]]
         offsets = []
         for text in tokens:
             offsets.append(self._offsets.get(index, 0))
@@ -285,22 +299,23 @@ class ResponseBuilder:
 
     def echo_chunk(self, prompt_logprobs: list[TokenLogprob] | None, index: int = 0) -> dict:
         """The streamed chunk that echoes the prompt, before a completion choice's first tokens."""
-        body = self.chunk(self.echo[0], None, index=index)
+        body = self.chunk(self.echo[index][0], None, index=index)
         if prompt_logprobs is not None:
             body["choices"][0]["logprobs"] = self.prompt_logprobs(prompt_logprobs, index)
         return body
 
     def full(self, choices: list[tuple[str, str | None, list[TokenLogprob]]], usage: Usage | None,
-             prompt_logprobs: list[TokenLogprob] | None = None) -> dict:
+             prompt_logprobs: list[list[TokenLogprob] | None] | None = None) -> dict:
         """The whole response: one (text, finish_reason, logprobs) per choice, in index order; with echo,
-        each choice starts with the prompt (and, given `prompt_logprobs`, its log-probabilities)."""
+        each choice starts with its prompt (and, given its `prompt_logprobs`, their log-probabilities)."""
         body = self._base("chat.completion" if self.chat else "text_completion")
         body["choices"] = []
         for index, (text, finish_reason, logprobs) in enumerate(choices):
             head = None
             if self.echo is not None:
-                text = self.echo[0] + text
-                head = self.prompt_logprobs(prompt_logprobs, index) if prompt_logprobs is not None else None
+                text = self.echo[index][0] + text
+                if prompt_logprobs is not None and prompt_logprobs[index] is not None:
+                    head = self.prompt_logprobs(prompt_logprobs[index], index)
             lp = self.logprobs(logprobs, index)
             if head is not None:
                 lp = {key: head[key] + (lp or {}).get(key, []) for key in head}

@@ -487,3 +487,33 @@ def test_tokenize_and_detokenize(smollm2_cluster, smollm2_reference):
                        ("/detokenize", {"tokens": [-1]}), ("/detokenize", {"tokens": "abc"})):
         resp = httpx.post(url + path, json=body, timeout=30)
         assert resp.status_code == 400 and resp.json()["error"]["message"], (path, body, resp.text)
+
+
+def test_several_prompts_in_one_completions_request(smollm2_cluster, smollm2_reference):
+    """A list of prompts (texts or token ids), n choices each: choice prompt * n + i is what that prompt
+    alone gives with seed + i; echo puts each choice's own prompt first."""
+    _, tokenizer = smollm2_reference
+    url = smollm2_cluster.http_url + "/v1/completions"
+    prompts = ["The sky is", "Two plus two is"]
+    base = {"max_tokens": 4, "temperature": 1.0, "seed": 3, "ignore_eos": True}
+    many = httpx.post(url, timeout=60, json={**base, "prompt": prompts, "n": 2, "echo": True}).json()
+    assert [c["index"] for c in many["choices"]] == [0, 1, 2, 3]
+    for p, prompt in enumerate(prompts):
+        for i in range(2):
+            alone = httpx.post(url, timeout=60, json={**base, "prompt": prompt, "seed": 3 + i}).json()
+            assert many["choices"][p * 2 + i]["text"] == prompt + alone["choices"][0]["text"]
+    prompt_tokens = sum(len(tokenizer.encode(p, add_special_tokens=False)) for p in prompts)
+    assert many["usage"]["prompt_tokens"] == prompt_tokens and many["usage"]["completion_tokens"] == 16
+    ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    as_ids = httpx.post(url, timeout=60, json={**base, "prompt": ids}).json()
+    assert [c["text"] for c in as_ids["choices"]] == [many["choices"][0]["text"][len(prompts[0]):],
+                                                      many["choices"][2]["text"][len(prompts[1]):]]
+    scored = httpx.post(url, timeout=60, json={"prompt": prompts, "echo": True, "logprobs": 0, "max_tokens": 0,
+                                               "stream": True})
+    texts = [json.loads(line[6:])["choices"][0] for line in scored.text.splitlines()
+             if line.startswith("data: {") and json.loads(line[6:])["choices"]]
+    echoed = {c["index"]: c for c in texts if c["text"]}
+    assert {i: c["text"] for i, c in echoed.items()} == {0: prompts[0], 1: prompts[1]}
+    assert [len(echoed[i]["logprobs"]["tokens"]) for i in (0, 1)] == [len(x) for x in ids]
+    too_many = httpx.post(url, timeout=60, json={"prompt": ["x"] * 20, "n": 8})
+    assert too_many.status_code == 400 and "choices in one request" in too_many.json()["error"]["message"]
