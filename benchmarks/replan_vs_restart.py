@@ -42,7 +42,7 @@ from backbone_common import finish, host_info, progress, r, save_plot, sdk_strea
 
 from thunderserve.common import protocol
 from thunderserve.common.client import Client
-from thunderserve.common.planstore import current_plan
+from thunderserve.common.planstore import EpochAcks, current_plan
 from thunderserve.common.protocol import Heartbeat, Subjects
 from thunderserve.launcher.cluster import LocalCluster
 from thunderserve.planner.cluster import Cluster
@@ -82,28 +82,17 @@ async def _until_served(url: str, since: float, timeout_s: float = 300.0) -> flo
     raise RuntimeError(f"nothing served within {timeout_s:.0f} s")
 
 
-class _EpochWatch:
-    """From the heartbeats: when each replica first reported itself ready in an epoch >= the wanted one."""
-
-    def __init__(self) -> None:
-        self.ready_at: dict[tuple[str, int], float] = {}
-
-    async def on_beat(self, msg) -> None:
-        beat = protocol.decode_or_warn(Heartbeat, msg.data, log)
-        if beat is not None and beat.state == "ready":
-            self.ready_at.setdefault((beat.replica_id, beat.plan_epoch), time.monotonic())
-
-    def applied(self, epoch: int, ids: list[str]) -> float | None:
-        times = [min((t for (rid, e), t in self.ready_at.items() if rid == i and e >= epoch), default=None)
-                 for i in ids]
-        return None if None in times else max(times)
-
-
 async def _hot_replan(cluster: LocalCluster, args) -> dict:
     subjects = Subjects(cluster.subject_prefix)
     nc = await nats.connect(cluster.nats_url)
-    watch = _EpochWatch()
-    await nc.subscribe(subjects.heartbeats, cb=watch.on_beat)
+    acks = EpochAcks()  # when each replica applied the re-plan (its heartbeats carry the epoch once it has)
+
+    async def on_beat(msg) -> None:
+        beat = protocol.decode_or_warn(Heartbeat, msg.data, log)
+        if beat is not None:
+            acks.beat(beat)
+
+    await nc.subscribe(subjects.heartbeats, cb=on_beat)
     prompts = [f"Write a long story about a lighthouse keeper, part {i}." for i in range(args.requests)]
     times: list[list[float]] = [[] for _ in prompts]
     try:
@@ -116,6 +105,7 @@ async def _hot_replan(cluster: LocalCluster, args) -> dict:
                 await asyncio.sleep(0.01)
             progress("killing r2 (the decode replica)")
             killed = time.monotonic()
+            acks.expect(2, ["r0", "r1"], now=killed)  # the planner's first re-plan, without r2
             cluster.kill("r2")
             short = asyncio.create_task(_until_served(cluster.http_url, killed))
             published = None
@@ -127,9 +117,12 @@ async def _hot_replan(cluster: LocalCluster, args) -> dict:
             if published is None:
                 raise RuntimeError("the planner published no plan within 60 s of the kill")
             t_pub, plan = published
-            ids = [rep.id for rep in plan.replicas]
-            while (t_applied := watch.applied(plan.epoch, ids)) is None and time.monotonic() - killed < 60:
+            if plan.epoch != 2 or sorted(rep.id for rep in plan.replicas) != ["r0", "r1"]:
+                raise RuntimeError(f"unexpected re-plan: epoch {plan.epoch}, replicas {plan.ids('prefill')} "
+                                   f"prefill and {plan.ids('decode')} decode")
+            while not acks.done(2) and time.monotonic() - killed < 60:
                 await asyncio.sleep(0.02)
+            applied = max(acks.ack_times(2).values()) if acks.done(2) else None
             results = await asyncio.gather(*tasks)
             served_s = await short
     finally:
@@ -142,7 +135,7 @@ async def _hot_replan(cluster: LocalCluster, args) -> dict:
                      "longest_stall_s": r(max(gaps) if gaps else 0.0)})
     return {"killed_at_s": r(killed - t0), "epoch": plan.epoch,
             "phases": {rep.id: rep.phase for rep in plan.replicas},
-            "published_s": r(t_pub - killed), "applied_s": r(t_applied - killed) if t_applied else None,
+            "published_s": r(t_pub - killed), "applied_s": r(applied) if applied is not None else None,
             "served_again_s": r(served_s), "streams": rows,
             "requests_lost": sum(not row["whole"] for row in rows)}
 

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-_DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float8": 1, "int8": 1}
+DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float8": 1, "int8": 1}
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ class ModelSpec:
             kv_heads=int(cfg.get("num_key_value_heads") or heads),
             intermediate=int(cfg["intermediate_size"]),
             vocab=int(cfg["vocab_size"]),
-            bytes_per_weight=_DTYPE_BYTES.get(str(cfg.get("torch_dtype", "float16")), 2),
+            bytes_per_weight=DTYPE_BYTES.get(str(cfg.get("torch_dtype", "float16")), 2),
             head_dim=int(cfg.get("head_dim") or 0),
             tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         )

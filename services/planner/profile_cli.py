@@ -13,10 +13,10 @@ from thunderserve.common.config import DEFAULT_MODEL, CliParser
 from . import profile
 from .catalog import Catalog, default_catalog
 from .cli import INPUT_ERRORS, fail
-from .model import ModelSpec
+from .model import DTYPE_BYTES, ModelSpec
 
 PROG = "thunderserve profile"
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+ENGINE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="model the engine loads (default %(default)s; 'tiny-random' for a quick check)")
     ap.add_argument("--model-spec", metavar="NAME|config.json", dest="model_spec",
                     help="the cost model's view of it (default: built from the loaded model's config)")
-    ap.add_argument("--dtype", choices=tuple(_DTYPE_BYTES), default="float32", help="weights (default %(default)s)")
+    ap.add_argument("--dtype", choices=ENGINE_DTYPES, default="float32", help="weights (default %(default)s)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default %(default)s)")
     ap.add_argument("--prompts", type=int, nargs="+", default=[32, 128, 512], metavar="N",
                     help="prompt lengths to time a prefill of (default: 32 128 512)")
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"{args.model} has no real engine to profile")
         spec = ModelSpec.load(args.model_spec) if args.model_spec else \
             ModelSpec.from_config(engine.config.to_dict(), engine.name)
-        spec = profile.spec_for(spec, _DTYPE_BYTES[args.dtype], engine.kv_dtype.itemsize)
+        spec = profile.spec_for(spec, DTYPE_BYTES[args.dtype], engine.kv_dtype.itemsize)
         if max(args.prompts + args.contexts) >= engine.max_context:
             raise ValueError(f"prompt lengths and contexts must be below the model's {engine.max_context} tokens")
     except INPUT_ERRORS as exc:

@@ -148,8 +148,8 @@ def create_app(core: RouterCore, drain_timeout_s: float = 0.0, api_key: str | No
     async def completions(body: CompletionBody, request: Request):
         core.check_model(body.model)
         vocab = len(core.tokenizer)
-        prompt_ids = []
-        for prompt in body.prompts():
+        prompts, prompt_ids = body.prompts(), []
+        for prompt in prompts:
             ids = core.tokenize_prompt(prompt) if isinstance(prompt, str) else list(prompt)
             if any(not 0 <= t < vocab for t in ids):
                 raise RequestError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
@@ -158,7 +158,7 @@ def create_app(core: RouterCore, drain_timeout_s: float = 0.0, api_key: str | No
         echo = None
         if body.echo:  # per prompt: its text as given (or decoded from its ids), and its ids
             echo = [(p if isinstance(p, str) else core.tokenizer.decode(ids), ids)
-                    for p, ids in zip(body.prompts(), prompt_ids)]
+                    for p, ids in zip(prompts, prompt_ids)]
         return await _serve(core, request, prompt_ids, sampling, body, chat=False, echo=echo)
 
     @app.post("/tokenize")
@@ -190,14 +190,7 @@ async def _serve(core: RouterCore, request: Request, prompt_ids: list[list[int]]
     """Serve `body.n` choices of each prompt in `prompt_ids` (choice index = prompt * n + i);
     `echo`: each prompt's (text, ids) to put first."""
     parent = request.headers.get(tracing.TRACEPARENT)
-    flights = []
-    try:
-        for ids in prompt_ids:
-            flights += await _submit_choices(core, ids, sampling, body.n, parent, body.kv_codec)
-    except BaseException:
-        for flight in flights:
-            await core.abort(flight, "another choice of the request was refused")
-        raise
+    flights = await _submit_choices(core, prompt_ids, sampling, body.n, parent, body.kv_codec)
     echo_per_choice = [e for e in echo for _ in range(body.n)] if echo is not None else None
     builder = ResponseBuilder(flights[0].request_id, core.model_name, chat, core.tokenizer, echo=echo_per_choice)
     show_prompt_logprobs = echo is not None and body.logprobs is not None
@@ -228,16 +221,18 @@ async def _serve(core: RouterCore, request: Request, prompt_ids: list[list[int]]
     return JSONResponse(builder.full(choices, usage, prompt_logprobs if show_prompt_logprobs else None))
 
 
-async def _submit_choices(core: RouterCore, prompt_ids, sampling: SamplingParams, n: int, parent: str | None,
-                          kv_codec: str | None) -> list:
-    """One request to the replicas per choice. With a seed, choice i samples with seed + i: the choices
-    differ, and the same request gives the same n choices again. If one cannot be placed, none runs."""
+async def _submit_choices(core: RouterCore, prompt_ids: list[list[int]], sampling: SamplingParams, n: int,
+                          parent: str | None, kv_codec: str | None) -> list:
+    """One request to the replicas per choice: n per prompt, in order. With a seed, choice i of a prompt
+    samples with seed + i: the choices differ, and the same request gives the same choices again. If one
+    cannot be placed, none runs."""
     flights = []
     try:
-        for i in range(n):
-            seed = sampling.seed + i if sampling.seed is not None else None
-            flights.append(await core.submit(prompt_ids, dataclasses.replace(sampling, seed=seed), parent,
-                                             kv_codec=kv_codec))
+        for ids in prompt_ids:
+            for i in range(n):
+                seed = sampling.seed + i if sampling.seed is not None else None
+                flights.append(await core.submit(ids, dataclasses.replace(sampling, seed=seed), parent,
+                                                 kv_codec=kv_codec))
     except BaseException:
         for flight in flights:
             await core.abort(flight, "another choice of the request was refused")

@@ -143,9 +143,9 @@ class CompletionBody(_Common):
 
     @model_validator(mode="after")
     def _choices_in_all(self):
-        if len(self.prompts()) * self.n > MAX_CHOICES_IN_ALL:
-            raise ValueError(f"{len(self.prompts())} prompts x n={self.n} is more than {MAX_CHOICES_IN_ALL} "
-                             "choices in one request")
+        prompts = len(self.prompts())
+        if prompts * self.n > MAX_CHOICES_IN_ALL:
+            raise ValueError(f"{prompts} prompts x n={self.n} is more than {MAX_CHOICES_IN_ALL} choices in one request")
         return self
 
     def prompts(self) -> list[str | list[int]]:
