@@ -1,23 +1,31 @@
-"""Calibrate the int4 KV codec's profile for SmolLM2 (issue 3). Writes libs/common/kvprofiles_data.py.
+"""Calibrate the KV codecs' profile for SmolLM2 (issue 3). Writes libs/common/kvprofiles_data.py.
 
-    python benchmarks/kvcodec_calibrate.py [--target-bits 4.56] [--tokens 2000]
+    python benchmarks/kvcodec_calibrate.py [--target-bits 4.56] [--entropy-bits 4.45] [--tokens 2000]
+                                           [--entropy-only]
 
 Uses only tests/data/kv_calib_prompts.json (none of them is in the accuracy set
-tests/data/kv_prompts.json). Three steps:
+tests/data/kv_prompts.json). Steps:
 
-1. query energy: mean q_i^2 + q_{i+d/2}^2 per RoPE pair of each KV head's queries (pre-RoPE,
-   pooled over the query heads that share it), over each prompt and 48 greedy tokens;
-2. per-layer sensitivity: mean next-token KL when only one layer's keys (or values) go
-   through the int4 scheme at 4 bits, everything else exact;
-3. per-layer widths: starting from 3 bits everywhere, greedily add a bit where it removes the
-   most estimated KL (a bit divides a layer's KL by ~4) while a `--tokens` cache stays within
-   `--target-bits` bits per value, all metadata included (checked with `pack_cache`).
+1. query statistics: mean q_i^2 + q_{i+d/2}^2 per RoPE pair of each KV head's queries (pre-RoPE,
+   pooled over the query heads that share it), and their mean, over each prompt and 48 greedy tokens;
+2. (int4-fixed) per-layer sensitivity: mean next-token KL when only one layer's keys (or values) go
+   through the int4-fixed scheme at 4 bits, everything else exact;
+3. (int4-fixed) per-layer widths: starting from 3 bits everywhere, greedily add a bit where it removes
+   the most estimated KL (a bit divides a layer's KL by ~4) while a `--tokens` cache stays within
+   `--target-bits` bits per value, all metadata included (checked with `pack_cache`);
+4. (int4) per-head sensitivity: KL per unit of error variance of each layer's keys or values, one KV
+   head at a time (`head_sensitivity`);
+5. (int4) the step s: bisection until a real `--tokens` cache (the calibration prompts one after
+   another) costs `--entropy-bits` bits per value, everything included.
+
+`--entropy-only` keeps the profile's int4-fixed fields (steps 2-3, ~6 min) and redoes the rest (~10 min).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import pprint
 import time
 from dataclasses import replace
@@ -37,15 +45,22 @@ BITS = (3, 4, 5, 6)
 
 
 @torch.inference_mode()
-def query_energy(model, tokenizer, prompts) -> torch.Tensor:
+def query_stats(model, tokenizer, prompts) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per layer and KV head (pooled over its query heads), pre-RoPE: the energy of each RoPE
+    pair [layers, kv_heads, d / 2] (mean 1 per head) and the mean query [layers, kv_heads, d]."""
     cfg = model.config
     heads, kv_heads, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     sums = torch.zeros(cfg.num_hidden_layers, kv_heads, d, dtype=torch.float64)
+    means = torch.zeros_like(sums)
+    count = [0]
     hooks = []
     for i, layer in enumerate(model.model.layers):
         def hook(_mod, _inp, out, i=i):
             q = out[0].double().view(-1, kv_heads, heads // kv_heads, d)
             sums[i] += q.square().sum((0, 2))
+            means[i] += q.sum((0, 2))
+            if i == 0:
+                count[0] += q.shape[0] * q.shape[2]
         hooks.append(layer.self_attn.q_proj.register_forward_hook(hook))
     try:
         for p in prompts:
@@ -55,7 +70,7 @@ def query_energy(model, tokenizer, prompts) -> torch.Tensor:
         for h in hooks:
             h.remove()
     pairs = sums[..., : d // 2] + sums[..., d // 2 :]
-    return pairs / pairs.mean(-1, keepdim=True)
+    return pairs / pairs.mean(-1, keepdim=True), means / max(count[0], 1)
 
 
 def sensitivity(model, cases, codecs, kind: str) -> list[float]:
@@ -74,6 +89,64 @@ def sensitivity(model, cases, codecs, kind: str) -> list[float]:
         out.append(float(torch.cat(kls).mean()))
         print(f"{kind} layer {index}: KL {out[-1]:.3e}", flush=True)
     return out
+
+
+@torch.inference_mode()
+def head_sensitivity(model, cases, energy: torch.Tensor, noise: float = 0.1, seed: int = 0) -> dict[str, list]:
+    """KL per unit of weighted error variance, per layer, kind and KV head: the `a` that sets the
+    entropy-coded codec's step (step = s / sqrt(a), and / sqrt(w) per key channel).
+
+    Gaussian noise of variance noise^2 / 12 (a uniform quantizer's error at step `noise`) goes
+    into one head's keys or values at a time, every token but the sink; key channel c gets
+    variance / w_c, w the query energy (RoPE turns a pair's isotropic noise into the same, so it
+    can be added after RoPE). a = mean KL / (noise^2 / 12).
+    """
+    n_layers, kv_heads, half = energy.shape
+    weights = torch.cat((energy, energy), -1).float()  # [layer, head, head_dim]
+    var = noise * noise / 12
+    out: dict[str, list] = {"key": [], "value": []}
+    g = torch.Generator().manual_seed(seed)
+    for kind in ("key", "value"):
+        for index in range(n_layers):
+            row = []
+            for head in range(kv_heads):
+                kls = []
+                for case in cases:
+                    layers = list(case.layers)
+                    k, v = layers[index]
+                    x = (k if kind == "key" else v).clone()
+                    std = math.sqrt(var) / weights[index, head].sqrt() if kind == "key" else math.sqrt(var)
+                    body = x[:, head, 1:, :]
+                    body += torch.randn(body.shape, generator=g) * std
+                    layers[index] = (x, v) if kind == "key" else (k, x)
+                    lp = ka.teacher_forced_logprobs(model, layers, case.last_token, case.reference)
+                    kls.append(F.kl_div(lp, case.ref_logprobs, log_target=True, reduction="none").sum(-1))
+                row.append(float(torch.cat(kls).mean()) / var)
+            out[kind].append(row)
+            print(f"{kind} layer {index}: a = {', '.join(f'{a:.3g}' for a in row)}", flush=True)
+    return out
+
+
+def entropy_step(profile: dict, layers, target: float) -> tuple[float, float]:
+    """The largest-quality step s (smallest) whose entropy-coded cache `layers` costs at most
+    `target` bits per value, everything included; bisection on log s. Returns (s, bits)."""
+    from thunderserve.common import kvprofiles
+    from thunderserve.common.kvcodec import EntropyCodec
+
+    values = sum(k.numel() + v.numel() for k, v in layers)
+
+    def bits(s: float) -> float:
+        p = kvprofiles.Profile("calib", profile["model"], profile["layers"], profile["kv_heads"],
+                               profile["head_dim"], profile["rope_theta"], (), (), profile["query_energy"],
+                               profile["head_sensitivity"], s, profile["mean_query"])
+        codec = EntropyCodec.from_profile(p)
+        return sum(pk.nbytes for pk in codec.encode_layers(layers)) * 8 / values
+
+    lo, hi = 1e-4, 1.0  # bits(lo) > target >= bits(hi)
+    for _ in range(20):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if bits(mid) > target else (lo, mid)
+    return hi, bits(hi)
 
 
 def bits_per_value(profile: dict, tokens: int) -> float:
@@ -123,7 +196,11 @@ def allocate(sens_k, sens_v, profile: dict, target: float, tokens: int) -> tuple
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target-bits", type=float, default=4.56)
+    parser.add_argument("--entropy-bits", type=float, default=4.45,
+                        help="bits per value the entropy-coded codec's step s aims at on a --tokens cache")
     parser.add_argument("--tokens", type=int, default=2000)
+    parser.add_argument("--entropy-only", action="store_true",
+                        help="keep the profile's other fields; recalibrate the entropy-coded codec's only")
     parser.add_argument("--out", default=str(OUT))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -131,30 +208,44 @@ def main() -> None:
     model, tokenizer = load_model("smollm2")
     cfg = model.config
     prompts = ka.load_prompts(CALIB_PROMPTS)
-    energy = query_energy(model, tokenizer, prompts)
-    theta = float(cfg.rope_parameters["rope_theta"])
-    profile = {"model": "SmolLM2-135M-Instruct", "layers": cfg.num_hidden_layers,
-               "kv_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim, "rope_theta": theta,
-               "query_energy": [[[float(f"{x:.4g}") for x in h] for h in layer] for layer in energy.tolist()]}
     cases = ka.build_cases(model, tokenizer, prompts)
-    base = Int4Codec()
-    codecs = [Int4Codec(replace(base.key_spec, rope_theta=theta), base.value_spec,
-                        torch.cat((energy[i], energy[i]), -1).float()) for i in range(cfg.num_hidden_layers)]
-    sens_k = sensitivity(model, cases, codecs, "key")
-    sens_v = sensitivity(model, cases, codecs, "value")
-    key_bits, value_bits = allocate(sens_k, sens_v, profile, args.target_bits, args.tokens)
-    profile.update(key_bits=key_bits, value_bits=value_bits,
-                   bits_per_value=round(bits_per_value(dict(profile, key_bits=key_bits, value_bits=value_bits),
-                                                       args.tokens), 4),
-                   sensitivity={"key": [float(f"{x:.3g}") for x in sens_k],
-                                "value": [float(f"{x:.3g}") for x in sens_v]})
+    energy, mean_query = query_stats(model, tokenizer, prompts)
+    if args.entropy_only:
+        from thunderserve.common.kvprofiles_data import PROFILES
+
+        profile = dict(PROFILES["smollm2-135m"])
+        energy = torch.tensor(profile["query_energy"], dtype=torch.float64)
+    else:
+        theta = float(cfg.rope_parameters["rope_theta"])
+        profile = {"model": "SmolLM2-135M-Instruct", "layers": cfg.num_hidden_layers,
+                   "kv_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim, "rope_theta": theta,
+                   "query_energy": [[[float(f"{x:.4g}") for x in h] for h in layer] for layer in energy.tolist()]}
+        base = Int4Codec()
+        codecs = [Int4Codec(replace(base.key_spec, rope_theta=theta), base.value_spec,
+                            torch.cat((energy[i], energy[i]), -1).float()) for i in range(cfg.num_hidden_layers)]
+        sens_k = sensitivity(model, cases, codecs, "key")
+        sens_v = sensitivity(model, cases, codecs, "value")
+        key_bits, value_bits = allocate(sens_k, sens_v, profile, args.target_bits, args.tokens)
+        profile.update(key_bits=key_bits, value_bits=value_bits,
+                       bits_per_value=round(bits_per_value(dict(profile, key_bits=key_bits, value_bits=value_bits),
+                                                           args.tokens), 4),
+                       sensitivity={"key": [float(f"{x:.3g}") for x in sens_k],
+                                    "value": [float(f"{x:.3g}") for x in sens_v]})
+    profile["mean_query"] = [[[float(f"{x:.4g}") for x in h] for h in layer] for layer in mean_query.tolist()]
+    heads = head_sensitivity(model, cases, energy.float())
+    profile["head_sensitivity"] = {k: [[float(f"{a:.4g}") for a in row] for row in v] for k, v in heads.items()}
+    step, bits = entropy_step(profile, ka.long_prompt_cache(model, tokenizer, prompts, args.tokens), args.entropy_bits)
+    profile.update(entropy_step=float(f"{step:.5g}"), entropy_bits_per_value=round(bits, 4))
     text = ('"""Generated by benchmarks/kvcodec_calibrate.py: do not edit by hand.\n\n'
             f'{len(prompts)} calibration prompts (tests/data/kv_calib_prompts.json); widths for '
-            f'<= {args.target_bits} bits/value at {args.tokens} tokens.\n"""\n\n'
+            f'<= {args.target_bits} bits/value at {args.tokens} tokens;\nentropy-coded step for '
+            f'{args.entropy_bits} bits/value on a {args.tokens}-token calibration cache.\n"""\n\n'
             f"PROFILES = {pprint.pformat({'smollm2-135m': profile}, width=110, compact=True)}\n")
     Path(args.out).write_text(text)
-    print(json.dumps({"out": args.out, "key_bits": key_bits, "value_bits": value_bits,
-                      "bits_per_value": profile["bits_per_value"], "seconds": round(time.time() - t0, 1)}))
+    print(json.dumps({"out": args.out, "key_bits": profile["key_bits"], "value_bits": profile["value_bits"],
+                      "bits_per_value": profile["bits_per_value"], "entropy_step": profile["entropy_step"],
+                      "entropy_bits_per_value": profile["entropy_bits_per_value"],
+                      "seconds": round(time.time() - t0, 1)}))
 
 
 if __name__ == "__main__":

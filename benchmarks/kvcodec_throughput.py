@@ -1,11 +1,12 @@
 """KV codec throughput and wire size (issue 3). Prints JSON.
 
-    python benchmarks/kvcodec_throughput.py [--tokens 2000] [--repeats 5]
+    python benchmarks/kvcodec_throughput.py [--tokens 2000] [--repeats 5] [--source smollm2|synthetic]
 
 Encode = quantize + pack, decode = unpack + dequantize, in GB/s of fp32 input (best and
 median run), on one core
-(torch.set_num_threads(1)). The tensor set is a SmolLM2-shaped cache: 30 layers x (key,
-value) of [1, 3 KV heads, tokens, 64], with a few outlier key channels like the real model's.
+(torch.set_num_threads(1)). The tensor set is a SmolLM2 cache of a real prompt (30 layers x
+(key, value) of [1, 3 KV heads, tokens, 64]), or with `--source synthetic` a random one of that
+shape with a few outlier key channels like the real model's.
 Wire size counts everything `pack_cache` puts on the wire (codes, scales, zeros, fp16 parts).
 The process keeps freed memory mapped, as the replicas do (`thunderserve.common.memory`);
 `--default-malloc` measures with glibc's defaults instead.
@@ -77,15 +78,25 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--codecs", nargs="*", default=None)
+    parser.add_argument("--source", choices=("smollm2", "synthetic"), default="smollm2",
+                        help="the cache: SmolLM2's of a real prompt (the accuracy prompts one after another; "
+                             "int4's size depends on the content), or random with outlier channels")
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's allocator settings alone (fresh mmap per large tensor)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     kept = False if args.default_malloc else keep_freed_memory()
-    layers = smollm2_like_cache(args.tokens)
+    layers, source = smollm2_like_cache(args.tokens), "synthetic"
+    if args.source == "smollm2":
+        from thunderserve.common import kvaccuracy as ka
+        from thunderserve.common.models import load_model
+
+        model, tokenizer = load_model("smollm2")
+        layers, source = ka.long_prompt_cache(model, tokenizer, ka.load_prompts(), args.tokens), "smollm2"
     names = args.codecs or [n for n in codec_names()]
     result = {
         "tokens": args.tokens,
+        "source": source,
         "shape": [1, KV_HEADS, args.tokens, HEAD_DIM],
         "layers": LAYERS,
         "fp32_mb": round(sum(k.numel() + v.numel() for k, v in layers) * 4 / 1e6, 2),

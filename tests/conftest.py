@@ -69,8 +69,10 @@ def otlp_collector():
 
 def start_cluster(tmp_path_factory, **kwargs):
     """A LocalCluster (NATS + router + replicas as processes), logs in a temp folder."""
+    from thunderserve.common import kventropy
     from thunderserve.launcher.cluster import LocalCluster
 
+    kventropy.warm_up()  # fills numba's cache once, so the replicas load the codec's kernels, not compile them
     log_dir = tmp_path_factory.mktemp("cluster-logs")
     cluster = LocalCluster(log_dir=str(log_dir), log_level="INFO", **kwargs)
     try:

@@ -158,6 +158,15 @@ def build_cases(model, tokenizer, prompts: list[dict[str, Any]], max_new: int = 
     return cases
 
 
+def long_prompt_cache(model, tokenizer, prompts: list[dict[str, Any]], tokens: int) -> KVLayers:
+    """The cache of a `tokens`-long prompt: the prompts' token ids one after another, repeated
+    as needed (a real cache of a given length, for wire sizes and speeds)."""
+    ids: list[int] = []
+    while len(ids) < tokens:
+        ids += [t for p in prompts for t in prompt_ids(tokenizer, p)]
+    return prefill(model, ids[:tokens])[0]
+
+
 def prefix_length(a: list[int], b: list[int]) -> int:
     """How many leading tokens two sequences share."""
     n = 0

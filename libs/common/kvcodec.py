@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import torch
 
-from thunderserve.common import kvprofiles, kvquant
+from thunderserve.common import kventropy, kvprofiles, kvquant
 
 KVLayers = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -130,13 +130,21 @@ def _fit(spec: QuantSpec, shape: tuple[int, ...]) -> QuantSpec:
     """The spec as it applies to one tensor: no more sink tokens than it has, a rotation block
     only if it is a power of two dividing head_dim, RoPE only for an even head_dim, per-channel
     widths only on the channel axis, normal levels only from 2 bits."""
-    seq, head_dim = shape[-2], shape[-1]
-    block = min(spec.rotate, head_dim)
-    rotate = block if block > 0 and block & (block - 1) == 0 and head_dim % block == 0 else 0
-    rope_theta = spec.rope_theta if head_dim % 2 == 0 else 0.0
+    rotate, sink_tokens, rope_theta = _fit_transforms(spec.rotate, spec.sink_tokens, spec.rope_theta, shape)
     levels = spec.levels if spec.bits >= 2 else "uniform"
-    return replace(spec, rotate=rotate, sink_tokens=min(spec.sink_tokens, seq), rope_theta=rope_theta,
+    return replace(spec, rotate=rotate, sink_tokens=sink_tokens, rope_theta=rope_theta,
                    widths=spec.widths and spec.axis == "channel" and levels == "uniform", levels=levels)
+
+
+def _fit_transforms(rotate: int, sink_tokens: int, rope_theta: float,
+                    shape: tuple[int, ...]) -> tuple[int, int, float]:
+    """(rotate, sink_tokens, rope_theta) as they apply to a tensor of `shape`: a rotation block
+    only if it is a power of two dividing head_dim, no more sink tokens than it has, RoPE only
+    for an even head_dim."""
+    seq, head_dim = shape[-2], shape[-1]
+    block = min(rotate, head_dim)
+    rotate = block if block > 0 and block & (block - 1) == 0 and head_dim % block == 0 else 0
+    return rotate, min(sink_tokens, seq), rope_theta if head_dim % 2 == 0 else 0.0
 
 
 # Layers per stack in `encode_layers`: enough to pay the per-operation overhead once for many short
@@ -180,6 +188,10 @@ class GroupQuantCodec:
         params = QuantSpec.from_params(packed.params).params()  # validates and normalises types
         out = kvquant.decode_tensor(packed.buffers, packed.shape, **params)
         return out.to(dtype_from_name(packed.dtype))
+
+    def error_bound(self, packed: PackedTensor) -> torch.Tensor:
+        """Per-value bound on |decode - original| from quantization alone (fp32)."""
+        return kvquant.error_bound(packed.buffers, packed.shape, **QuantSpec.from_params(packed.params).params())
 
     def for_layer(
         self, index: int, n_layers: int, shape: tuple[int, ...], model: str | None = None
@@ -233,7 +245,9 @@ class Int8Codec(GroupQuantCodec):
 
 
 class Int4Codec(GroupQuantCodec):
-    """4 bits per value on average (docs/benchmarks.md, "KV codec").
+    """4 bits per value on average, fixed-rate (docs/benchmarks.md, "KV codec"): every step is
+    a torch kernel, so it suits a GPU encoder; `EntropyCodec` ("int4") is more accurate at the
+    same wire size but entropy-codes on the CPU.
 
     Keys: the sink token in fp16; RoPE undone (pre-RoPE channels keep a fixed range over the
     sequence, so one range per channel over up to 4,096 tokens costs almost nothing); one bit
@@ -246,7 +260,7 @@ class Int4Codec(GroupQuantCodec):
     as they are and channels are weighed by range alone.
     """
 
-    name = "int4"
+    name = "int4-fixed"
     key_spec = QuantSpec(4, 4096, "channel", sink_tokens=1, widths=True)
     value_spec = QuantSpec(4, 64, "token", rotate=16, sink_tokens=1, levels="normal")
 
@@ -263,7 +277,113 @@ class Int4Codec(GroupQuantCodec):
         return Int4Codec(key, value, profile.key_weights(index))
 
 
-_CODECS: dict[str, type] = {"none": NoneCodec, "int8": Int8Codec, "int4": Int4Codec}
+class EntropyCodec:
+    """About 4.5 bits per value: uniform steps, entropy-coded per channel (`kventropy`;
+    docs/benchmarks.md, "KV codec").
+
+    Keys: the sink token in fp16, RoPE undone, one step per channel. Values: the sink token in
+    fp16, a Hadamard rotation along head_dim, one step per head. With a calibrated profile
+    (`kvprofiles`, found by the cache's geometry and model in `pack_cache`) the RoPE base and
+    the steps (equal next-token KL per KV head, key channels weighed by query energy) come
+    from it; without one, keys are taken as they are and each step is its channel's RMS /
+    `kventropy.RELATIVE_STEP`. Like the group codecs, everything the decoder needs travels in
+    `params` and the buffers.
+    """
+
+    name = "int4"
+    value_rotate = 0  # a rotation would raise the entropy-coded rate (it mixes channels of unequal spread)
+    sink_tokens = 1
+    token_alpha = 0.15  # per-token steps ~ predicted attention^-alpha (kventropy.token_exponents)
+
+    def __init__(self, key_steps: torch.Tensor | None = None, value_steps: torch.Tensor | None = None,
+                 rope_theta: float = 0.0, token_query: torch.Tensor | None = None) -> None:
+        # encoder only ([kv_heads, head_dim], or [layers, kv_heads, head_dim] for encode_layers):
+        self.key_steps = key_steps  # None = from the data
+        self.value_steps = value_steps
+        self.rope_theta = rope_theta
+        self.token_query = token_query  # None = no per-token steps
+
+    @classmethod
+    def from_profile(cls, profile: kvprofiles.Profile, layer: int | None = None) -> EntropyCodec:
+        """The calibrated codec for a whole cache (layer None) or for one of its layers."""
+        steps = (profile.entropy_steps("key"), profile.entropy_steps("value"))
+        query = profile.importance_query()
+        if layer is not None:
+            steps, query = (steps[0][layer], steps[1][layer]), query[layer] if query is not None else None
+        return cls(*steps, profile.rope_theta, query)
+
+    def _params(self, kind: str, shape: tuple[int, ...]) -> dict[str, Any]:
+        rotate = 0 if kind == "key" else self.value_rotate
+        theta = self.rope_theta if kind == "key" else 0.0
+        rotate, sink, theta = _fit_transforms(rotate, self.sink_tokens, theta, shape)
+        return {"rotate": rotate, "sink_tokens": sink, "rope_theta": theta, "rope_start": 0}
+
+    @staticmethod
+    def _checked_params(p: dict[str, Any]) -> dict[str, Any]:
+        return {"rotate": int(p["rotate"]), "sink_tokens": int(p["sink_tokens"]),
+                "rope_theta": float(p["rope_theta"]), "rope_start": int(p["rope_start"])}
+
+    @staticmethod
+    def _fits(t: torch.Tensor | None, heads: int, head_dim: int) -> torch.Tensor | None:
+        return t if t is not None and tuple(t.shape[-2:]) == (heads, head_dim) else None
+
+    def _encode(self, tensor: torch.Tensor | Sequence[torch.Tensor], kind: str, shape: tuple[int, ...],
+                token_exp: torch.Tensor | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        params = self._params(kind, shape)
+        heads, head_dim = shape[1], shape[-1]
+        steps = self._fits(self.key_steps if kind == "key" else self.value_steps, heads, head_dim)
+        # per-token steps need pre-RoPE keys (the query is calibrated pre-RoPE)
+        query = self._fits(self.token_query, heads, head_dim) if kind == "key" and params["rope_theta"] else None
+        return params, kventropy.encode_tensor(tensor, steps, **params, token_query=query, token_exp=token_exp,
+                                               token_alpha=self.token_alpha)
+
+    def encode(self, tensor: torch.Tensor, kind: str = "key") -> PackedTensor:
+        """One tensor. Per-token steps come from the keys, so only keys get them here;
+        `encode_layers` gives a layer's values its keys' steps."""
+        shape = tuple(tensor.shape)
+        params, buffers = self._encode(tensor, kind, shape)
+        return PackedTensor(self.name, kind, shape, dtype_name(tensor.dtype), buffers, params)
+
+    def decode(self, packed: PackedTensor) -> torch.Tensor:
+        out = kventropy.decode_tensor(packed.buffers, packed.shape, **self._checked_params(packed.params))
+        return out.to(dtype_from_name(packed.dtype))
+
+    def error_bound(self, packed: PackedTensor) -> torch.Tensor:
+        """Per-value bound on |decode - original| from quantization alone (fp32)."""
+        return kventropy.error_bound(packed.buffers, packed.shape, **self._checked_params(packed.params))
+
+    def for_layer(self, index: int, n_layers: int, shape: tuple[int, ...],
+                  model: str | None = None) -> EntropyCodec:
+        """The codec for one layer of a whole cache: the calibrated profile's, if one fits and
+        this codec has no steps of its own."""
+        profile = self._profile(n_layers, shape, model)
+        return self if profile is None else EntropyCodec.from_profile(profile, index)
+
+    def _profile(self, n_layers: int, shape: tuple[int, ...], model: str | None) -> kvprofiles.Profile | None:
+        if self.key_steps is not None or self.value_steps is not None:
+            return None
+        profile = kvprofiles.find(n_layers, shape[1], shape[-1], model)
+        return profile if profile is not None and profile.entropy_step else None
+
+    def encode_layers(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                      model: str | None = None) -> list[PackedTensor]:
+        """A whole cache of same-shaped layers: one stack per kind (one coder call each); the
+        values take the per-token steps their keys got."""
+        shape = tuple(layers[0][0].shape)
+        profile = self._profile(len(layers), shape, model)
+        codec = self if profile is None else EntropyCodec.from_profile(profile)
+        out: list[PackedTensor] = []
+        token_exp = None
+        for i, kind in enumerate(("key", "value")):
+            tensors = [layer[i] for layer in layers]
+            params, buffers = codec._encode(tensors, kind, shape, token_exp)
+            token_exp = kventropy.decoded_token_exponents(buffers, (len(layers), *shape), params["sink_tokens"])
+            out.append(PackedTensor(self.name, kind, (len(layers), *shape), dtype_name(tensors[0].dtype),
+                                    buffers, params, tuple(range(len(layers)))))
+        return out
+
+
+_CODECS: dict[str, type] = {"none": NoneCodec, "int8": Int8Codec, "int4": EntropyCodec, "int4-fixed": Int4Codec}
 DEFAULT_CODEC = "int4"
 
 

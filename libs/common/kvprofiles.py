@@ -16,12 +16,14 @@ another model or geometry is encoded without one (correct, only less accurate).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
 
 from thunderserve.common.kvprofiles_data import PROFILES
+
+IMPORTANCE_CONTEXT = 2048  # tokens over which a "slow" RoPE pair turns at most a radian
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,10 @@ class Profile:
     key_bits: tuple[int, ...]  # per layer: mean key width per channel
     value_bits: tuple[int, ...]  # per layer
     query_energy: tuple  # [layer][kv_head][head_dim // 2]: mean q_i^2 + q_{i+d/2}^2, mean 1
+    # the entropy-coded codec (kventropy): KL per unit of weighted error variance [layer][kv_head]
+    head_sensitivity: dict[str, tuple] = field(default_factory=dict)  # "key" | "value" -> [layer][kv_head]
+    entropy_step: float = 0.0  # s: a head's step is s / sqrt(a) (0 = no entropy calibration)
+    mean_query: tuple = ()  # [layer][kv_head][head_dim]: mean pre-RoPE query (the head's query heads pooled)
 
     def key_weights(self, layer: int) -> torch.Tensor:
         """[kv_heads, head_dim]: a RoPE pair's energy for both of its channels (RoPE mixes
@@ -42,13 +48,35 @@ class Profile:
         pairs = torch.tensor(self.query_energy[layer], dtype=torch.float32)
         return torch.cat((pairs, pairs), -1)
 
+    def importance_query(self, context: int = IMPORTANCE_CONTEXT) -> torch.Tensor | None:
+        """[layer, kv_head, head_dim]: the mean query on the RoPE pairs that turn by at most a
+        radian over `context` tokens, zero elsewhere; q . k on those pairs is the part of a
+        logit that does not depend on where the query is (`kventropy.token_exponents`)."""
+        if not self.mean_query:
+            return None
+        half = self.head_dim // 2
+        freq = self.rope_theta ** (-torch.arange(half, dtype=torch.float64) * 2 / self.head_dim)
+        slow = (freq * context <= 1.0).float().repeat(2)
+        return torch.tensor(self.mean_query, dtype=torch.float32) * slow
+
+    def entropy_steps(self, kind: str) -> torch.Tensor:
+        """[layer, kv_head, head_dim] steps of the entropy-coded codec: s / sqrt(a) for a head,
+        and / sqrt(w) for a key channel of query energy w (each head's KL share then equal)."""
+        a = torch.tensor(self.head_sensitivity[kind], dtype=torch.float32).clamp_min(1e-12).unsqueeze(-1)
+        if kind == "key":
+            w = torch.stack([self.key_weights(i) for i in range(self.layers)]).clamp_min(1e-6)
+            return self.entropy_step / (a * w).sqrt()
+        return (self.entropy_step / a.sqrt()).expand(self.layers, self.kv_heads, self.head_dim)
+
 
 @lru_cache(maxsize=1)
 def profiles() -> tuple[Profile, ...]:
     out = []
     for name, p in PROFILES.items():
         out.append(Profile(name, p["model"], p["layers"], p["kv_heads"], p["head_dim"], float(p["rope_theta"]),
-                           tuple(p["key_bits"]), tuple(p["value_bits"]), p["query_energy"]))
+                           tuple(p["key_bits"]), tuple(p["value_bits"]), p["query_energy"],
+                           p.get("head_sensitivity", {}), float(p.get("entropy_step", 0.0)),
+                           p.get("mean_query", ())))
     return tuple(out)
 
 

@@ -174,7 +174,7 @@ def hadamard_rotate(x: torch.Tensor, block: int | None = None) -> torch.Tensor:
     return (x.reshape(-1, block) @ h).reshape(x.shape)
 
 
-def _first_pass(parts: Sequence[torch.Tensor], sink_tokens: int, rope_theta: float, rope_start: int,
+def first_pass(parts: Sequence[torch.Tensor], sink_tokens: int, rope_theta: float, rope_start: int,
                 rotate: int) -> tuple[torch.Tensor | None, torch.Tensor]:
     """The tensors' first `sink_tokens` (fp16) and the rest (fp32, RoPE undone, rotated), each
     stacked along a new leading axis; each tensor's first transform writes straight into the
@@ -481,7 +481,7 @@ def encode_tensor(
         raise ValueError(f"unsupported bit width(s) {bits}")
     if len(set(per_part)) > 1 and not widths:
         raise ValueError("per-tensor bit widths need per-channel widths")
-    sink, x = _first_pass(parts, sink_tokens, rope_theta, rope_start, rotate)
+    sink, x = first_pass(parts, sink_tokens, rope_theta, rope_start, rotate)
     if not stacked:
         sink, x = (sink[0] if sink is not None else None), x[0]
     buffers: dict[str, torch.Tensor] = {}
@@ -541,12 +541,20 @@ def decode_tensor(
         else:
             codes = unpack_codes(buffers["codes"], bits, math.prod(v3)).view(v3)
         x = dequantize(codes, buffers["zero"], buffers["scale"], group).view(qshape)
+    return last_pass(x, buffers.get("sink"), rotate, rope_theta, rope_start)
+
+
+def last_pass(x: torch.Tensor, sink: torch.Tensor | None, rotate: int, rope_theta: float,
+              rope_start: int) -> torch.Tensor:
+    """Inverse of `first_pass` for dequantized values x [..., s - sink_tokens, d]: rotate back,
+    redo RoPE, put the fp16 sink tokens in front."""
+    sink_tokens = sink.shape[-2] if sink is not None else 0
     if rotate:
         x = hadamard_rotate(x, rotate)
     if rope_theta:
         x = rope(x, rope_theta, rope_start + sink_tokens)
-    if sink_tokens:
-        x = torch.cat((buffers["sink"].float(), x), dim=-2)
+    if sink is not None:
+        x = torch.cat((sink.float(), x), dim=-2)
     return x
 
 
@@ -580,7 +588,16 @@ def error_bound(
     else:
         scale = scale / 2
     steps = scale.repeat_interleave(group, dim=1)[:, :n] if scale.numel() else torch.zeros(outer, n, inner)
-    half = steps.expand(outer, n, inner).reshape(qshape)
+    return propagate_bound(steps.expand(outer, n, inner).reshape(qshape), rotate, rope_theta, rope_start,
+                           sink_tokens)
+
+
+def propagate_bound(half: torch.Tensor, rotate: int, rope_theta: float, rope_start: int,
+                    sink_tokens: int) -> torch.Tensor:
+    """A per-value error bound in the quantized domain [..., s - sink_tokens, d] carried back
+    through `last_pass` (the sink tokens get 0)."""
+    *lead, _, d = half.shape
+    qshape = tuple(half.shape)
     if rotate and d:
         blocks = half.reshape(*qshape[:-1], d // rotate, rotate)
         half = (blocks.sum(-1, keepdim=True) / math.sqrt(rotate)).expand(blocks.shape).reshape(qshape)

@@ -25,7 +25,7 @@ from typing import Protocol
 
 import nats
 
-from thunderserve.common import aio, config, protocol, tracing
+from thunderserve.common import aio, config, kventropy, protocol, tracing
 from thunderserve.common.engine import Engine, MockEngine, create_engine
 from thunderserve.common.kvchannel import BACKENDS, DEFAULT_BACKEND, ChannelClient, ChannelHost
 from thunderserve.common.memory import keep_freed_memory
@@ -114,9 +114,7 @@ class ReplicaHost:
         for sig in (signal.SIGINT, signal.SIGTERM):
             self.loop.add_signal_handler(sig, self._stop.set)
         log.info("%s: loading model %s", self.replica_id, self.args.model)
-        self.engine = await self.loop.run_in_executor(
-            self.model_executor, lambda: create_engine(self.args.model, self.args.dtype, self.args.threads)
-        )
+        self.engine = await self.loop.run_in_executor(self.model_executor, self._load_engine)
         self.nc = await aio.connect_nats(self.args.nats, self.replica_id, max_reconnect_attempts=-1,
                                          reconnect_time_wait=0.5, reconnected_cb=self._on_reconnected)
         self.connection = 1
@@ -131,6 +129,11 @@ class ReplicaHost:
         log.info("%s: ready as %s (model %s)", self.replica_id, self.phase, self.engine.name)
         await self._stop.wait()
         await self.shutdown()
+
+    def _load_engine(self) -> Engine:
+        engine = create_engine(self.args.model, self.args.dtype, self.args.threads)
+        kventropy.warm_up()  # the int4 codec's compiled parts, so the first transfer does not wait
+        return engine
 
     async def _on_reconnected(self) -> None:
         """Back on NATS: say so in the next heartbeat (the router re-sends what it may have lost) and

@@ -47,13 +47,29 @@ def test_int8_and_int4_regression(setup) -> None:
     from thunderserve.common.kvcodec import GroupQuantCodec, QuantSpec, get_codec
 
     int8 = _eval(setup, get_codec("int8"))
+    fixed = _eval(setup, get_codec("int4-fixed"))
     int4 = _eval(setup, get_codec("int4"))
     plain = _eval(setup, GroupQuantCodec(QuantSpec(4, 64, "channel"), QuantSpec(4, 64, "token")))
     assert int8.kl < 1e-4 and int8.agreement >= 0.85
     # Pre-RoPE keys with query-weighted widths, sink tokens, Gaussian levels for values and
     # calibrated per-layer widths: plain int4's KL divided by more than 5 (measured ~10).
-    assert int4.kl < 0.2 * plain.kl
-    assert int4.agreement >= 0.6 and int4.agreement > plain.agreement
+    assert fixed.kl < 0.2 * plain.kl
+    assert fixed.agreement >= 0.6 and fixed.agreement > plain.agreement
+    # Entropy-coded steps that give every KV head the same KL share: below the fixed-rate codec's
+    # KL (measured ~0.7x over the 63 prompts) at a smaller wire size on a 2,000-token cache.
+    assert int4.kl < fixed.kl and int4.agreement >= 0.6
+
+
+def test_int4_wire_size_on_a_real_cache(setup) -> None:
+    """The issue's wire-size target on a real 2,000-token SmolLM2 cache (the accuracy prompts,
+    one after another): int4 <= 4.57 bits per value, everything included."""
+    from thunderserve.common.kvcodec import get_codec, pack_cache
+
+    ka, model, tokenizer, _ = setup
+    layers = ka.long_prompt_cache(model, tokenizer, ka.load_prompts(), 2000)
+    values = sum(k.numel() + v.numel() for k, v in layers)
+    bits = {name: pack_cache(get_codec(name), layers)[0].numel() * 8 / values for name in ("int4", "int4-fixed")}
+    assert bits["int4"] <= 4.57 and bits["int4-fixed"] <= 4.57, bits
 
 
 @pytest.mark.xfail(reason="issue-3 targets not reached: see docs/benchmarks.md 'KV codec'", strict=False)

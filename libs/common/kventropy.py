@@ -1,0 +1,241 @@
+"""Entropy-coded uniform quantization of KV tensors: the int4 codec's method (DESIGN.md §4).
+
+A fixed-rate code spends each value its channel's width, so a channel's range must cover its
+outliers and every value pays for them. Here every value is rounded to a multiple of its
+channel's step, `code = round(x / step)`, and the codes are entropy-coded per channel
+(`rans`): an outlier costs a few extra bits where it occurs, and nothing travels but the
+steps (fp16, one per layer, KV head and channel), the fp16 sink token, optional per-token
+step exponents and the coded bits.
+
+Where the steps come from is the encoder's choice; the decoder reads them off the wire.
+With a calibrated profile (`kvprofiles`) they equalise each KV head's share of the
+next-token KL: a head whose error variance costs `a` KL per unit gets step `s / sqrt(a)`,
+and a key channel is further divided by the root of the query energy `w` that multiplies
+its error (an error e in a key moves attention logits by q.e). `s` is the one knob: the
+profile's is set so that a 2,000-token cache costs the int4 wire budget. Without a profile
+each channel's step is its own RMS over the tensor divided by `RELATIVE_STEP`.
+
+Keys are quantized pre-RoPE (RoPE undone: each channel then keeps one distribution over the
+sequence). A Hadamard rotation (`rotate`) is supported but the codec does not use one: mixing
+channels of unequal spread raises the sum of their entropies (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numba
+import numpy as np
+import torch
+
+from thunderserve.common import kvquant, rans
+
+_F16_TINY = float(torch.finfo(torch.float16).tiny)
+_F16_MAX = float(torch.finfo(torch.float16).max)
+_CODE_MAX = float(2**31 - 128)  # |code| stays inside int32 after fp32 rounding
+# Without a profile: step = channel RMS / RELATIVE_STEP, about 4.5 bits per value for
+# Gaussian-like channels (a uniform quantizer's entropy is ~ log2(sigma / step) + 2.05).
+RELATIVE_STEP = 5.5
+
+
+def _stacked(t: torch.Tensor | Sequence[torch.Tensor]) -> tuple[bool, list[torch.Tensor]]:
+    stacked = not isinstance(t, torch.Tensor)
+    return stacked, (list(t) if stacked else [t])
+
+
+def default_steps(x: torch.Tensor, rotate: int) -> torch.Tensor:
+    """Steps [P, H, D] for x [P, B, H, n, D] without a profile: each channel's RMS over the batch and
+    tokens (after a rotation all channels of a head look alike, so a head shares one)."""
+    rms = x.square().mean((1, 3)).sqrt()  # [P, H, D]
+    if rotate:
+        rms = rms.square().mean(-1, keepdim=True).sqrt().expand_as(rms)
+    return rms / RELATIVE_STEP
+
+
+def _wire_steps(steps: torch.Tensor) -> torch.Tensor:
+    """fp16 steps the decoder can divide by: finite and positive (a zero or missing step
+    becomes the smallest normal fp16; its channel's codes are then exact or huge, never wrong)."""
+    steps = torch.nan_to_num(steps.float(), nan=_F16_TINY, posinf=_F16_MAX, neginf=_F16_TINY)
+    return steps.clamp(_F16_TINY, _F16_MAX).to(torch.float16)
+
+
+def token_exponents(keys: torch.Tensor, query: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Per-token step exponents [P, B, H, n] (int32, half-octaves: a token's steps are multiplied
+    by 2^(e / 2), 1/16..16) from pre-RoPE keys [P, B, H, n, D] and a query [P, H, D].
+
+    A token's error matters in proportion to the attention it will get. The decode's queries
+    are unknown at encode time, but the part of a logit that RoPE leaves nearly unrotated over
+    the context (the low-frequency pairs) is query . key with the query's mean: `query` is that
+    mean, zero outside those pairs (`kvprofiles.Profile.importance_query`). A token's predicted
+    log-attention, centred over the tensor's tokens, times -alpha / ln 2, gives e / 2; centring
+    keeps the geometric mean of the multipliers, and so the rate, about where it was.
+    """
+    d = keys.shape[-1]
+    logit = torch.einsum("pbhnd,phd->pbhn", keys, query.float()) / math.sqrt(max(d, 1))
+    centred = logit - logit.mean(-1, keepdim=True)
+    return (centred * (-2 * alpha / math.log(2))).round_().clamp_(-8, 8).to(torch.int32)
+
+
+def encode_tensor(
+    t: torch.Tensor | Sequence[torch.Tensor],
+    steps: torch.Tensor | None,
+    rotate: int,
+    sink_tokens: int,
+    rope_theta: float = 0.0,
+    rope_start: int = 0,
+    token_query: torch.Tensor | None = None,
+    token_exp: torch.Tensor | None = None,
+    token_alpha: float = 0.0,
+) -> dict[str, torch.Tensor]:
+    """Encode one KV tensor [B, H, S, D] or a stack of same-shaped ones (a cache's layers, one
+    leading axis); returns the named buffers that go on the wire.
+
+    `steps`: [H, D] for one tensor, [P, H, D] for a stack of P (None = `default_steps`).
+    The first `sink_tokens` tokens travel in fp16. Per-token steps (optional, coded in the
+    buffer "tokens"): `token_exp` [P, B, H, n] as given, or for keys `token_query` [P, H, D]
+    and `token_alpha` to compute them from the keys (`token_exponents`). The wire size follows
+    the content: the steps fix the error, not the rate.
+    """
+    stacked, parts = _stacked(t)
+    sink, x = kvquant.first_pass(parts, sink_tokens, rope_theta, rope_start, rotate)  # [P, B, H, n, D]
+    torch.nan_to_num(x, nan=0.0, posinf=_F16_MAX, neginf=-_F16_MAX, out=x)
+    p, b, h, n, d = x.shape
+    if steps is None:
+        steps = default_steps(x, rotate) if b * n else torch.ones(p, h, d)
+    steps = _wire_steps(steps.reshape(p, h, d))
+    if token_exp is None and token_query is not None and token_alpha:
+        token_exp = token_exponents(x, token_query.reshape(p, h, d), token_alpha)
+    buffers: dict[str, torch.Tensor] = {"steps": steps if stacked else steps[0]}
+    token_inv = torch.ones(p, b, h, n)
+    if token_exp is not None:
+        token_exp = token_exp.reshape(p, b, h, n)
+        token_inv = torch.exp2(token_exp.float() / -2)
+        buffers["tokens"] = torch.from_numpy(rans.encode(token_exp.reshape(p * b * h, n).numpy()))
+    # one stream per (layer, sequence, head, channel), its tokens in order
+    rows = p * b * h
+    inv = steps.float().reciprocal().view(p, 1, h, d).expand(p, b, h, d).reshape(rows, d)
+    streams = _quantize(x.reshape(rows, n, d).numpy(), inv.numpy(), token_inv.reshape(rows, n).numpy())
+    buffers["codes"] = torch.from_numpy(rans.encode(streams.reshape(rows * d, n)))
+    if sink is not None:
+        buffers["sink"] = sink if stacked else sink[0]
+    return buffers
+
+
+def _dims(shape: tuple[int, ...]) -> tuple[int, int, int, int, int]:
+    *lead, s, d = shape
+    p, b, h = (1, *lead) if len(lead) == 2 else lead
+    return p, b, h, s, d
+
+
+def decoded_token_exponents(buffers: dict[str, torch.Tensor], shape: tuple[int, ...],
+                            sink_tokens: int) -> torch.Tensor | None:
+    """The per-token step exponents [P, B, H, n] a packed tensor carries (None: it has none)."""
+    if "tokens" not in buffers:
+        return None
+    p, b, h, s, _ = _dims(shape)
+    return torch.from_numpy(rans.decode(buffers["tokens"].numpy(), p * b * h, s - sink_tokens)).view(
+        p, b, h, s - sink_tokens)
+
+
+def _steps(buffers: dict[str, torch.Tensor], shape: tuple[int, ...], sink_tokens: int) -> torch.Tensor:
+    """Every quantized value's step, broadcastable to [P, B, H, n, D]."""
+    p, _, h, _, d = _dims(shape)
+    steps = buffers["steps"].float().reshape(p, 1, h, 1, d)
+    exps = decoded_token_exponents(buffers, shape, sink_tokens)
+    return steps if exps is None else steps * torch.exp2(exps.float() / 2).unsqueeze(-1)
+
+
+def decode_tensor(buffers: dict[str, torch.Tensor], shape: tuple[int, ...], rotate: int, sink_tokens: int,
+                  rope_theta: float = 0.0, rope_start: int = 0) -> torch.Tensor:
+    """Inverse of `encode_tensor`: fp32 of `shape` ([B, H, S, D], or [P, B, H, S, D] for a stack)."""
+    p, b, h, s, d = _dims(shape)
+    n = s - sink_tokens
+    rows = p * b * h
+    codes = rans.decode(buffers["codes"].numpy(), rows * d, n).reshape(rows, d, n)
+    exps = decoded_token_exponents(buffers, shape, sink_tokens)
+    token_steps = torch.exp2(exps.float() / 2) if exps is not None else torch.ones(p, b, h, n)
+    steps = buffers["steps"].float().reshape(p, 1, h, d).expand(p, b, h, d).reshape(rows, d)
+    sink = buffers["sink"].float().reshape(rows, sink_tokens, d) if sink_tokens else torch.empty(rows, 0, d)
+    cos = sin = torch.empty(0, 0)
+    if rope_theta and d:
+        cos, sin = kvquant.rope_tables(n, d, float(rope_theta), int(rope_start + sink_tokens))
+    x = torch.from_numpy(_dequantize(codes, steps.contiguous().numpy(), token_steps.reshape(rows, n).numpy(),
+                                     cos.numpy(), sin.numpy(), sink.contiguous().numpy()))
+    if rotate:
+        x[..., sink_tokens:, :] = kvquant.hadamard_rotate(x[..., sink_tokens:, :], rotate)
+    return x.reshape(shape)
+
+
+def error_bound(buffers: dict[str, torch.Tensor], shape: tuple[int, ...], rotate: int, sink_tokens: int,
+                rope_theta: float = 0.0, rope_start: int = 0) -> torch.Tensor:
+    """Per-value bound on |decoded - original| from quantization alone: half the value's
+    step in the quantized domain, carried back through the rotation and RoPE."""
+    p, b, h, s, d = _dims(shape)
+    half = (_steps(buffers, shape, sink_tokens) / 2).expand(p, b, h, s - sink_tokens, d)
+    return kvquant.propagate_bound(half, rotate, rope_theta, rope_start, sink_tokens).reshape(shape)
+
+
+# Quantizing and dequantizing are fused with the transpose between the tensor's layout (tokens
+# outer, channels inner) and the coder's (one stream per channel), and decoding also with RoPE and
+# the sink tokens: one pass each way instead of torch's half-dozen over the whole cache. Decoding
+# transposes a tile of _TILE tokens at a time through a small buffer, so both sides stay in L1.
+_TILE = 32
+
+
+@numba.njit(cache=True, nogil=True)
+def _quantize(x: np.ndarray, inv: np.ndarray, token_inv: np.ndarray) -> np.ndarray:
+    """x f32 [R, n, D] (R = layers x sequences x heads) / steps (inv f32 [R, D] x token_inv f32
+    [R, n]), rounded to int32 [R, D, n], clamped to +-_CODE_MAX."""
+    r_, n_, d_ = x.shape
+    out = np.empty((r_, d_, n_), np.int32)
+    for r in range(r_):
+        for t in range(n_):
+            ti = token_inv[r, t]
+            for c in range(d_):
+                q = np.rint(x[r, t, c] * (inv[r, c] * ti))
+                out[r, c, t] = np.int32(min(max(q, -_CODE_MAX), _CODE_MAX))
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _dequantize(codes: np.ndarray, steps: np.ndarray, token_steps: np.ndarray, cos: np.ndarray,
+                sin: np.ndarray, sink: np.ndarray) -> np.ndarray:
+    """Inverse of `_quantize` (codes [R, D, n], steps [R, D], token_steps [R, n]), RoPE redone when
+    cos/sin [n, D / 2] are given (else 0 x 0), the sink tokens [R, k, D] put in front:
+    f32 [R, k + n, D]."""
+    r_, d_, n_ = codes.shape
+    k = sink.shape[1]
+    out = np.empty((r_, k + n_, d_), np.float32)
+    half = d_ // 2
+    rope = cos.shape[0] > 0
+    tile = np.empty((_TILE, d_), np.float32)
+    for r in range(r_):
+        out[r, :k] = sink[r]
+        for t0 in range(0, n_, _TILE):
+            t1 = min(t0 + _TILE, n_)
+            for c in range(d_):
+                st = steps[r, c]
+                for t in range(t0, t1):
+                    tile[t - t0, c] = np.float32(codes[r, c, t]) * st
+            for t in range(t0, t1):
+                ts = token_steps[r, t]
+                row, o = tile[t - t0], out[r, k + t]
+                if not rope:
+                    for c in range(d_):
+                        o[c] = row[c] * ts
+                    continue
+                for c in range(half):  # HF rotate_half: channel c pairs with c + D/2
+                    x1, x2 = row[c] * ts, row[c + half] * ts
+                    o[c] = x1 * cos[t, c] - x2 * sin[t, c]
+                    o[c + half] = x2 * cos[t, c] + x1 * sin[t, c]
+    return out
+
+
+def warm_up() -> None:
+    """Compile the coder and the fused kernels now (or load them from numba's cache), not on
+    the first transfer: a cold compile takes ~30 s, a cached load about a second."""
+    x = torch.zeros(1, 1, 3, 4)
+    for rope_theta in (0.0, 1e4):
+        buffers = encode_tensor(x, None, 0, 1, rope_theta, token_exp=torch.zeros(1, 1, 1, 2, dtype=torch.int32))
+        decode_tensor(buffers, tuple(x.shape), 0, 1, rope_theta)

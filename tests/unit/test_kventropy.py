@@ -1,0 +1,149 @@
+"""The entropy-coded int4 codec (kventropy): wire size, steps, profile, what travels."""
+
+from __future__ import annotations
+
+import math
+
+import msgpack
+import pytest
+import torch
+
+from thunderserve.common import kventropy, kvprofiles, kvquant, rans
+from thunderserve.common.kvcodec import EntropyCodec, get_codec, pack_cache, unpack_cache
+
+
+def _kv(shape: tuple[int, ...], seed: int, scale: float = 1.0) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 2000, 64), (1, 3, 37, 64), (2, 3, 1, 64), (1, 2, 70, 48), (0, 3, 5, 64)])
+@pytest.mark.parametrize("kind", ["key", "value"])
+def test_exact_wire_size(shape: tuple[int, ...], kind: str) -> None:
+    """fp16 steps (one per head and channel), the fp16 sink token, the coded bytes: nothing else."""
+    packed = get_codec("int4").encode(_kv(shape, 1), kind=kind)
+    b, h, s, d = shape
+    assert packed.buffers["steps"].shape == (h, d) and packed.buffers["steps"].dtype == torch.float16
+    assert packed.buffers["sink"].shape == (b, h, min(1, s), d)
+    assert packed.nbytes == 2 * h * d + 2 * b * h * min(1, s) * d + packed.buffers["codes"].numel()
+
+
+def test_rate_without_a_profile() -> None:
+    """No profile: each step is its channel's RMS / RELATIVE_STEP, about 4.5 bits per value on
+    Gaussian channels of any scale at 2,000 tokens, and the coder within a tenth of a bit of
+    the codes' own entropy."""
+    x = _kv((1, 3, 2000, 64), 2) * torch.logspace(-2, 2, 64)  # channel scales over four decades
+    for kind in ("key", "value"):
+        packed = get_codec("int4").encode(x, kind=kind)
+        values = x[..., 1:, :].numel()
+        bits = packed.buffers["codes"].numel() * 8 / values
+        assert 4.0 < bits < 5.0, bits
+        if kind == "key":  # the codes themselves, rebuilt from the decoded tensor
+            codes = torch.round(get_codec("int4").decode(packed)[..., 1:, :] / packed.buffers["steps"].float().view(
+                1, 3, 1, 64))
+            ideal = rans.entropy_bits(codes[0].permute(0, 2, 1).reshape(-1, 1999).to(torch.int32).numpy())
+            assert bits - ideal / values < 0.1
+
+
+def test_steps_set_the_error_and_travel() -> None:
+    """Halving the steps halves the largest error and costs about a bit per value; a decoder with
+    no steps of its own decodes what any encoder sent."""
+    x = _kv((1, 3, 2000, 64), 3)
+    steps = torch.full((3, 64), 0.1)
+    coarse, fine = EntropyCodec(steps, steps), EntropyCodec(steps / 2, steps / 2)
+    errs, sizes = [], []
+    for codec in (coarse, fine):
+        packed = codec.encode(x, kind="value")
+        y = get_codec("int4").decode(packed)  # the receiver's own codec
+        assert torch.equal(y, codec.decode(packed))
+        errs.append(float((y - x)[..., 1:, :].abs().max()))
+        sizes.append(packed.buffers["codes"].numel() * 8 / x[..., 1:, :].numel())
+    assert errs[1] < 0.6 * errs[0]
+    assert 0.8 < sizes[1] - sizes[0] < 1.3  # a bit, plus the wider alphabet's longer tables
+
+
+def test_huge_and_non_finite_values() -> None:
+    """Values far past fp16 come back within their step (the codes are int32, not fp16), and
+    NaN or infinity never makes the decoder return a non-finite value."""
+    x = torch.zeros(1, 1, 8, 64)
+    x[0, 0, 3, 5] = 1e6
+    codec = get_codec("int4")
+    packed = codec.encode(x, kind="key")
+    assert float((codec.decode(packed) - x).abs().max()) <= float(codec.error_bound(packed).max()) + 1e-3
+    x[0, 0, 4, 6], x[0, 0, 5, 7] = math.nan, math.inf
+    assert torch.isfinite(codec.decode(codec.encode(x, kind="value"))).all()
+
+
+def test_profile_steps_equalise_the_heads() -> None:
+    """The calibrated steps: a head of sensitivity a gets s / sqrt(a), a key channel of query
+    energy w is divided by sqrt(w) more; every head's predicted KL share a * step^2 / w is then
+    the same."""
+    profile = kvprofiles.find(30, 3, 64)
+    assert profile is not None and profile.entropy_step > 0
+    for kind in ("key", "value"):
+        steps = profile.entropy_steps(kind)
+        assert steps.shape == (30, 3, 64) and bool((steps > 0).all())
+        a = torch.tensor(profile.head_sensitivity[kind]).unsqueeze(-1)
+        w = torch.stack([profile.key_weights(i) for i in range(30)]) if kind == "key" else torch.ones(1)
+        share = a * w * steps.square()
+        assert torch.allclose(share, torch.full_like(share, profile.entropy_step**2), rtol=1e-4)
+
+
+def test_pack_cache_uses_the_profile_and_stacks_per_kind() -> None:
+    """A SmolLM2-shaped cache: one stack per kind, the profile's steps and RoPE base on the wire;
+    another geometry gets steps from its data and keys as they are."""
+    profile = kvprofiles.find(30, 3, 64)
+    layers = [(_kv((1, 3, 20, 64), i), _kv((1, 3, 20, 64), 50 + i)) for i in range(30)]
+    payload, manifest = pack_cache(get_codec("int4"), layers)
+    assert [e["kind"] for e in manifest["entries"]] == ["key", "value"]
+    key = manifest["entries"][0]
+    assert key["params"]["rope_theta"] == profile.rope_theta and key["layers"] == list(range(30))
+    _, _, shape, off, n = next(b for b in key["buffers"] if b[0] == "steps")
+    sent = payload[off : off + n].view(torch.float16).view(shape).float()
+    assert torch.allclose(sent, profile.entropy_steps("key"), rtol=1e-3)
+    out = unpack_cache(payload, msgpack.unpackb(msgpack.packb(manifest)))
+    assert all(k.shape == (1, 3, 20, 64) for k, _ in out)
+    _, manifest4 = pack_cache(get_codec("int4"), layers[:4])
+    assert manifest4["entries"][0]["params"]["rope_theta"] == 0.0
+
+
+def test_error_bound_holds_through_rope_and_rotation() -> None:
+    """The bound carried back through RoPE (keys) and the Hadamard rotation (values) holds on
+    a calibrated stack, sink excepted (fp16)."""
+    layers = [(_kv((1, 3, 50, 64), i, 3.0), _kv((1, 3, 50, 64), 90 + i)) for i in range(30)]
+    codec = get_codec("int4")
+    for j, packed in enumerate(codec.encode_layers(layers)):
+        x = torch.stack([layer[j] for layer in layers])
+        err = (codec.decode(packed) - x).abs()[..., 1:, :]
+        bound = codec.error_bound(packed)[..., 1:, :]
+        assert bool((err <= bound * (1 + 1e-4) + 1e-6).all())
+        if packed.kind == "key":  # (after a rotation the bound adds 64 errors' worst cases)
+            assert float(err.max()) > 0.3 * float(bound.max())  # a bound, not a blanket
+
+
+def test_default_steps_share_a_head_after_rotation() -> None:
+    x = _kv((2, 3, 1, 10, 64), 4) * torch.arange(1, 65)
+    rotated, per_channel = kventropy.default_steps(x, rotate=64), kventropy.default_steps(x, rotate=0)
+    assert bool((rotated == rotated[..., :1]).all())
+    assert float(per_channel[..., -1].mean()) > 30 * float(per_channel[..., 0].mean())
+
+
+def test_tokens_the_queries_will_attend_get_finer_steps() -> None:
+    """Per-token steps: a token whose pre-RoPE key lines up with the (slow-pair) mean query is
+    predicted to draw attention and gets the finest steps, in its key and in its value (which
+    take the key's exponents), and comes back closer."""
+    theta = 1e5
+    query = torch.zeros(3, 64)
+    query[:, 31] = 4.0  # the slowest RoPE pair
+    pre = _kv((1, 3, 200, 64), 5)
+    pre[..., 50, 31] = 30.0
+    keys, values = kvquant.rope(pre, theta, 0), _kv((1, 3, 200, 64), 6)
+    steps = torch.full((3, 64), 0.05)
+    codec = EntropyCodec(steps, steps, theta, token_query=query)
+    pk, pv = codec.encode_layers([(keys, values)])
+    exps = kventropy.decoded_token_exponents(pk.buffers, pk.shape, 1)[0, 0]  # [heads, 199]
+    assert torch.equal(exps, kventropy.decoded_token_exponents(pv.buffers, pv.shape, 1)[0, 0])
+    assert bool((exps[:, 49] == exps.min(1).values).all()) and bool((exps[:, 49] < 0).all())
+    err = (codec.decode(pv)[0] - values).abs()[0, :, 1:]  # [heads, 199, 64]
+    assert float(err[:, 49].max()) < 0.5 * float(err.max())
+    bound = codec.error_bound(pk)[0]
+    assert bool(((codec.decode(pk)[0] - keys).abs()[..., 1:, :] <= bound[..., 1:, :] * (1 + 1e-4) + 1e-6).all())
