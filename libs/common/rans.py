@@ -74,6 +74,7 @@ _ERR_TEXT = {
 }
 
 _jit = numba.njit(cache=True, nogil=True)
+_inline = numba.njit(cache=True, nogil=True, inline="always")  # per-lane steps: inlined, states stay in registers
 
 
 # ---------------------------------------------------------------- tables
@@ -214,6 +215,18 @@ def _row_stats(row, vrow) -> tuple[int, int, int]:
     return lo, k, esc
 
 
+@_inline
+def _enc_step(x, j, etab, out, p):
+    """One lane's encoder step for table entry j: flush 16 bits if the state would overflow, then
+    x -> C(s, x) by the exact reciprocal. Returns (x, p)."""
+    u1, u2, u3, u4 = np.uint64(1), np.uint64(2), np.uint64(3), np.uint64(4)
+    nd = np.int64(x >= etab[j + u1])
+    out[np.uint64(p - 1)] = x & 0xFFFF
+    p -= nd
+    x >>= 16 * nd
+    return x + etab[j + u2] + ((x * etab[j]) >> etab[j + u4]) * etab[j + u3], p
+
+
 @_jit
 def _enc_group(sym, sr, r0, lo, kw, esc, v, states, out, p, etab, idx, freq, cum):
     """rANS-encode rows sr..sr+3 of `sym` (tables: rows r0..r0+3) backwards into out[..p]; returns p.
@@ -252,34 +265,10 @@ def _enc_group(sym, sr, r0, lo, kw, esc, v, states, out, p, etab, idx, freq, cum
     for t in range(n - 1, -1, -1):
         # lanes in reverse so the decoder reads words in lane order
         tb = np.uint64(t) * u4
-        # lane 3
-        j = np.uint64(idx[tb + np.uint64(3)]) * u8 + np.uint64(6144)
-        nd = np.int64(x3 >= etab[j + u1])
-        out[np.uint64(p - 1)] = x3 & 0xFFFF
-        p -= nd
-        x3 >>= 16 * nd
-        x3 = x3 + etab[j + u2] + ((x3 * etab[j]) >> etab[j + u4]) * etab[j + u3]
-        # lane 2
-        j = np.uint64(idx[tb + np.uint64(2)]) * u8 + np.uint64(4096)
-        nd = np.int64(x2 >= etab[j + u1])
-        out[np.uint64(p - 1)] = x2 & 0xFFFF
-        p -= nd
-        x2 >>= 16 * nd
-        x2 = x2 + etab[j + u2] + ((x2 * etab[j]) >> etab[j + u4]) * etab[j + u3]
-        # lane 1
-        j = np.uint64(idx[tb + np.uint64(1)]) * u8 + np.uint64(2048)
-        nd = np.int64(x1 >= etab[j + u1])
-        out[np.uint64(p - 1)] = x1 & 0xFFFF
-        p -= nd
-        x1 >>= 16 * nd
-        x1 = x1 + etab[j + u2] + ((x1 * etab[j]) >> etab[j + u4]) * etab[j + u3]
-        # lane 0
-        j = np.uint64(idx[tb + np.uint64(0)]) * u8 + np.uint64(0)
-        nd = np.int64(x0 >= etab[j + u1])
-        out[np.uint64(p - 1)] = x0 & 0xFFFF
-        p -= nd
-        x0 >>= 16 * nd
-        x0 = x0 + etab[j + u2] + ((x0 * etab[j]) >> etab[j + u4]) * etab[j + u3]
+        x3, p = _enc_step(x3, np.uint64(idx[tb + u3]) * u8 + np.uint64(6144), etab, out, p)
+        x2, p = _enc_step(x2, np.uint64(idx[tb + u2]) * u8 + np.uint64(4096), etab, out, p)
+        x1, p = _enc_step(x1, np.uint64(idx[tb + u1]) * u8 + np.uint64(2048), etab, out, p)
+        x0, p = _enc_step(x0, np.uint64(idx[tb]) * u8, etab, out, p)
     states[0], states[1], states[2], states[3] = x0, x1, x2, x3
     return p
 
@@ -534,6 +523,31 @@ def _get_u32(buf, off) -> int:
     )
 
 
+@_inline
+def _dec_step(x, off, dtab, buf, dbase, ptr):
+    """One lane's decoder step (its slot table at dtab[off:]): the symbol index, then x -> D(x),
+    reading 16 bits when the state drops below _RANS_L. Returns (x, ptr, symbol index)."""
+    e = dtab[(np.uint64(x) & np.uint64(_MASK)) + off]
+    x = ((e >> 11) & 0xFFF) * (x >> PROB_BITS) + (e & _MASK)
+    nd = np.int64(x < _RANS_L)
+    q = np.uint64(dbase + 2 * ptr)
+    w = np.int64(buf[q]) | (np.int64(buf[q + np.uint64(1)]) << 8)
+    return (x << (16 * nd)) | (w & -nd), ptr + nd, e >> 23
+
+
+@_inline
+def _emit(o, ut, lo, s, esc, escbuf, ebase, ep, n_esc):
+    """Store symbol index s of a row (window start lo) at o[ut], or its escaped raw value.
+    Returns (ep, ok): ok False when the escape section has run out."""
+    if s != esc:
+        o[ut] = lo + s
+        return ep, True
+    if ep >= n_esc:
+        return ep, False
+    o[ut] = _get_u32(escbuf, ebase + 4 * ep)
+    return ep + 1, True
+
+
 @_jit
 def _dec_group(out, r0, buf, dbase, dw, ptr, states, dtab, lo, escid, escbuf, ebase, n_esc, ep):
     """Decode rows r0..r0+3 of `out`. Returns (ptr, ep, error).
@@ -545,72 +559,22 @@ def _dec_group(out, r0, buf, dbase, dw, ptr, states, dtab, lo, escid, escbuf, eb
     lo0, lo1, lo2, lo3 = lo[0], lo[1], lo[2], lo[3]
     e0, e1, e2, e3 = escid[0], escid[1], escid[2], escid[3]
     x0, x1, x2, x3 = states[0], states[1], states[2], states[3]
-    um, u1 = np.uint64(_MASK), np.uint64(1)
     for t in range(n):
         # at most LANES words are read per token and the section has LANES pad words, so
         # checking once per token keeps every read in bounds
         if ptr > dw:
             return ptr, ep, _ERR_DATA
         ut = np.uint64(t)  # unsigned indices skip numba's negative-index wraparound code
-        e = dtab[(np.uint64(x0) & um) + np.uint64(0)]
-        s = e >> 23
-        x0 = ((e >> 11) & 0xFFF) * (x0 >> PROB_BITS) + (e & _MASK)
-        nd = np.int64(x0 < _RANS_L)
-        q = np.uint64(dbase + 2 * ptr)
-        w = np.int64(buf[q]) | (np.int64(buf[q + u1]) << 8)
-        x0 = (x0 << (16 * nd)) | (w & -nd)
-        ptr += nd
-        o0[ut] = lo0 + s
-        if s == e0:
-            if ep >= n_esc:
-                return ptr, ep, _ERR_ESC
-            o0[ut] = _get_u32(escbuf, ebase + 4 * ep)
-            ep += 1
-
-        e = dtab[(np.uint64(x1) & um) + np.uint64(2048)]
-        s = e >> 23
-        x1 = ((e >> 11) & 0xFFF) * (x1 >> PROB_BITS) + (e & _MASK)
-        nd = np.int64(x1 < _RANS_L)
-        q = np.uint64(dbase + 2 * ptr)
-        w = np.int64(buf[q]) | (np.int64(buf[q + u1]) << 8)
-        x1 = (x1 << (16 * nd)) | (w & -nd)
-        ptr += nd
-        o1[ut] = lo1 + s
-        if s == e1:
-            if ep >= n_esc:
-                return ptr, ep, _ERR_ESC
-            o1[ut] = _get_u32(escbuf, ebase + 4 * ep)
-            ep += 1
-
-        e = dtab[(np.uint64(x2) & um) + np.uint64(4096)]
-        s = e >> 23
-        x2 = ((e >> 11) & 0xFFF) * (x2 >> PROB_BITS) + (e & _MASK)
-        nd = np.int64(x2 < _RANS_L)
-        q = np.uint64(dbase + 2 * ptr)
-        w = np.int64(buf[q]) | (np.int64(buf[q + u1]) << 8)
-        x2 = (x2 << (16 * nd)) | (w & -nd)
-        ptr += nd
-        o2[ut] = lo2 + s
-        if s == e2:
-            if ep >= n_esc:
-                return ptr, ep, _ERR_ESC
-            o2[ut] = _get_u32(escbuf, ebase + 4 * ep)
-            ep += 1
-
-        e = dtab[(np.uint64(x3) & um) + np.uint64(6144)]
-        s = e >> 23
-        x3 = ((e >> 11) & 0xFFF) * (x3 >> PROB_BITS) + (e & _MASK)
-        nd = np.int64(x3 < _RANS_L)
-        q = np.uint64(dbase + 2 * ptr)
-        w = np.int64(buf[q]) | (np.int64(buf[q + u1]) << 8)
-        x3 = (x3 << (16 * nd)) | (w & -nd)
-        ptr += nd
-        o3[ut] = lo3 + s
-        if s == e3:
-            if ep >= n_esc:
-                return ptr, ep, _ERR_ESC
-            o3[ut] = _get_u32(escbuf, ebase + 4 * ep)
-            ep += 1
+        x0, ptr, s = _dec_step(x0, np.uint64(0), dtab, buf, dbase, ptr)
+        ep, ok = _emit(o0, ut, lo0, s, e0, escbuf, ebase, ep, n_esc)
+        x1, ptr, s = _dec_step(x1, np.uint64(2048), dtab, buf, dbase, ptr)
+        ep, ok1 = _emit(o1, ut, lo1, s, e1, escbuf, ebase, ep, n_esc)
+        x2, ptr, s = _dec_step(x2, np.uint64(4096), dtab, buf, dbase, ptr)
+        ep, ok2 = _emit(o2, ut, lo2, s, e2, escbuf, ebase, ep, n_esc)
+        x3, ptr, s = _dec_step(x3, np.uint64(6144), dtab, buf, dbase, ptr)
+        ep, ok3 = _emit(o3, ut, lo3, s, e3, escbuf, ebase, ep, n_esc)
+        if not (ok and ok1 and ok2 and ok3):
+            return ptr, ep, _ERR_ESC
     states[0], states[1], states[2], states[3] = x0, x1, x2, x3
     if ptr > dw:
         return ptr, ep, _ERR_DATA
