@@ -138,7 +138,7 @@ def plot(result: dict, path: Path) -> None:
         series.setdefault(p["series"], []).append(p)
     for name, pts in series.items():
         pts.sort(key=lambda p: p["bits_per_value_2000"])
-        style = "s" if name == "cast" else "o-"
+        style = "s" if name == "cast" else "o" if "ablations" in name else "o-"  # ablations: points, no curve
         ax.plot([p["bits_per_value_2000"] for p in pts], [100 * p["agreement"] for p in pts], style, label=name)
         for p in pts:
             ax.annotate(p["label"], (p["bits_per_value_2000"], 100 * p["agreement"]), fontsize=7,
