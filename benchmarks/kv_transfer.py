@@ -22,9 +22,12 @@ from thunderserve.common.kvcodec import codec_names, get_codec, pack_cache, unpa
 from thunderserve.common.memory import keep_freed_memory
 
 
-def _decode_side(endpoint_q: mp.Queue, work_q: mp.Queue, done_q: mp.Queue) -> None:
+def _decode_side(endpoint_q: mp.Queue, work_q: mp.Queue, done_q: mp.Queue, model: str, prompt: list[int]) -> None:
+    from thunderserve.common.engine import Engine
+
     torch.set_num_threads(1)
     keep_freed_memory()  # as the decode replica does
+    engine = Engine(model, threads=1)  # rebuilds the first layer from the tokens, as the replica does
     host = ChannelHost(timeout_s=60)
     endpoint_q.put(host.endpoint)
     pair = host.accept("bench")
@@ -35,7 +38,7 @@ def _decode_side(endpoint_q: mp.Queue, work_q: mp.Queue, done_q: mp.Queue) -> No
         tag, manifest = item
         payload = pair.recv(manifest["nbytes"], tag)
         received = time.perf_counter()
-        unpack_cache(payload, manifest)
+        unpack_cache(payload, manifest, lambda: engine.first_layer_kv(prompt))
         done_q.put((received, time.perf_counter()))
 
 
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     ctx = mp.get_context("spawn")
     endpoint_q, work_q, done_q = ctx.Queue(), ctx.Queue(), ctx.Queue()
-    child = ctx.Process(target=_decode_side, args=(endpoint_q, work_q, done_q), daemon=True)
+    child = ctx.Process(target=_decode_side, args=(endpoint_q, work_q, done_q, args.model, prompt), daemon=True)
     child.start()
     pair = ChannelClient(timeout_s=60).connect(endpoint_q.get(timeout=60), "bench")
 
@@ -69,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
         for _ in range(args.repeat + 1):  # the first run warms up
             tag += 1
             t0 = time.perf_counter()
-            payload, manifest = pack_cache(codec, kv, model=engine.name)
+            payload, manifest = pack_cache(codec, kv, model=engine.name, rebuild=engine.rebuilds_first_layer)
             t1 = time.perf_counter()
             work_q.put((tag, manifest))
             pair.send(payload, tag)

@@ -195,7 +195,7 @@ def main() -> None:
     long_values = sum(k.numel() + v.numel() for k, v in long_cache)
 
     def bits_2000(codec) -> float:
-        return round(pack_cache(codec, long_cache)[0].numel() * 8 / long_values, 4)
+        return round(pack_cache(codec, long_cache, rebuild=True)[0].numel() * 8 / long_values, 4)
 
     for row in result["codecs"]:
         row["bits_per_value_2000"] = bits_2000(get_codec(row["codec"]))

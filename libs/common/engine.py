@@ -67,6 +67,36 @@ def _register_attention() -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)
 
 
+class _FirstLayerDone(Exception):
+    def __init__(self, key: torch.Tensor, value: torch.Tensor):
+        super().__init__("first layer's KV computed")
+        self.kv = (key, value)
+
+
+class _FirstLayerCache(DynamicCache):
+    """A cache that ends the forward pass at the first layer's update: by then the model has
+    computed that layer's keys and values (RoPE included) exactly as a prefill does."""
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        raise _FirstLayerDone(key_states, value_states)
+
+
+@torch.inference_mode()
+def first_layer_kv(model, token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first layer's (key, value) [1, kv_heads, n, head_dim] for a prompt, as its prefill
+    computes them. That layer's KV is a function of the tokens alone (no attention before it),
+    so the decode side can rebuild it from the token ids instead of receiving it
+    (`kvcodec.pack_cache(..., rebuilt=1)`); it costs two small matmuls per token."""
+    if not token_ids:
+        raise ValueError("empty prompt")
+    try:
+        model(input_ids=torch.tensor([list(token_ids)], dtype=torch.long), cache=_FirstLayerCache(config=model.config),
+              use_cache=True, logits_to_keep=1)
+    except _FirstLayerDone as done:
+        return done.kv
+    raise RuntimeError("the model's forward pass never updated its cache")
+
+
 @dataclass
 class PrefillResult:
     kv: KVLayers
@@ -108,6 +138,13 @@ class Engine:
         kv = [(layer.keys, layer.values) for layer in out.cache.layers]
         return PrefillResult(kv=kv, logits=out.logits[0, -1].float(),
                              prompt_logits=out.logits[0, :-1] if prompt_logits else None)
+
+    rebuilds_first_layer = True  # `first_layer_kv` works for any model that fills a transformers cache
+
+    def first_layer_kv(self, token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first layer's KV of `token_ids`, in the cache's dtype (see `first_layer_kv`)."""
+        key, value = first_layer_kv(self.model, token_ids)
+        return key.to(self.kv_dtype), value.to(self.kv_dtype)
 
     def new_batch(self) -> DecodeBatch:
         return DecodeBatch(self)
@@ -321,6 +358,11 @@ class MockEngine:
         kv = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(self.MOCK_LAYERS)]
         rows = torch.stack([self.logits_for(i) for i in range(1, len(token_ids))]) if prompt_logits else None
         return PrefillResult(kv=kv, logits=self.logits_for(len(token_ids)), prompt_logits=rows)
+
+    rebuilds_first_layer = False  # its KV is not a function of the tokens
+
+    def first_layer_kv(self, token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        raise ValueError("the mock engine cannot rebuild a layer of its KV")
 
     def new_batch(self) -> MockBatch:
         return MockBatch(self)

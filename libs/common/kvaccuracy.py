@@ -36,6 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from thunderserve.common.engine import first_layer_kv
 from thunderserve.common.kvcodec import KVCodec, KVLayers, get_codec, pack_cache, unpack_cache
 
 MAX_NEW_TOKENS = 32
@@ -51,6 +52,7 @@ class Case:
     last_token: int  # the token decode is fed first: the last prompt token, or the prefill's first token
     reference: list[int]  # greedy continuation from the uncompressed cache
     ref_logprobs: torch.Tensor  # [len(reference), vocab], teacher-forced, uncompressed
+    token_ids: list[int] = field(default_factory=list)  # the tokens whose cache `layers` is
 
 
 @dataclass
@@ -131,10 +133,12 @@ def teacher_forced_logprobs(model, layers: KVLayers, first: int, tokens: list[in
     return F.log_softmax(logits.float(), dim=-1)
 
 
-def roundtrip(codec: KVCodec, layers: KVLayers) -> tuple[KVLayers, int]:
-    """The cache as the decode side sees it, and its wire bytes."""
-    payload, manifest = pack_cache(codec, layers)
-    return unpack_cache(payload, manifest), int(payload.numel())
+def roundtrip(codec: KVCodec, layers: KVLayers, model=None, token_ids: Sequence[int] = ()) -> tuple[KVLayers, int]:
+    """The cache as the decode side sees it, and its wire bytes. With `model` and the cache's
+    `token_ids`, the decode side rebuilds the first layer from the tokens, as a replica does."""
+    rebuild = (lambda: first_layer_kv(model, list(token_ids))) if model is not None and token_ids else None
+    payload, manifest = pack_cache(codec, layers, rebuild=rebuild is not None)
+    return unpack_cache(payload, manifest, rebuild), int(payload.numel())
 
 
 def build_cases(model, tokenizer, prompts: list[dict[str, Any]], max_new: int = MAX_NEW_TOKENS,
@@ -145,16 +149,17 @@ def build_cases(model, tokenizer, prompts: list[dict[str, Any]], max_new: int = 
     cases = []
     for prompt in prompts:
         ids = prompt_ids(tokenizer, prompt)
+        if not first_from_prefill:
+            ids, first = ids[:-1], ids[-1]
+        layers, greedy_first = prefill(model, ids)
         if first_from_prefill:
-            layers, first = prefill(model, ids)
+            first = greedy_first
             if first == eos:  # the request ends on the prefill replica: no cache crosses the hop
                 continue
-        else:
-            (layers, _), first = prefill(model, ids[:-1]), ids[-1]
         layers, _ = roundtrip(get_codec("none"), layers)
         reference = greedy(model, layers, first, max_new, eos)
         ref_lp = teacher_forced_logprobs(model, layers, first, reference)
-        cases.append(Case(prompt["id"], layers, first, reference, ref_lp))
+        cases.append(Case(prompt["id"], layers, first, reference, ref_lp, list(ids)))
     return cases
 
 
@@ -186,7 +191,7 @@ def evaluate(model, cases: list[Case], codec: KVCodec, exact: bool = True, eos: 
     """
     rows, wire_bytes, values, kls = [], 0, 0, []
     for case in cases:
-        layers, nbytes = roundtrip(codec, case.layers)
+        layers, nbytes = roundtrip(codec, case.layers, model, case.token_ids)
         wire_bytes += nbytes
         values += sum(k.numel() + v.numel() for k, v in case.layers)
         lp = teacher_forced_logprobs(model, layers, case.last_token, case.reference)

@@ -9,12 +9,15 @@ in full precision. Interface (other tools rely on these names):
     codec.decode(packed)                        # original shape and dtype
 
 A whole cache (one (key, value) pair per layer) travels as one flat uint8 buffer plus a
-small msgpack-able manifest: `pack_cache` / `unpack_cache`.
+small msgpack-able manifest: `pack_cache` / `unpack_cache`. The first layer's KV depends on the
+tokens alone, so a receiver with the model can rebuild it exactly (`engine.first_layer_kv`);
+`int4` then leaves it out (`pack_cache(..., rebuild=True)`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -199,13 +202,15 @@ class GroupQuantCodec:
         """The codec for one layer of a whole cache (the same for every layer here)."""
         return self
 
-    def encode_layers(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                      model: str | None = None) -> list[PackedTensor]:
-        """A whole cache of same-shaped layers: one stacked tensor per kind and per set of
+    def encode_layers(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], model: str | None = None,
+                      first: int = 0) -> list[PackedTensor]:
+        """A whole cache of same-shaped layers (`first`: the index of layers[0] in the model, the
+        layers before it being rebuilt by the decoder): one stacked tensor per kind and per set of
         layers sharing a spec (keys with per-channel widths share one whatever their mean
         width), so the kernels run once per stack, not once per layer."""
         shape = tuple(layers[0][0].shape)
-        per_layer = [self.for_layer(i, len(layers), shape, model) for i in range(len(layers))]
+        n_layers = first + len(layers)
+        per_layer = [self.for_layer(first + i, n_layers, shape, model) for i in range(len(layers))]
         out: list[PackedTensor] = []
         for kind in ("key", "value"):
             stacks: dict[QuantSpec, list[tuple[int, int]]] = {}  # shared spec -> (layer, its bits)
@@ -216,13 +221,14 @@ class GroupQuantCodec:
             for spec, same in stacks.items():
                 for chunk in (same[i : i + per_stack] for i in range(0, len(same), per_stack)):
                     idx, bits = [i for i, _ in chunk], [b for _, b in chunk]
-                    out.append(self._encode_stack(layers, per_layer, kind, spec, idx, bits, shape))
+                    out.append(self._encode_stack(layers, per_layer, kind, spec, idx, bits, shape, first))
         return out
 
     def _encode_stack(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], per_layer: list[GroupQuantCodec],
                       kind: str, spec: QuantSpec, idx: list[int], bits: list[int],
-                      shape: tuple[int, ...]) -> PackedTensor:
-        """Layers `idx` of one kind, sharing `spec` up to their mean widths `bits`, as one stack."""
+                      shape: tuple[int, ...], first: int = 0) -> PackedTensor:
+        """Layers `idx` of one kind, sharing `spec` up to their mean widths `bits`, as one stack
+        (named as model layers first + idx)."""
         weights = None
         if kind == "key" and spec.widths:
             found = [per_layer[i].key_weights for i in idx]
@@ -232,7 +238,7 @@ class GroupQuantCodec:
         tensors = [layers[i][0 if kind == "key" else 1] for i in idx]
         buffers = kvquant.encode_tensor(tensors, **{**params, "bits": bits}, weights=weights)
         return PackedTensor(self.name, kind, (len(idx), *shape), dtype_name(tensors[0].dtype), buffers, params,
-                            tuple(idx))
+                            tuple(first + i for i in idx))
 
 
 class Int8Codec(GroupQuantCodec):
@@ -291,6 +297,7 @@ class EntropyCodec:
     """
 
     name = "int4"
+    rebuilds_first_layer = True  # pack_cache(rebuild=True) leaves the first layer to the decoder
     value_rotate = 0  # a rotation would raise the entropy-coded rate (it mixes channels of unequal spread)
     sink_tokens = 1
     token_alpha = 0.15  # per-token steps ~ predicted attention^-alpha (kventropy.token_exponents)
@@ -304,8 +311,9 @@ class EntropyCodec:
         self.token_query = token_query  # None = no per-token steps
 
     @classmethod
-    def from_profile(cls, profile: kvprofiles.Profile, layer: int | None = None) -> EntropyCodec:
-        """The calibrated codec for a whole cache (layer None) or for one of its layers."""
+    def from_profile(cls, profile: kvprofiles.Profile, layer: int | slice | None = None) -> EntropyCodec:
+        """The calibrated codec for a whole cache (layer None), for one of its layers, or for a
+        slice of them."""
         steps = (profile.entropy_steps("key"), profile.entropy_steps("value"))
         query = profile.importance_query()
         if layer is not None:
@@ -365,13 +373,26 @@ class EntropyCodec:
         profile = kvprofiles.find(n_layers, shape[1], shape[-1], model)
         return profile if profile is not None and profile.entropy_step else None
 
-    def encode_layers(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                      model: str | None = None) -> list[PackedTensor]:
-        """A whole cache of same-shaped layers: one stack per kind (one coder call each); the
-        values take the per-token steps their keys got."""
+    def _from(self, first: int) -> EntropyCodec:
+        """This codec for a cache's layers from `first` on: per-layer steps and queries
+        ([layers, kv_heads, head_dim]) lose their first rows."""
+        def cut(t: torch.Tensor | None) -> torch.Tensor | None:
+            return t[first:] if t is not None and t.dim() == 3 else t
+        if not first:
+            return self
+        codec = copy.copy(self)  # a subclass keeps its settings
+        codec.key_steps, codec.value_steps, codec.token_query = map(cut, (self.key_steps, self.value_steps,
+                                                                         self.token_query))
+        return codec
+
+    def encode_layers(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], model: str | None = None,
+                      first: int = 0) -> list[PackedTensor]:
+        """A whole cache of same-shaped layers, or its layers from `first` on (the decoder
+        rebuilds the ones before): one stack per kind (one coder call each); the values take the
+        per-token steps their keys got."""
         shape = tuple(layers[0][0].shape)
-        profile = self._profile(len(layers), shape, model)
-        codec = self if profile is None else EntropyCodec.from_profile(profile)
+        profile = self._profile(first + len(layers), shape, model)
+        codec = self._from(first) if profile is None else EntropyCodec.from_profile(profile, slice(first, None))
         out: list[PackedTensor] = []
         token_exp = None
         for i, kind in enumerate(("key", "value")):
@@ -379,7 +400,7 @@ class EntropyCodec:
             params, buffers = codec._encode(tensors, kind, shape, token_exp)
             token_exp = kventropy.decoded_token_exponents(buffers, (len(layers), *shape), params["sink_tokens"])
             out.append(PackedTensor(self.name, kind, (len(layers), *shape), dtype_name(tensors[0].dtype),
-                                    buffers, params, tuple(range(len(layers)))))
+                                    buffers, params, tuple(range(first, first + len(layers)))))
         return out
 
 
@@ -410,25 +431,33 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 def pack_cache(
-    codec: KVCodec, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], model: str | None = None
+    codec: KVCodec, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], model: str | None = None,
+    rebuild: bool = False,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Encode every layer's (key, value) and frame them into one uint8 buffer + manifest.
 
     `model`: the served name of the model that made the cache, so a codec with calibrated
     per-model settings (int4) uses that model's and no other's; None = match by geometry.
-    A codec with `encode_layers` encodes same-shaped layers as stacks (an entry then names
-    its `layers`); otherwise every tensor is an entry, in order key 0, value 0, key 1, ...
+    `rebuild`: the receiver can rebuild the first layer's KV from the token ids
+    (`engine.first_layer_kv`); a codec with `rebuilds_first_layer` then leaves it out
+    (manifest "rebuilt": 1) and spends nothing on the layer whose values are the most
+    sensitive of all. A codec with `encode_layers` encodes same-shaped layers as stacks (an
+    entry then names its `layers`); otherwise every tensor is an entry, in order key 0,
+    value 0, key 1, ...
     """
+    total = len(layers)
+    rebuilt = 1 if rebuild and getattr(codec, "rebuilds_first_layer", False) and total > 1 else 0
+    layers = layers[rebuilt:]
     encode_layers = getattr(codec, "encode_layers", None)
     shapes = {(tuple(k.shape), tuple(v.shape), k.dtype, v.dtype) for k, v in layers}
     if encode_layers is not None and len(shapes) == 1 and len(next(iter(shapes))[0]) == 4:
-        packed_all = encode_layers(layers, model)
+        packed_all = encode_layers(layers, model, rebuilt) if rebuilt else encode_layers(layers, model)
     else:
         packed_all = []
-        for index, (key, value) in enumerate(layers):
+        for index, (key, value) in enumerate(layers, start=rebuilt):
             # A codec may choose per layer (e.g. more bits for sensitive layers); params say which.
             for_layer = getattr(codec, "for_layer", None)
-            layer_codec = for_layer(index, len(layers), tuple(key.shape), model) if for_layer else codec
+            layer_codec = for_layer(index, total, tuple(key.shape), model) if for_layer else codec
             packed_all += [layer_codec.encode(key, kind="key"), layer_codec.encode(value, kind="value")]
     entries: list[dict[str, Any]] = []
     chunks: list[torch.Tensor] = []
@@ -453,15 +482,31 @@ def pack_cache(
             entry["codec"] = packed.codec
         entries.append(entry)
     payload = torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.uint8)
-    return payload, {"codec": codec.name, "entries": entries, "nbytes": offset, "layers": len(layers)}
+    manifest = {"codec": codec.name, "entries": entries, "nbytes": offset, "layers": total}
+    if rebuilt:
+        manifest["rebuilt"] = rebuilt
+    return payload, manifest
 
 
-def unpack_cache(payload: torch.Tensor, manifest: dict[str, Any]) -> KVLayers:
-    """Inverse of `pack_cache`: returns [(key, value), ...] in the original dtype."""
+def unpack_cache(payload: torch.Tensor, manifest: dict[str, Any],
+                 rebuild: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None) -> KVLayers:
+    """Inverse of `pack_cache`: returns [(key, value), ...] in the original dtype.
+
+    `rebuild()`: the first layer's (key, value), rebuilt from the token ids
+    (`engine.first_layer_kv`); needed when the sender left it out (manifest "rebuilt")."""
     codecs = {manifest["codec"]: get_codec(manifest["codec"])}
     if payload.numel() != manifest["nbytes"]:
         raise ValueError(f"KV payload has {payload.numel()} bytes, manifest says {manifest['nbytes']}")
+    rebuilt = int(manifest.get("rebuilt", 0))
+    if rebuilt not in (0, 1):
+        raise ValueError(f"only the first layer can be rebuilt, the manifest says {rebuilt}")
+    if rebuilt and rebuild is None:
+        raise ValueError("the KV cache leaves its first layer to be rebuilt from the tokens, "
+                         "and this receiver cannot rebuild it")
     slots: dict[str, dict[int, torch.Tensor]] = {"key": {}, "value": {}}
+    if rebuilt:
+        slots["key"][0], slots["value"][0] = rebuild()
+    unstacked = {"key": rebuilt, "value": rebuilt}  # the next layer an entry without `layers` is
     for entry in manifest["entries"]:
         buffers = {}
         for bname, bdtype, bshape, off, n in entry["buffers"]:
@@ -479,7 +524,8 @@ def unpack_cache(payload: torch.Tensor, manifest: dict[str, Any]) -> KVLayers:
                               tuple(stack) if stack is not None else None)
         tensor = codecs[name].decode(packed)
         if stack is None:
-            slots[kind][len(slots[kind])] = tensor
+            slots[kind][unstacked[kind]] = tensor
+            unstacked[kind] += 1
         else:
             slots[kind].update(zip(stack, tensor.unbind(0), strict=True))
     n = manifest.get("layers", len(slots["key"]))

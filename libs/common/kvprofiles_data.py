@@ -6,7 +6,7 @@ entropy-coded step for 4.45 bits/value on a 2000-token calibration cache.
 
 PROFILES = {'smollm2-135m': {'bits_per_value': 4.5574,
                   'entropy_bits_per_value': 4.45,
-                  'entropy_step': 0.0065746,
+                  'entropy_step': 0.0061914,
                   'head_dim': 64,
                   'head_sensitivity': {'key': [[0.0002751, 0.0004568, 0.0003951],
                                                [0.00565, 0.001004, 0.0009867],

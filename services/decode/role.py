@@ -150,7 +150,8 @@ class DecodeRole:
                 payload = pair.recv(nbytes, handoff.tag, out=buf)
                 recv.end()
                 unpack = span.child("kv.decode", codec=handoff.kv_manifest.get("codec"))
-                layers = unpack_cache(payload, handoff.kv_manifest)
+                tokens = handoff.prompt_token_ids + handoff.resume_token_ids  # what the KV covers
+                layers = unpack_cache(payload, handoff.kv_manifest, lambda: self.engine.first_layer_kv(tokens))
                 flat = detach_from(buf, [t for kv in layers for t in kv])
                 unpack.end()
             finally:

@@ -184,7 +184,9 @@ class PrefillRole:
             # The request's codec, else the current plan's, else this replica's default.
             codec = get_codec(request.kv_codec or self.host.plan_kv_codec or self.default_codec)
             encode = span.child("kv.encode", codec=codec.name)
-            payload, manifest = pack_cache(codec, result.kv, model=self.engine.name)
+            # The decode replica (same model) rebuilds the first layer from the token ids, if the engine can.
+            payload, manifest = pack_cache(codec, result.kv, model=self.engine.name,
+                                           rebuild=self.engine.rebuilds_first_layer)
             encode.end(bytes=int(payload.numel()))
             return payload, manifest, first_chunk
         finally:

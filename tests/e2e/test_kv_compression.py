@@ -33,8 +33,9 @@ def _offline(model, tokenizer, text: str, codec: str) -> tuple[list[int], list[i
     from thunderserve.common import kvaccuracy as ka
     from thunderserve.common.kvcodec import get_codec
 
-    layers, first = ka.prefill(model, _chat_ids(tokenizer, text))
-    compressed, _ = ka.roundtrip(get_codec(codec), layers)
+    ids = _chat_ids(tokenizer, text)
+    layers, first = ka.prefill(model, ids)
+    compressed, _ = ka.roundtrip(get_codec(codec), layers, model, ids)
     eos = tokenizer.eos_token_id
     ref = [first, *ka.greedy(model, layers, first, N - 1, eos)] if first != eos else [first]
     got = [first, *ka.greedy(model, compressed, first, N - 1, eos)] if first != eos else [first]
@@ -77,8 +78,8 @@ async def test_int8_is_near_exact(smollm2_cluster, smollm2_reference):
 
 async def test_int4_stays_fluent(smollm2_cluster, smollm2_reference):
     served, offline, texts = await _agreement(smollm2_cluster, smollm2_reference, "int4")
-    # measured: 0.723 on these prompts (int4-fixed: 0.555), the same per prompt offline
-    # (docs/benchmarks.md "KV codec"); 8 prompts are few, so the floor is loose
+    # measured: 0.688 on these prompts (0.723 before the first layer was rebuilt; int4-fixed: 0.555),
+    # the same per prompt offline (docs/benchmarks.md "KV codec"); 8 prompts are few, so the floor is loose
     assert sum(served) / len(served) >= 0.6
     _holds(served, offline)
     assert "Paris" in texts["What is the capital of France?"]

@@ -116,3 +116,50 @@ def test_bf16_engine_runs_attention_in_fp32_and_masks_the_padding():
     assert torch.allclose(logits["short"], expected, atol=0.05 * float(expected.abs().max()))
     # And attending to the padding would have changed it: the pads are not harmless zeros.
     assert int(logits["short"].argmax()) == int(expected.argmax())
+
+
+def test_first_layer_kv_is_exactly_the_prefills(tiny):
+    ids = [3, 50, 7, 900, 12, 12, 4]
+    result = tiny.prefill(ids)
+    key, value = tiny.first_layer_kv(ids)
+    assert torch.equal(key, result.kv[0][0]) and torch.equal(value, result.kv[0][1])
+    with pytest.raises(ValueError):
+        tiny.first_layer_kv([])
+
+
+def test_int4_leaves_the_first_layer_to_a_decoder_that_rebuilds_it(tiny):
+    """pack_cache(rebuild=True): int4 sends every layer but the first; unpack_cache gets it from
+    the tokens (bit-exact) and the rest as without rebuilding. Other codecs send everything."""
+    import msgpack
+
+    from thunderserve.common.kvcodec import get_codec, pack_cache, unpack_cache
+
+    ids = list(range(40, 90))
+    kv = tiny.prefill(ids).kv
+    codec = get_codec("int4")
+    full, full_manifest = pack_cache(codec, kv)
+    payload, manifest = pack_cache(codec, kv, rebuild=True)
+    manifest = msgpack.unpackb(msgpack.packb(manifest))
+    assert manifest["rebuilt"] == 1 and "rebuilt" not in full_manifest
+    assert payload.numel() < full.numel()
+    assert all(0 not in e["layers"] for e in manifest["entries"])
+    out = unpack_cache(payload, manifest, lambda: tiny.first_layer_kv(ids))
+    reference = unpack_cache(full, full_manifest)
+    assert len(out) == len(kv)
+    assert torch.equal(out[0][0], kv[0][0]) and torch.equal(out[0][1], kv[0][1])
+    for (k, v), (rk, rv) in zip(out[1:], reference[1:], strict=True):  # per-layer steps: the same codes
+        assert torch.equal(k, rk) and torch.equal(v, rv)
+    with pytest.raises(ValueError, match="cannot rebuild"):
+        unpack_cache(payload, manifest)
+    with pytest.raises(ValueError, match="only the first layer"):
+        unpack_cache(payload, {**manifest, "rebuilt": 2}, lambda: tiny.first_layer_kv(ids))
+    for name in ("none", "int8", "int4-fixed"):
+        _, other = pack_cache(get_codec(name), kv, rebuild=True)
+        assert "rebuilt" not in other
+
+
+def test_mock_engine_does_not_offer_to_rebuild():
+    engine = MockEngine()
+    assert not engine.rebuilds_first_layer
+    with pytest.raises(ValueError):
+        engine.first_layer_kv([1, 2])

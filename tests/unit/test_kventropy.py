@@ -106,6 +106,24 @@ def test_pack_cache_uses_the_profile_and_stacks_per_kind() -> None:
     assert manifest4["entries"][0]["params"]["rope_theta"] == 0.0
 
 
+def test_pack_cache_without_the_first_layer_uses_the_other_layers_steps() -> None:
+    """rebuild=True: the stacks name layers 1..29 and carry the profile's steps for those layers
+    (explicit per-layer steps are cut the same way); the decoder puts the rebuilt layer first."""
+    profile = kvprofiles.find(30, 3, 64)
+    layers = [(_kv((1, 3, 20, 64), i), _kv((1, 3, 20, 64), 50 + i)) for i in range(30)]
+    explicit = EntropyCodec(profile.entropy_steps("key"), profile.entropy_steps("value"), profile.rope_theta)
+    for codec in (get_codec("int4"), explicit):
+        payload, manifest = pack_cache(codec, layers, rebuild=True)
+        key = manifest["entries"][0]
+        assert manifest["rebuilt"] == 1 and key["layers"] == list(range(1, 30))
+        _, _, shape, off, n = next(b for b in key["buffers"] if b[0] == "steps")
+        sent = payload[off : off + n].view(torch.float16).view(shape).float()
+        assert torch.allclose(sent, profile.entropy_steps("key")[1:], rtol=1e-3)
+        out = unpack_cache(payload, manifest, lambda: layers[0])
+        assert out[0][0] is layers[0][0] and len(out) == 30
+        assert torch.allclose(out[5][1], layers[5][1], atol=0.1)  # values of std 1, steps ~0.01-0.05
+
+
 def test_error_bound_holds_through_rope_and_rotation() -> None:
     """The bound carried back through RoPE (keys) and the Hadamard rotation (values) holds on
     a calibrated stack, sink excepted (fp16)."""
