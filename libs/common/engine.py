@@ -86,7 +86,7 @@ def first_layer_kv(model, token_ids: list[int]) -> tuple[torch.Tensor, torch.Ten
     """The first layer's (key, value) [1, kv_heads, n, head_dim] for a prompt, as its prefill
     computes them. That layer's KV is a function of the tokens alone (no attention before it),
     so the decode side can rebuild it from the token ids instead of receiving it
-    (`kvcodec.pack_cache(..., rebuilt=1)`); it costs two small matmuls per token."""
+    (`kvcodec.pack_cache(..., rebuild=True)`); it costs that layer's three projections per token."""
     if not token_ids:
         raise ValueError("empty prompt")
     try:

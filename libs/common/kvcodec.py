@@ -202,15 +202,13 @@ class GroupQuantCodec:
         """The codec for one layer of a whole cache (the same for every layer here)."""
         return self
 
-    def encode_layers(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], model: str | None = None,
-                      first: int = 0) -> list[PackedTensor]:
-        """A whole cache of same-shaped layers (`first`: the index of layers[0] in the model, the
-        layers before it being rebuilt by the decoder): one stacked tensor per kind and per set of
+    def encode_layers(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                      model: str | None = None) -> list[PackedTensor]:
+        """A whole cache of same-shaped layers: one stacked tensor per kind and per set of
         layers sharing a spec (keys with per-channel widths share one whatever their mean
         width), so the kernels run once per stack, not once per layer."""
         shape = tuple(layers[0][0].shape)
-        n_layers = first + len(layers)
-        per_layer = [self.for_layer(first + i, n_layers, shape, model) for i in range(len(layers))]
+        per_layer = [self.for_layer(i, len(layers), shape, model) for i in range(len(layers))]
         out: list[PackedTensor] = []
         for kind in ("key", "value"):
             stacks: dict[QuantSpec, list[tuple[int, int]]] = {}  # shared spec -> (layer, its bits)
@@ -221,14 +219,13 @@ class GroupQuantCodec:
             for spec, same in stacks.items():
                 for chunk in (same[i : i + per_stack] for i in range(0, len(same), per_stack)):
                     idx, bits = [i for i, _ in chunk], [b for _, b in chunk]
-                    out.append(self._encode_stack(layers, per_layer, kind, spec, idx, bits, shape, first))
+                    out.append(self._encode_stack(layers, per_layer, kind, spec, idx, bits, shape))
         return out
 
     def _encode_stack(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], per_layer: list[GroupQuantCodec],
                       kind: str, spec: QuantSpec, idx: list[int], bits: list[int],
-                      shape: tuple[int, ...], first: int = 0) -> PackedTensor:
-        """Layers `idx` of one kind, sharing `spec` up to their mean widths `bits`, as one stack
-        (named as model layers first + idx)."""
+                      shape: tuple[int, ...]) -> PackedTensor:
+        """Layers `idx` of one kind, sharing `spec` up to their mean widths `bits`, as one stack."""
         weights = None
         if kind == "key" and spec.widths:
             found = [per_layer[i].key_weights for i in idx]
@@ -238,7 +235,7 @@ class GroupQuantCodec:
         tensors = [layers[i][0 if kind == "key" else 1] for i in idx]
         buffers = kvquant.encode_tensor(tensors, **{**params, "bits": bits}, weights=weights)
         return PackedTensor(self.name, kind, (len(idx), *shape), dtype_name(tensors[0].dtype), buffers, params,
-                            tuple(first + i for i in idx))
+                            tuple(idx))
 
 
 class Int8Codec(GroupQuantCodec):
