@@ -350,7 +350,11 @@ class ChannelHost:
                 sock = self._arrived.pop(pair_id)
             pair: ChannelPair = SocketPair(pair_id, sock, DECODE_RANK, self.timeout_s)
         else:
-            group = _make_group(self.store, pair_id, DECODE_RANK, self.host, self.timeout_s, backend)
+            try:
+                group = _make_group(self.store, pair_id, DECODE_RANK, self.host, self.timeout_s, backend)
+            except RuntimeError as exc:  # torch.distributed errors (DistStoreError: the wait timed out)
+                raise ChannelError(f"pair {pair_id}: the prefill side did not connect within {self.timeout_s} s"
+                                   f" ({str(exc).splitlines()[0]})") from None
             pair = DistPair(pair_id, group, DECODE_RANK, self.timeout_s)
         with self._lock:
             self.pairs[pair_id] = pair

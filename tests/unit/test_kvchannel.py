@@ -21,10 +21,11 @@ def backend(request) -> str:
 
 
 def _prefill_side(endpoint: str, pair_id: str, payloads: list[tuple[int, bytes]], die_after: bool,
-                  linger_s: float, backend: str) -> None:
+                  linger_s: float, backend: str, ready) -> None:
     import os
     from concurrent.futures import ThreadPoolExecutor
 
+    ready.set()  # imports done: what is left is the connect itself
     pair = ChannelClient(timeout_s=10, backend=backend).connect(endpoint, pair_id)
     # Each transfer waits in its own thread, as the prefill role does: a send completes when
     # the receiver takes that tag, in whatever order it does.
@@ -37,7 +38,9 @@ def _prefill_side(endpoint: str, pair_id: str, payloads: list[tuple[int, bytes]]
 
 
 def _start_sender(endpoint, pair_id, payloads, backend, die_after=False, linger_s=1.0):
-    proc = CTX.Process(target=_prefill_side, args=(endpoint, pair_id, payloads, die_after, linger_s, backend))
+    ready = CTX.Event()
+    proc = CTX.Process(target=_prefill_side, args=(endpoint, pair_id, payloads, die_after, linger_s, backend, ready))
+    proc.ready = ready
     proc.start()
     return proc
 
@@ -107,14 +110,9 @@ def test_silent_peer_times_out_within_the_pair_timeout(backend):
     host = ChannelHost(timeout_s=2)
     proc = _start_sender(host.endpoint, "pair-silent", [(1, b"y" * 10)], backend, linger_s=6.0)
     # The short pair timeout is what is under test, not the sender's start-up (a spawned process
-    # importing torch, which can take longer than 2 s on a loaded machine): wait for it to connect.
-    for attempt in range(15):
-        try:
-            pair = host.accept("pair-silent", backend)
-            break
-        except ChannelError as exc:
-            if "did not connect" not in str(exc) or attempt == 14:
-                raise
+    # importing torch took over 2 s on a loaded CI machine): accept once its imports are done.
+    assert proc.ready.wait(60), "the sender process did not start"
+    pair = host.accept("pair-silent", backend)
     assert bytes(pair.recv(10, 1).numpy()) == b"y" * 10
     start = time.monotonic()
     with pytest.raises(ChannelError, match="(?i)timed out"):
@@ -124,6 +122,14 @@ def test_silent_peer_times_out_within_the_pair_timeout(backend):
     assert bool(pair.broken) == (backend == "gloo")
     proc.kill()
     proc.join(10)
+
+
+def test_accepting_a_peer_that_never_comes_is_a_channel_error(backend):
+    host = ChannelHost(timeout_s=1)
+    start = time.monotonic()
+    with pytest.raises(ChannelError, match="did not connect within 1 s"):
+        host.accept("pair-nobody", backend)
+    assert time.monotonic() - start < 5
 
 
 def test_connecting_to_nothing_fails_quickly():
