@@ -80,8 +80,9 @@ class Int4Variant(Int4Codec):
         return Int4Codec(key, value, p.key_weights(index) if query_weights else None)
 
 
-def curve_points() -> list[tuple[str, str, object]]:
-    """(series, label, codec) for the trade-off plot."""
+def curve_points(bits_2000) -> list[tuple[str, str, object]]:
+    """(series, label, codec) for the trade-off plot; `bits_2000(codec)`: its rate on a real
+    2,000-token cache."""
     points: list[tuple[str, str, object]] = [
         ("cast", "fp16 cast", CastCodec(torch.float16)),
         ("cast", "bf16 cast", CastCodec(torch.bfloat16)),
@@ -112,18 +113,23 @@ def curve_points() -> list[tuple[str, str, object]]:
     flat = EntropyCodec.from_profile(profile)
     flat.token_alpha = 0.0
     points.append(("int4 ablations", "no per-token steps", flat))
-    same = {kind: tuple((1.0,) * profile.kv_heads for _ in range(profile.layers)) for kind in ("key", "value")}
-    uniform = replace(profile, head_sensitivity=same)
-    points.append(("int4 ablations", "no head sensitivities", EntropyCodec.from_profile(
-        replace(uniform, entropy_step=_step_for_bits(uniform, profile)))))
+    target = bits_2000(EntropyCodec.from_profile(profile))
+    points.append(("int4 ablations", "no transform (session 9)", _without_transform(profile, target, bits_2000)))
     return points
 
 
-def _step_for_bits(profile: kvprofiles.Profile, like: kvprofiles.Profile) -> float:
-    """The step s that gives `profile` the rate of `like` on the calibration cache (uniform
-    sensitivities a = 1 need a different s for the same wire size)."""
-    mean_a = {k: torch.tensor(like.head_sensitivity[k]).log().mean().exp() for k in ("key", "value")}
-    return like.entropy_step / float(torch.stack(list(mean_a.values())).sqrt().mean())
+def _without_transform(profile: kvprofiles.Profile, target: float, bits_2000) -> EntropyCodec:
+    """int4 as it was before the transform (session 9): per-channel steps s / sqrt(a w) on the
+    plain channels, s bisected for the codec's own rate on the 2,000-token cache."""
+    def codec(s: float) -> EntropyCodec:
+        p = replace(profile, entropy_step=s)
+        return EntropyCodec(p.entropy_steps("key"), p.entropy_steps("value"), p.rope_theta, p.importance_query())
+
+    lo, hi = profile.entropy_step / 4, profile.entropy_step * 4  # bits(lo) > target >= bits(hi)
+    for _ in range(14):
+        mid = (lo * hi) ** 0.5
+        lo, hi = (mid, hi) if bits_2000(codec(mid)) > target else (lo, mid)
+    return codec(hi)
 
 
 def plot(result: dict, path: Path) -> None:
@@ -200,7 +206,7 @@ def main() -> None:
     for row in result["codecs"]:
         row["bits_per_value_2000"] = bits_2000(get_codec(row["codec"]))
     if not args.no_curve:
-        for series, label, codec in curve_points():
+        for series, label, codec in curve_points(bits_2000):
             r = ka.evaluate(model, cases, codec, exact=False, eos=eos)
             result["curve"].append({"series": series, "label": label, **r.summary(), "codec": codec.name,
                                     "bits_per_value_2000": bits_2000(codec)})

@@ -1,7 +1,7 @@
 """Calibrate the KV codecs' profile for SmolLM2 (issue 3). Writes libs/common/kvprofiles_data.py.
 
-    python benchmarks/kvcodec_calibrate.py [--target-bits 4.56] [--entropy-bits 4.45] [--tokens 2000]
-                                           [--entropy-only | --step-only]
+    python benchmarks/kvcodec_calibrate.py [--target-bits 4.56] [--entropy-bits 4.55] [--tokens 2000]
+                                           [--entropy-only | --bases-only | --step-only]
 
 Uses only tests/data/kv_calib_prompts.json (none of them is in the accuracy set
 tests/data/kv_prompts.json). Steps:
@@ -15,12 +15,16 @@ tests/data/kv_prompts.json). Steps:
    `--target-bits` bits per value, all metadata included (checked with `pack_cache`);
 4. (int4) per-head sensitivity: KL per unit of error variance of each layer's keys or values, one KV
    head at a time (`head_sensitivity`);
-5. (int4) the step s: bisection until a real `--tokens` cache (the calibration prompts one after
+5. (int4) the transforms: per layer, KV head and kind, the head's error weighting (a, and the
+   query energies for keys) times the eigenvectors of the covariance of the weighted vectors over
+   the calibration caches (keys pre-RoPE), written to `libs/common/data/<profile>.kvtransforms.safetensors`;
+6. (int4) the step s: bisection until a real `--tokens` cache (the calibration prompts one after
    another) costs `--entropy-bits` bits per value, everything included, as the replicas send it
    (the first layer is rebuilt by the decoder from the tokens, so it costs nothing).
 
 `--entropy-only` keeps the profile's int4-fixed fields (steps 2-3, ~6 min) and redoes the rest (~10 min);
-`--step-only` keeps every field but s and redoes step 5 (~1 min).
+`--bases-only` keeps every field but s, and redoes steps 5 and 6 (~2 min);
+`--step-only` keeps every field but s and redoes step 6 (~1 min).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CALIB_PROMPTS = ROOT / "tests" / "data" / "kv_calib_prompts.json"
 OUT = ROOT / "libs" / "common" / "kvprofiles_data.py"
 BITS = (3, 4, 5, 6)
+PROFILE = "smollm2-135m"
 
 
 @torch.inference_mode()
@@ -129,6 +134,63 @@ def head_sensitivity(model, cases, energy: torch.Tensor, noise: float = 0.1, see
     return out
 
 
+def _vectors(case, index: int, kind: str, theta: float) -> torch.Tensor:
+    """A calibration cache's vectors [head, n - 1, d] as the codec sees them: the sink token left
+    out (it travels in fp16), keys pre-RoPE."""
+    from thunderserve.common import kvquant
+
+    x = case.layers[index][0 if kind == "key" else 1][0, :, 1:, :].double()
+    return kvquant.rope(x, theta, 1, inverse=True) if kind == "key" else x
+
+
+def error_weights(profile: dict) -> dict[str, torch.Tensor]:
+    """{"key"|"value": [layers, kv_heads, d, d]}: what a unit of error in each direction of a
+    head's vector costs in KL, as far as the profile knows it: a for values (the head's measured
+    sensitivity, the same in every direction), a x diag(w) for pre-RoPE keys (w: the queries'
+    energy in each channel, which multiplies a key error in the attention logits)."""
+    energy = torch.tensor(profile["query_energy"], dtype=torch.float64)
+    a = {kind: torch.tensor(profile["head_sensitivity"][kind], dtype=torch.float64)[..., None, None]
+         for kind in ("key", "value")}
+    d = int(profile["head_dim"])
+    return {"key": a["key"] * torch.diag_embed(torch.cat((energy, energy), -1)),
+            "value": a["value"] * torch.eye(d, dtype=torch.float64)}
+
+
+@torch.inference_mode()
+def transforms(cases, theta: float, weights: dict[str, torch.Tensor], floor: float = 1e-4) -> dict[str, torch.Tensor]:
+    """{"key"|"value": [layers, kv_heads, d, d]} encode matrices W R: W = weights^(1/2) (a
+    head's error weighting, `error_weights`; eigenvalues floored at `floor` x the largest), R the
+    eigenvectors of the covariance of the weighted vectors x W over the calibration caches,
+    strongest first. The coefficients are then uncorrelated (a KLT: their entropies sum to less
+    than the channels' did) and a unit of error in any of them costs the same KL, so one step s
+    serves every coefficient of every head."""
+    out = {}
+    for kind in ("key", "value"):
+        per_layer = []
+        for index in range(weights[kind].shape[0]):
+            vals, vecs = torch.linalg.eigh(weights[kind][index])
+            vals = vals.clamp_min(floor * vals[..., -1:].clamp_min(1e-300))
+            root = vecs @ torch.diag_embed(vals.sqrt()) @ vecs.transpose(-1, -2)  # [head, d, d]
+            x = torch.cat([_vectors(case, index, kind, theta) for case in cases], 1) @ root
+            x = x - x.mean(1, keepdim=True)
+            basis = torch.linalg.eigh(x.transpose(-1, -2) @ x / x.shape[1])[1].flip(-1)
+            per_layer.append(root @ basis)
+        out[kind] = torch.stack(per_layer).to(torch.float16).contiguous()
+    return out
+
+
+def save_transforms(name: str, found: dict[str, torch.Tensor]) -> Path:
+    from safetensors.torch import save_file
+
+    from thunderserve.common import kvprofiles
+
+    path = kvprofiles.transforms_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(found, str(path))
+    kvprofiles._transforms.cache_clear()
+    return path
+
+
 def entropy_step(profile: dict, layers, target: float) -> tuple[float, float]:
     """The largest-quality step s (smallest) whose entropy-coded cache `layers` costs at most
     `target` bits per value, everything included, as the replicas send it (the first layer
@@ -139,7 +201,7 @@ def entropy_step(profile: dict, layers, target: float) -> tuple[float, float]:
     values = sum(k.numel() + v.numel() for k, v in layers)
 
     def bits(s: float) -> float:
-        p = kvprofiles.Profile("calib", profile["model"], profile["layers"], profile["kv_heads"],
+        p = kvprofiles.Profile(PROFILE, profile["model"], profile["layers"], profile["kv_heads"],
                                profile["head_dim"], profile["rope_theta"], (), (), profile["query_energy"],
                                profile["head_sensitivity"], s, profile["mean_query"])
         return pack_cache(EntropyCodec.from_profile(p), layers, rebuild=True)[0].numel() * 8 / values
@@ -198,11 +260,13 @@ def allocate(sens_k, sens_v, profile: dict, target: float, tokens: int) -> tuple
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target-bits", type=float, default=4.56)
-    parser.add_argument("--entropy-bits", type=float, default=4.45,
+    parser.add_argument("--entropy-bits", type=float, default=4.55,
                         help="bits per value the entropy-coded codec's step s aims at on a --tokens cache")
     parser.add_argument("--tokens", type=int, default=2000)
     parser.add_argument("--entropy-only", action="store_true",
                         help="keep the profile's other fields; recalibrate the entropy-coded codec's only")
+    parser.add_argument("--bases-only", action="store_true",
+                        help="keep the profile's fields but s; recompute the int4 bases, then re-bisect s")
     parser.add_argument("--step-only", action="store_true",
                         help="keep every other field of the profile; only re-bisect the entropy-coded step s")
     parser.add_argument("--out", default=str(OUT))
@@ -211,10 +275,13 @@ def main() -> None:
     t0 = time.time()
     model, tokenizer = load_model("smollm2")
     prompts = ka.load_prompts(CALIB_PROMPTS)
-    if args.step_only:
+    if args.step_only or args.bases_only:
         from thunderserve.common.kvprofiles_data import PROFILES
 
-        profile = dict(PROFILES["smollm2-135m"])
+        profile = dict(PROFILES[PROFILE])
+        if args.bases_only:
+            cases = ka.build_cases(model, tokenizer, prompts)
+            save_transforms(PROFILE, transforms(cases, profile["rope_theta"], error_weights(profile)))
     else:
         profile = calibrate(model, tokenizer, prompts, args)
     step, bits = entropy_step(profile, ka.long_prompt_cache(model, tokenizer, prompts, args.tokens), args.entropy_bits)
@@ -223,7 +290,7 @@ def main() -> None:
             f'{len(prompts)} calibration prompts (tests/data/kv_calib_prompts.json); widths for '
             f'<= {args.target_bits} bits/value at {args.tokens} tokens;\nentropy-coded step for '
             f'{args.entropy_bits} bits/value on a {args.tokens}-token calibration cache.\n"""\n\n'
-            f"PROFILES = {pprint.pformat({'smollm2-135m': profile}, width=110, compact=True)}\n")
+            f"PROFILES = {pprint.pformat({PROFILE: profile}, width=110, compact=True)}\n")
     Path(args.out).write_text(text)
     print(json.dumps({"out": args.out, "key_bits": profile["key_bits"], "value_bits": profile["value_bits"],
                       "bits_per_value": profile["bits_per_value"], "entropy_step": profile["entropy_step"],
@@ -240,7 +307,7 @@ def calibrate(model, tokenizer, prompts, args) -> dict:
     if args.entropy_only:
         from thunderserve.common.kvprofiles_data import PROFILES
 
-        profile = dict(PROFILES["smollm2-135m"])
+        profile = dict(PROFILES[PROFILE])
         energy = torch.tensor(profile["query_energy"], dtype=torch.float64)
     else:
         theta = float(cfg.rope_parameters["rope_theta"])
@@ -261,6 +328,7 @@ def calibrate(model, tokenizer, prompts, args) -> dict:
     profile["mean_query"] = [[[float(f"{x:.4g}") for x in h] for h in layer] for layer in mean_query.tolist()]
     heads = head_sensitivity(model, cases, energy.float())
     profile["head_sensitivity"] = {k: [[float(f"{a:.4g}") for a in row] for row in v] for k, v in heads.items()}
+    save_transforms(PROFILE, transforms(cases, profile["rope_theta"], error_weights(profile)))
     return profile
 
 

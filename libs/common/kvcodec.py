@@ -285,12 +285,15 @@ class EntropyCodec:
     docs/benchmarks.md, "KV codec").
 
     Keys: the sink token in fp16, RoPE undone, one step per channel. Values: the sink token in
-    fp16, a Hadamard rotation along head_dim, one step per head. With a calibrated profile
-    (`kvprofiles`, found by the cache's geometry and model in `pack_cache`) the RoPE base and
-    the steps (equal next-token KL per KV head, key channels weighed by query energy) come
-    from it; without one, keys are taken as they are and each step is its channel's RMS /
-    `kventropy.RELATIVE_STEP`. Like the group codecs, everything the decoder needs travels in
-    `params` and the buffers.
+    fp16, one step per head. With a calibrated profile (`kvprofiles`, found by the cache's
+    geometry and model in `pack_cache`) the RoPE base and the steps (equal next-token KL per KV
+    head, key channels weighed by query energy) come from it, and so does a transform per layer,
+    KV head and kind: each token's vector is coded in a basis where the channels are
+    uncorrelated and every unit of error costs the same KL (`Profile.transforms`), so one step s
+    serves all. Without a profile, keys are taken as they are and each step is its channel's RMS
+    / `kventropy.RELATIVE_STEP`. Everything the decoder needs travels in `params` and the
+    buffers, but for the transform's matrices: the params name them (profile, file digest,
+    first layer), and a receiver that has not got them refuses the tensor.
     """
 
     name = "int4"
@@ -300,28 +303,51 @@ class EntropyCodec:
     token_alpha = 0.15  # per-token steps ~ predicted attention^-alpha (kventropy.token_exponents)
 
     def __init__(self, key_steps: torch.Tensor | None = None, value_steps: torch.Tensor | None = None,
-                 rope_theta: float = 0.0, token_query: torch.Tensor | None = None) -> None:
+                 rope_theta: float = 0.0, token_query: torch.Tensor | None = None,
+                 transforms: dict[str, torch.Tensor] | None = None, transform_ref: dict[str, Any] | None = None,
+                 ) -> None:
         # encoder only ([kv_heads, head_dim], or [layers, kv_heads, head_dim] for encode_layers):
         self.key_steps = key_steps  # None = from the data
         self.value_steps = value_steps
         self.rope_theta = rope_theta
         self.token_query = token_query  # None = no per-token steps
+        # "key"/"value" -> encode matrices [kv_heads, d, d] or [layers, kv_heads, d, d], and what names
+        # them for the decoder: {"transform": profile, "transform_id": digest, "transform_layer": first}
+        self.transforms = transforms or {}
+        self.transform_ref = transform_ref
 
     @classmethod
     def from_profile(cls, profile: kvprofiles.Profile, layer: int | slice | None = None) -> EntropyCodec:
         """The calibrated codec for a whole cache (layer None), for one of its layers, or for a
         slice of them."""
-        steps = (profile.entropy_steps("key"), profile.entropy_steps("value"))
+        found = {kind: profile.transforms(kind) for kind in ("key", "value")}
+        transforms = {kind: pair[0] for kind, pair in found.items() if pair is not None}
+        steps = tuple(profile.entropy_steps(kind, transformed=kind in transforms) for kind in ("key", "value"))
         query = profile.importance_query()
+        first = 0
         if layer is not None:
             steps, query = (steps[0][layer], steps[1][layer]), query[layer] if query is not None else None
-        return cls(*steps, profile.rope_theta, query)
+            transforms = {kind: t[layer] for kind, t in transforms.items()}
+            first = layer if isinstance(layer, int) else layer.start or 0
+        ref = {"transform": profile.name, "transform_id": profile.transform_id, "transform_layer": first}
+        return cls(*steps, profile.rope_theta, query, transforms, ref if transforms else None)
 
-    def _params(self, kind: str, shape: tuple[int, ...]) -> dict[str, Any]:
+    def _params(self, kind: str, shape: tuple[int, ...], transform: torch.Tensor | None) -> dict[str, Any]:
         rotate = 0 if kind == "key" else self.value_rotate
         theta = self.rope_theta if kind == "key" else 0.0
         rotate, sink, theta = _fit_transforms(rotate, self.sink_tokens, theta, shape)
-        return {"rotate": rotate, "sink_tokens": sink, "rope_theta": theta, "rope_start": 0}
+        params = {"rotate": rotate, "sink_tokens": sink, "rope_theta": theta, "rope_start": 0}
+        if transform is not None:
+            params.update(self.transform_ref, rotate=0)
+        return params
+
+    def _transform(self, kind: str, shape: tuple[int, ...], layers: int) -> torch.Tensor | None:
+        """The encode matrices for `layers` tensors of `shape` ([B, H, S, D]), if this codec has ones
+        that fit."""
+        t = self.transforms.get(kind)
+        if t is None or self.transform_ref is None or tuple(t.shape[-3:]) != (shape[-3], shape[-1], shape[-1]):
+            return None
+        return t if (t.dim() == 4 and t.shape[0] == layers) or (t.dim() == 3 and layers == 1) else None
 
     @staticmethod
     def _checked_params(p: dict[str, Any]) -> dict[str, Any]:
@@ -329,18 +355,40 @@ class EntropyCodec:
                 "rope_theta": float(p["rope_theta"]), "rope_start": int(p["rope_start"])}
 
     @staticmethod
+    def _inverse(packed: PackedTensor) -> torch.Tensor | None:
+        """The decode matrices [layers, kv_heads, d, d] a packed tensor's header names (None: it
+        was coded without a transform); a receiver without them cannot decode it."""
+        p = packed.params
+        if "transform" not in p:
+            return None
+        name, digest, first = str(p["transform"]), str(p["transform_id"]), int(p["transform_layer"])
+        profile = kvprofiles.by_name(name)
+        pair = profile.transforms(packed.kind) if profile is not None else None
+        if pair is None or profile.transform_id != digest:
+            raise ValueError(f"this KV cache was coded in the bases of profile {name!r} ({digest}), which this "
+                             "receiver does not have: run the same ThunderServe release on both replicas")
+        count = packed.shape[0] if len(packed.shape) == 5 else 1
+        inverse = pair[1][first : first + count]
+        if inverse.shape[0] != count or tuple(inverse.shape[-3:]) != (packed.shape[-3], *packed.shape[-1:] * 2):
+            raise ValueError(f"the KV header names layers {first}..{first + count - 1} of profile {name!r}, "
+                             "which does not have them")
+        return inverse
+
+    @staticmethod
     def _fits(t: torch.Tensor | None, heads: int, head_dim: int) -> torch.Tensor | None:
         return t if t is not None and tuple(t.shape[-2:]) == (heads, head_dim) else None
 
     def _encode(self, tensor: torch.Tensor | Sequence[torch.Tensor], kind: str, shape: tuple[int, ...],
                 token_exp: torch.Tensor | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        params = self._params(kind, shape)
-        heads, head_dim = shape[1], shape[-1]
+        transform = self._transform(kind, shape, 1 if isinstance(tensor, torch.Tensor) else len(tensor))
+        params = self._params(kind, shape, transform)
+        heads, head_dim = shape[-3], shape[-1]
         steps = self._fits(self.key_steps if kind == "key" else self.value_steps, heads, head_dim)
         # per-token steps need pre-RoPE keys (the query is calibrated pre-RoPE)
         query = self._fits(self.token_query, heads, head_dim) if kind == "key" and params["rope_theta"] else None
-        return params, kventropy.encode_tensor(tensor, steps, **params, token_query=query, token_exp=token_exp,
-                                               token_alpha=self.token_alpha)
+        return params, kventropy.encode_tensor(tensor, steps, **self._checked_params(params), token_query=query,
+                                               token_exp=token_exp, token_alpha=self.token_alpha,
+                                               transform=transform)
 
     def encode(self, tensor: torch.Tensor, kind: str = "key") -> PackedTensor:
         """One tensor. Per-token steps come from the keys, so only keys get them here;
@@ -350,12 +398,14 @@ class EntropyCodec:
         return PackedTensor(self.name, kind, shape, dtype_name(tensor.dtype), buffers, params)
 
     def decode(self, packed: PackedTensor) -> torch.Tensor:
-        out = kventropy.decode_tensor(packed.buffers, packed.shape, **self._checked_params(packed.params))
+        out = kventropy.decode_tensor(packed.buffers, packed.shape, **self._checked_params(packed.params),
+                                      inverse=self._inverse(packed))
         return out.to(dtype_from_name(packed.dtype))
 
     def error_bound(self, packed: PackedTensor) -> torch.Tensor:
         """Per-value bound on |decode - original| from quantization alone (fp32)."""
-        return kventropy.error_bound(packed.buffers, packed.shape, **self._checked_params(packed.params))
+        return kventropy.error_bound(packed.buffers, packed.shape, **self._checked_params(packed.params),
+                                     inverse=self._inverse(packed))
 
     def for_layer(self, index: int, n_layers: int, shape: tuple[int, ...],
                   model: str | None = None) -> EntropyCodec:
@@ -373,13 +423,17 @@ class EntropyCodec:
     def _from(self, first: int) -> EntropyCodec:
         """This codec for a cache's layers from `first` on: per-layer steps and queries
         ([layers, kv_heads, head_dim]) lose their first rows."""
-        def cut(t: torch.Tensor | None) -> torch.Tensor | None:
-            return t[first:] if t is not None and t.dim() == 3 else t
+        def cut(t: torch.Tensor | None, per_layer_dims: int = 3) -> torch.Tensor | None:
+            return t[first:] if t is not None and t.dim() == per_layer_dims else t
         if not first:
             return self
         codec = copy.copy(self)  # a subclass keeps its settings
         codec.key_steps, codec.value_steps, codec.token_query = map(cut, (self.key_steps, self.value_steps,
                                                                          self.token_query))
+        codec.transforms = {kind: cut(t, 4) for kind, t in self.transforms.items()}
+        if self.transform_ref is not None:
+            ref = self.transform_ref
+            codec.transform_ref = dict(ref, transform_layer=ref["transform_layer"] + first)
         return codec
 
     def encode_layers(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], model: str | None = None,

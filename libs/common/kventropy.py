@@ -17,7 +17,11 @@ each channel's step is its own RMS over the tensor divided by `RELATIVE_STEP`.
 
 Keys are quantized pre-RoPE (RoPE undone: each channel then keeps one distribution over the
 sequence). A Hadamard rotation (`rotate`) is supported but the codec does not use one: mixing
-channels of unequal spread raises the sum of their entropies (docs/benchmarks.md).
+channels of unequal spread raises the sum of their entropies (docs/benchmarks.md). A calibrated
+*transform* does the opposite: a per-head basis in which the channels are uncorrelated (a KLT,
+`kvprofiles.Profile.transforms`) takes the same error for fewer bits. The encoder multiplies each
+token's vector by the head's matrix before rounding, the decoder by its inverse after; neither
+matrix travels (the header names the profile they come from).
 """
 
 from __future__ import annotations
@@ -87,6 +91,7 @@ def encode_tensor(
     token_query: torch.Tensor | None = None,
     token_exp: torch.Tensor | None = None,
     token_alpha: float = 0.0,
+    transform: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Encode one KV tensor [B, H, S, D] or a stack of same-shaped ones (a cache's layers, one
     leading axis); returns the named buffers that go on the wire.
@@ -115,7 +120,12 @@ def encode_tensor(
     # one stream per (layer, sequence, head, channel), its tokens in order
     rows = p * b * h
     inv = steps.float().reciprocal().view(p, 1, h, d).expand(p, b, h, d).reshape(rows, d)
-    streams = _quantize(x.reshape(rows, n, d).numpy(), inv.numpy(), token_inv.reshape(rows, n).numpy())
+    if transform is not None:
+        coeffs = torch.matmul(transform.float().reshape(p, 1, h, d, d).transpose(-1, -2), x.transpose(-1, -2))
+        streams = _quantize_channels(coeffs.reshape(rows, d, n).numpy(), inv.numpy(),
+                                     token_inv.reshape(rows, n).numpy())
+    else:
+        streams = _quantize(x.reshape(rows, n, d).numpy(), inv.numpy(), token_inv.reshape(rows, n).numpy())
     buffers["codes"] = torch.from_numpy(rans.encode(streams.reshape(rows * d, n)))
     if sink is not None:
         buffers["sink"] = sink if stacked else sink[0]
@@ -147,8 +157,9 @@ def _steps(buffers: dict[str, torch.Tensor], shape: tuple[int, ...], sink_tokens
 
 
 def decode_tensor(buffers: dict[str, torch.Tensor], shape: tuple[int, ...], rotate: int, sink_tokens: int,
-                  rope_theta: float = 0.0, rope_start: int = 0) -> torch.Tensor:
-    """Inverse of `encode_tensor`: fp32 of `shape` ([B, H, S, D], or [P, B, H, S, D] for a stack)."""
+                  rope_theta: float = 0.0, rope_start: int = 0, inverse: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse of `encode_tensor`: fp32 of `shape` ([B, H, S, D], or [P, B, H, S, D] for a stack).
+    `inverse` [P, H, D, D]: the inverse of the encoder's `transform`."""
     p, b, h, s, d = _dims(shape)
     n = s - sink_tokens
     rows = p * b * h
@@ -160,6 +171,12 @@ def decode_tensor(buffers: dict[str, torch.Tensor], shape: tuple[int, ...], rota
     cos = sin = torch.empty(0, 0)
     if rope_theta and d:
         cos, sin = kvquant.rope_tables(n, d, float(rope_theta), int(rope_start + sink_tokens))
+    if inverse is not None:
+        coeffs = torch.from_numpy(_dequantize_channels(codes, steps.contiguous().numpy(),
+                                                       token_steps.reshape(rows, n).numpy()))
+        x = torch.matmul(coeffs.view(p, b, h, d, n).transpose(-1, -2), inverse.float().reshape(p, 1, h, d, d))
+        return torch.from_numpy(_rope_after_sink(x.reshape(rows, n, d).numpy(), cos.numpy(), sin.numpy(),
+                                                 sink.contiguous().numpy())).reshape(shape)
     x = torch.from_numpy(_dequantize(codes, steps.contiguous().numpy(), token_steps.reshape(rows, n).numpy(),
                                      cos.numpy(), sin.numpy(), sink.contiguous().numpy()))
     if rotate:
@@ -168,11 +185,14 @@ def decode_tensor(buffers: dict[str, torch.Tensor], shape: tuple[int, ...], rota
 
 
 def error_bound(buffers: dict[str, torch.Tensor], shape: tuple[int, ...], rotate: int, sink_tokens: int,
-                rope_theta: float = 0.0, rope_start: int = 0) -> torch.Tensor:
+                rope_theta: float = 0.0, rope_start: int = 0, inverse: torch.Tensor | None = None) -> torch.Tensor:
     """Per-value bound on |decoded - original| from quantization alone: half the value's
-    step in the quantized domain, carried back through the rotation and RoPE."""
+    step in the quantized domain, carried back through the inverse transform (a sum of
+    |weight| x bound), the rotation and RoPE."""
     p, b, h, s, d = _dims(shape)
     half = (_steps(buffers, shape, sink_tokens) / 2).expand(p, b, h, s - sink_tokens, d)
+    if inverse is not None:
+        half = torch.matmul(half, inverse.float().abs().reshape(p, 1, h, d, d))
     return kvquant.propagate_bound(half, rotate, rope_theta, rope_start, sink_tokens).reshape(shape)
 
 
@@ -232,10 +252,64 @@ def _dequantize(codes: np.ndarray, steps: np.ndarray, token_steps: np.ndarray, c
     return out
 
 
+# With a transform, torch's matmul does the transpose (x @ T, transposed, is T^T @ x^T, and BLAS
+# reads a transposed operand in place), and these finish the job in one pass each.
+@numba.njit(cache=True, nogil=True)
+def _quantize_channels(coeffs: np.ndarray, inv: np.ndarray, token_inv: np.ndarray) -> np.ndarray:
+    """`_quantize` for values already in the coder's layout: f32 [R, D, n] -> int32 [R, D, n]."""
+    r_, d_, n_ = coeffs.shape
+    out = np.empty((r_, d_, n_), np.int32)
+    for r in range(r_):
+        for c in range(d_):
+            ic = inv[r, c]
+            for t in range(n_):
+                q = np.rint(coeffs[r, c, t] * (ic * token_inv[r, t]))
+                out[r, c, t] = np.int32(min(max(q, -_CODE_MAX), _CODE_MAX))
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _dequantize_channels(codes: np.ndarray, steps: np.ndarray, token_steps: np.ndarray) -> np.ndarray:
+    """Inverse of `_quantize_channels`: codes int32 [R, D, n] -> f32 [R, D, n]."""
+    r_, d_, n_ = codes.shape
+    out = np.empty((r_, d_, n_), np.float32)
+    for r in range(r_):
+        for c in range(d_):
+            st = steps[r, c]
+            for t in range(n_):
+                out[r, c, t] = np.float32(codes[r, c, t]) * (st * token_steps[r, t])
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _rope_after_sink(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, sink: np.ndarray) -> np.ndarray:
+    """x f32 [R, n, D] with RoPE redone when cos/sin [n, D / 2] are given (else 0 x 0), behind the
+    sink tokens [R, k, D]: f32 [R, k + n, D]."""
+    r_, n_, d_ = x.shape
+    k = sink.shape[1]
+    out = np.empty((r_, k + n_, d_), np.float32)
+    half = d_ // 2
+    rope = cos.shape[0] > 0
+    for r in range(r_):
+        out[r, :k] = sink[r]
+        for t in range(n_):
+            row, o = x[r, t], out[r, k + t]
+            if not rope:
+                o[:] = row
+                continue
+            for c in range(half):
+                x1, x2 = row[c], row[c + half]
+                o[c] = x1 * cos[t, c] - x2 * sin[t, c]
+                o[c + half] = x2 * cos[t, c] + x1 * sin[t, c]
+    return out
+
+
 def warm_up() -> None:
     """Compile the coder and the fused kernels now (or load them from numba's cache), not on
     the first transfer: a cold compile takes ~30 s, a cached load about a second."""
     x = torch.zeros(1, 1, 3, 4)
     for rope_theta in (0.0, 1e4):
-        buffers = encode_tensor(x, None, 0, 1, rope_theta, token_exp=torch.zeros(1, 1, 1, 2, dtype=torch.int32))
-        decode_tensor(buffers, tuple(x.shape), 0, 1, rope_theta)
+        for transform in (None, torch.eye(4).expand(1, 4, 4)):
+            buffers = encode_tensor(x, None, 0, 1, rope_theta, token_exp=torch.zeros(1, 1, 1, 2, dtype=torch.int32),
+                                    transform=transform)
+            decode_tensor(buffers, tuple(x.shape), 0, 1, rope_theta, inverse=transform)

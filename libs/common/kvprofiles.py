@@ -4,10 +4,14 @@ A profile belongs to one model and tells the *encoder* what it cannot see in a K
 the RoPE base (keys are quantized pre-RoPE), how much energy the model's queries put in each
 key channel (an error e in a key moves an attention logit by q.e, so channels that queries
 weigh heavily get more bits), and how many bits each layer's keys and values get (layers
-differ ~30x in sensitivity). The decoder never needs it: every packed tensor carries its own
-params and bit widths. Profiles are written by `benchmarks/kvcodec_calibrate.py` from
-prompts that are not in the accuracy set (`tests/data/kv_calib_prompts.json`) into
-`kvprofiles_data.py`.
+differ ~30x in sensitivity). For int4 it also holds a transform per layer, KV head and kind: the
+head's error weighting times a basis in which the weighted channels are uncorrelated (a KLT,
+`transforms`). The encoder codes each token's vector in it, and the decoder needs its inverse,
+so a packed tensor names the profile and the transform file's digest, and a receiver without
+that file refuses it. Everything else the decoder reads off the packed tensor. Profiles are
+written by `benchmarks/kvcodec_calibrate.py` from prompts that are not in the accuracy set
+(`tests/data/kv_calib_prompts.json`) into `kvprofiles_data.py`, and the transforms into
+`data/<profile>.kvtransforms.safetensors`.
 
 `pack_cache` picks the profile of the model that made the cache when the caller names it (the
 replicas do), else the one whose geometry (layers, KV heads, head_dim) matches; a cache of
@@ -16,14 +20,40 @@ another model or geometry is encoded without one (correct, only less accurate).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
 from thunderserve.common.kvprofiles_data import PROFILES
 
 IMPORTANCE_CONTEXT = 2048  # tokens over which a "slow" RoPE pair turns at most a radian
+DATA_DIR = Path(__file__).resolve().parent / "data"
+
+
+def transforms_path(name: str) -> Path:
+    """Where profile `name`'s bases live (written by the calibration, shipped with the package)."""
+    return DATA_DIR / f"{name}.kvtransforms.safetensors"
+
+
+@lru_cache(maxsize=4)
+def _transforms(name: str) -> tuple[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] | None:
+    """(digest, {"key"|"value": (encode, decode) [layer, kv_head, d, d]}) of a profile's transform
+    file, or None. The file holds the encode matrices in fp16; the decode matrices are their
+    inverses, computed here in float64, so both sides of the hop invert exactly what was sent."""
+    path = transforms_path(name)
+    if not path.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    raw = path.read_bytes()
+    pairs = {}
+    for kind, encode in load_file(str(path)).items():
+        encode = encode.double()
+        pairs[kind] = (encode.float(), torch.linalg.inv(encode).float())
+    return hashlib.sha256(raw).hexdigest()[:16], pairs
 
 
 @dataclass(frozen=True)
@@ -59,9 +89,27 @@ class Profile:
         slow = (freq * context <= 1.0).float().repeat(2)
         return torch.tensor(self.mean_query, dtype=torch.float32) * slow
 
-    def entropy_steps(self, kind: str) -> torch.Tensor:
+    @property
+    def transform_id(self) -> str | None:
+        """The digest of this profile's transform file (None: it has none)."""
+        found = _transforms(self.name)
+        return found[0] if found else None
+
+    def transforms(self, kind: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(encode, decode) matrices [layer, kv_head, d, d] of int4's transform, or None: a token's
+        vector x (pre-RoPE for keys) goes on the wire as round((x @ encode) / step) and comes back
+        as (code * step) @ decode. The encode matrix carries every sensitivity (see
+        `benchmarks/kvcodec_calibrate.py`), so every coefficient of every head takes the same step s."""
+        found = _transforms(self.name)
+        return found[1].get(kind) if found else None
+
+    def entropy_steps(self, kind: str, transformed: bool = False) -> torch.Tensor:
         """[layer, kv_head, head_dim] steps of the entropy-coded codec: s / sqrt(a) for a head,
-        and / sqrt(w) for a key channel of query energy w (each head's KL share then equal)."""
+        and / sqrt(w) for a key channel of query energy w (each head's KL share then equal).
+        `transformed`: the steps of the coefficients of `transforms`, which carry the sensitivities
+        themselves: s for every one."""
+        if transformed:
+            return torch.full((self.layers, self.kv_heads, self.head_dim), self.entropy_step)
         a = torch.tensor(self.head_sensitivity[kind], dtype=torch.float32).clamp_min(1e-12).unsqueeze(-1)
         if kind == "key":
             w = torch.stack([self.key_weights(i) for i in range(self.layers)]).clamp_min(1e-6)
@@ -78,6 +126,10 @@ def profiles() -> tuple[Profile, ...]:
                            p.get("head_sensitivity", {}), float(p.get("entropy_step", 0.0)),
                            p.get("mean_query", ())))
     return tuple(out)
+
+
+def by_name(name: str) -> Profile | None:
+    return next((p for p in profiles() if p.name == name), None)
 
 
 def find(layers: int, kv_heads: int, head_dim: int, model: str | None = None) -> Profile | None:

@@ -78,9 +78,10 @@ async def test_int8_is_near_exact(smollm2_cluster, smollm2_reference):
 
 async def test_int4_stays_fluent(smollm2_cluster, smollm2_reference):
     served, offline, texts = await _agreement(smollm2_cluster, smollm2_reference, "int4")
-    # measured: 0.688 on these prompts (0.723 before the first layer was rebuilt; int4-fixed: 0.555),
-    # the same per prompt offline (docs/benchmarks.md "KV codec"); 8 prompts are few, so the floor is loose
-    assert sum(served) / len(served) >= 0.6
+    # measured: 0.914 on these prompts with the calibrated transforms (0.688 without them, 0.723 before the
+    # first layer was rebuilt; int4-fixed: 0.555), the same per prompt offline (docs/benchmarks.md "KV codec");
+    # 8 prompts are few, so the floor is loose
+    assert sum(served) / len(served) >= 0.75
     _holds(served, offline)
     assert "Paris" in texts["What is the capital of France?"]
     assert "100" in texts["What is the boiling point of water?"]
