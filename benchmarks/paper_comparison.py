@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from thunderserve.planner.experiment import Settings, run_workload
+from thunderserve.planner.experiment import Settings, load_cluster, run_workload
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
@@ -147,8 +147,11 @@ def main(argv: list[str] | None = None) -> int:
         pngs = plots(outs, "")
         cmd = "python benchmarks/paper_comparison.py" + (" --quick" if args.quick else "")
         write_section(outs, summary, cmd, pngs, s.token_budgets)
+    cloud, server = (load_cluster(name).peaks_per_dollar() for name in (s.cloud, s.server))
     result = {"benchmark": "paper_comparison", "quick": args.quick, "seed": args.seed,
               "ratio_vs_best_baseline": ratios, "mean_ratio": _round(summary["mean_ratio"]),
+              # the cloud's datasheet peaks per $/h over the server's: what no plan's roofline can exceed
+              "peak_ratio_per_dollar": {k: _round(cloud[k] / server[k]) for k in cloud},
               "deadline_reduction": reductions, "mean_deadline_reduction": _round(summary["mean_deadline_reduction"]),
               "target_mean_ratio": PAPER["throughput_avg"], "pass": bool(valid and summary["mean_ratio"] >= 1.7),
               "seconds": round(time.monotonic() - t0, 1), "load_avg_1m": round(os.getloadavg()[0], 2),

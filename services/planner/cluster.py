@@ -116,6 +116,17 @@ class Cluster:
     def n_gpus(self) -> int:
         return sum(n.count for n in self.nodes)
 
+    def peaks_per_dollar(self) -> dict[str, float]:
+        """The cluster's summed datasheet peaks per $/h: dense FP16 TFLOP/s ("tflops"), memory
+        bandwidth GB/s ("mem_gbps") and memory GB ("mem_gb"). Under the roofline cost model a
+        request costs at least its FLOPs over the compute and its bytes over the bandwidth, so a
+        cluster serves at most min(tflops / FLOPs, mem_gbps / bytes) requests per $/h: against a
+        plan that runs another cluster at its roofline, the larger of the two ratios bounds the
+        gain in goodput per $/h, before any link or replica costs."""
+        price = self.price_per_hour()
+        return {key: sum(getattr(n.gpu, key) * n.count for n in self.nodes) / price
+                for key in ("tflops", "mem_gbps", "mem_gb")}
+
 
 def _pair(a: str, b: str) -> tuple[str, str]:
     return (a, b) if a <= b else (b, a)

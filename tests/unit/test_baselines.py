@@ -126,3 +126,23 @@ def test_colocated_dispatch_follows_capacity():
     res = sim.run(poisson_requests(1.0, [512], [16], n=3000, seed=0))
     share = sum(r.prefill == "c0" for r in res.requests) / len(res.requests)
     assert share == pytest.approx(caps["c0"] / sum(caps.values()), abs=0.03)
+
+
+def test_peaks_per_dollar_bound_the_paper_comparison():
+    """A cluster's summed datasheet peaks per $/h, by hand for a two-node cluster; and the paper
+    comparison's clusters: the 32 cloud GPUs give 1.61x the 8xA100 server's compute per $/h and
+    1.53x its memory bandwidth, so no plan on the roofline model reaches 1.7x its goodput per $/h."""
+    from thunderserve.planner.experiment import load_cluster
+
+    mixed = Cluster.from_dict({"name": "two", "nodes": [
+        {"name": "a", "gpu": "A40", "count": 2, "intra_gbps": 64},
+        {"name": "b", "gpu": "A100-80G", "count": 1, "intra_gbps": 64, "price_per_gpu_hour": 2.0}]})
+    peaks = mixed.peaks_per_dollar()
+    price = 2 * 0.40 + 2.0
+    assert peaks["tflops"] == pytest.approx((2 * 149.7 + 312) / price)
+    assert peaks["mem_gbps"] == pytest.approx((2 * 696 + 2039) / price)
+    assert peaks["mem_gb"] == pytest.approx((2 * 48 + 80) / price)
+    cloud, server = load_cluster("cloud-32").peaks_per_dollar(), load_cluster("a100-8x").peaks_per_dollar()
+    ratio = {k: cloud[k] / server[k] for k in cloud}
+    assert ratio["tflops"] == pytest.approx(1.611, abs=2e-3) and ratio["mem_gbps"] == pytest.approx(1.528, abs=2e-3)
+    assert max(ratio["tflops"], ratio["mem_gbps"]) < 1.7
