@@ -300,6 +300,7 @@ class EntropyCodec:
     rebuilds_first_layer = True  # pack_cache(rebuild=True) leaves the first layer to the decoder
     value_rotate = 0  # a rotation would raise the entropy-coded rate (it mixes channels of unequal spread)
     sink_tokens = 1
+    recent_tokens = 1  # the prompt's last token in fp16 too: the next tokens attend to it most
     token_alpha = 0.15  # per-token steps ~ predicted attention^-alpha (kventropy.token_exponents)
 
     def __init__(self, key_steps: torch.Tensor | None = None, value_steps: torch.Tensor | None = None,
@@ -336,7 +337,8 @@ class EntropyCodec:
         rotate = 0 if kind == "key" else self.value_rotate
         theta = self.rope_theta if kind == "key" else 0.0
         rotate, sink, theta = _fit_transforms(rotate, self.sink_tokens, theta, shape)
-        params = {"rotate": rotate, "sink_tokens": sink, "rope_theta": theta, "rope_start": 0}
+        recent = max(0, min(self.recent_tokens, shape[-2] - sink))
+        params = {"rotate": rotate, "sink_tokens": sink, "rope_theta": theta, "rope_start": 0, "recent_tokens": recent}
         if transform is not None:
             params.update(self.transform_ref, rotate=0)
         return params
@@ -352,7 +354,8 @@ class EntropyCodec:
     @staticmethod
     def _checked_params(p: dict[str, Any]) -> dict[str, Any]:
         return {"rotate": int(p["rotate"]), "sink_tokens": int(p["sink_tokens"]),
-                "rope_theta": float(p["rope_theta"]), "rope_start": int(p["rope_start"])}
+                "rope_theta": float(p["rope_theta"]), "rope_start": int(p["rope_start"]),
+                "recent_tokens": int(p.get("recent_tokens", 0))}
 
     @staticmethod
     def _inverse(packed: PackedTensor) -> torch.Tensor | None:
@@ -449,7 +452,8 @@ class EntropyCodec:
         for i, kind in enumerate(("key", "value")):
             tensors = [layer[i] for layer in layers]
             params, buffers = codec._encode(tensors, kind, shape, token_exp)
-            token_exp = kventropy.decoded_token_exponents(buffers, (len(layers), *shape), params["sink_tokens"])
+            token_exp = kventropy.decoded_token_exponents(buffers, (len(layers), *shape), params["sink_tokens"],
+                                                          params["recent_tokens"])
             out.append(PackedTensor(self.name, kind, (len(layers), *shape), dtype_name(tensors[0].dtype),
                                     buffers, params, tuple(range(first, first + len(layers)))))
         return out

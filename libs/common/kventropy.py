@@ -92,17 +92,24 @@ def encode_tensor(
     token_exp: torch.Tensor | None = None,
     token_alpha: float = 0.0,
     transform: torch.Tensor | None = None,
+    recent_tokens: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Encode one KV tensor [B, H, S, D] or a stack of same-shaped ones (a cache's layers, one
     leading axis); returns the named buffers that go on the wire.
 
     `steps`: [H, D] for one tensor, [P, H, D] for a stack of P (None = `default_steps`).
-    The first `sink_tokens` tokens travel in fp16. Per-token steps (optional, coded in the
+    The first `sink_tokens` tokens and the last `recent_tokens` travel in fp16 (buffers "sink"
+    and "recent"; the first decode steps attend most to the newest tokens). Per-token steps (optional, coded in the
     buffer "tokens"): `token_exp` [P, B, H, n] as given, or for keys `token_query` [P, H, D]
     and `token_alpha` to compute them from the keys (`token_exponents`). The wire size follows
     the content: the steps fix the error, not the rate.
     """
     stacked, parts = _stacked(t)
+    recent = None
+    if recent_tokens:
+        s = parts[0].shape[-2]
+        recent = torch.stack([part[..., s - recent_tokens :, :].detach() for part in parts]).to(torch.float16)
+        parts = [part[..., : s - recent_tokens, :] for part in parts]
     sink, x = kvquant.first_pass(parts, sink_tokens, rope_theta, rope_start, rotate)  # [P, B, H, n, D]
     torch.nan_to_num(x, nan=0.0, posinf=_F16_MAX, neginf=-_F16_MAX, out=x)
     p, b, h, n, d = x.shape
@@ -129,6 +136,8 @@ def encode_tensor(
     buffers["codes"] = torch.from_numpy(rans.encode(streams.reshape(rows * d, n)))
     if sink is not None:
         buffers["sink"] = sink if stacked else sink[0]
+    if recent is not None:
+        buffers["recent"] = recent if stacked else recent[0]
     return buffers
 
 
@@ -139,13 +148,13 @@ def _dims(shape: tuple[int, ...]) -> tuple[int, int, int, int, int]:
 
 
 def decoded_token_exponents(buffers: dict[str, torch.Tensor], shape: tuple[int, ...],
-                            sink_tokens: int) -> torch.Tensor | None:
+                            sink_tokens: int, recent_tokens: int = 0) -> torch.Tensor | None:
     """The per-token step exponents [P, B, H, n] a packed tensor carries (None: it has none)."""
     if "tokens" not in buffers:
         return None
     p, b, h, s, _ = _dims(shape)
-    return torch.from_numpy(rans.decode(buffers["tokens"].numpy(), p * b * h, s - sink_tokens)).view(
-        p, b, h, s - sink_tokens)
+    n = s - sink_tokens - recent_tokens
+    return torch.from_numpy(rans.decode(buffers["tokens"].numpy(), p * b * h, n)).view(p, b, h, n)
 
 
 def _steps(buffers: dict[str, torch.Tensor], shape: tuple[int, ...], sink_tokens: int) -> torch.Tensor:
@@ -157,9 +166,15 @@ def _steps(buffers: dict[str, torch.Tensor], shape: tuple[int, ...], sink_tokens
 
 
 def decode_tensor(buffers: dict[str, torch.Tensor], shape: tuple[int, ...], rotate: int, sink_tokens: int,
-                  rope_theta: float = 0.0, rope_start: int = 0, inverse: torch.Tensor | None = None) -> torch.Tensor:
+                  rope_theta: float = 0.0, rope_start: int = 0, inverse: torch.Tensor | None = None,
+                  recent_tokens: int = 0) -> torch.Tensor:
     """Inverse of `encode_tensor`: fp32 of `shape` ([B, H, S, D], or [P, B, H, S, D] for a stack).
     `inverse` [P, H, D, D]: the inverse of the encoder's `transform`."""
+    if recent_tokens:
+        *lead, s, d = shape
+        body = decode_tensor(buffers, (*lead, s - recent_tokens, d), rotate, sink_tokens, rope_theta, rope_start,
+                             inverse)
+        return torch.cat((body, buffers["recent"].float().reshape(*lead, recent_tokens, d)), -2)
     p, b, h, s, d = _dims(shape)
     n = s - sink_tokens
     rows = p * b * h
@@ -185,10 +200,16 @@ def decode_tensor(buffers: dict[str, torch.Tensor], shape: tuple[int, ...], rota
 
 
 def error_bound(buffers: dict[str, torch.Tensor], shape: tuple[int, ...], rotate: int, sink_tokens: int,
-                rope_theta: float = 0.0, rope_start: int = 0, inverse: torch.Tensor | None = None) -> torch.Tensor:
+                rope_theta: float = 0.0, rope_start: int = 0, inverse: torch.Tensor | None = None,
+                recent_tokens: int = 0) -> torch.Tensor:
     """Per-value bound on |decoded - original| from quantization alone: half the value's
     step in the quantized domain, carried back through the inverse transform (a sum of
-    |weight| x bound), the rotation and RoPE."""
+    |weight| x bound), the rotation and RoPE (0 for the fp16 sink and recent tokens)."""
+    if recent_tokens:
+        *lead, s, d = shape
+        body = error_bound(buffers, (*lead, s - recent_tokens, d), rotate, sink_tokens, rope_theta, rope_start,
+                           inverse)
+        return torch.cat((body, torch.zeros(*lead, recent_tokens, d)), -2)
     p, b, h, s, d = _dims(shape)
     half = (_steps(buffers, shape, sink_tokens) / 2).expand(p, b, h, s - sink_tokens, d)
     if inverse is not None:

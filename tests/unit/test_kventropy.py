@@ -19,12 +19,18 @@ def _kv(shape: tuple[int, ...], seed: int, scale: float = 1.0) -> torch.Tensor:
 @pytest.mark.parametrize("shape", [(1, 3, 2000, 64), (1, 3, 37, 64), (2, 3, 1, 64), (1, 2, 70, 48), (0, 3, 5, 64)])
 @pytest.mark.parametrize("kind", ["key", "value"])
 def test_exact_wire_size(shape: tuple[int, ...], kind: str) -> None:
-    """fp16 steps (one per head and channel), the fp16 sink token, the coded bytes: nothing else."""
+    """fp16 steps (one per head and channel), the fp16 sink (first) and recent (last) tokens, the
+    coded bytes: nothing else."""
     packed = get_codec("int4").encode(_kv(shape, 1), kind=kind)
     b, h, s, d = shape
+    recent = min(1, max(0, s - 1))
     assert packed.buffers["steps"].shape == (h, d) and packed.buffers["steps"].dtype == torch.float16
     assert packed.buffers["sink"].shape == (b, h, min(1, s), d)
-    assert packed.nbytes == 2 * h * d + 2 * b * h * min(1, s) * d + packed.buffers["codes"].numel()
+    assert packed.params["recent_tokens"] == recent
+    if recent:
+        assert packed.buffers["recent"].shape == (b, h, 1, d) and packed.buffers["recent"].dtype == torch.float16
+    codes = packed.buffers["codes"].numel()
+    assert packed.nbytes == 2 * h * d + 2 * b * h * (min(1, s) + recent) * d + codes
 
 
 def test_rate_without_a_profile() -> None:
@@ -130,13 +136,13 @@ def test_pack_cache_without_the_first_layer_uses_the_other_layers_steps() -> Non
 
 def test_error_bound_holds_through_rope_and_rotation() -> None:
     """The bound carried back through the profile's inverse transform and RoPE (keys) holds on a
-    calibrated stack, sink excepted (fp16)."""
+    calibrated stack, the fp16 sink and recent tokens excepted."""
     layers = [(_kv((1, 3, 50, 64), i, 3.0), _kv((1, 3, 50, 64), 90 + i)) for i in range(30)]
     codec = get_codec("int4")
     for j, packed in enumerate(codec.encode_layers(layers)):
         x = torch.stack([layer[j] for layer in layers])
-        err = (codec.decode(packed) - x).abs()[..., 1:, :]
-        bound = codec.error_bound(packed)[..., 1:, :]
+        err = (codec.decode(packed) - x).abs()[..., 1:-1, :]
+        bound = codec.error_bound(packed)[..., 1:-1, :]
         assert bool((err <= bound * (1 + 1e-4) + 1e-6).all())
         # a bound, not a blanket (through the inverse transform it adds 64 errors' worst cases)
         assert float((err / bound).max()) > 0.15
@@ -162,13 +168,13 @@ def test_tokens_the_queries_will_attend_get_finer_steps() -> None:
     steps = torch.full((3, 64), 0.05)
     codec = EntropyCodec(steps, steps, theta, token_query=query)
     pk, pv = codec.encode_layers([(keys, values)])
-    exps = kventropy.decoded_token_exponents(pk.buffers, pk.shape, 1)[0, 0]  # [heads, 199]
-    assert torch.equal(exps, kventropy.decoded_token_exponents(pv.buffers, pv.shape, 1)[0, 0])
+    exps = kventropy.decoded_token_exponents(pk.buffers, pk.shape, 1, 1)[0, 0]  # [heads, 198]
+    assert torch.equal(exps, kventropy.decoded_token_exponents(pv.buffers, pv.shape, 1, 1)[0, 0])
     assert bool((exps[:, 49] == exps.min(1).values).all()) and bool((exps[:, 49] < 0).all())
     err = (codec.decode(pv)[0] - values).abs()[0, :, 1:]  # [heads, 199, 64]
     assert float(err[:, 49].max()) < 0.5 * float(err.max())
     bound = codec.error_bound(pk)[0]
-    assert bool(((codec.decode(pk)[0] - keys).abs()[..., 1:, :] <= bound[..., 1:, :] * (1 + 1e-4) + 1e-6).all())
+    assert bool(((codec.decode(pk)[0] - keys).abs()[..., 1:-1, :] <= bound[..., 1:-1, :] * (1 + 1e-4) + 1e-6).all())
 
 
 def test_profile_transforms_invert_and_decorrelate() -> None:
@@ -228,3 +234,19 @@ def test_a_receiver_without_the_senders_bases_refuses_the_cache() -> None:
     manifest["entries"][1]["params"].update(transform_id=kvprofiles.find(30, 3, 64).transform_id, transform_layer=5)
     with pytest.raises(ValueError, match="does not have them"):
         unpack_cache(payload, manifest, lambda: layers[0])
+
+
+def test_the_last_token_travels_in_fp16_like_the_first() -> None:
+    """The newest token, which the first decode steps attend to most, comes back as its fp16
+    copy (not rounded to a step), and the bound says so; a one-token tensor is all sink."""
+    x = _kv((1, 3, 40, 64), 11, 5.0)
+    codec = get_codec("int4")
+    for kind in ("key", "value"):
+        packed = codec.encode(x, kind=kind)
+        y = codec.decode(packed)
+        for t in (0, -1):
+            assert torch.equal(y[..., t, :], x[..., t, :].half().float())
+        assert float(codec.error_bound(packed)[..., -1, :].abs().max()) == 0.0
+        assert float((y - x)[..., 1:-1, :].abs().max()) > 1e-3  # the body is quantized
+    one = codec.encode(x[..., :1, :], kind="key")
+    assert one.params["recent_tokens"] == 0 and "recent" not in one.buffers
