@@ -4,8 +4,8 @@ A fixed-rate code spends each value its channel's width, so a channel's range mu
 outliers and every value pays for them. Here every value is rounded to a multiple of its
 channel's step, `code = round(x / step)`, and the codes are entropy-coded per channel
 (`rans`): an outlier costs a few extra bits where it occurs, and nothing travels but the
-steps (fp16, one per layer, KV head and channel), the fp16 sink token, optional per-token
-step exponents and the coded bits.
+steps (fp16, one per layer, KV head and channel), the fp16 sink and newest tokens, optional
+per-token step exponents and the coded bits.
 
 Where the steps come from is the encoder's choice; the decoder reads them off the wire.
 With a calibrated profile (`kvprofiles`) they equalise each KV head's share of the
