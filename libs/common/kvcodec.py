@@ -286,8 +286,9 @@ class EntropyCodec:
 
     Keys: the first (sink) and last (newest) tokens in fp16, RoPE undone, one step per channel.
     Values: the same two tokens in fp16, one step per head. With a calibrated profile
-    (`kvprofiles`, found by the cache's geometry and model in `pack_cache`) the RoPE base and the steps (equal next-token KL per KV
-    head, key channels weighed by query energy) come from it, and so does a transform per layer,
+    (`kvprofiles`, found by the cache's geometry and model in `pack_cache`) the RoPE base and
+    the steps (equal next-token KL per KV head, key channels weighed by query energy) come from
+    it, and so does a transform per layer,
     KV head and kind: each token's vector is coded in a basis where the channels are
     uncorrelated and every unit of error costs the same KL (`Profile.transforms`), so one step s
     serves all. Without a profile, keys are taken as they are and each step is its channel's RMS
