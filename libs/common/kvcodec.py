@@ -288,10 +288,9 @@ class EntropyCodec:
     Values: the same two tokens in fp16, one step per head. With a calibrated profile
     (`kvprofiles`, found by the cache's geometry and model in `pack_cache`) the RoPE base and
     the steps (equal next-token KL per KV head, key channels weighed by query energy) come from
-    it, and so does a transform per layer,
-    KV head and kind: each token's vector is coded in a basis where the channels are
-    uncorrelated and every unit of error costs the same KL (`Profile.transforms`), so one step s
-    serves all. Without a profile, keys are taken as they are and each step is its channel's RMS
+    it, and so does a transform per layer, KV head and kind: each token's vector is coded in a
+    basis where the channels are uncorrelated and every unit of error costs the same KL
+    (`Profile.transforms`), so one step s serves all. Without a profile, keys are taken as they are and each step is its channel's RMS
     / `kventropy.RELATIVE_STEP`. Everything the decoder needs travels in `params` and the
     buffers, but for the transform's matrices: the params name them (profile, file digest,
     first layer), and a receiver that has not got them refuses the tensor.
