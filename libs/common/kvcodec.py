@@ -290,10 +290,11 @@ class EntropyCodec:
     the steps (equal next-token KL per KV head, key channels weighed by query energy) come from
     it, and so does a transform per layer, KV head and kind: each token's vector is coded in a
     basis where the channels are uncorrelated and every unit of error costs the same KL
-    (`Profile.transforms`), so one step s serves all. Without a profile, keys are taken as they are and each step is its channel's RMS
-    / `kventropy.RELATIVE_STEP`. Everything the decoder needs travels in `params` and the
-    buffers, but for the transform's matrices: the params name them (profile, file digest,
-    first layer), and a receiver that has not got them refuses the tensor.
+    (`Profile.transforms`), so one step s serves all. Without a profile, keys are taken as they
+    are and each step is its channel's RMS / `kventropy.RELATIVE_STEP`. Everything the decoder
+    needs travels in `params` and the buffers, but for the transform's matrices: the params name
+    them (profile, file digest, first layer), and a receiver that has not got them refuses the
+    tensor.
     """
 
     name = "int4"
