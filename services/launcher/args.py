@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "stand in for the plan's GPUs. Replaces --prefill and --decode")
     parser.add_argument("--kv-codec", default=config.env("KV_CODEC", None), choices=codec_names(),
                         help=f"KV-cache codec on the prefill->decode hop (default {DEFAULT_CODEC}: entropy-coded, the "
-                        "most accurate at ~4.4 bits/value; int4-fixed: fixed-rate, twice as fast on the CPU; a plan "
+                        "most accurate at ~4.5 bits/value; int4-fixed: fixed-rate, 2-3x as fast on the CPU; a plan "
                         "or a request that names a codec wins)")
     parser.add_argument("--host", default=config.env("HTTP_HOST", "127.0.0.1"), help="HTTP listen address")
     parser.add_argument("--http-port", type=int, default=config.env("HTTP_PORT", 8000, int),
