@@ -248,7 +248,6 @@ def _dequantize(codes: np.ndarray, steps: np.ndarray, token_steps: np.ndarray, c
     r_, d_, n_ = codes.shape
     k = sink.shape[1]
     out = np.empty((r_, k + n_, d_), np.float32)
-    half = d_ // 2
     rope = cos.shape[0] > 0
     tile = np.empty((_TILE, d_), np.float32)
     for r in range(r_):
@@ -266,11 +265,19 @@ def _dequantize(codes: np.ndarray, steps: np.ndarray, token_steps: np.ndarray, c
                     for c in range(d_):
                         o[c] = row[c] * ts
                     continue
-                for c in range(half):  # HF rotate_half: channel c pairs with c + D/2
-                    x1, x2 = row[c] * ts, row[c + half] * ts
-                    o[c] = x1 * cos[t, c] - x2 * sin[t, c]
-                    o[c + half] = x2 * cos[t, c] + x1 * sin[t, c]
+                _rope_row(row, ts, o, cos[t], sin[t])
     return out
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _rope_row(row: np.ndarray, scale: float, o: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
+    """o = RoPE(row * scale) at one position (cos/sin [D / 2]; HF rotate_half: channel c pairs
+    with c + D/2)."""
+    half = row.shape[0] // 2
+    for c in range(half):
+        x1, x2 = row[c] * scale, row[c + half] * scale
+        o[c] = x1 * cos[c] - x2 * sin[c]
+        o[c + half] = x2 * cos[c] + x1 * sin[c]
 
 
 # With a transform, torch's matmul does the transpose (x @ T, transposed, is T^T @ x^T, and BLAS
@@ -309,7 +316,6 @@ def _rope_after_sink(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, sink: np.n
     r_, n_, d_ = x.shape
     k = sink.shape[1]
     out = np.empty((r_, k + n_, d_), np.float32)
-    half = d_ // 2
     rope = cos.shape[0] > 0
     for r in range(r_):
         out[r, :k] = sink[r]
@@ -318,10 +324,7 @@ def _rope_after_sink(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, sink: np.n
             if not rope:
                 o[:] = row
                 continue
-            for c in range(half):
-                x1, x2 = row[c], row[c + half]
-                o[c] = x1 * cos[t, c] - x2 * sin[t, c]
-                o[c + half] = x2 * cos[t, c] + x1 * sin[t, c]
+            _rope_row(row, np.float32(1.0), o, cos[t], sin[t])
     return out
 
 

@@ -34,7 +34,7 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 
 
 def transforms_path(name: str) -> Path:
-    """Where profile `name`'s bases live (written by the calibration, shipped with the package)."""
+    """Where profile `name`'s transforms live (written by the calibration, shipped with the package)."""
     return DATA_DIR / f"{name}.kvtransforms.safetensors"
 
 
@@ -46,11 +46,11 @@ def _transforms(name: str) -> tuple[str, dict[str, tuple[torch.Tensor, torch.Ten
     path = transforms_path(name)
     if not path.is_file():
         return None
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
-    raw = path.read_bytes()
+    raw = path.read_bytes()  # read once: the digest and the matrices come from the same bytes
     pairs = {}
-    for kind, encode in load_file(str(path)).items():
+    for kind, encode in load(raw).items():
         encode = encode.double()
         pairs[kind] = (encode.float(), torch.linalg.inv(encode).float())
     return hashlib.sha256(raw).hexdigest()[:16], pairs
