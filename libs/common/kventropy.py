@@ -128,8 +128,7 @@ def encode_tensor(
     rows = p * b * h
     inv = steps.float().reciprocal().view(p, 1, h, d).expand(p, b, h, d).reshape(rows, d)
     if transform is not None:
-        coeffs = torch.matmul(transform.float().reshape(p, 1, h, d, d).transpose(-1, -2), x.transpose(-1, -2))
-        streams = _quantize_channels(coeffs.reshape(rows, d, n).numpy(), inv.numpy(),
+        streams = _transformed_codes(x.reshape(rows, n, d), _per_row(transform, b), inv.numpy(),
                                      token_inv.reshape(rows, n).numpy())
     else:
         streams = _quantize(x.reshape(rows, n, d).numpy(), inv.numpy(), token_inv.reshape(rows, n).numpy())
@@ -170,33 +169,32 @@ def decode_tensor(buffers: dict[str, torch.Tensor], shape: tuple[int, ...], rota
                   recent_tokens: int = 0) -> torch.Tensor:
     """Inverse of `encode_tensor`: fp32 of `shape` ([B, H, S, D], or [P, B, H, S, D] for a stack).
     `inverse` [P, H, D, D]: the inverse of the encoder's `transform`."""
-    if recent_tokens:
-        *lead, s, d = shape
-        body = decode_tensor(buffers, (*lead, s - recent_tokens, d), rotate, sink_tokens, rope_theta, rope_start,
-                             inverse)
-        return torch.cat((body, buffers["recent"].float().reshape(*lead, recent_tokens, d)), -2)
     p, b, h, s, d = _dims(shape)
-    n = s - sink_tokens
+    k, m = sink_tokens, recent_tokens
+    n = s - k - m
     rows = p * b * h
     codes = rans.decode(buffers["codes"].numpy(), rows * d, n).reshape(rows, d, n)
-    exps = decoded_token_exponents(buffers, shape, sink_tokens)
-    token_steps = torch.exp2(exps.float() / 2) if exps is not None else torch.ones(p, b, h, n)
-    steps = buffers["steps"].float().reshape(p, 1, h, d).expand(p, b, h, d).reshape(rows, d)
-    sink = buffers["sink"].float().reshape(rows, sink_tokens, d) if sink_tokens else torch.empty(rows, 0, d)
+    exps = decoded_token_exponents(buffers, shape, k, m)
+    token_steps = (torch.exp2(exps.float() / 2) if exps is not None else torch.ones(p, b, h, n)).reshape(rows, n)
+    steps = buffers["steps"].float().reshape(p, 1, h, d).expand(p, b, h, d).reshape(rows, d).contiguous()
+    # the output is written in place: the fp16 ends copied in, the body decoded straight into it
+    out = torch.empty(rows, s, d)
+    if k:
+        out[:, :k] = buffers["sink"].reshape(rows, k, d)
+    if m:
+        out[:, s - m :] = buffers["recent"].reshape(rows, m, d)
     cos = sin = torch.empty(0, 0)
     if rope_theta and d:
-        cos, sin = kvquant.rope_tables(n, d, float(rope_theta), int(rope_start + sink_tokens))
+        cos, sin = kvquant.rope_tables(n, d, float(rope_theta), int(rope_start + k))
+    body = out[:, k : k + n]
     if inverse is not None:
-        coeffs = torch.from_numpy(_dequantize_channels(codes, steps.contiguous().numpy(),
-                                                       token_steps.reshape(rows, n).numpy()))
-        x = torch.matmul(coeffs.view(p, b, h, d, n).transpose(-1, -2), inverse.float().reshape(p, 1, h, d, d))
-        return torch.from_numpy(_rope_after_sink(x.reshape(rows, n, d).numpy(), cos.numpy(), sin.numpy(),
-                                                 sink.contiguous().numpy())).reshape(shape)
-    x = torch.from_numpy(_dequantize(codes, steps.contiguous().numpy(), token_steps.reshape(rows, n).numpy(),
-                                     cos.numpy(), sin.numpy(), sink.contiguous().numpy()))
-    if rotate:
-        x[..., sink_tokens:, :] = kvquant.hadamard_rotate(x[..., sink_tokens:, :], rotate)
-    return x.reshape(shape)
+        _inverse_transformed(codes, steps.numpy(), token_steps.numpy(), _per_row(inverse, b), cos.numpy(),
+                             sin.numpy(), body)
+    else:
+        _dequantize(codes, steps.numpy(), token_steps.numpy(), cos.numpy(), sin.numpy(), body.numpy())
+        if rotate:
+            body.copy_(kvquant.hadamard_rotate(body, rotate))
+    return out.reshape(shape)
 
 
 def error_bound(buffers: dict[str, torch.Tensor], shape: tuple[int, ...], rotate: int, sink_tokens: int,
@@ -218,9 +216,9 @@ def error_bound(buffers: dict[str, torch.Tensor], shape: tuple[int, ...], rotate
 
 
 # Quantizing and dequantizing are fused with the transpose between the tensor's layout (tokens
-# outer, channels inner) and the coder's (one stream per channel), and decoding also with RoPE and
-# the sink tokens: one pass each way instead of torch's half-dozen over the whole cache. Decoding
-# transposes a tile of _TILE tokens at a time through a small buffer, so both sides stay in L1.
+# outer, channels inner) and the coder's (one stream per channel), and decoding also with RoPE:
+# one pass each way instead of torch's half-dozen over the whole cache. Decoding transposes a tile
+# of _TILE tokens at a time through a small buffer, so both sides stay in L1.
 _TILE = 32
 
 
@@ -241,17 +239,13 @@ def _quantize(x: np.ndarray, inv: np.ndarray, token_inv: np.ndarray) -> np.ndarr
 
 @numba.njit(cache=True, nogil=True)
 def _dequantize(codes: np.ndarray, steps: np.ndarray, token_steps: np.ndarray, cos: np.ndarray,
-                sin: np.ndarray, sink: np.ndarray) -> np.ndarray:
-    """Inverse of `_quantize` (codes [R, D, n], steps [R, D], token_steps [R, n]), RoPE redone when
-    cos/sin [n, D / 2] are given (else 0 x 0), the sink tokens [R, k, D] put in front:
-    f32 [R, k + n, D]."""
+                sin: np.ndarray, out: np.ndarray) -> None:
+    """Inverse of `_quantize` (codes [R, D, n], steps [R, D], token_steps [R, n]) into out f32
+    [R, n, D], RoPE redone when cos/sin [n, D / 2] are given (else 0 x 0)."""
     r_, d_, n_ = codes.shape
-    k = sink.shape[1]
-    out = np.empty((r_, k + n_, d_), np.float32)
     rope = cos.shape[0] > 0
     tile = np.empty((_TILE, d_), np.float32)
     for r in range(r_):
-        out[r, :k] = sink[r]
         for t0 in range(0, n_, _TILE):
             t1 = min(t0 + _TILE, n_)
             for c in range(d_):
@@ -260,19 +254,18 @@ def _dequantize(codes: np.ndarray, steps: np.ndarray, token_steps: np.ndarray, c
                     tile[t - t0, c] = np.float32(codes[r, c, t]) * st
             for t in range(t0, t1):
                 ts = token_steps[r, t]
-                row, o = tile[t - t0], out[r, k + t]
+                row, o = tile[t - t0], out[r, t]
                 if not rope:
                     for c in range(d_):
                         o[c] = row[c] * ts
                     continue
                 _rope_row(row, ts, o, cos[t], sin[t])
-    return out
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def _rope_row(row: np.ndarray, scale: float, o: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
     """o = RoPE(row * scale) at one position (cos/sin [D / 2]; HF rotate_half: channel c pairs
-    with c + D/2)."""
+    with c + D/2). o may be row."""
     half = row.shape[0] // 2
     for c in range(half):
         x1, x2 = row[c] * scale, row[c + half] * scale
@@ -280,52 +273,69 @@ def _rope_row(row: np.ndarray, scale: float, o: np.ndarray, cos: np.ndarray, sin
         o[c + half] = x2 * cos[c] + x1 * sin[c]
 
 
-# With a transform, torch's matmul does the transpose (x @ T, transposed, is T^T @ x^T, and BLAS
-# reads a transposed operand in place), and these finish the job in one pass each.
-@numba.njit(cache=True, nogil=True)
-def _quantize_channels(coeffs: np.ndarray, inv: np.ndarray, token_inv: np.ndarray) -> np.ndarray:
-    """`_quantize` for values already in the coder's layout: f32 [R, D, n] -> int32 [R, D, n]."""
-    r_, d_, n_ = coeffs.shape
-    out = np.empty((r_, d_, n_), np.int32)
-    for r in range(r_):
-        for c in range(d_):
-            ic = inv[r, c]
-            for t in range(n_):
-                q = np.rint(coeffs[r, c, t] * (ic * token_inv[r, t]))
-                out[r, c, t] = np.int32(min(max(q, -_CODE_MAX), _CODE_MAX))
-    return out
+# With a transform the cache is taken one row (layer, sequence, head) at a time: torch's matmul
+# computes the row's product into a scratch tile that stays in cache (x @ T, transposed, is
+# T^T @ x^T, and BLAS reads a transposed operand in place, so the product lands in the coder's
+# layout), and these kernels finish it in one pass each.
+def _per_row(matrices: torch.Tensor, sequences: int) -> torch.Tensor:
+    """[P, H, D, D] (or [H, D, D]) -> one fp32 matrix per row [P * B * H, D, D] (a view)."""
+    p_h = matrices.float().reshape(-1, 1, *matrices.shape[-3:])
+    return p_h.expand(p_h.shape[0], sequences, *p_h.shape[-3:]).reshape(-1, *matrices.shape[-2:])
 
 
-@numba.njit(cache=True, nogil=True)
-def _dequantize_channels(codes: np.ndarray, steps: np.ndarray, token_steps: np.ndarray) -> np.ndarray:
-    """Inverse of `_quantize_channels`: codes int32 [R, D, n] -> f32 [R, D, n]."""
-    r_, d_, n_ = codes.shape
-    out = np.empty((r_, d_, n_), np.float32)
-    for r in range(r_):
-        for c in range(d_):
-            st = steps[r, c]
-            for t in range(n_):
-                out[r, c, t] = np.float32(codes[r, c, t]) * (st * token_steps[r, t])
-    return out
-
-
-@numba.njit(cache=True, nogil=True)
-def _rope_after_sink(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, sink: np.ndarray) -> np.ndarray:
-    """x f32 [R, n, D] with RoPE redone when cos/sin [n, D / 2] are given (else 0 x 0), behind the
-    sink tokens [R, k, D]: f32 [R, k + n, D]."""
+def _transformed_codes(x: torch.Tensor, transform: torch.Tensor, inv: np.ndarray, token_inv: np.ndarray
+                       ) -> np.ndarray:
+    """Rows x f32 [R, n, D] times their matrices transform [R, D, D], divided by the steps (inv
+    [R, D] x token_inv [R, n]) and rounded: int32 [R, D, n]."""
     r_, n_, d_ = x.shape
-    k = sink.shape[1]
-    out = np.empty((r_, k + n_, d_), np.float32)
+    out = np.empty((r_, d_, n_), np.int32)
+    scratch = torch.empty(d_, n_)
+    for r in range(r_):
+        torch.mm(transform[r].t(), x[r].t(), out=scratch)
+        _quantize_row(scratch.numpy(), inv[r], token_inv[r], out[r])
+    return out
+
+
+def _inverse_transformed(codes: np.ndarray, steps: np.ndarray, token_steps: np.ndarray, inverse: torch.Tensor,
+                         cos: np.ndarray, sin: np.ndarray, out: torch.Tensor) -> None:
+    """Inverse of `_transformed_codes` into out f32 [R, n, D], RoPE redone when cos/sin are given."""
+    r_, d_, n_ = codes.shape
+    scratch = torch.empty(d_, n_)
     rope = cos.shape[0] > 0
     for r in range(r_):
-        out[r, :k] = sink[r]
+        _dequantize_row(codes[r], steps[r], token_steps[r], scratch.numpy())
+        torch.mm(scratch.t(), inverse[r], out=out[r])
+        if rope:
+            _rope_rows(out[r].numpy(), cos, sin)
+
+
+@numba.njit(cache=True, nogil=True)
+def _quantize_row(coeffs: np.ndarray, inv: np.ndarray, token_inv: np.ndarray, out: np.ndarray) -> None:
+    """One row's coefficients f32 [D, n] / steps (inv [D] x token_inv [n]) -> int32 codes [D, n]."""
+    d_, n_ = coeffs.shape
+    for c in range(d_):
+        ic = inv[c]
         for t in range(n_):
-            row, o = x[r, t], out[r, k + t]
-            if not rope:
-                o[:] = row
-                continue
-            _rope_row(row, np.float32(1.0), o, cos[t], sin[t])
-    return out
+            q = np.rint(coeffs[c, t] * (ic * token_inv[t]))
+            out[c, t] = np.int32(min(max(q, -_CODE_MAX), _CODE_MAX))
+
+
+@numba.njit(cache=True, nogil=True)
+def _dequantize_row(codes: np.ndarray, steps: np.ndarray, token_steps: np.ndarray, out: np.ndarray) -> None:
+    """Inverse of `_quantize_row`: codes int32 [D, n] -> f32 [D, n]."""
+    d_, n_ = codes.shape
+    for c in range(d_):
+        st = steps[c]
+        for t in range(n_):
+            out[c, t] = np.float32(codes[c, t]) * (st * token_steps[t])
+
+
+@numba.njit(cache=True, nogil=True)
+def _rope_rows(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
+    """RoPE redone in place on x f32 [n, D] (cos/sin [n, D / 2])."""
+    one = np.float32(1.0)
+    for t in range(x.shape[0]):
+        _rope_row(x[t], one, x[t], cos[t], sin[t])
 
 
 def warm_up() -> None:

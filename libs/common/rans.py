@@ -52,6 +52,7 @@ _RANS_L = 1 << 15  # state lower bound; states live in [2^15, 2^31)
 _XMAX_SHIFT = 31 - PROB_BITS  # encoder renormalises when x >= freq << this
 _VMAX = 63  # largest table value v (counts up to 2^31)
 _KMAX = 254  # widest row window; the escape symbol index is k <= 254, so symbols fit 8 bits
+_WIDE_SPAN = 1 << 16  # rows spanning up to this many values find their window by histogram, wider ones by sorting
 # meta contexts: 0 for a row's first entry, else 1 + the previous v, + 64 once past the row's peak
 # (before the peak v tends to rise, after it to fall)
 _NCTX = 129
@@ -160,8 +161,9 @@ def _dec_table(freq, cum, k, dtab) -> None:
 
 
 @_jit
-def _row_stats(row, vrow) -> tuple[int, int, int]:
-    """Window (lo, k), escape flag and table values v for one row."""
+def _row_stats(row, vrow, wide) -> tuple[int, int, int]:
+    """Window (lo, k), escape flag and table values v for one row (`wide`: int64 scratch of
+    _WIDE_SPAN counts)."""
     n = row.shape[0]
     mn = row[0]
     mx = row[0]
@@ -173,6 +175,8 @@ def _row_stats(row, vrow) -> tuple[int, int, int]:
     span = np.int64(mx) - lo + 1
     esc = 0
     k = span
+    if _KMAX < span <= _WIDE_SPAN:
+        return _wide_row_stats(row, vrow, wide, lo, span)
     if span > _KMAX:
         # widest-coverage window of _KMAX values; everything else is escaped
         srt = np.sort(row)
@@ -213,6 +217,40 @@ def _row_stats(row, vrow) -> tuple[int, int, int]:
     for i in range(ke):
         vrow[i] = _quant_v(h[i] + h[256 + i] + h[512 + i] + h[768 + i])
     return lo, k, esc
+
+
+@_jit
+def _wide_row_stats(row, vrow, wide, mn, span) -> tuple[int, int, int]:
+    """`_row_stats` for a row wider than a window but narrower than _WIDE_SPAN: the same window as
+    the sorted search (the first present value whose window of _KMAX values covers the most),
+    found from the row's histogram in O(n + span) instead of a sort."""
+    n = row.shape[0]
+    wide[:span] = 0
+    for t in range(n):
+        wide[np.int64(row[t]) - mn] += 1
+    count = 0
+    for a in range(_KMAX):
+        count += wide[a]
+    best = count
+    start = 0
+    for a in range(1, span - _KMAX + 1):
+        count += wide[a + _KMAX - 1] - wide[a - 1]
+        if count > best:
+            best = count
+            start = a
+    # a best window can start on an absent value; the next present one covers the same values
+    while wide[start] == 0:
+        start += 1
+    last = min(start + _KMAX, span) - 1
+    while wide[last] == 0:
+        last -= 1
+    k = last - start + 1
+    inside = 0
+    for i in range(k):
+        vrow[i] = _quant_v(wide[start + i])
+        inside += wide[start + i]
+    vrow[k] = _quant_v(n - inside)
+    return mn + start, k, 1
 
 
 @_inline
@@ -424,8 +462,9 @@ def _encode(symbols):
     v = np.zeros((ng * LANES, 256), np.uint8)
     v[:, 0] = 1
     n_esc = 0
+    wide = np.empty(_WIDE_SPAN, np.int64)
     for r in range(ns):
-        lo[r], kw[r], esc[r] = _row_stats(symbols[r], v[r])
+        lo[r], kw[r], esc[r] = _row_stats(symbols[r], v[r], wide)
     tail = np.zeros((LANES, n), np.int32)
     for r in range(nfull * LANES, ns):
         tail[r - nfull * LANES] = symbols[r]

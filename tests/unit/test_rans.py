@@ -67,6 +67,21 @@ def test_random_wide_range() -> None:
     _roundtrip(a)
 
 
+@pytest.mark.parametrize("spread", [40.0, 400.0, 20000.0])  # rows ~600, ~6,000 and > 65,536 values wide
+def test_a_wide_row_escapes_only_what_the_best_window_leaves_out(spread: float) -> None:
+    """Rows wider than a table window keep the values of the window that covers most of them and
+    escape the rest (the escape count sits in the header), whichever way the window is found."""
+    rng = np.random.default_rng(3)
+    a = np.round(rng.laplace(0, spread, size=(4, 1500))).astype(np.int32)
+    buf = _roundtrip(a)
+    window = 254  # rans._KMAX
+    fewest = 0
+    for row in np.sort(a.astype(np.int64), axis=1):
+        covered = np.searchsorted(row, row + window, side="left") - np.arange(row.size)
+        fewest += row.size - int(covered.max())
+    assert int.from_bytes(buf[28:32].tobytes(), "little") == fewest
+
+
 def test_other_integer_dtypes_and_non_contiguous() -> None:
     a = _laplace(6, 100)
     _roundtrip(np.ascontiguousarray(a))
