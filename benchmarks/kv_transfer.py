@@ -4,7 +4,10 @@ Two processes, as in serving: this one prefills the prompt with the real model a
 prefill replica (encode + send); a child plays the decode replica (receive + decode). The
 manifest goes over a multiprocessing queue where the services use NATS. Prints JSON.
 
-    python benchmarks/kv_transfer.py [--tokens 2000] [--repeat 5]
+    python benchmarks/kv_transfer.py [--tokens 2000] [--repeat 5] [--codec-threads 1]
+
+`--codec-threads N` codes N runs of layers at once on each side, as a replica with
+`--kv-codec-threads N` does (the model still runs on one torch thread).
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from thunderserve.common.kvcodec import codec_names, get_codec, pack_cache, unpa
 from thunderserve.common.memory import keep_freed_memory
 
 
-def _decode_side(endpoint_q: mp.Queue, work_q: mp.Queue, done_q: mp.Queue, model: str, prompt: list[int]) -> None:
+def _decode_side(endpoint_q: mp.Queue, work_q: mp.Queue, done_q: mp.Queue, model: str, prompt: list[int],
+                 threads: int) -> None:
     from thunderserve.common.engine import Engine
 
     torch.set_num_threads(1)
@@ -38,7 +42,7 @@ def _decode_side(endpoint_q: mp.Queue, work_q: mp.Queue, done_q: mp.Queue, model
         tag, manifest = item
         payload = pair.recv(manifest["nbytes"], tag)
         received = time.perf_counter()
-        unpack_cache(payload, manifest, lambda: engine.first_layer_kv(prompt))
+        unpack_cache(payload, manifest, lambda: engine.first_layer_kv(prompt), threads=threads)
         done_q.put((received, time.perf_counter()))
 
 
@@ -47,6 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tokens", type=int, default=2000, help="prompt length (default 2000)")
     parser.add_argument("--repeat", type=int, default=5, help="transfers per codec; the median is reported")
     parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--codec-threads", type=int, default=1, help="codec threads on each side (default 1)")
     args = parser.parse_args(argv)
 
     from thunderserve.common.engine import Engine
@@ -60,7 +65,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     ctx = mp.get_context("spawn")
     endpoint_q, work_q, done_q = ctx.Queue(), ctx.Queue(), ctx.Queue()
-    child = ctx.Process(target=_decode_side, args=(endpoint_q, work_q, done_q, args.model, prompt), daemon=True)
+    child = ctx.Process(target=_decode_side, args=(endpoint_q, work_q, done_q, args.model, prompt,
+                                                                      args.codec_threads), daemon=True)
     child.start()
     pair = ChannelClient(timeout_s=60).connect(endpoint_q.get(timeout=60), "bench")
 
@@ -72,7 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
         for _ in range(args.repeat + 1):  # the first run warms up
             tag += 1
             t0 = time.perf_counter()
-            payload, manifest = pack_cache(codec, kv, model=engine.name, rebuild=engine.rebuilds_first_layer)
+            payload, manifest = pack_cache(codec, kv, model=engine.name, rebuild=engine.rebuilds_first_layer,
+                                           threads=args.codec_threads)
             t1 = time.perf_counter()
             work_q.put((tag, manifest))
             pair.send(payload, tag)
@@ -85,7 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
     work_q.put(None)
     child.join(10)
     report = {"benchmark": "kv_transfer", "model": engine.name, "prompt_tokens": args.tokens,
-              "fp32_kv_bytes": fp32_bytes, "threads": 1, "codecs": results}
+              "fp32_kv_bytes": fp32_bytes, "threads": 1, "codec_threads": args.codec_threads,
+              "codecs": results}
     print(json.dumps(report, indent=2))
     return report
 

@@ -1,12 +1,12 @@
 """KV codec throughput and wire size (issue 3). Prints JSON.
 
-    python benchmarks/kvcodec_throughput.py [--tokens 2000] [--repeats 5] [--source smollm2|synthetic]
+    python benchmarks/kvcodec_throughput.py [--tokens 2000] [--repeats 5] [--source smollm2|synthetic] [--threads 1]
 
 Encode = quantize + pack, decode = unpack + dequantize, in GB/s of fp32 input (best and
-median run), on one core
-(torch.set_num_threads(1)). The tensor set is a SmolLM2 cache of a real prompt (30 layers x
-(key, value) of [1, 3 KV heads, tokens, 64]), or with `--source synthetic` a random one of that
-shape with a few outlier key channels like the real model's.
+median run), on one core (torch.set_num_threads(1); `--threads N` codes N runs of layers at
+once, as `pack_cache(threads=N)` does). The tensor set is a SmolLM2 cache of a real prompt
+(30 layers x (key, value) of [1, 3 KV heads, tokens, 64]), or with `--source synthetic` a
+random one of that shape with a few outlier key channels like the real model's.
 Wire size counts everything `pack_cache` puts on the wire (codes, scales, zeros, fp16 parts).
 The process keeps freed memory mapped, as the replicas do (`thunderserve.common.memory`);
 `--default-malloc` measures with glibc's defaults instead.
@@ -50,13 +50,13 @@ def _times(fn, repeats: int) -> tuple[float, float]:
     return min(times), statistics.median(times)
 
 
-def measure(name: str, layers, repeats: int) -> dict:
+def measure(name: str, layers, repeats: int, threads: int = 1) -> dict:
     codec = get_codec(name)
     values = sum(k.numel() + v.numel() for k, v in layers)
     fp32_bytes = values * 4
-    payload, manifest = pack_cache(codec, layers)
-    t_enc, med_enc = _times(lambda: pack_cache(codec, layers), repeats)
-    t_dec, med_dec = _times(lambda: unpack_cache(payload, manifest), repeats)
+    payload, manifest = pack_cache(codec, layers, threads=threads)
+    t_enc, med_enc = _times(lambda: pack_cache(codec, layers, threads=threads), repeats)
+    t_dec, med_dec = _times(lambda: unpack_cache(payload, manifest, threads=threads), repeats)
     wire = int(payload.numel())
     return {
         "codec": name,
@@ -78,6 +78,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--codecs", nargs="*", default=None)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="codec threads (default 1: the issue's one-core figure)")
     parser.add_argument("--source", choices=("smollm2", "synthetic"), default="smollm2",
                         help="the cache: SmolLM2's of a real prompt (the accuracy prompts one after another; "
                              "int4's size depends on the content), or random with outlier channels")
@@ -101,9 +103,10 @@ def main() -> None:
         "layers": LAYERS,
         "fp32_mb": round(sum(k.numel() + v.numel() for k, v in layers) * 4 / 1e6, 2),
         "threads": torch.get_num_threads(),
+        "codec_threads": args.threads,
         "keep_freed_memory": kept,
         "load_1min": round(os.getloadavg()[0], 2),
-        "codecs": [measure(n, layers, args.repeats) for n in names],
+        "codecs": [measure(n, layers, args.repeats, args.threads) for n in names],
     }
     print(json.dumps(result, indent=2))
 

@@ -86,8 +86,11 @@ def start_cluster(tmp_path_factory, **kwargs):
 
 @pytest.fixture(scope="session")
 def smollm2_cluster(tmp_path_factory):
-    """The default model served as in production (no KV compression, so outputs are exact)."""
-    cluster = start_cluster(tmp_path_factory, model="smollm2", kv_codec="none", threads_per_replica=1)
+    """The default model served as in production (no KV compression, so outputs are exact). Its
+    replicas code a compressed KV cache on two threads (one run of layers each), so the tests that
+    ask for a codec check the threaded path against the one-thread offline figures."""
+    cluster = start_cluster(tmp_path_factory, model="smollm2", kv_codec="none", threads_per_replica=1,
+                            extra_env={"THUNDERSERVE_KV_CODEC_THREADS": "2"})
     yield cluster
     cluster.stop()
 

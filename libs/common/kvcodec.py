@@ -17,7 +17,9 @@ tokens alone, so a receiver with the model can rebuild it exactly (`engine.first
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -202,13 +204,14 @@ class GroupQuantCodec:
         """The codec for one layer of a whole cache (the same for every layer here)."""
         return self
 
-    def encode_layers(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                      model: str | None = None) -> list[PackedTensor]:
-        """A whole cache of same-shaped layers: one stacked tensor per kind and per set of
-        layers sharing a spec (keys with per-channel widths share one whatever their mean
-        width), so the kernels run once per stack, not once per layer."""
+    def encode_layers(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], model: str | None = None,
+                      first: int = 0, total: int | None = None) -> list[PackedTensor]:
+        """A whole cache of same-shaped layers, or its layers first.. of `total`: one stacked
+        tensor per kind and per set of layers sharing a spec (keys with per-channel widths share
+        one whatever their mean width), so the kernels run once per stack, not once per layer."""
         shape = tuple(layers[0][0].shape)
-        per_layer = [self.for_layer(i, len(layers), shape, model) for i in range(len(layers))]
+        total = total or first + len(layers)
+        per_layer = [self.for_layer(first + i, total, shape, model) for i in range(len(layers))]
         out: list[PackedTensor] = []
         for kind in ("key", "value"):
             stacks: dict[QuantSpec, list[tuple[int, int]]] = {}  # shared spec -> (layer, its bits)
@@ -219,13 +222,14 @@ class GroupQuantCodec:
             for spec, same in stacks.items():
                 for chunk in (same[i : i + per_stack] for i in range(0, len(same), per_stack)):
                     idx, bits = [i for i, _ in chunk], [b for _, b in chunk]
-                    out.append(self._encode_stack(layers, per_layer, kind, spec, idx, bits, shape))
+                    out.append(self._encode_stack(layers, per_layer, kind, spec, idx, bits, shape, first))
         return out
 
     def _encode_stack(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], per_layer: list[GroupQuantCodec],
                       kind: str, spec: QuantSpec, idx: list[int], bits: list[int],
-                      shape: tuple[int, ...]) -> PackedTensor:
-        """Layers `idx` of one kind, sharing `spec` up to their mean widths `bits`, as one stack."""
+                      shape: tuple[int, ...], first: int) -> PackedTensor:
+        """Layers `idx` (of `layers`, the cache's from `first` on) of one kind, sharing `spec` up to
+        their mean widths `bits`, as one stack."""
         weights = None
         if kind == "key" and spec.widths:
             found = [per_layer[i].key_weights for i in idx]
@@ -235,7 +239,7 @@ class GroupQuantCodec:
         tensors = [layers[i][0 if kind == "key" else 1] for i in idx]
         buffers = kvquant.encode_tensor(tensors, **{**params, "bits": bits}, weights=weights)
         return PackedTensor(self.name, kind, (len(idx), *shape), dtype_name(tensors[0].dtype), buffers, params,
-                            tuple(idx))
+                            tuple(first + i for i in idx))
 
 
 class Int8Codec(GroupQuantCodec):
@@ -424,12 +428,13 @@ class EntropyCodec:
         profile = kvprofiles.find(n_layers, shape[1], shape[-1], model)
         return profile if profile is not None and profile.entropy_step else None
 
-    def _from(self, first: int) -> EntropyCodec:
-        """This codec for a cache's layers from `first` on: per-layer steps and queries
-        ([layers, kv_heads, head_dim]) lose their first rows."""
+    def _from(self, first: int, count: int) -> EntropyCodec:
+        """This codec for `count` of a cache's layers from `first` on: per-layer steps and queries
+        ([layers, kv_heads, head_dim]) keep those rows."""
         def cut(t: torch.Tensor | None, per_layer_dims: int = 3) -> torch.Tensor | None:
-            return t[first:] if t is not None and t.dim() == per_layer_dims else t
-        if not first:
+            return t[first : first + count] if t is not None and t.dim() == per_layer_dims else t
+        if not first and all(t is None or t.dim() != 3 or t.shape[0] == count
+                             for t in (self.key_steps, self.value_steps, self.token_query)):
             return self
         codec = copy.copy(self)  # a subclass keeps its settings
         codec.key_steps, codec.value_steps, codec.token_query = map(cut, (self.key_steps, self.value_steps,
@@ -441,13 +446,15 @@ class EntropyCodec:
         return codec
 
     def encode_layers(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], model: str | None = None,
-                      first: int = 0) -> list[PackedTensor]:
-        """A whole cache of same-shaped layers, or its layers from `first` on (the decoder
-        rebuilds the ones before): one stack per kind (one coder call each); the values take the
-        per-token steps their keys got."""
+                      first: int = 0, total: int | None = None) -> list[PackedTensor]:
+        """A whole cache of same-shaped layers, or its layers first.. of `total` (the decoder
+        rebuilds the ones before, or another call codes the rest): one stack per kind (one coder
+        call each); the values take the per-token steps their keys got."""
         shape = tuple(layers[0][0].shape)
-        profile = self._profile(first + len(layers), shape, model)
-        codec = self._from(first) if profile is None else EntropyCodec.from_profile(profile, slice(first, None))
+        profile = self._profile(total or first + len(layers), shape, model)
+        count = len(layers)
+        codec = (self._from(first, count) if profile is None
+                 else EntropyCodec.from_profile(profile, slice(first, first + count)))
         out: list[PackedTensor] = []
         token_exp = None
         for i, kind in enumerate(("key", "value")):
@@ -486,9 +493,22 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().reshape(-1).view(torch.uint8)
 
 
+@functools.lru_cache(maxsize=4)
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="kvcodec")
+
+
+def _run_all(tasks: Sequence[Callable[[], Any]], threads: int) -> list[Any]:
+    """Every task's result, in order; on up to `threads` threads. The codec kernels (numba, torch's
+    matmul) release the GIL, so a cache's layers code in parallel."""
+    if threads <= 1 or len(tasks) <= 1:
+        return [task() for task in tasks]
+    return list(_pool(min(threads, len(tasks))).map(lambda task: task(), tasks))
+
+
 def pack_cache(
     codec: KVCodec, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], model: str | None = None,
-    rebuild: bool = False,
+    rebuild: bool = False, threads: int = 1,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Encode every layer's (key, value) and frame them into one uint8 buffer + manifest.
 
@@ -500,21 +520,31 @@ def pack_cache(
     sensitive of all. A codec with `encode_layers` encodes same-shaped layers as stacks (an
     entry then names its `layers`); otherwise every tensor is an entry, in order key 0,
     value 0, key 1, ...
+    `threads`: code that many runs of consecutive layers at once, each its own stacks (the
+    payload's size moves only by the extra stacks' headers and coding tables).
     """
     total = len(layers)
     rebuilt = 1 if rebuild and getattr(codec, "rebuilds_first_layer", False) and total > 1 else 0
-    layers = layers[rebuilt:]
     encode_layers = getattr(codec, "encode_layers", None)
-    shapes = {(tuple(k.shape), tuple(v.shape), k.dtype, v.dtype) for k, v in layers}
-    if encode_layers is not None and len(shapes) == 1 and len(next(iter(shapes))[0]) == 4:
-        packed_all = encode_layers(layers, model, rebuilt) if rebuilt else encode_layers(layers, model)
-    else:
-        packed_all = []
-        for index, (key, value) in enumerate(layers, start=rebuilt):
+    shapes = {(tuple(k.shape), tuple(v.shape), k.dtype, v.dtype) for k, v in layers[rebuilt:]}
+    stacked = encode_layers is not None and len(shapes) == 1 and len(next(iter(shapes))[0]) == 4
+
+    def encode_run(start: int, end: int) -> list[PackedTensor]:
+        if stacked:
+            return encode_layers(layers[start:end], model, start, total)
+        packed = []
+        for index in range(start, end):
+            key, value = layers[index]
             # A codec may choose per layer (e.g. more bits for sensitive layers); params say which.
             for_layer = getattr(codec, "for_layer", None)
             layer_codec = for_layer(index, total, tuple(key.shape), model) if for_layer else codec
-            packed_all += [layer_codec.encode(key, kind="key"), layer_codec.encode(value, kind="value")]
+            packed += [layer_codec.encode(key, kind="key"), layer_codec.encode(value, kind="value")]
+        return packed
+
+    runs = max(1, min(threads, total - rebuilt))
+    bounds = [rebuilt + (total - rebuilt) * i // runs for i in range(runs + 1)]
+    tasks = [functools.partial(encode_run, a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+    packed_all = [packed for run in _run_all(tasks, threads) for packed in run]
     entries: list[dict[str, Any]] = []
     chunks: list[torch.Tensor] = []
     offset = 0
@@ -545,11 +575,13 @@ def pack_cache(
 
 
 def unpack_cache(payload: torch.Tensor, manifest: dict[str, Any],
-                 rebuild: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None) -> KVLayers:
+                 rebuild: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 threads: int = 1) -> KVLayers:
     """Inverse of `pack_cache`: returns [(key, value), ...] in the original dtype.
 
     `rebuild()`: the first layer's (key, value), rebuilt from the token ids
-    (`engine.first_layer_kv`); needed when the sender left it out (manifest "rebuilt")."""
+    (`engine.first_layer_kv`); needed when the sender left it out (manifest "rebuilt").
+    `threads`: decode that many entries (and the rebuild) at once."""
     codecs = {manifest["codec"]: get_codec(manifest["codec"])}
     if payload.numel() != manifest["nbytes"]:
         raise ValueError(f"KV payload has {payload.numel()} bytes, manifest says {manifest['nbytes']}")
@@ -560,9 +592,7 @@ def unpack_cache(payload: torch.Tensor, manifest: dict[str, Any],
         raise ValueError("the KV cache leaves its first layer to be rebuilt from the tokens, "
                          "and this receiver cannot rebuild it")
     slots: dict[str, dict[int, torch.Tensor]] = {"key": {}, "value": {}}
-    if rebuilt:
-        slots["key"][0], slots["value"][0] = rebuild()
-    unstacked = {"key": rebuilt, "value": rebuilt}  # the next layer an entry without `layers` is
+    entries: list[tuple[str, tuple[int, ...] | None, Callable[[], torch.Tensor]]] = []
     for entry in manifest["entries"]:
         buffers = {}
         for bname, bdtype, bshape, off, n in entry["buffers"]:
@@ -578,7 +608,13 @@ def unpack_cache(payload: torch.Tensor, manifest: dict[str, Any],
             raise ValueError(f"unknown KV entry kind {kind!r}")
         packed = PackedTensor(name, kind, tuple(entry["shape"]), entry["dtype"], buffers, entry["params"],
                               tuple(stack) if stack is not None else None)
-        tensor = codecs[name].decode(packed)
+        entries.append((kind, packed.layers, functools.partial(codecs[name].decode, packed)))
+    tasks = [rebuild] if rebuilt else []
+    decoded = _run_all(tasks + [decode for _, _, decode in entries], threads)
+    if rebuilt:
+        slots["key"][0], slots["value"][0] = decoded.pop(0)
+    unstacked = {"key": rebuilt, "value": rebuilt}  # the next layer an entry without `layers` is
+    for (kind, stack, _), tensor in zip(entries, decoded, strict=True):
         if stack is None:
             slots[kind][unstacked[kind]] = tensor
             unstacked[kind] += 1

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import nats
+import torch
 
 from thunderserve.common import aio, config, kventropy, protocol, tracing
 from thunderserve.common.engine import Engine, MockEngine, create_engine
@@ -75,6 +76,7 @@ class ReplicaHost:
         self.plan: Plan | None = None  # the plan in force, once one is published
         self.plan_epoch = 0
         self.plan_kv_codec: str | None = None  # the current plan's codec, when a plan names one
+        self.codec_threads = 1  # threads per KV cache encode/decode (set with the engine)
         self._plan_watcher: PlanWatcher | None = None
         self.connection = 0  # NATS (re)connections so far
         self.incarnation = uuid.uuid4().hex[:12]  # this process; with `connection`, the heartbeat's session
@@ -133,6 +135,7 @@ class ReplicaHost:
     def _load_engine(self) -> Engine:
         engine = create_engine(self.args.model, self.args.dtype, self.args.threads)
         kventropy.warm_up()  # the int4 codec's compiled parts, so the first transfer does not wait
+        self.codec_threads = self.args.kv_codec_threads or torch.get_num_threads()
         return engine
 
     async def _on_reconnected(self) -> None:
@@ -253,6 +256,9 @@ def build_parser(phase: str) -> argparse.ArgumentParser:
                        help="unique name of this replica (default: <phase>-<host>-<random>)")
     group.add_argument("--kv-codec", default=config.env("KV_CODEC", None),
                        help="KV codec for transfers this replica sends (default: the codec library's default)")
+    group.add_argument("--kv-codec-threads", type=int, default=config.env("KV_CODEC_THREADS", 0, int),
+                       help="threads that encode (prefill) or decode (decode) one KV cache, each a run of its "
+                       "layers; 0 = as many as the model's torch threads (default 0)")
     group.add_argument("--max-batch", type=int, default=config.env("MAX_BATCH", 64, int),
                        help="decode: most sequences in the running batch (default 64)")
     group.add_argument("--channel-host", default=config.env("CHANNEL_HOST", "127.0.0.1"),

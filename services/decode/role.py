@@ -151,7 +151,8 @@ class DecodeRole:
                 recv.end()
                 unpack = span.child("kv.decode", codec=handoff.kv_manifest.get("codec"))
                 tokens = handoff.prompt_token_ids + handoff.resume_token_ids  # what the KV covers
-                layers = unpack_cache(payload, handoff.kv_manifest, lambda: self.engine.first_layer_kv(tokens))
+                layers = unpack_cache(payload, handoff.kv_manifest, lambda: self.engine.first_layer_kv(tokens),
+                                      threads=self.host.codec_threads)
                 flat = detach_from(buf, [t for kv in layers for t in kv])
                 unpack.end()
             finally:

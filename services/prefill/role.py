@@ -186,7 +186,7 @@ class PrefillRole:
             encode = span.child("kv.encode", codec=codec.name)
             # The decode replica (same model) rebuilds the first layer from the token ids, if the engine can.
             payload, manifest = pack_cache(codec, result.kv, model=self.engine.name,
-                                           rebuild=self.engine.rebuilds_first_layer)
+                                           rebuild=self.engine.rebuilds_first_layer, threads=self.host.codec_threads)
             encode.end(bytes=int(payload.numel()))
             return payload, manifest, first_chunk
         finally:

@@ -385,6 +385,28 @@ def test_stacked_layers_decode_as_one_by_one(batch: int, name: str) -> None:
         assert torch.equal(layer_codec.decode(layer_codec.encode(v, kind="value")), v2)
 
 
+@pytest.mark.parametrize("name", ["int4", "int4-fixed", "int8", "none"])
+def test_threads_code_runs_of_layers_to_the_same_values(name: str) -> None:
+    """pack_cache on 3 threads codes 3 runs of layers, each its own stacks (first layer rebuilt
+    or not); the receiver, on any number of threads, gets exactly the one-thread values, and the
+    payload's size moves by the stacks' headers and tables only (under 1%)."""
+    codec = get_codec(name)
+    shape = (1, 3, 40, 64)
+    layers = [(_kv(shape, i), _kv(shape, 100 + i)) for i in range(30)]
+    rebuild = (lambda: layers[0]) if codec.name == "int4" else None
+    one_payload, one_manifest = pack_cache(codec, layers, rebuild=rebuild is not None)
+    payload, manifest = pack_cache(codec, layers, rebuild=rebuild is not None, threads=3)
+    stacks = {tuple(e["layers"]) for e in manifest["entries"] if "layers" in e}
+    if name != "none":
+        assert len(stacks) > len({tuple(e["layers"]) for e in one_manifest["entries"]})
+    assert abs(payload.numel() - one_payload.numel()) <= 0.01 * one_payload.numel()
+    expected = unpack_cache(one_payload, one_manifest, rebuild)
+    for threads in (1, 2, 4):
+        out = unpack_cache(payload, manifest, rebuild, threads=threads)
+        for (k, v), (k2, v2) in zip(expected, out, strict=True):
+            assert torch.equal(k, k2) and torch.equal(v, v2)
+
+
 def test_mixed_shapes_are_packed_tensor_by_tensor() -> None:
     layers = [(_kv((1, 3, 9, 64), 0), _kv((1, 3, 9, 64), 1)), (_kv((1, 3, 12, 64), 2), _kv((1, 3, 12, 64), 3))]
     payload, manifest = pack_cache(get_codec("int8"), layers)
