@@ -503,7 +503,7 @@ def _run_all(tasks: Sequence[Callable[[], Any]], threads: int) -> list[Any]:
     matmul) release the GIL, so a cache's layers code in parallel."""
     if threads <= 1 or len(tasks) <= 1:
         return [task() for task in tasks]
-    return list(_pool(min(threads, len(tasks))).map(lambda task: task(), tasks))
+    return list(_pool(threads).map(lambda task: task(), tasks))
 
 
 def pack_cache(

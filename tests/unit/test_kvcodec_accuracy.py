@@ -76,9 +76,11 @@ def test_int4_wire_size_on_a_real_cache(setup) -> None:
 
 @pytest.mark.xfail(reason="issue-3 targets not reached: see docs/benchmarks.md 'KV codec'", strict=False)
 def test_issue_targets(setup) -> None:
+    """The agreement targets, on this quarter of the prompts. (The int4 wire-size target is a
+    2,000-token cache's, asserted above: these short prompts are mostly fp16 sink and newest tokens.)"""
     from thunderserve.common.kvcodec import get_codec
 
     int8 = _eval(setup, get_codec("int8"))
     int4 = _eval(setup, get_codec("int4"))
     assert int8.agreement >= 0.995
-    assert int4.agreement >= 0.90 and int4.bits_per_value <= 4.57
+    assert int4.agreement >= 0.90
