@@ -152,9 +152,11 @@ def _dec_table(freq, cum, k, dtab) -> None:
     for i in range(k):
         f = freq[i]
         c = cum[i]
-        head = (i << 23) | (f << 11)
+        # int32 arithmetic on a slice: the fill vectorizes (the table costs as much as the row's decoding)
+        head = np.int32((i << 23) | (f << 11))
+        slots = dtab[c : c + f]
         for j in range(f):
-            dtab[c + j] = head | j
+            slots[j] = head + np.int32(j)
 
 
 # ---------------------------------------------------------------- encoder
@@ -291,12 +293,16 @@ def _enc_group(sym, sr, r0, lo, kw, esc, v, states, out, p, etab, idx, freq, cum
             etab[j + 2] = cum[i]
             etab[j + 3] = PROB_SCALE - f
             etab[j + 4] = 31 + lg
-        row = sym[sr + u]
-        lor = lo[r]
-        k = np.uint64(kw[r])
-        for t in range(n):
-            # negative offsets wrap to huge unsigned values, so one min() maps them to the escape too
-            idx[4 * t + u] = min(np.uint64(np.int64(row[t]) - lor), k)
+    row0, row1, row2, row3 = sym[sr], sym[sr + 1], sym[sr + 2], sym[sr + 3]
+    lo0, lo1, lo2, lo3 = lo[r0], lo[r0 + 1], lo[r0 + 2], lo[r0 + 3]
+    k0, k1, k2, k3 = np.uint64(kw[r0]), np.uint64(kw[r0 + 1]), np.uint64(kw[r0 + 2]), np.uint64(kw[r0 + 3])
+    for t in range(n):
+        # negative offsets wrap to huge unsigned values, so one min() maps them to the escape too
+        b = 4 * t
+        idx[b] = min(np.uint64(np.int64(row0[t]) - lo0), k0)
+        idx[b + 1] = min(np.uint64(np.int64(row1[t]) - lo1), k1)
+        idx[b + 2] = min(np.uint64(np.int64(row2[t]) - lo2), k2)
+        idx[b + 3] = min(np.uint64(np.int64(row3[t]) - lo3), k3)
     u1, u2, u3, u4, u8 = np.uint64(1), np.uint64(2), np.uint64(3), np.uint64(4), np.uint64(8)
     x0, x1, x2, x3 = states[0], states[1], states[2], states[3]
     # unsigned indices: numba skips its negative-index wraparound code for them
