@@ -9,7 +9,6 @@ import torch
 
 from thunderserve.common.client import Client
 from thunderserve.common.models import load_model
-from thunderserve.launcher.cluster import LocalCluster
 
 pytestmark = pytest.mark.slow
 
@@ -27,14 +26,10 @@ def _reference(text: str) -> list[int]:
 
 
 @pytest.mark.parametrize("backend", ["tcp", "gloo"])
-async def test_backend_serves_concurrent_requests_exactly(tmp_path, backend):
-    cluster = LocalCluster(model="tiny-random", threads_per_replica=1, kv_codec="none", log_dir=str(tmp_path),
+async def test_backend_serves_concurrent_requests_exactly(make_cluster, backend):
+    cluster = make_cluster(model="tiny-random", threads_per_replica=1, kv_codec="none",
                            extra_env={"THUNDERSERVE_CHANNEL_BACKEND": backend})
-    cluster.start(timeout=240)
-    try:
-        async with Client(cluster.nats_url, timeout_s=60) as client:
-            done = await asyncio.gather(*(client.complete(p, max_tokens=N, ignore_eos=True, temperature=0)
-                                          for p in PROMPTS))
-    finally:
-        cluster.stop()
+    async with Client(cluster.nats_url, timeout_s=60) as client:
+        done = await asyncio.gather(*(client.complete(p, max_tokens=N, ignore_eos=True, temperature=0)
+                                      for p in PROMPTS))
     assert [d.token_ids for d in done] == [_reference(p) for p in PROMPTS]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
 import httpx
 import pytest
 
@@ -27,36 +30,48 @@ def _chat_ids(tokenizer, text: str) -> list[int]:
                                          tokenize=True, return_dict=True)["input_ids"]
 
 
+_REFERENCE: dict[str, tuple] = {}  # prompt -> (ids, full-precision cache, first token, reference tokens)
+
+
 def _offline(model, tokenizer, text: str, codec: str) -> tuple[list[int], list[int]]:
     """(reference, codec path) tokens computed in this process on the served hop: the whole prompt
-    prefilled in full precision, its first token chosen there, the cache through `codec`."""
+    prefilled in full precision, its first token chosen there, the cache through `codec`. The
+    reference does not depend on the codec: it is computed once per prompt."""
     from thunderserve.common import kvaccuracy as ka
     from thunderserve.common.kvcodec import get_codec
 
-    ids = _chat_ids(tokenizer, text)
-    layers, first = ka.prefill(model, ids)
-    compressed, _ = ka.roundtrip(get_codec(codec), layers, model, ids)
     eos = tokenizer.eos_token_id
-    ref = [first, *ka.greedy(model, layers, first, N - 1, eos)] if first != eos else [first]
+    if text not in _REFERENCE:
+        ids = _chat_ids(tokenizer, text)
+        layers, first = ka.prefill(model, ids)
+        ref = [first, *ka.greedy(model, layers, first, N - 1, eos)] if first != eos else [first]
+        _REFERENCE[text] = (ids, layers, first, ref)
+    ids, layers, first, ref = _REFERENCE[text]
+    compressed, _ = ka.roundtrip(get_codec(codec), layers, model, ids)
     got = [first, *ka.greedy(model, compressed, first, N - 1, eos)] if first != eos else [first]
     return ref, got
 
 
 async def _agreement(cluster, reference, codec: str) -> tuple[list[float], list[float], dict[str, str]]:
     """Per prompt: the services' prefix agreement with the uncompressed reference, the same
-    figure computed offline on the same hop, and the services' texts."""
+    figure computed offline on the same hop, and the services' texts. The offline figures are
+    computed on one worker thread while the services answer, one prompt at a time."""
     from thunderserve.common.kvaccuracy import prefix_length
 
     model, tokenizer = reference
-    served, offline, texts = [], [], {}
-    async with Client(cluster.nats_url) as client:
-        for text in PROMPTS:
-            ref, got_offline = _offline(model, tokenizer, text, codec)
-            got = await client.complete(messages=[{"role": "user", "content": text}], max_tokens=N,
-                                        temperature=0, kv_codec=codec)
-            served.append(prefix_length(got.token_ids, ref) / len(ref))
-            offline.append(prefix_length(got_offline, ref) / len(ref))
-            texts[text] = got.text
+    loop = asyncio.get_running_loop()
+    with ThreadPoolExecutor(1) as worker:
+        pending = [loop.run_in_executor(worker, _offline, model, tokenizer, text, codec) for text in PROMPTS]
+        served_ids, texts = [], {}
+        async with Client(cluster.nats_url) as client:
+            for text in PROMPTS:
+                got = await client.complete(messages=[{"role": "user", "content": text}], max_tokens=N,
+                                            temperature=0, kv_codec=codec)
+                served_ids.append(got.token_ids)
+                texts[text] = got.text
+        computed = await asyncio.gather(*pending)
+    served = [prefix_length(got, ref) / len(ref) for got, (ref, _) in zip(served_ids, computed, strict=True)]
+    offline = [prefix_length(got, ref) / len(ref) for ref, got in computed]
     print(f"{codec}: served agreement {sum(served) / len(served):.3f} per prompt {[round(x, 2) for x in served]}; "
           f"offline {[round(x, 2) for x in offline]}")
     return served, offline, texts
