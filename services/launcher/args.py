@@ -33,13 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "stand in for the plan's GPUs. Replaces --prefill and --decode")
     parser.add_argument("--kv-codec", default=config.env("KV_CODEC", None), choices=codec_names(),
                         help=f"KV-cache codec on the prefill->decode hop (default {DEFAULT_CODEC}: entropy-coded, the "
-                        "most accurate at ~4.5 bits/value; int4-fixed: fixed-rate, 2-3x as fast on the CPU; a plan "
+                        "most accurate at ~4.5 bits/value; int4-fixed: fixed-rate, ~2x as fast on the CPU; a plan "
                         "or a request that names a codec wins)")
     parser.add_argument("--host", default=config.env("HTTP_HOST", "127.0.0.1"), help="HTTP listen address")
     parser.add_argument("--http-port", type=int, default=config.env("HTTP_PORT", 8000, int),
                         help="HTTP port (default 8000)")
     parser.add_argument("--threads-per-replica", type=int, default=0,
-                        help="torch threads per replica (default: the cores shared out among replicas)")
+                        help="torch threads per replica, and threads per KV-cache encode or decode (default: the cores "
+                        "shared out among replicas)")
     parser.add_argument("--max-batch", type=int, default=64, help="most sequences per decode batch")
     parser.add_argument("--decode-nice", type=int, default=0,
                         help="lower the decode replicas' CPU priority by N, so prompts go first on a shared "
