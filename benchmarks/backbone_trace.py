@@ -1,7 +1,7 @@
 """Where a request's time goes, hop by hop, from the spans the services record.
 
     python benchmarks/backbone_trace.py [--model smollm2] [--requests 12] [--prompt-tokens 32 512 1500]
-                                        [--max-tokens 32] [--kv-codec int4] [--no-plot]
+                                        [--max-tokens 32] [--kv-codec int4] [--stream-runs 1] [--no-plot]
 
 A local deployment (1 prefill + 1 decode replica, one thread each) runs with THUNDERSERVE_TRACE_DIR
 set, so the router, the prefill replica and the decode replica record every request's spans
@@ -11,7 +11,10 @@ the median and p90 of each span: router.request (the whole request), prefill.req
 children prefill.forward, kv.encode, kv.send, decode.request and its children kv.receive and
 kv.decode, and "queue": prefill.request's start to prefill.forward's start (waiting for the model
 thread; the first request of a pair also sets up the KV channel). Requests go one at a time, so no
-span waits on another request. Prints JSON; writes docs/backbone_trace.png (a stacked bar per prompt length) unless
+span waits on another request. A compressed cache is streamed in runs by default (the replicas'
+`--kv-stream-runs`); then kv.encode and kv.send cover the same interleaved stretch, as do kv.receive
+and kv.decode, and the stacked bars count it twice: the default `--stream-runs 1` sends one payload,
+so each span is its own step. Prints JSON; writes docs/backbone_trace.png (a stacked bar per prompt length) unless
 --no-plot.
 """
 
@@ -103,6 +106,8 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, nargs="+", default=[32, 512, 1500], help="prompt lengths")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request")
     p.add_argument("--kv-codec", default="int4", choices=("none", "int8", "int4"), help="KV codec (default int4)")
+    p.add_argument("--stream-runs", type=int, default=1,
+                   help="the replicas' --kv-stream-runs (default 1: one payload, each span its own step)")
     p.add_argument("--no-plot", action="store_true", help="do not write docs/backbone_trace.png")
     args = p.parse_args()
     if args.requests < 1 or args.max_tokens < 2 or min(args.prompt_tokens) < 1:
@@ -111,13 +116,14 @@ def main() -> None:
     trace_dir = tempfile.mkdtemp(prefix="thunderserve-spans-")
     progress(f"starting {args.model}: 1 prefill + 1 decode replica, spans in {trace_dir}")
     cluster = LocalCluster(model=args.model, kv_codec=args.kv_codec, threads_per_replica=1, log_level="WARNING",
-                           extra_env={tracing.TRACE_DIR_ENV: trace_dir}).start()
+                           extra_env={tracing.TRACE_DIR_ENV: trace_dir,
+                                      "THUNDERSERVE_KV_STREAM_RUNS": str(args.stream_runs)}).start()
     try:
         rows = _run(cluster, args, trace_dir, load_tokenizer(args.model))
     finally:
         cluster.stop()
     result = {"benchmark": "backbone_trace", "model": args.model, "host": info, "kv_codec": args.kv_codec,
-              "max_tokens": args.max_tokens, "trace_dir": trace_dir, "rows": rows}
+              "stream_runs": args.stream_runs, "max_tokens": args.max_tokens, "trace_dir": trace_dir, "rows": rows}
     finish(result, "backbone_trace", plot, args.no_plot)
 
 

@@ -4,10 +4,14 @@ Two processes, as in serving: this one prefills the prompt with the real model a
 prefill replica (encode + send); a child plays the decode replica (receive + decode). The
 manifest goes over a multiprocessing queue where the services use NATS. Prints JSON.
 
-    python benchmarks/kv_transfer.py [--tokens 2000] [--repeat 5] [--codec-threads 1]
+    python benchmarks/kv_transfer.py [--tokens 2000] [--repeat 5] [--codec-threads 1] [--runs 1]
 
 `--codec-threads N` codes N runs of layers at once on each side, as a replica with
-`--kv-codec-threads N` does (the model still runs on one torch thread).
+`--kv-codec-threads N` does (the model still runs on one torch thread). `--runs N` streams the
+cache in N runs of layers, as a prefill replica with `--kv-stream-runs N` does: each run is
+encoded and sent while the receiver decodes the one before (`none` always goes as one payload).
+Streamed, encode and decode overlap: "encode_s" is the sender's time spent encoding, "wire_s"
+and "decode_s" are not split out, and "total_s" is the figure to read.
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ import time
 
 import torch
 
-from thunderserve.common.kvchannel import ChannelClient, ChannelHost
-from thunderserve.common.kvcodec import codec_names, get_codec, pack_cache, unpack_cache
+from thunderserve.common.kvchannel import PART_TAGS, ChannelClient, ChannelHost, recv_parts, send_parts
+from thunderserve.common.kvcodec import codec_names, get_codec, pack_cache, pack_runs, unpack_cache, unpack_runs
 from thunderserve.common.memory import keep_freed_memory
 
 
@@ -40,10 +44,26 @@ def _decode_side(endpoint_q: mp.Queue, work_q: mp.Queue, done_q: mp.Queue, model
         if item is None:
             return
         tag, manifest = item
+        if "runs" in manifest:  # streamed: decode each run as the next arrives
+            unpack_runs(manifest, recv_parts(pair, tag, manifest["runs"]), lambda: engine.first_layer_kv(prompt),
+                        threads)
+            done_q.put((None, time.perf_counter()))
+            continue
         payload = pair.recv(manifest["nbytes"], tag)
         received = time.perf_counter()
         unpack_cache(payload, manifest, lambda: engine.first_layer_kv(prompt), threads=threads)
         done_q.put((received, time.perf_counter()))
+
+
+def _streamed(pair, work_q, done_q, codec, kv, engine, args, tag: int) -> dict:
+    t0 = time.perf_counter()
+    head, parts = pack_runs(codec, kv, model=engine.name, rebuild=engine.rebuilds_first_layer, runs=args.runs,
+                            threads=args.codec_threads)
+    work_q.put((tag, head))
+    nbytes, encoding, _ = send_parts(pair, tag, parts)
+    sent = time.perf_counter()
+    _, decoded = done_q.get(timeout=120)
+    return {"encode_s": encoding, "wire_s": 0.0, "decode_s": decoded - sent, "total_s": decoded - t0, "bytes": nbytes}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -52,6 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeat", type=int, default=5, help="transfers per codec; the median is reported")
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--codec-threads", type=int, default=1, help="codec threads on each side (default 1)")
+    parser.add_argument("--runs", type=int, default=1, help="stream the cache in this many runs of layers (default 1)")
     args = parser.parse_args(argv)
 
     from thunderserve.common.engine import Engine
@@ -76,6 +97,10 @@ def main(argv: list[str] | None = None) -> dict:
         codec = get_codec(name)
         runs = []
         for _ in range(args.repeat + 1):  # the first run warms up
+            if args.runs > 1 and name != "none":
+                runs.append(_streamed(pair, work_q, done_q, codec, kv, engine, args, tag + 1))
+                tag += PART_TAGS * args.runs
+                continue
             tag += 1
             t0 = time.perf_counter()
             payload, manifest = pack_cache(codec, kv, model=engine.name, rebuild=engine.rebuilds_first_layer,
@@ -92,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     work_q.put(None)
     child.join(10)
     report = {"benchmark": "kv_transfer", "model": engine.name, "prompt_tokens": args.tokens,
-              "fp32_kv_bytes": fp32_bytes, "threads": 1, "codec_threads": args.codec_threads,
+              "fp32_kv_bytes": fp32_bytes, "threads": 1, "codec_threads": args.codec_threads, "runs": args.runs,
               "codecs": results}
     print(json.dumps(report, indent=2))
     return report

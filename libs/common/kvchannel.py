@@ -26,8 +26,10 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 
+import msgpack
 import torch
 import torch.distributed as dist
 
@@ -81,12 +83,18 @@ class ChannelPair:
         self.peer = 1 - rank
         self.timeout_s = timeout_s
         self.broken: str | None = None
-        self._tags = itertools.count(1)
+        self._next_tag = 1
         self._tag_lock = threading.Lock()
 
-    def next_tag(self) -> int:
+    def next_tag(self, count: int = 1) -> int:
+        """The first of `count` consecutive tags for one transfer (a streamed one takes
+        `PART_TAGS` per part); tag 0 is never handed out."""
         with self._tag_lock:
-            return next(self._tags) % (1 << (30 - TAG_BITS))
+            if self._next_tag + count > 1 << (30 - TAG_BITS):  # wrap around, keeping the block whole
+                self._next_tag = 1
+            first = self._next_tag
+            self._next_tag += count
+            return first
 
     def send(self, payload: torch.Tensor, tag: int) -> None:
         """Send a flat uint8 payload; returns once it is on its way (or raises ChannelError)."""
@@ -286,6 +294,44 @@ class SocketPair(ChannelPair):
             self._sock.close()
         except OSError:
             pass
+
+
+# A streamed transfer sends its parts one after another: per part, a small header (the sizes), the
+# part's description (msgpack) and its payload, each on a tag of its own (PART_TAGS per part).
+PART_TAGS = 3
+_PART = struct.Struct("<QQ")  # description bytes, payload bytes
+
+
+def send_parts(pair: ChannelPair, tag: int, parts: Iterator[tuple[torch.Tensor, dict]]) -> tuple[int, float, float]:
+    """Send each (payload, description) that `parts` yields as soon as it is made, from tag `tag`
+    on. Returns (payload bytes, seconds spent making the parts, seconds spent sending them)."""
+    nbytes, making, sending = 0, 0.0, 0.0
+    for ptag in itertools.count(tag, PART_TAGS):
+        t0 = time.perf_counter()
+        part = next(parts, None)
+        t1 = time.perf_counter()
+        making += t1 - t0
+        if part is None:
+            break
+        payload, description = part
+        raw = msgpack.packb(description)
+        pair.send(torch.frombuffer(bytearray(_PART.pack(len(raw), payload.numel())), dtype=torch.uint8), ptag)
+        pair.send(torch.frombuffer(bytearray(raw), dtype=torch.uint8), ptag + 1)
+        pair.send(payload, ptag + 2)
+        sending += time.perf_counter() - t1
+        nbytes += payload.numel()
+    return nbytes, making, sending
+
+
+def recv_parts(pair: ChannelPair, tag: int, count: int, buffers: BufferPool | None = None
+               ) -> Iterator[tuple[torch.Tensor, dict]]:
+    """The `count` parts `send_parts` sends from tag `tag`, each as it arrives: (payload,
+    description). A payload lands in a buffer from `buffers` (give it back when done with it)."""
+    for ptag in range(tag, tag + PART_TAGS * count, PART_TAGS):
+        size, nbytes = _PART.unpack(pair.recv(_PART.size, ptag).numpy().tobytes())
+        description = msgpack.unpackb(pair.recv(size, ptag + 1).numpy().tobytes())
+        out = buffers.take(nbytes) if buffers is not None else None
+        yield pair.recv(nbytes, ptag + 2, out=out), description
 
 
 class BufferPool:

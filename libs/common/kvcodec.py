@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -506,34 +506,31 @@ def _run_all(tasks: Sequence[Callable[[], Any]], threads: int) -> list[Any]:
     return list(_pool(threads).map(lambda task: task(), tasks))
 
 
-def pack_cache(
-    codec: KVCodec, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], model: str | None = None,
-    rebuild: bool = False, threads: int = 1,
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Encode every layer's (key, value) and frame them into one uint8 buffer + manifest.
+def _bounds(start: int, end: int, runs: int) -> list[tuple[int, int]]:
+    """[start, end) cut into up to `runs` runs of consecutive layers, as even as they come."""
+    runs = max(1, min(runs, end - start))
+    cuts = [start + (end - start) * i // runs for i in range(runs + 1)]
+    return [(a, b) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
 
-    `model`: the served name of the model that made the cache, so a codec with calibrated
-    per-model settings (int4) uses that model's and no other's; None = match by geometry.
-    `rebuild`: the receiver can rebuild the first layer's KV from the token ids
-    (`engine.first_layer_kv`); a codec with `rebuilds_first_layer` then leaves it out
-    (manifest "rebuilt": 1) and spends nothing on the layer whose values are the most
-    sensitive of all. A codec with `encode_layers` encodes same-shaped layers as stacks (an
-    entry then names its `layers`); otherwise every tensor is an entry, in order key 0,
-    value 0, key 1, ...
-    `threads`: code that many runs of consecutive layers at once, each its own stacks (the
-    payload's size moves only by the extra stacks' headers and coding tables).
-    """
+
+def _rebuilt(codec: KVCodec, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], rebuild: bool) -> int:
+    return 1 if rebuild and getattr(codec, "rebuilds_first_layer", False) and len(layers) > 1 else 0
+
+
+def _encode_range(codec: KVCodec, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], start: int, end: int,
+                  rebuilt: int, model: str | None, threads: int) -> list[PackedTensor]:
+    """The packed tensors of layers [start, end) of a cache (its first `rebuilt` left out), on up to
+    `threads` threads."""
     total = len(layers)
-    rebuilt = 1 if rebuild and getattr(codec, "rebuilds_first_layer", False) and total > 1 else 0
     encode_layers = getattr(codec, "encode_layers", None)
     shapes = {(tuple(k.shape), tuple(v.shape), k.dtype, v.dtype) for k, v in layers[rebuilt:]}
     stacked = encode_layers is not None and len(shapes) == 1 and len(next(iter(shapes))[0]) == 4
 
-    def encode_run(start: int, end: int) -> list[PackedTensor]:
+    def encode_run(a: int, b: int) -> list[PackedTensor]:
         if stacked:
-            return encode_layers(layers[start:end], model, start, total)
+            return encode_layers(layers[a:b], model, a, total)
         packed = []
-        for index in range(start, end):
+        for index in range(a, b):
             key, value = layers[index]
             # A codec may choose per layer (e.g. more bits for sensitive layers); params say which.
             for_layer = getattr(codec, "for_layer", None)
@@ -541,10 +538,12 @@ def pack_cache(
             packed += [layer_codec.encode(key, kind="key"), layer_codec.encode(value, kind="value")]
         return packed
 
-    runs = max(1, min(threads, total - rebuilt))
-    bounds = [rebuilt + (total - rebuilt) * i // runs for i in range(runs + 1)]
-    tasks = [functools.partial(encode_run, a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
-    packed_all = [packed for run in _run_all(tasks, threads) for packed in run]
+    tasks = [functools.partial(encode_run, a, b) for a, b in _bounds(start, end, threads)]
+    return [packed for run in _run_all(tasks, threads) for packed in run]
+
+
+def _frame(codec: KVCodec, packed_all: list[PackedTensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Packed tensors as one uint8 payload and the manifest that finds them in it."""
     entries: list[dict[str, Any]] = []
     chunks: list[torch.Tensor] = []
     offset = 0
@@ -568,30 +567,68 @@ def pack_cache(
             entry["codec"] = packed.codec
         entries.append(entry)
     payload = torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.uint8)
-    manifest = {"codec": codec.name, "entries": entries, "nbytes": offset, "layers": total}
+    return payload, {"codec": codec.name, "entries": entries, "nbytes": offset}
+
+
+def pack_cache(
+    codec: KVCodec, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], model: str | None = None,
+    rebuild: bool = False, threads: int = 1,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Encode every layer's (key, value) and frame them into one uint8 buffer + manifest.
+
+    `model`: the served name of the model that made the cache, so a codec with calibrated
+    per-model settings (int4) uses that model's and no other's; None = match by geometry.
+    `rebuild`: the receiver can rebuild the first layer's KV from the token ids
+    (`engine.first_layer_kv`); a codec with `rebuilds_first_layer` then leaves it out
+    (manifest "rebuilt": 1) and spends nothing on the layer whose values are the most
+    sensitive of all. A codec with `encode_layers` encodes same-shaped layers as stacks (an
+    entry then names its `layers`); otherwise every tensor is an entry, in order key 0,
+    value 0, key 1, ...
+    `threads`: code that many runs of consecutive layers at once, each its own stacks (the
+    payload's size moves only by the extra stacks' headers and coding tables).
+    """
+    rebuilt = _rebuilt(codec, layers, rebuild)
+    payload, manifest = _frame(codec, _encode_range(codec, layers, rebuilt, len(layers), rebuilt, model, threads))
+    manifest["layers"] = len(layers)
     if rebuilt:
         manifest["rebuilt"] = rebuilt
     return payload, manifest
 
 
-def unpack_cache(payload: torch.Tensor, manifest: dict[str, Any],
-                 rebuild: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None,
-                 threads: int = 1) -> KVLayers:
-    """Inverse of `pack_cache`: returns [(key, value), ...] in the original dtype.
+def pack_runs(
+    codec: KVCodec, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], model: str | None = None,
+    rebuild: bool = False, runs: int = 4, threads: int = 1,
+) -> tuple[dict[str, Any], Iterator[tuple[torch.Tensor, dict[str, Any]]]]:
+    """`pack_cache` in `runs` runs of consecutive layers, for a transfer that streams them: the
+    receiver decodes a run while the sender encodes the next. Returns the transfer's head (codec,
+    layer count, rebuilt layers and the number of runs: what the receiver needs before the first
+    run) and a generator that encodes each run only when asked, as (payload, manifest)."""
+    rebuilt = _rebuilt(codec, layers, rebuild)
+    bounds = _bounds(rebuilt, len(layers), runs)
+    head: dict[str, Any] = {"codec": codec.name, "layers": len(layers), "runs": len(bounds)}
+    if rebuilt:
+        head["rebuilt"] = rebuilt
 
-    `rebuild()`: the first layer's (key, value), rebuilt from the token ids
-    (`engine.first_layer_kv`); needed when the sender left it out (manifest "rebuilt").
-    `threads`: decode that many entries (and the rebuild) at once."""
-    codecs = {manifest["codec"]: get_codec(manifest["codec"])}
+    def encoded() -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
+        for a, b in bounds:
+            yield _frame(codec, _encode_range(codec, layers, a, b, rebuilt, model, threads))
+
+    return head, encoded()
+
+
+@dataclass
+class DecodedRun:
+    """A payload's tensors, decoded: (kind, the layers a stacked entry holds or None, tensor)."""
+
+    parts: list[tuple[str, tuple[int, ...] | None, torch.Tensor]]
+
+
+def _entry_decoders(payload: torch.Tensor, manifest: dict[str, Any]
+                     ) -> list[tuple[str, tuple[int, ...] | None, Callable[[], torch.Tensor]]]:
+    """Per entry of a payload: its kind, its layers (stacked entries) and a call that decodes it."""
     if payload.numel() != manifest["nbytes"]:
         raise ValueError(f"KV payload has {payload.numel()} bytes, manifest says {manifest['nbytes']}")
-    rebuilt = int(manifest.get("rebuilt", 0))
-    if rebuilt not in (0, 1):
-        raise ValueError(f"only the first layer can be rebuilt, the manifest says {rebuilt}")
-    if rebuilt and rebuild is None:
-        raise ValueError("the KV cache leaves its first layer to be rebuilt from the tokens, "
-                         "and this receiver cannot rebuild it")
-    slots: dict[str, dict[int, torch.Tensor]] = {"key": {}, "value": {}}
+    codecs = {manifest["codec"]: get_codec(manifest["codec"])}
     entries: list[tuple[str, tuple[int, ...] | None, Callable[[], torch.Tensor]]] = []
     for entry in manifest["entries"]:
         buffers = {}
@@ -604,23 +641,98 @@ def unpack_cache(payload: torch.Tensor, manifest: dict[str, Any],
         if name not in codecs:
             codecs[name] = get_codec(name)
         kind, stack = entry["kind"], entry.get("layers")
-        if kind not in slots:
+        if kind not in ("key", "value"):
             raise ValueError(f"unknown KV entry kind {kind!r}")
         packed = PackedTensor(name, kind, tuple(entry["shape"]), entry["dtype"], buffers, entry["params"],
                               tuple(stack) if stack is not None else None)
         entries.append((kind, packed.layers, functools.partial(codecs[name].decode, packed)))
-    tasks = [rebuild] if rebuilt else []
-    decoded = _run_all(tasks + [decode for _, _, decode in entries], threads)
+    return entries
+
+
+def decode_entries(payload: torch.Tensor, manifest: dict[str, Any], threads: int = 1) -> DecodedRun:
+    """Decode the entries of one `pack_cache` payload (or one run of `pack_runs`), on up to
+    `threads` threads (not from inside one of them: they share one pool)."""
+    entries = _entry_decoders(payload, manifest)
+    tensors = _run_all([decode for _, _, decode in entries], threads)
+    return DecodedRun([(kind, stack, t) for (kind, stack, _), t in zip(entries, tensors, strict=True)])
+
+
+def _check_rebuild(head: dict[str, Any], rebuild: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None) -> int:
+    rebuilt = int(head.get("rebuilt", 0))
+    if rebuilt not in (0, 1):
+        raise ValueError(f"only the first layer can be rebuilt, the manifest says {rebuilt}")
+    if rebuilt and rebuild is None:
+        raise ValueError("the KV cache leaves its first layer to be rebuilt from the tokens, "
+                         "and this receiver cannot rebuild it")
+    return rebuilt
+
+
+def assemble(head: dict[str, Any], runs: Sequence[DecodedRun],
+             first: tuple[torch.Tensor, torch.Tensor] | None = None) -> KVLayers:
+    """The cache [(key, value), ...] from its decoded runs, in order, and the rebuilt first
+    layer (`first`, when the head says the sender left it out)."""
+    slots: dict[str, dict[int, torch.Tensor]] = {"key": {}, "value": {}}
+    rebuilt = int(head.get("rebuilt", 0))
     if rebuilt:
-        slots["key"][0], slots["value"][0] = decoded.pop(0)
+        slots["key"][0], slots["value"][0] = first
     unstacked = {"key": rebuilt, "value": rebuilt}  # the next layer an entry without `layers` is
-    for (kind, stack, _), tensor in zip(entries, decoded, strict=True):
-        if stack is None:
-            slots[kind][unstacked[kind]] = tensor
-            unstacked[kind] += 1
-        else:
-            slots[kind].update(zip(stack, tensor.unbind(0), strict=True))
-    n = manifest.get("layers", len(slots["key"]))
+    for run in runs:
+        for kind, stack, tensor in run.parts:
+            if stack is None:
+                slots[kind][unstacked[kind]] = tensor
+                unstacked[kind] += 1
+            else:
+                slots[kind].update(zip(stack, tensor.unbind(0), strict=True))
+    n = head.get("layers", len(slots["key"]))
     if any(sorted(slots[k]) != list(range(n)) for k in slots):
         raise ValueError("KV manifest does not give every layer one key and one value")
     return [(slots["key"][i], slots["value"][i]) for i in range(n)]
+
+
+def unpack_cache(payload: torch.Tensor, manifest: dict[str, Any],
+                 rebuild: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 threads: int = 1) -> KVLayers:
+    """Inverse of `pack_cache`: returns [(key, value), ...] in the original dtype.
+
+    `rebuild()`: the first layer's (key, value), rebuilt from the token ids
+    (`engine.first_layer_kv`); needed when the sender left it out (manifest "rebuilt").
+    `threads`: decode that many entries (and the rebuild) at once."""
+    rebuilt = _check_rebuild(manifest, rebuild)
+    entries = _entry_decoders(payload, manifest)
+    done = _run_all(([rebuild] if rebuilt else []) + [decode for _, _, decode in entries], threads)
+    first = done.pop(0) if rebuilt else None
+    run = DecodedRun([(kind, stack, t) for (kind, stack, _), t in zip(entries, done, strict=True)])
+    return assemble(manifest, [run], first)
+
+
+@functools.lru_cache(maxsize=1)
+def _behind() -> ThreadPoolExecutor:
+    """The thread that decodes a streamed transfer's runs while the next run is being received."""
+    return ThreadPoolExecutor(1, thread_name_prefix="kvcodec-runs")
+
+
+def unpack_runs(head: dict[str, Any], parts: Iterator[tuple[torch.Tensor, dict[str, Any]]],
+                rebuild: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None, threads: int = 1,
+                release: Callable[[torch.Tensor], None] | None = None) -> KVLayers:
+    """Inverse of `pack_runs`: `parts` yields each run's (payload, manifest) as it arrives (it may
+    block while one is on its way); each run is decoded on another thread while the next arrives,
+    the rebuilt first layer before them. `release(payload)` is called once a run's tensors no
+    longer view its payload (a received buffer can then be reused)."""
+    from thunderserve.common.kvchannel import detach_from  # (the channel's buffer helper)
+
+    def decode_run(payload: torch.Tensor, manifest: dict[str, Any]) -> DecodedRun:
+        try:
+            run = decode_entries(payload, manifest, threads)
+            tensors = detach_from(payload, [t for _, _, t in run.parts])
+            return DecodedRun([(kind, stack, t) for (kind, stack, _), t in zip(run.parts, tensors, strict=True)])
+        finally:
+            if release is not None:
+                release(payload)
+
+    rebuilt = _check_rebuild(head, rebuild)
+    first = _behind().submit(rebuild) if rebuilt else None
+    runs = [_behind().submit(decode_run, payload, manifest) for payload, manifest in parts]
+    decoded = [run.result() for run in runs]
+    if len(decoded) != int(head.get("runs", len(decoded))):
+        raise ValueError(f"the KV transfer has {len(decoded)} runs, its head says {head['runs']}")
+    return assemble(head, decoded, first.result() if first is not None else None)

@@ -140,7 +140,7 @@ class KVHandoff:
     first_token_id: int
     sampling: SamplingParams
     reply_subject: str
-    kv_manifest: dict[str, Any]  # codec, per-tensor layout, byte count (see kvcodec.pack_cache)
+    kv_manifest: dict[str, Any]  # codec, layout, byte count (kvcodec.pack_cache) or a streamed head (pack_runs)
     first_chunk_sent: bool = False  # the prefill replica already streamed the first token
     resume_token_ids: list[int] = field(default_factory=list)  # as in PrefillRequest: the KV covers them
     first_logprob: TokenLogprob | None = None  # when asked for: the first token's, for decode to send

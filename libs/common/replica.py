@@ -77,6 +77,7 @@ class ReplicaHost:
         self.plan_epoch = 0
         self.plan_kv_codec: str | None = None  # the current plan's codec, when a plan names one
         self.codec_threads = 1  # threads per KV cache encode/decode (set with the engine)
+        self.kv_runs = max(1, args.kv_stream_runs)  # runs a compressed KV cache is streamed in
         self._plan_watcher: PlanWatcher | None = None
         self.connection = 0  # NATS (re)connections so far
         self.incarnation = uuid.uuid4().hex[:12]  # this process; with `connection`, the heartbeat's session
@@ -259,6 +260,10 @@ def build_parser(phase: str) -> argparse.ArgumentParser:
     group.add_argument("--kv-codec-threads", type=int, default=config.env("KV_CODEC_THREADS", 0, int),
                        help="threads that encode (prefill) or decode (decode) one KV cache, each a run of its "
                        "layers; 0 = as many as the model's torch threads (default 0)")
+    group.add_argument("--kv-stream-runs", type=int, default=config.env("KV_STREAM_RUNS", 4, int),
+                       help="prefill: send a compressed KV cache in this many runs of layers, each encoded while "
+                       "the decode replica decodes the one before (1 = one payload; `none` always goes as one) "
+                       "(default 4)")
     group.add_argument("--max-batch", type=int, default=config.env("MAX_BATCH", 64, int),
                        help="decode: most sequences in the running batch (default 64)")
     group.add_argument("--channel-host", default=config.env("CHANNEL_HOST", "127.0.0.1"),

@@ -15,9 +15,11 @@ import queue
 import threading
 from dataclasses import dataclass
 
+import torch
+
 from thunderserve.common import aio, protocol, tracing
-from thunderserve.common.kvchannel import BACKENDS, detach_from
-from thunderserve.common.kvcodec import unpack_cache
+from thunderserve.common.kvchannel import BACKENDS, detach_from, recv_parts
+from thunderserve.common.kvcodec import unpack_cache, unpack_runs
 from thunderserve.common.protocol import ConnectReply, ConnectRequest, KVHandoff, TokenChunk, TokenLogprob, Usage
 from thunderserve.common.sequence import OutputTracker, sample_token, token_logprob
 
@@ -140,9 +142,12 @@ class DecodeRole:
         pair = await asyncio.wait_for(asyncio.shield(future), PAIR_WAIT_S)
         loop = asyncio.get_running_loop()
 
-        def receive() -> None:
-            # Received, unpacked and queued for the step thread here, in the channel thread:
-            # no round trip through the event loop between the payload and the batch.
+        tokens = handoff.prompt_token_ids + handoff.resume_token_ids  # what the KV covers
+
+        def rebuild():
+            return self.engine.first_layer_kv(tokens)
+
+        def receive_one() -> list[torch.Tensor]:
             nbytes = int(handoff.kv_manifest["nbytes"])
             buf = self.channel.buffers.take(nbytes)
             try:
@@ -150,13 +155,34 @@ class DecodeRole:
                 payload = pair.recv(nbytes, handoff.tag, out=buf)
                 recv.end()
                 unpack = span.child("kv.decode", codec=handoff.kv_manifest.get("codec"))
-                tokens = handoff.prompt_token_ids + handoff.resume_token_ids  # what the KV covers
-                layers = unpack_cache(payload, handoff.kv_manifest, lambda: self.engine.first_layer_kv(tokens),
-                                      threads=self.host.codec_threads)
+                layers = unpack_cache(payload, handoff.kv_manifest, rebuild, threads=self.host.codec_threads)
                 flat = detach_from(buf, [t for kv in layers for t in kv])
                 unpack.end()
+                return flat
             finally:
                 self.channel.buffers.give(buf)
+
+        def receive_runs() -> list[torch.Tensor]:
+            # Each run is decoded (kvcodec's run thread) while the next one is on its way; the two
+            # spans cover the whole overlapped stretch.
+            head = handoff.kv_manifest
+            recv, unpack = span.child("kv.receive"), span.child("kv.decode", codec=head.get("codec"))
+            received = []
+
+            def parts():
+                for payload, manifest in recv_parts(pair, handoff.tag, int(head["runs"]), self.channel.buffers):
+                    received.append(payload.numel())
+                    yield payload, manifest
+                recv.end(bytes=sum(received), runs=len(received))
+
+            layers = unpack_runs(head, parts(), rebuild, self.host.codec_threads, release=self.channel.buffers.give)
+            unpack.end()
+            return [t for kv in layers for t in kv]
+
+        def receive() -> None:
+            # Received, unpacked and queued for the step thread here, in the channel thread:
+            # no round trip through the event loop between the payload and the batch.
+            flat = receive_runs() if "runs" in handoff.kv_manifest else receive_one()
             tracker = OutputTracker(
                 params=handoff.sampling,
                 prompt_len=len(handoff.prompt_token_ids),

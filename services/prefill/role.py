@@ -13,8 +13,8 @@ import logging
 import uuid
 
 from thunderserve.common import protocol, tracing
-from thunderserve.common.kvchannel import ChannelError, ChannelPair
-from thunderserve.common.kvcodec import DEFAULT_CODEC, get_codec, pack_cache
+from thunderserve.common.kvchannel import PART_TAGS, ChannelError, ChannelPair, send_parts
+from thunderserve.common.kvcodec import DEFAULT_CODEC, get_codec, pack_cache, pack_runs
 from thunderserve.common.protocol import (
     ConnectReply,
     ConnectRequest,
@@ -107,7 +107,7 @@ class PrefillRole:
         if isinstance(outcome, TokenChunk):  # the first token finished it: nothing to hand off
             await self.host.nc.publish(request.reply_subject, protocol.encode(outcome), headers=span.headers)
             return
-        payload, manifest, first_chunk = outcome
+        payload, manifest, first_chunk = outcome  # (a streamed transfer: the runs to encode, and its head)
         # Stream the first token now (TTFT does not wait for the KV transfer and decode admission),
         # unless the plan has this route's decode replica send it once the KV has landed.
         plan = self.host.plan
@@ -120,7 +120,7 @@ class PrefillRole:
             request_id=request.request_id,
             prefill_replica=self.host.replica_id,
             pair_id=pair.pair_id,
-            tag=pair.next_tag(),
+            tag=pair.next_tag(PART_TAGS * manifest["runs"] if "runs" in manifest else 1),
             prompt_token_ids=request.prompt_token_ids,
             first_token_id=first_chunk.token_ids[0],
             sampling=request.sampling,
@@ -136,9 +136,13 @@ class PrefillRole:
                 protocol.encode(handoff),
                 headers=span.headers,
             )
-            send = span.child("kv.send", bytes=int(payload.numel()))
-            await loop.run_in_executor(self.host.channel_executor, pair.send, payload, handoff.tag)
-            send.end()
+            if "runs" in manifest:
+                await loop.run_in_executor(self.host.channel_executor, self._stream, pair, payload, handoff.tag,
+                                           manifest["codec"], span)
+            else:
+                send = span.child("kv.send", bytes=int(payload.numel()))
+                await loop.run_in_executor(self.host.channel_executor, pair.send, payload, handoff.tag)
+                send.end()
         except (ChannelError, Exception) as exc:
             span.attributes["error"] = str(exc)
             self.host.channel_client.drop(request.decode_endpoint)
@@ -183,14 +187,29 @@ class PrefillRole:
                 return first_chunk
             # The request's codec, else the current plan's, else this replica's default.
             codec = get_codec(request.kv_codec or self.host.plan_kv_codec or self.default_codec)
-            encode = span.child("kv.encode", codec=codec.name)
             # The decode replica (same model) rebuilds the first layer from the token ids, if the engine can.
-            payload, manifest = pack_cache(codec, result.kv, model=self.engine.name,
-                                           rebuild=self.engine.rebuilds_first_layer, threads=self.host.codec_threads)
+            rebuild, threads = self.engine.rebuilds_first_layer, self.host.codec_threads
+            if self.host.kv_runs > 1 and codec.name != "none":
+                # streamed: the channel thread encodes each run and sends it while the decode replica
+                # decodes the one before (`_stream`); `none` has nothing to overlap
+                head, runs = pack_runs(codec, result.kv, model=self.engine.name, rebuild=rebuild,
+                                       runs=self.host.kv_runs, threads=threads)
+                return runs, head, first_chunk
+            encode = span.child("kv.encode", codec=codec.name)
+            payload, manifest = pack_cache(codec, result.kv, model=self.engine.name, rebuild=rebuild, threads=threads)
             encode.end(bytes=int(payload.numel()))
             return payload, manifest, first_chunk
         finally:
             self._running -= 1
+
+    @staticmethod
+    def _stream(pair: ChannelPair, runs, tag: int, codec: str, span: tracing.Span) -> None:
+        """Channel thread: encode each run and send it (`kvchannel.send_parts`). The two spans cover
+        the whole interleaved stretch; their attributes say how much of it each part took."""
+        encode, send = span.child("kv.encode", codec=codec), span.child("kv.send")
+        nbytes, encoding, sending = send_parts(pair, tag, runs)
+        encode.end(bytes=nbytes, busy_ms=round(encoding * 1e3, 2))
+        send.end(bytes=nbytes, busy_ms=round(sending * 1e3, 2))
 
     async def _pair_for(self, decode_replica: str, endpoint: str) -> ChannelPair:
         pair = self.host.channel_client.get(endpoint)

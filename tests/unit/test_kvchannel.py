@@ -91,6 +91,51 @@ def test_kv_cache_round_trips_through_channel_and_codec(backend):
         assert torch.equal(k, gk) and torch.equal(v, gv)
 
 
+def _stream_cache() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(5)
+    return [(torch.randn(1, 3, 40, 64, generator=g), torch.randn(1, 3, 40, 64, generator=g)) for _ in range(30)]
+
+
+def _stream_side(endpoint: str, pair_id: str, backend: str, ready) -> None:
+    from thunderserve.common.kvchannel import send_parts
+    from thunderserve.common.kvcodec import pack_runs
+
+    ready.set()
+    pair = ChannelClient(timeout_s=10, backend=backend).connect(endpoint, pair_id)
+    _, parts = pack_runs(get_codec("int4"), _stream_cache(), rebuild=True, runs=4)
+    send_parts(pair, 1, parts)
+    time.sleep(1.0)
+
+
+def test_a_streamed_cache_decodes_run_by_run_to_the_one_payload_values(backend):
+    """int4 in 4 runs through the channel (each run encoded, sent, received and decoded on its own,
+    the first layer rebuilt by the receiver) gives exactly what one payload gives, and every
+    received buffer is handed back."""
+    from thunderserve.common.kvchannel import BufferPool, recv_parts
+    from thunderserve.common.kvcodec import pack_runs, unpack_runs
+
+    layers = _stream_cache()
+    head, _ = pack_runs(get_codec("int4"), layers, rebuild=True, runs=4)
+    assert head == {"codec": "int4", "layers": 30, "runs": 4, "rebuilt": 1}
+    host = ChannelHost(timeout_s=10)
+    ready = CTX.Event()
+    proc = CTX.Process(target=_stream_side, args=(host.endpoint, "pair-s", backend, ready))
+    proc.start()
+    pair = host.accept("pair-s", backend)
+    pool, released = BufferPool(), []
+
+    def release(buf: torch.Tensor) -> None:
+        released.append(buf.numel())
+        pool.give(buf)
+
+    got = unpack_runs(head, recv_parts(pair, 1, head["runs"], pool), lambda: layers[0], release=release)
+    proc.join(10)
+    assert len(released) == 4
+    expected = unpack_cache(*pack_cache(get_codec("int4"), layers, rebuild=True), lambda: layers[0])
+    for (k, v), (gk, gv) in zip(expected, got, strict=True):
+        assert torch.equal(k, gk) and torch.equal(v, gv)
+
+
 def test_dead_peer_is_an_error_not_a_hang(backend):
     host = ChannelHost(timeout_s=5)
     proc = _start_sender(host.endpoint, "pair-dead", [(1, b"x" * 10)], backend, die_after=True)

@@ -407,6 +407,29 @@ def test_threads_code_runs_of_layers_to_the_same_values(name: str) -> None:
             assert torch.equal(k, k2) and torch.equal(v, v2)
 
 
+@pytest.mark.parametrize("name", ["int4", "int4-fixed", "int8", "none"])
+def test_runs_decode_to_the_one_payload_values(name: str) -> None:
+    """pack_runs encodes a run only when asked for it; unpack_runs puts the runs back together into
+    exactly what one payload gives, and refuses a transfer that ends early."""
+    from thunderserve.common.kvcodec import pack_runs, unpack_runs
+
+    codec = get_codec(name)
+    shape = (1, 3, 24, 64)
+    layers = [(_kv(shape, i), _kv(shape, 100 + i)) for i in range(30)]
+    rebuild = (lambda: layers[0]) if codec.name == "int4" else None
+    head, parts = pack_runs(codec, layers, rebuild=rebuild is not None, runs=4, threads=2)
+    assert head["runs"] == 4 and head["layers"] == 30
+    first = next(parts)
+    assert sum(len(e.get("layers", [1])) for e in first[1]["entries"]) <= 2 * 8  # one run's layers, not all
+    got = unpack_runs(head, iter([first, *parts]), rebuild, threads=2)
+    expected = unpack_cache(*pack_cache(codec, layers, rebuild=rebuild is not None), rebuild)
+    for (k, v), (k2, v2) in zip(expected, got, strict=True):
+        assert torch.equal(k, k2) and torch.equal(v, v2)
+    _, parts = pack_runs(codec, layers, rebuild=rebuild is not None, runs=4)
+    with pytest.raises(ValueError, match="runs"):
+        unpack_runs(head, iter(list(parts)[:3]), rebuild)
+
+
 def test_mixed_shapes_are_packed_tensor_by_tensor() -> None:
     layers = [(_kv((1, 3, 9, 64), 0), _kv((1, 3, 9, 64), 1)), (_kv((1, 3, 12, 64), 2), _kv((1, 3, 12, 64), 3))]
     payload, manifest = pack_cache(get_codec("int8"), layers)
