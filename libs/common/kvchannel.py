@@ -15,7 +15,9 @@ The decode side is rank 1, the prefill side rank 0. Transfers are tagged so seve
 flight on one pair in any order. Every wait has a timeout and a dead peer surfaces as a
 `ChannelError`, never a hang.
 
-Bulk KV goes here; the small description of it (the manifest, the tag) goes over NATS.
+Bulk KV goes here; the small description of it (the manifest, the tag) goes over NATS. A
+streamed transfer (`send_parts` / `recv_parts`) sends its parts' own descriptions in-band: each
+part is made only once the one before is sent, so nothing about it is known when the handoff goes.
 """
 
 from __future__ import annotations

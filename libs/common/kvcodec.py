@@ -11,7 +11,10 @@ in full precision. Interface (other tools rely on these names):
 A whole cache (one (key, value) pair per layer) travels as one flat uint8 buffer plus a
 small msgpack-able manifest: `pack_cache` / `unpack_cache`. The first layer's KV depends on the
 tokens alone, so a receiver with the model can rebuild it exactly (`engine.first_layer_kv`);
-`int4` then leaves it out (`pack_cache(..., rebuild=True)`).
+`int4` then leaves it out (`pack_cache(..., rebuild=True)`). Or it travels in runs of consecutive
+layers, each a payload and manifest of its own, so the receiver decodes one run while the sender
+encodes the next: `pack_runs` / `unpack_runs` (the channel side: `kvchannel.send_parts` /
+`recv_parts`). Either way a cache codes on several threads when asked (`threads=`).
 """
 
 from __future__ import annotations
