@@ -135,7 +135,9 @@ class ReplicaHost:
 
     def _load_engine(self) -> Engine:
         engine = create_engine(self.args.model, self.args.dtype, self.args.threads)
-        kventropy.warm_up()  # the int4 codec's compiled parts, so the first transfer does not wait
+        # the int4 codec's compiled parts, so the first transfer does not wait
+        log.info("%s: loading the KV codec's kernels (compiled once, ~25 s, on a first start)", self.replica_id)
+        kventropy.warm_up()
         self.codec_threads = self.args.kv_codec_threads or torch.get_num_threads()
         return engine
 
