@@ -76,7 +76,11 @@ def token_exponents(keys: torch.Tensor, query: torch.Tensor, alpha: float) -> to
     keeps the geometric mean of the multipliers, and so the rate, about where it was.
     """
     d = keys.shape[-1]
-    logit = torch.einsum("pbhnd,phd->pbhn", keys, query.float()) / math.sqrt(max(d, 1))
+    return _exponents(torch.einsum("pbhnd,phd->pbhn", keys, query.float()) / math.sqrt(max(d, 1)), alpha)
+
+
+def _exponents(logit: torch.Tensor, alpha: float) -> torch.Tensor:
+    """`token_exponents` from the predicted logits [..., n]."""
     centred = logit - logit.mean(-1, keepdim=True)
     return (centred * (-2 * alpha / math.log(2))).round_().clamp_(-8, 8).to(torch.int32)
 
@@ -110,34 +114,81 @@ def encode_tensor(
         s = parts[0].shape[-2]
         recent = torch.stack([part[..., s - recent_tokens :, :].detach() for part in parts]).to(torch.float16)
         parts = [part[..., : s - recent_tokens, :] for part in parts]
-    sink, x = kvquant.first_pass(parts, sink_tokens, rope_theta, rope_start, rotate)  # [P, B, H, n, D]
-    torch.nan_to_num(x, nan=0.0, posinf=_F16_MAX, neginf=-_F16_MAX, out=x)
-    p, b, h, n, d = x.shape
-    if steps is None:
-        steps = default_steps(x, rotate) if b * n else torch.ones(p, h, d)
-    steps = _wire_steps(steps.reshape(p, h, d))
-    if token_exp is None and token_query is not None and token_alpha:
-        token_exp = token_exponents(x, token_query.reshape(p, h, d), token_alpha)
-    buffers: dict[str, torch.Tensor] = {"steps": steps if stacked else steps[0]}
-    token_inv = torch.ones(p, b, h, n)
-    if token_exp is not None:
-        token_exp = token_exp.reshape(p, b, h, n)
-        token_inv = torch.exp2(token_exp.float() / -2)
-        buffers["tokens"] = torch.from_numpy(rans.encode(token_exp.reshape(p * b * h, n).numpy()))
-    # one stream per (layer, sequence, head, channel), its tokens in order
-    rows = p * b * h
-    inv = steps.float().reciprocal().view(p, 1, h, d).expand(p, b, h, d).reshape(rows, d)
     if transform is not None:
-        streams = _transformed_codes(x.reshape(rows, n, d), _per_row(transform, b), inv.numpy(),
-                                     token_inv.reshape(rows, n).numpy())
+        if steps is None:
+            raise ValueError("coding in a transform needs the steps of its coefficients")
+        *_, h, _, d = parts[0].shape
+        steps = _wire_steps(steps.reshape(len(parts), h, d))
+        query = token_query if token_exp is None and token_alpha else None
+        sink, streams, token_exp = _transformed_streams(parts, steps, sink_tokens, rope_theta, rope_start, query,
+                                                        token_exp, token_alpha, transform)
     else:
+        sink, x = kvquant.first_pass(parts, sink_tokens, rope_theta, rope_start, rotate)  # [P, B, H, n, D]
+        torch.nan_to_num(x, nan=0.0, posinf=_F16_MAX, neginf=-_F16_MAX, out=x)
+        p, b, h, n, d = x.shape
+        if steps is None:
+            steps = default_steps(x, rotate) if b * n else torch.ones(p, h, d)
+        steps = _wire_steps(steps.reshape(p, h, d))
+        if token_exp is None and token_query is not None and token_alpha:
+            token_exp = token_exponents(x, token_query.reshape(p, h, d), token_alpha)
+        rows = p * b * h
+        inv = steps.float().reciprocal().view(p, 1, h, d).expand(p, b, h, d).reshape(rows, d)
+        token_inv = torch.ones(p, b, h, n) if token_exp is None else torch.exp2(token_exp.float() / -2)
         streams = _quantize(x.reshape(rows, n, d).numpy(), inv.numpy(), token_inv.reshape(rows, n).numpy())
+    buffers: dict[str, torch.Tensor] = {"steps": steps if stacked else steps[0]}
+    if token_exp is not None:
+        *lead, n = token_exp.shape
+        buffers["tokens"] = torch.from_numpy(rans.encode(token_exp.reshape(math.prod(lead), n).numpy()))
+    rows, d, n = streams.shape  # one stream per (layer, sequence, head, channel), its tokens in order
     buffers["codes"] = torch.from_numpy(rans.encode(streams.reshape(rows * d, n)))
     if sink is not None:
         buffers["sink"] = sink if stacked else sink[0]
     if recent is not None:
         buffers["recent"] = recent if stacked else recent[0]
     return buffers
+
+
+def _transformed_streams(parts: Sequence[torch.Tensor], steps: torch.Tensor, sink_tokens: int, rope_theta: float,
+                         rope_start: int, token_query: torch.Tensor | None, token_exp: torch.Tensor | None,
+                         token_alpha: float, transform: torch.Tensor
+                         ) -> tuple[torch.Tensor | None, np.ndarray, torch.Tensor | None]:
+    """`encode_tensor`'s work with a transform, one row (layer, sequence, head) at a time, each
+    through cache-resident tiles: the row's tokens after the sink, RoPE undone and made finite
+    (`_prepare_rows`), then their per-token exponents (from `token_query`, or `token_exp` as
+    given), their product with the row's matrix and the rounding. Returns the fp16 sink tokens
+    [P, B, H, k, D], the codes int32 [P * B * H, D, n] and the exponents [P, B, H, n] (or None)."""
+    p = len(parts)
+    b, h, s, d = parts[0].shape
+    k, n = sink_tokens, s - sink_tokens
+    sink = torch.empty(p, b, h, k, d, dtype=torch.float16) if k else None
+    inv = steps.float().reciprocal().numpy()  # [P, H, D]
+    matrices = _per_row(transform, b)
+    cos = nsin = np.empty((0, 0), np.float32)
+    if rope_theta and d:
+        c, sn = kvquant.rope_tables(n, d, float(rope_theta), int(rope_start + k))
+        cos, nsin = c.numpy(), (-sn).numpy()  # undoing RoPE is RoPE by the opposite angle
+    if token_query is not None:
+        token_exp = torch.empty(p, b, h, n, dtype=torch.int32)
+        query = token_query.float().reshape(p, h, d) / math.sqrt(max(d, 1))
+    exps = token_exp.reshape(p, b, h, n) if token_exp is not None else None
+    out = np.empty((p * b * h, d, n), np.int32)
+    x, coeffs = torch.empty(n, d), torch.empty(d, n)
+    ones = np.ones(n, np.float32)
+    r = 0
+    for i, part in enumerate(parts):
+        part = part.detach().float()
+        if sink is not None:
+            sink[i] = part[..., :k, :]
+        for bi in range(b):
+            for hi in range(h):
+                _prepare_rows(np.ascontiguousarray(part[bi, hi, k:].numpy()), cos, nsin, x.numpy())
+                if token_query is not None:
+                    exps[i, bi, hi] = _exponents(torch.mv(x, query[i, hi]), token_alpha)
+                token_inv = ones if exps is None else torch.exp2(exps[i, bi, hi].float() / -2).numpy()
+                torch.mm(matrices[r].t(), x.t(), out=coeffs)
+                _quantize_row(coeffs.numpy(), inv[i, hi], token_inv, out[r])
+                r += 1
+    return sink, out, exps
 
 
 def _dims(shape: tuple[int, ...]) -> tuple[int, int, int, int, int]:
@@ -273,32 +324,19 @@ def _rope_row(row: np.ndarray, scale: float, o: np.ndarray, cos: np.ndarray, sin
         o[c + half] = x2 * cos[c] + x1 * sin[c]
 
 
-# With a transform the cache is taken one row (layer, sequence, head) at a time: torch's matmul
-# computes the row's product into a scratch tile that stays in cache (x @ T, transposed, is
-# T^T @ x^T, and BLAS reads a transposed operand in place, so the product lands in the coder's
-# layout), and these kernels finish it in one pass each.
+# With a transform the cache is taken one row (layer, sequence, head) at a time (`_transformed_streams`
+# and its inverse): torch's matmul computes the row's product into a scratch tile that stays in cache
+# (x @ T, transposed, is T^T @ x^T, and BLAS reads a transposed operand in place, so the product lands
+# in the coder's layout), and these kernels do the rest in one pass each.
 def _per_row(matrices: torch.Tensor, sequences: int) -> torch.Tensor:
     """[P, H, D, D] (or [H, D, D]) -> one fp32 matrix per row [P * B * H, D, D] (a view)."""
     p_h = matrices.float().reshape(-1, 1, *matrices.shape[-3:])
     return p_h.expand(p_h.shape[0], sequences, *p_h.shape[-3:]).reshape(-1, *matrices.shape[-2:])
 
 
-def _transformed_codes(x: torch.Tensor, transform: torch.Tensor, inv: np.ndarray, token_inv: np.ndarray
-                       ) -> np.ndarray:
-    """Rows x f32 [R, n, D] times their matrices transform [R, D, D], divided by the steps (inv
-    [R, D] x token_inv [R, n]) and rounded: int32 [R, D, n]."""
-    r_, n_, d_ = x.shape
-    out = np.empty((r_, d_, n_), np.int32)
-    scratch = torch.empty(d_, n_)
-    for r in range(r_):
-        torch.mm(transform[r].t(), x[r].t(), out=scratch)
-        _quantize_row(scratch.numpy(), inv[r], token_inv[r], out[r])
-    return out
-
-
 def _inverse_transformed(codes: np.ndarray, steps: np.ndarray, token_steps: np.ndarray, inverse: torch.Tensor,
                          cos: np.ndarray, sin: np.ndarray, out: torch.Tensor) -> None:
-    """Inverse of `_transformed_codes` into out f32 [R, n, D], RoPE redone when cos/sin are given."""
+    """Inverse of `_transformed_streams`' codes into out f32 [R, n, D], RoPE redone when cos/sin are given."""
     r_, d_, n_ = codes.shape
     scratch = torch.empty(d_, n_)
     rope = cos.shape[0] > 0
@@ -307,6 +345,24 @@ def _inverse_transformed(codes: np.ndarray, steps: np.ndarray, token_steps: np.n
         torch.mm(scratch.t(), inverse[r], out=out[r])
         if rope:
             _rope_rows(out[r].numpy(), cos, sin)
+
+
+@numba.njit(cache=True, nogil=True)
+def _prepare_rows(src: np.ndarray, cos: np.ndarray, nsin: np.ndarray, out: np.ndarray) -> None:
+    """out f32 [n, D] = src [n, D] with RoPE undone when cos / -sin [n, D / 2] are given (else
+    0 x 0), NaN as 0 and infinities as the largest fp16 (a wire step must stay finite)."""
+    one = np.float32(1.0)
+    top = np.float32(_F16_MAX)
+    rope = cos.shape[0] > 0
+    for t in range(src.shape[0]):
+        o = out[t]
+        row = src[t]
+        if rope:
+            _rope_row(row, one, o, cos[t], nsin[t])
+            row = o
+        for c in range(o.shape[0]):  # branch-free, so it vectorizes
+            v = row[c]
+            o[c] = np.float32(0.0) if v != v else min(max(v, -top), top)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -344,6 +400,7 @@ def warm_up() -> None:
     x = torch.zeros(1, 1, 3, 4)
     for rope_theta in (0.0, 1e4):
         for transform in (None, torch.eye(4).expand(1, 4, 4)):
-            buffers = encode_tensor(x, None, 0, 1, rope_theta, token_exp=torch.zeros(1, 1, 1, 2, dtype=torch.int32),
+            steps = torch.ones(1, 4) if transform is not None else None
+            buffers = encode_tensor(x, steps, 0, 1, rope_theta, token_exp=torch.zeros(1, 1, 1, 2, dtype=torch.int32),
                                     transform=transform)
             decode_tensor(buffers, tuple(x.shape), 0, 1, rope_theta, inverse=transform)
