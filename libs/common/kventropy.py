@@ -101,7 +101,8 @@ def encode_tensor(
     """Encode one KV tensor [B, H, S, D] or a stack of same-shaped ones (a cache's layers, one
     leading axis); returns the named buffers that go on the wire.
 
-    `steps`: [H, D] for one tensor, [P, H, D] for a stack of P (None = `default_steps`).
+    `steps`: [H, D] for one tensor, [P, H, D] for a stack of P (None = `default_steps`; with a
+    `transform` [P, H, D, D], the steps of its coefficients, required).
     The first `sink_tokens` tokens and the last `recent_tokens` travel in fp16 (buffers "sink"
     and "recent"; the first decode steps attend most to the newest tokens). Per-token steps (optional, coded in the
     buffer "tokens"): `token_exp` [P, B, H, n] as given, or for keys `token_query` [P, H, D]
