@@ -656,7 +656,11 @@ def decode_entries(payload: torch.Tensor, manifest: dict[str, Any], threads: int
     """Decode the entries of one `pack_cache` payload (or one run of `pack_runs`), on up to
     `threads` threads (not from inside one of them: they share one pool)."""
     entries = _entry_decoders(payload, manifest)
-    tensors = _run_all([decode for _, _, decode in entries], threads)
+    return _decoded(entries, _run_all([decode for _, _, decode in entries], threads))
+
+
+def _decoded(entries: Sequence[tuple[str, tuple[int, ...] | None, Any]], tensors: Sequence[torch.Tensor]) -> DecodedRun:
+    """Each entry's kind and layers, with its tensor."""
     return DecodedRun([(kind, stack, t) for (kind, stack, _), t in zip(entries, tensors, strict=True)])
 
 
@@ -704,8 +708,7 @@ def unpack_cache(payload: torch.Tensor, manifest: dict[str, Any],
     entries = _entry_decoders(payload, manifest)
     done = _run_all(([rebuild] if rebuilt else []) + [decode for _, _, decode in entries], threads)
     first = done.pop(0) if rebuilt else None
-    run = DecodedRun([(kind, stack, t) for (kind, stack, _), t in zip(entries, done, strict=True)])
-    return assemble(manifest, [run], first)
+    return assemble(manifest, [_decoded(entries, done)], first)
 
 
 @functools.lru_cache(maxsize=1)
@@ -726,8 +729,7 @@ def unpack_runs(head: dict[str, Any], parts: Iterator[tuple[torch.Tensor, dict[s
     def decode_run(payload: torch.Tensor, manifest: dict[str, Any]) -> DecodedRun:
         try:
             run = decode_entries(payload, manifest, threads)
-            tensors = detach_from(payload, [t for _, _, t in run.parts])
-            return DecodedRun([(kind, stack, t) for (kind, stack, _), t in zip(run.parts, tensors, strict=True)])
+            return _decoded(run.parts, detach_from(payload, [t for _, _, t in run.parts]))
         finally:
             if release is not None:
                 release(payload)
