@@ -9,7 +9,7 @@ wire bits per value of the whole cache. Each hop (`--hops`) is measured: "strict
 from the last prompt token, so the first generated token already sees the codec) and "served"
 (the replicas' path: the prefill picks the first token in full precision, and the 32 tokens
 after it are decoded on the compressed cache of the whole prompt). The curve uses the first hop.
-The registered codecs (int8, int4, int4-fixed) are measured by free-running greedy generation (the metric's
+The registered codecs (int8, int8-fixed, int4, int4-fixed) are measured by free-running greedy generation (the metric's
 definition); the trade-off curve (agreement vs bits/value for other quantizer settings, plus
 plain fp16/bf16 casts of the cache as the noise floor of the metric) uses teacher-forced argmax,
 which gives the same prefix up to fp rounding of a batched forward; the JSON reports both for
@@ -186,7 +186,7 @@ def main() -> None:
         print(f"{hop} hop: prefilling {len(prompts)} prompts ...", file=sys.stderr, flush=True)
         cases = ka.build_cases(model, tokenizer, prompts, first_from_prefill=hop == "served")
         curve_cases = curve_cases or cases
-        for name in ("int8", "int4", "int4-fixed"):
+        for name in ("int8", "int8-fixed", "int4", "int4-fixed"):
             exact = ka.evaluate(model, cases, get_codec(name), exact=True, eos=eos)
             fast = ka.evaluate(model, cases, get_codec(name), exact=False, eos=eos)
             row = {"hop": hop, **exact.summary()}

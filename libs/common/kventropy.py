@@ -1,4 +1,4 @@
-"""Entropy-coded uniform quantization of KV tensors: the int4 codec's method (DESIGN.md §4).
+"""Entropy-coded uniform quantization of KV tensors: the int4 and int8 codecs' method (DESIGN.md §4).
 
 A fixed-rate code spends each value its channel's width, so a channel's range must cover its
 outliers and every value pays for them. Here every value is rounded to a multiple of its
@@ -97,6 +97,7 @@ def encode_tensor(
     token_alpha: float = 0.0,
     transform: torch.Tensor | None = None,
     recent_tokens: int = 0,
+    fine_bits: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Encode one KV tensor [B, H, S, D] or a stack of same-shaped ones (a cache's layers, one
     leading axis); returns the named buffers that go on the wire.
@@ -109,6 +110,8 @@ def encode_tensor(
     and `token_alpha` to compute them from the keys (`token_exponents`). The wire size follows
     the content: the steps fix the error, not the rate.
     """
+    if fine_bits not in (0, FINE_BITS):
+        raise ValueError(f"unsupported fine_bits {fine_bits} (0 or {FINE_BITS})")
     stacked, parts = _stacked(t)
     recent = None
     if recent_tokens:
@@ -122,7 +125,7 @@ def encode_tensor(
         steps = _wire_steps(steps.reshape(len(parts), h, d))
         query = token_query if token_exp is None and token_alpha else None
         sink, streams, token_exp = _transformed_streams(parts, steps, sink_tokens, rope_theta, rope_start, query,
-                                                        token_exp, token_alpha, transform)
+                                                        token_exp, token_alpha, transform, fine_bits)
     else:
         sink, x = kvquant.first_pass(parts, sink_tokens, rope_theta, rope_start, rotate)  # [P, B, H, n, D]
         torch.nan_to_num(x, nan=0.0, posinf=_F16_MAX, neginf=-_F16_MAX, out=x)
@@ -133,7 +136,7 @@ def encode_tensor(
         if token_exp is None and token_query is not None and token_alpha:
             token_exp = token_exponents(x, token_query.reshape(p, h, d), token_alpha)
         rows = p * b * h
-        inv = steps.float().reciprocal().view(p, 1, h, d).expand(p, b, h, d).reshape(rows, d)
+        inv = (steps.float().reciprocal() * (1 << fine_bits)).view(p, 1, h, d).expand(p, b, h, d).reshape(rows, d)
         token_inv = torch.ones(p, b, h, n) if token_exp is None else torch.exp2(token_exp.float() / -2)
         streams = _quantize(x.reshape(rows, n, d).numpy(), inv.numpy(), token_inv.reshape(rows, n).numpy())
     buffers: dict[str, torch.Tensor] = {"steps": steps if stacked else steps[0]}
@@ -141,6 +144,8 @@ def encode_tensor(
         *lead, n = token_exp.shape
         buffers["tokens"] = torch.from_numpy(rans.encode(token_exp.reshape(math.prod(lead), n).numpy()))
     rows, d, n = streams.shape  # one stream per (layer, sequence, head, channel), its tokens in order
+    if fine_bits:
+        buffers["fine"] = torch.from_numpy(_split_fine(streams.reshape(-1)))
     buffers["codes"] = torch.from_numpy(rans.encode(streams.reshape(rows * d, n)))
     if sink is not None:
         buffers["sink"] = sink if stacked else sink[0]
@@ -151,7 +156,7 @@ def encode_tensor(
 
 def _transformed_streams(parts: Sequence[torch.Tensor], steps: torch.Tensor, sink_tokens: int, rope_theta: float,
                          rope_start: int, token_query: torch.Tensor | None, token_exp: torch.Tensor | None,
-                         token_alpha: float, transform: torch.Tensor
+                         token_alpha: float, transform: torch.Tensor, fine_bits: int = 0,
                          ) -> tuple[torch.Tensor | None, np.ndarray, torch.Tensor | None]:
     """`encode_tensor`'s work with a transform, one row (layer, sequence, head) at a time, each
     through cache-resident tiles: the row's tokens after the sink, RoPE undone and made finite
@@ -162,7 +167,7 @@ def _transformed_streams(parts: Sequence[torch.Tensor], steps: torch.Tensor, sin
     b, h, s, d = parts[0].shape
     k, n = sink_tokens, s - sink_tokens
     sink = torch.empty(p, b, h, k, d, dtype=torch.float16) if k else None
-    inv = steps.float().reciprocal().numpy()  # [P, H, D]
+    inv = (steps.float().reciprocal() * (1 << fine_bits)).numpy()  # [P, H, D]
     matrices = _per_row(transform, b)
     cos = nsin = np.empty((0, 0), np.float32)
     if rope_theta and d:
@@ -208,17 +213,18 @@ def decoded_token_exponents(buffers: dict[str, torch.Tensor], shape: tuple[int, 
     return torch.from_numpy(rans.decode(buffers["tokens"].numpy(), p * b * h, n)).view(p, b, h, n)
 
 
-def _steps(buffers: dict[str, torch.Tensor], shape: tuple[int, ...], sink_tokens: int) -> torch.Tensor:
+def _steps(buffers: dict[str, torch.Tensor], shape: tuple[int, ...], sink_tokens: int,
+           fine_bits: int = 0) -> torch.Tensor:
     """Every quantized value's step, broadcastable to [P, B, H, n, D]."""
     p, _, h, _, d = _dims(shape)
-    steps = buffers["steps"].float().reshape(p, 1, h, 1, d)
+    steps = buffers["steps"].float().reshape(p, 1, h, 1, d) / (1 << fine_bits)
     exps = decoded_token_exponents(buffers, shape, sink_tokens)
     return steps if exps is None else steps * torch.exp2(exps.float() / 2).unsqueeze(-1)
 
 
 def decode_tensor(buffers: dict[str, torch.Tensor], shape: tuple[int, ...], rotate: int, sink_tokens: int,
                   rope_theta: float = 0.0, rope_start: int = 0, inverse: torch.Tensor | None = None,
-                  recent_tokens: int = 0) -> torch.Tensor:
+                  recent_tokens: int = 0, fine_bits: int = 0) -> torch.Tensor:
     """Inverse of `encode_tensor`: fp32 of `shape` ([B, H, S, D], or [P, B, H, S, D] for a stack).
     `inverse` [P, H, D, D]: the inverse of the encoder's `transform`."""
     p, b, h, s, d = _dims(shape)
@@ -226,9 +232,15 @@ def decode_tensor(buffers: dict[str, torch.Tensor], shape: tuple[int, ...], rota
     n = s - k - m
     rows = p * b * h
     codes = rans.decode(buffers["codes"].numpy(), rows * d, n).reshape(rows, d, n)
+    if fine_bits:
+        fine = buffers.get("fine")
+        if fine is None or fine.numel() != _fine_bytes(codes.size, fine_bits):
+            raise ValueError(f"a KV tensor coded with {fine_bits} fine bits per value lacks them or has too few")
+        _join_fine(codes.reshape(-1), fine.numpy())
     exps = decoded_token_exponents(buffers, shape, k, m)
     token_steps = (torch.exp2(exps.float() / 2) if exps is not None else torch.ones(p, b, h, n)).reshape(rows, n)
-    steps = buffers["steps"].float().reshape(p, 1, h, d).expand(p, b, h, d).reshape(rows, d).contiguous()
+    steps = (buffers["steps"].float() / (1 << fine_bits)).reshape(p, 1, h, d).expand(p, b, h, d).reshape(rows, d)
+    steps = steps.contiguous()
     # the output is written in place: the fp16 ends copied in, the body decoded straight into it
     out = torch.empty(rows, s, d)
     if k:
@@ -251,17 +263,17 @@ def decode_tensor(buffers: dict[str, torch.Tensor], shape: tuple[int, ...], rota
 
 def error_bound(buffers: dict[str, torch.Tensor], shape: tuple[int, ...], rotate: int, sink_tokens: int,
                 rope_theta: float = 0.0, rope_start: int = 0, inverse: torch.Tensor | None = None,
-                recent_tokens: int = 0) -> torch.Tensor:
+                recent_tokens: int = 0, fine_bits: int = 0) -> torch.Tensor:
     """Per-value bound on |decoded - original| from quantization alone: half the value's
     step in the quantized domain, carried back through the inverse transform (a sum of
     |weight| x bound), the rotation and RoPE (0 for the fp16 sink and recent tokens)."""
     if recent_tokens:
         *lead, s, d = shape
         body = error_bound(buffers, (*lead, s - recent_tokens, d), rotate, sink_tokens, rope_theta, rope_start,
-                           inverse)
+                           inverse, fine_bits=fine_bits)
         return torch.cat((body, torch.zeros(*lead, recent_tokens, d)), -2)
     p, b, h, s, d = _dims(shape)
-    half = (_steps(buffers, shape, sink_tokens) / 2).expand(p, b, h, s - sink_tokens, d)
+    half = (_steps(buffers, shape, sink_tokens, fine_bits) / 2).expand(p, b, h, s - sink_tokens, d)
     if inverse is not None:
         half = torch.matmul(half, inverse.float().abs().reshape(p, 1, h, d, d))
     return kvquant.propagate_bound(half, rotate, rope_theta, rope_start, sink_tokens).reshape(shape)
@@ -395,6 +407,41 @@ def _rope_rows(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
         _rope_row(x[t], one, x[t], cos[t], sin[t])
 
 
+FINE_BITS = 4  # the one width of fine bits: two codes' low bits per byte, a pass that vectorizes
+
+
+def _fine_bytes(values: int, fine_bits: int) -> int:
+    return -(-values * fine_bits // 8)
+
+
+@numba.njit(cache=True, nogil=True)
+def _split_fine(codes: np.ndarray) -> np.ndarray:
+    """codes int32 [N] -> their low 4 bits, two per byte (the even code's in the low nibble);
+    the codes keep the rest, shifted down in place (an arithmetic shift: floor for negatives)."""
+    n = codes.shape[0]
+    out = np.zeros((n + 1) // 2, np.uint8)
+    for i in range(n // 2):
+        a, b = codes[2 * i], codes[2 * i + 1]
+        out[i] = np.uint8((a & 15) | ((b & 15) << 4))
+        codes[2 * i], codes[2 * i + 1] = a >> 4, b >> 4
+    if n % 2:
+        out[n // 2] = np.uint8(codes[n - 1] & 15)
+        codes[n - 1] >>= 4
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _join_fine(codes: np.ndarray, fine: np.ndarray) -> None:
+    """Inverse of `_split_fine`, in place on codes int32 [N]."""
+    n = codes.shape[0]
+    for i in range(n // 2):
+        f = np.int32(fine[i])
+        codes[2 * i] = (codes[2 * i] << 4) | (f & 15)
+        codes[2 * i + 1] = (codes[2 * i + 1] << 4) | (f >> 4)
+    if n % 2:
+        codes[n - 1] = (codes[n - 1] << 4) | (np.int32(fine[n // 2]) & 15)
+
+
 def warm_up() -> None:
     """Compile the coder and the fused kernels now (or load them from numba's cache), not on
     the first transfer: a cold compile takes ~30 s, a cached load about a second."""
@@ -402,6 +449,7 @@ def warm_up() -> None:
     for rope_theta in (0.0, 1e4):
         for transform in (None, torch.eye(4).expand(1, 4, 4)):
             steps = torch.ones(1, 4) if transform is not None else None
-            buffers = encode_tensor(x, steps, 0, 1, rope_theta, token_exp=torch.zeros(1, 1, 1, 2, dtype=torch.int32),
-                                    transform=transform)
-            decode_tensor(buffers, tuple(x.shape), 0, 1, rope_theta, inverse=transform)
+            for fine_bits in (0, 4):
+                buffers = encode_tensor(x, steps, 0, 1, rope_theta, transform=transform, fine_bits=fine_bits,
+                                        token_exp=torch.zeros(1, 1, 1, 2, dtype=torch.int32))
+                decode_tensor(buffers, tuple(x.shape), 0, 1, rope_theta, inverse=transform, fine_bits=fine_bits)

@@ -33,8 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "stand in for the plan's GPUs. Replaces --prefill and --decode")
     parser.add_argument("--kv-codec", default=config.env("KV_CODEC", None), choices=codec_names(),
                         help=f"KV-cache codec on the prefill->decode hop (default {DEFAULT_CODEC}: entropy-coded, the "
-                        "most accurate at ~4.5 bits/value; int4-fixed: fixed-rate, ~2x as fast on the CPU; a plan "
-                        "or a request that names a codec wins)")
+                        "most accurate at ~4.5 bits/value; int8: the same with 16x finer steps, ~8.5 bits/value; "
+                        "int4-fixed / int8-fixed: fixed-rate, less accurate, 2-10x as fast on the CPU; a plan or a "
+                        "request that names a codec wins)")
     parser.add_argument("--host", default=config.env("HTTP_HOST", "127.0.0.1"), help="HTTP listen address")
     parser.add_argument("--http-port", type=int, default=config.env("HTTP_PORT", 8000, int),
                         help="HTTP port (default 8000)")

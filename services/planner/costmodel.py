@@ -21,8 +21,9 @@ from .catalog import GPUSpec
 from .model import ModelSpec
 
 # KV-codec payload size relative to fp16, at 2,000 tokens (docs/benchmarks.md, "KV codec": int4 is
-# entropy-coded, ~4.45 bits per value on a real SmolLM2 cache; int4-fixed 4.56).
-CODEC_RATIO: dict[str, float] = {"none": 1.0, "int8": 0.53, "int4": 0.28, "int4-fixed": 0.285}
+# entropy-coded, ~4.45 bits per value on a real SmolLM2 cache; int4-fixed 4.56; int8 is int4 plus 4 bits
+# sent as they are, ~8.5; int8-fixed 8.51).
+CODEC_RATIO: dict[str, float] = {"none": 1.0, "int8": 0.53, "int8-fixed": 0.53, "int4": 0.28, "int4-fixed": 0.285}
 CODECS: tuple[str, ...] = ("none", "int8", "int4")  # least to most compressed
 
 

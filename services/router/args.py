@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--http-port", type=int, default=config.env("HTTP_PORT", 8000, int),
                        help="HTTP port (env THUNDERSERVE_HTTP_PORT; default 8000)")
     group.add_argument("--kv-codec", default=config.env("KV_CODEC", None),
-                       help="KV codec requested for transfers (none, int8, int4; default: the replicas')")
+                       help="KV codec requested for transfers (none, int8, int4, int8-fixed, int4-fixed; default: "
+                       "the replicas')")
     group.add_argument("--replica-timeout", type=float, default=config.env("REPLICA_TIMEOUT", 2.0, float),
                        help="seconds without a heartbeat before a replica counts as dead (default 2)")
     group.add_argument("--request-timeout", type=float, default=config.env("REQUEST_TIMEOUT", 120.0, float),

@@ -22,8 +22,9 @@ from thunderserve.common.kvcodec import (
 )
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-GROUP_CODECS = ["int8", "int4-fixed"]  # fixed-rate group quantization (kvquant)
-QUANT_CODECS = [*GROUP_CODECS, "int4"]  # int4: entropy-coded (kventropy)
+GROUP_CODECS = ["int8-fixed", "int4-fixed"]  # fixed-rate group quantization (kvquant)
+ENTROPY_CODECS = ["int4", "int8"]  # entropy-coded (kventropy); int8 with 4 fine bits sent as they are
+QUANT_CODECS = [*GROUP_CODECS, *ENTROPY_CODECS]
 
 
 def _kv(shape: tuple[int, ...], seed: int, dtype: torch.dtype = torch.float32, outliers: bool = True):
@@ -53,7 +54,7 @@ def _assert_within_bound(codec, x: torch.Tensor, kind: str) -> None:
 
 
 def test_registry_and_default() -> None:
-    assert {"none", "int8", "int4", "int4-fixed"} <= set(codec_names())
+    assert {"none", "int8", "int8-fixed", "int4", "int4-fixed"} <= set(codec_names())
     assert DEFAULT_CODEC == "int4"
     with pytest.raises(ValueError):
         get_codec("int3")
@@ -143,7 +144,7 @@ def test_decode_uses_transmitted_params() -> None:
     x = _kv((1, 3, 40, 64), 7)
     payload, manifest = pack_cache(GroupQuantCodec(spec, spec), [(x, x)])
     manifest = msgpack.unpackb(msgpack.packb(manifest))
-    manifest["codec"] = "int8"  # GroupQuantCodec's registered name
+    manifest["codec"] = "int8-fixed"  # GroupQuantCodec's registered name
     (k, _v), = unpack_cache(payload, manifest)
     _assert_within_bound(GroupQuantCodec(spec, spec), x, "key")
     assert (k - x).abs().max() < 1.0
@@ -332,7 +333,7 @@ def test_wire_size_ratio_targets() -> None:
     values = sum(k.numel() + v.numel() for k, v in layers)
     fp16_bytes = values * 2
     sizes = {name: pack_cache(get_codec(name), layers)[0].numel() for name in GROUP_CODECS}
-    assert fp16_bytes / sizes["int8"] >= 1.8
+    assert fp16_bytes / sizes["int8-fixed"] >= 1.8
     assert fp16_bytes / sizes["int4-fixed"] >= 3.5
     assert sizes["int4-fixed"] * 8 / values <= 4.57
     # int4's size follows the content; on a real cache it is checked in test_kvcodec_accuracy.
@@ -363,7 +364,7 @@ def test_pack_cache_roundtrip(name: str) -> None:
 
 
 @pytest.mark.parametrize("batch", [1, 2])
-@pytest.mark.parametrize("name", ["int4", "int4-fixed"])
+@pytest.mark.parametrize("name", ["int4", "int4-fixed", "int8"])
 def test_stacked_layers_decode_as_one_by_one(batch: int, name: str) -> None:
     """The calibrated 30-layer int4 paths (int4-fixed: per-layer widths and query weights,
     values grouped by bits; int4: per-layer steps) decode to exactly what each layer's own
@@ -376,7 +377,7 @@ def test_stacked_layers_decode_as_one_by_one(batch: int, name: str) -> None:
     out = unpack_cache(payload, manifest)
     for i, ((k, v), (k2, v2)) in enumerate(zip(layers, out, strict=True)):
         layer_codec = codec.for_layer(i, 30, shape)
-        if name == "int4":  # a layer's values take its keys' per-token steps: encode the pair
+        if name in ENTROPY_CODECS:  # a layer's values take its keys' per-token steps: encode the pair
             pk, pv = layer_codec.encode_layers([(k, v)])
             assert torch.equal(layer_codec.decode(pk)[0], k2) and torch.equal(layer_codec.decode(pv)[0], v2)
             assert torch.equal(layer_codec.decode(layer_codec.encode(k, kind="key")), k2)
@@ -385,7 +386,7 @@ def test_stacked_layers_decode_as_one_by_one(batch: int, name: str) -> None:
         assert torch.equal(layer_codec.decode(layer_codec.encode(v, kind="value")), v2)
 
 
-@pytest.mark.parametrize("name", ["int4", "int4-fixed", "int8", "none"])
+@pytest.mark.parametrize("name", ["int4", "int4-fixed", "int8", "int8-fixed", "none"])
 def test_threads_code_runs_of_layers_to_the_same_values(name: str) -> None:
     """pack_cache on 3 threads codes 3 runs of layers, each its own stacks (first layer rebuilt
     or not); the receiver, on any number of threads, gets exactly the one-thread values, and the
@@ -393,7 +394,7 @@ def test_threads_code_runs_of_layers_to_the_same_values(name: str) -> None:
     codec = get_codec(name)
     shape = (1, 3, 40, 64)
     layers = [(_kv(shape, i), _kv(shape, 100 + i)) for i in range(30)]
-    rebuild = (lambda: layers[0]) if codec.name == "int4" else None
+    rebuild = (lambda: layers[0]) if getattr(codec, "rebuilds_first_layer", False) else None
     one_payload, one_manifest = pack_cache(codec, layers, rebuild=rebuild is not None)
     payload, manifest = pack_cache(codec, layers, rebuild=rebuild is not None, threads=3)
     stacks = {tuple(e["layers"]) for e in manifest["entries"] if "layers" in e}
@@ -407,7 +408,7 @@ def test_threads_code_runs_of_layers_to_the_same_values(name: str) -> None:
             assert torch.equal(k, k2) and torch.equal(v, v2)
 
 
-@pytest.mark.parametrize("name", ["int4", "int4-fixed", "int8", "none"])
+@pytest.mark.parametrize("name", ["int4", "int4-fixed", "int8", "int8-fixed", "none"])
 def test_runs_decode_to_the_one_payload_values(name: str) -> None:
     """pack_runs encodes a run only when asked for it; unpack_runs puts the runs back together into
     exactly what one payload gives, and refuses a transfer that ends early."""
@@ -416,7 +417,7 @@ def test_runs_decode_to_the_one_payload_values(name: str) -> None:
     codec = get_codec(name)
     shape = (1, 3, 24, 64)
     layers = [(_kv(shape, i), _kv(shape, 100 + i)) for i in range(30)]
-    rebuild = (lambda: layers[0]) if codec.name == "int4" else None
+    rebuild = (lambda: layers[0]) if getattr(codec, "rebuilds_first_layer", False) else None
     head, parts = pack_runs(codec, layers, rebuild=rebuild is not None, runs=4, threads=2)
     assert head["runs"] == 4 and head["layers"] == 30
     first = next(parts)
@@ -432,7 +433,7 @@ def test_runs_decode_to_the_one_payload_values(name: str) -> None:
 
 def test_mixed_shapes_are_packed_tensor_by_tensor() -> None:
     layers = [(_kv((1, 3, 9, 64), 0), _kv((1, 3, 9, 64), 1)), (_kv((1, 3, 12, 64), 2), _kv((1, 3, 12, 64), 3))]
-    payload, manifest = pack_cache(get_codec("int8"), layers)
+    payload, manifest = pack_cache(get_codec("int8-fixed"), layers)
     assert len(manifest["entries"]) == 4 and all("layers" not in e for e in manifest["entries"])
     out = unpack_cache(payload, manifest)
     assert [tuple(k.shape) for k, _ in out] == [(1, 3, 9, 64), (1, 3, 12, 64)]

@@ -47,10 +47,13 @@ def test_int8_and_int4_regression(setup) -> None:
     from thunderserve.common.kvcodec import GroupQuantCodec, QuantSpec, get_codec
 
     int8 = _eval(setup, get_codec("int8"))
+    int8_fixed = _eval(setup, get_codec("int8-fixed"))
     fixed = _eval(setup, get_codec("int4-fixed"))
     int4 = _eval(setup, get_codec("int4"))
     plain = _eval(setup, GroupQuantCodec(QuantSpec(4, 64, "channel"), QuantSpec(4, 64, "token")))
-    assert int8.kl < 1e-4 and int8.agreement >= 0.85
+    assert int8_fixed.kl < 1e-4 and int8_fixed.agreement >= 0.85
+    # int4's method with 16x finer steps, at the same wire size: the KL over 5x smaller (measured ~20x).
+    assert int8.kl < 0.2 * int8_fixed.kl and int8.agreement >= 0.9
     # Pre-RoPE keys with query-weighted widths, sink tokens, Gaussian levels for values and
     # calibrated per-layer widths: plain int4's KL divided by more than 5 (measured ~10).
     assert fixed.kl < 0.2 * plain.kl
@@ -62,7 +65,8 @@ def test_int8_and_int4_regression(setup) -> None:
 
 def test_int4_wire_size_on_a_real_cache(setup) -> None:
     """The issue's wire-size target on a real 2,000-token SmolLM2 cache (the accuracy prompts,
-    one after another): int4 <= 4.57 bits per value, everything included."""
+    one after another): int4 <= 4.57 bits per value, everything included; int8 no larger than
+    the fixed-rate int8."""
     from thunderserve.common.kvcodec import get_codec, pack_cache
 
     ka, model, tokenizer, _ = setup
@@ -70,8 +74,9 @@ def test_int4_wire_size_on_a_real_cache(setup) -> None:
     values = sum(k.numel() + v.numel() for k, v in layers)
     # as the replicas send it: int4 leaves the first layer to the decoder (rebuilt from the tokens)
     bits = {name: pack_cache(get_codec(name), layers, rebuild=True)[0].numel() * 8 / values
-            for name in ("int4", "int4-fixed")}
+            for name in ("int4", "int4-fixed", "int8", "int8-fixed")}
     assert bits["int4"] <= 4.57 and bits["int4-fixed"] <= 4.57, bits
+    assert bits["int8"] <= bits["int8-fixed"] <= 8.6, bits  # int4's coded part and 4 bits beside it
 
 
 @pytest.mark.xfail(reason="issue-3 targets not reached: see docs/benchmarks.md 'KV codec'", strict=False)

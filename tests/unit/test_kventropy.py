@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import msgpack
+import numpy as np
 import pytest
 import torch
 
 from thunderserve.common import kventropy, kvprofiles, kvquant, rans
-from thunderserve.common.kvcodec import EntropyCodec, get_codec, pack_cache, unpack_cache
+from thunderserve.common.kvcodec import EntropyCodec, FineEntropyCodec, get_codec, pack_cache, unpack_cache
 
 
 def _kv(shape: tuple[int, ...], seed: int, scale: float = 1.0) -> torch.Tensor:
@@ -65,6 +67,43 @@ def test_steps_set_the_error_and_travel() -> None:
         sizes.append(packed.buffers["codes"].numel() * 8 / x[..., 1:, :].numel())
     assert errs[1] < 0.6 * errs[0]
     assert 0.8 < sizes[1] - sizes[0] < 1.3  # a bit, plus the wider alphabet's longer tables
+
+
+@pytest.mark.parametrize("count", [1000, 1001])
+def test_fine_bits_split_and_join(count: int) -> None:
+    """A code's low 4 bits come off into packed bytes and go back on, negatives and an odd count included."""
+    codes = np.random.default_rng(count).integers(-5000, 5000, count).astype(np.int32)
+    coarse = codes.copy()
+    fine = kventropy._split_fine(coarse)
+    assert fine.nbytes == (count + 1) // 2 and np.array_equal(fine[:2], [(codes[0] & 15) | (codes[1] & 15) << 4,
+                                                                           (codes[2] & 15) | (codes[3] & 15) << 4])
+    assert np.array_equal(coarse, codes >> 4)
+    kventropy._join_fine(coarse, fine)
+    assert np.array_equal(coarse, codes)
+    with pytest.raises(ValueError, match="fine_bits"):
+        kventropy.encode_tensor(torch.zeros(1, 1, 4, 8), None, 0, 1, fine_bits=3)
+
+
+def test_fine_bits_cut_the_error_and_add_only_their_own_bits() -> None:
+    """int8 is int4's method with steps 16x finer: the same coded part (the codes' high bits have
+    int4's distribution), 4 raw bits per value beside it, and a 16x smaller error bound. A payload
+    without its fine bits is refused."""
+    x = _kv((1, 3, 2000, 64), 4)
+    steps = torch.full((3, 64), 0.1)
+    coarse, fine = EntropyCodec(steps, steps), FineEntropyCodec(steps, steps)
+    packed = [codec.encode(x, kind="key") for codec in (coarse, fine)]
+    values = x[..., 1:-1, :].numel()
+    assert packed[1].buffers["fine"].numel() == values // 2 and packed[1].params["fine_bits"] == 4
+    coded = [p.buffers["codes"].numel() * 8 / values for p in packed]
+    assert abs(coded[1] - coded[0]) < 0.05, coded  # floor(y / s) costs what round(y / s) does
+    y = get_codec("int4").decode(packed[1])  # any entropy codec decodes what the params say
+    bounds = [get_codec("int4").error_bound(p) for p in packed]
+    assert torch.allclose(bounds[1] * 16, bounds[0])
+    err, bound = (y - x)[..., 1:-1, :].abs(), bounds[1][..., 1:-1, :]  # the ends travel in fp16
+    assert bool((err <= bound + 1e-6).all()) and float(err.max()) > 0.4 * float(bound.max())
+    short = dict(packed[1].buffers, fine=packed[1].buffers["fine"][:-1])
+    with pytest.raises(ValueError, match="fine bits"):
+        get_codec("int8").decode(replace(packed[1], buffers=short))
 
 
 def test_huge_and_non_finite_values() -> None:
