@@ -28,6 +28,7 @@ import httpx
 from backbone_common import finish, host_info, median, percentile, progress, prompt_text, r, save_plot
 
 from thunderserve.common import tracing
+from thunderserve.common.kvcodec import codec_names
 from thunderserve.common.models import load_tokenizer
 from thunderserve.launcher.cluster import LocalCluster
 
@@ -105,7 +106,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=12, help="requests per prompt length (plus one warm-up)")
     p.add_argument("--prompt-tokens", type=int, nargs="+", default=[32, 512, 1500], help="prompt lengths")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request")
-    p.add_argument("--kv-codec", default="int4", choices=("none", "int8", "int4"), help="KV codec (default int4)")
+    p.add_argument("--kv-codec", default="int4", choices=codec_names(), help="KV codec (default int4)")
     p.add_argument("--stream-runs", type=int, default=1,
                    help="the replicas' --kv-stream-runs (default 1: one payload, each span its own step)")
     p.add_argument("--no-plot", action="store_true", help="do not write docs/backbone_trace.png")
