@@ -20,19 +20,22 @@ def _kv(shape: tuple[int, ...], seed: int, scale: float = 1.0) -> torch.Tensor:
 
 @pytest.mark.parametrize("shape", [(1, 3, 2000, 64), (1, 3, 37, 64), (2, 3, 1, 64), (1, 2, 70, 48), (0, 3, 5, 64)])
 @pytest.mark.parametrize("kind", ["key", "value"])
-def test_exact_wire_size(shape: tuple[int, ...], kind: str) -> None:
+@pytest.mark.parametrize("name", ["int4", "int8"])
+def test_exact_wire_size(shape: tuple[int, ...], kind: str, name: str) -> None:
     """fp16 steps (one per head and channel), the fp16 sink (first) and recent (last) tokens, the
-    coded bytes: nothing else."""
-    packed = get_codec("int4").encode(_kv(shape, 1), kind=kind)
+    coded bytes (int8: and 4 fine bits per coded value): nothing else."""
+    packed = get_codec(name).encode(_kv(shape, 1), kind=kind)
     b, h, s, d = shape
     recent = min(1, max(0, s - 1))
+    fine = (b * h * max(0, s - 1 - recent) * d + 1) // 2 if name == "int8" else 0
+    assert packed.buffers["fine"].numel() == fine if name == "int8" else "fine" not in packed.buffers
     assert packed.buffers["steps"].shape == (h, d) and packed.buffers["steps"].dtype == torch.float16
     assert packed.buffers["sink"].shape == (b, h, min(1, s), d)
     assert packed.params["recent_tokens"] == recent
     if recent:
         assert packed.buffers["recent"].shape == (b, h, 1, d) and packed.buffers["recent"].dtype == torch.float16
     codes = packed.buffers["codes"].numel()
-    assert packed.nbytes == 2 * h * d + 2 * b * h * (min(1, s) + recent) * d + codes
+    assert packed.nbytes == 2 * h * d + 2 * b * h * (min(1, s) + recent) * d + codes + fine
 
 
 def test_rate_without_a_profile() -> None:
