@@ -237,13 +237,12 @@ def decode_tensor(buffers: dict[str, torch.Tensor], shape: tuple[int, ...], rota
     codes = rans.decode(buffers["codes"].numpy(), rows * d, n).reshape(rows, d, n)
     if fine_bits:
         fine = buffers.get("fine")
-        if fine is None or fine.numel() != _fine_bytes(codes.size, fine_bits):
+        if fine is None or fine.numel() != (codes.size + 1) // 2:  # two codes' low bits per byte
             raise ValueError(f"a KV tensor coded with {fine_bits} fine bits per value lacks them or has too few")
         _join_fine(codes.reshape(-1), fine.numpy())
     exps = decoded_token_exponents(buffers, shape, k, m)
     token_steps = (torch.exp2(exps.float() / 2) if exps is not None else torch.ones(p, b, h, n)).reshape(rows, n)
-    steps = (buffers["steps"].float() / (1 << fine_bits)).reshape(p, 1, h, d).expand(p, b, h, d).reshape(rows, d)
-    steps = steps.contiguous()
+    steps = buffers["steps"].float().reshape(p, 1, h, d).expand(p, b, h, d).reshape(rows, d) / (1 << fine_bits)
     # the output is written in place: the fp16 ends copied in, the body decoded straight into it
     out = torch.empty(rows, s, d)
     if k:
@@ -408,10 +407,6 @@ def _rope_rows(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
     one = np.float32(1.0)
     for t in range(x.shape[0]):
         _rope_row(x[t], one, x[t], cos[t], sin[t])
-
-
-def _fine_bytes(values: int, fine_bits: int) -> int:
-    return -(-values * fine_bits // 8)
 
 
 @numba.njit(cache=True, nogil=True)
