@@ -158,6 +158,10 @@ def _fit_transforms(rotate: int, sink_tokens: int, rope_theta: float,
 # Layers per stack in `encode_layers`: enough to pay the per-operation overhead once for many short
 # layers, few enough that a stack's temporaries stay in cache (2,000-token layers go one or two at a time).
 STACK_VALUES = 1 << 20
+# An entropy-coded stack's decoded fp32 output stays under glibc's largest mmap threshold (32 MiB,
+# `memory.MMAP_THRESHOLD`), so decoding reuses freed heap pages instead of faulting in fresh ones:
+# a 46 MB output cost ~11,000 page faults, ~20 ms, per decode (a 2,000-token cache goes in 3 stacks).
+ENTROPY_STACK_BYTES = 16 << 20
 
 
 class GroupQuantCodec:
@@ -458,22 +462,26 @@ class EntropyCodec:
     def encode_layers(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], model: str | None = None,
                       first: int = 0, total: int | None = None) -> list[PackedTensor]:
         """A whole cache of same-shaped layers, or its layers first.. of `total` (the decoder
-        rebuilds the ones before, or another call codes the rest): one stack per kind (one coder
-        call each); the values take the per-token steps their keys got."""
+        rebuilds the ones before, or another call codes the rest): stacks of consecutive layers, a
+        key and a value stack each (one coder call per stack), at most `ENTROPY_STACK_BYTES` of fp32
+        per stack; the values take the per-token steps their keys got."""
         shape = tuple(layers[0][0].shape)
         profile = self._profile(total or first + len(layers), shape, model)
-        count = len(layers)
-        codec = (self._from(first, count) if profile is None
-                 else type(self).from_profile(profile, slice(first, first + count)))
+        per_stack = max(1, ENTROPY_STACK_BYTES // max(1, 4 * layers[0][0].numel()))
         out: list[PackedTensor] = []
-        token_exp = None
-        for i, kind in enumerate(("key", "value")):
-            tensors = [layer[i] for layer in layers]
-            params, buffers = codec._encode(tensors, kind, shape, token_exp)
-            token_exp = kventropy.decoded_token_exponents(buffers, (len(layers), *shape), params["sink_tokens"],
-                                                          params["recent_tokens"])
-            out.append(PackedTensor(self.name, kind, (len(layers), *shape), dtype_name(tensors[0].dtype),
-                                    buffers, params, tuple(range(first, first + len(layers)))))
+        for a in range(0, len(layers), per_stack):
+            stack = layers[a : a + per_stack]
+            lo, count = first + a, len(stack)
+            codec = (self._from(lo, count) if profile is None
+                     else type(self).from_profile(profile, slice(lo, lo + count)))
+            token_exp = None
+            for i, kind in enumerate(("key", "value")):
+                tensors = [layer[i] for layer in stack]
+                params, buffers = codec._encode(tensors, kind, shape, token_exp)
+                token_exp = kventropy.decoded_token_exponents(buffers, (count, *shape), params["sink_tokens"],
+                                                              params["recent_tokens"])
+                out.append(PackedTensor(self.name, kind, (count, *shape), dtype_name(tensors[0].dtype),
+                                        buffers, params, tuple(range(lo, lo + count))))
         return out
 
 

@@ -386,6 +386,25 @@ def test_stacked_layers_decode_as_one_by_one(batch: int, name: str) -> None:
         assert torch.equal(layer_codec.decode(layer_codec.encode(v, kind="value")), v2)
 
 
+@pytest.mark.parametrize("name", ENTROPY_CODECS)
+def test_entropy_stacks_stay_under_their_size_cap(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An entropy-coded stack holds at most ENTROPY_STACK_BYTES of fp32 (so its decoded output comes
+    from the heap, not a fresh mmap); cutting a cache into more stacks changes no decoded value."""
+    from thunderserve.common import kvcodec
+
+    codec = get_codec(name)
+    shape = (1, 3, 40, 64)
+    layers = [(_kv(shape, i), _kv(shape, 100 + i)) for i in range(30)]
+    expected = unpack_cache(*pack_cache(codec, layers))
+    layer_bytes = 4 * math.prod(shape)
+    monkeypatch.setattr(kvcodec, "ENTROPY_STACK_BYTES", 4 * layer_bytes + 1)
+    payload, manifest = pack_cache(codec, layers)
+    sizes = [len(e["layers"]) for e in manifest["entries"]]
+    assert sizes == [4, 4] * 7 + [2, 2]  # key and value stacks of 4 layers, then the last 2
+    for (k, v), (k2, v2) in zip(expected, unpack_cache(payload, manifest), strict=True):
+        assert torch.equal(k, k2) and torch.equal(v, v2)
+
+
 @pytest.mark.parametrize("name", ["int4", "int4-fixed", "int8", "int8-fixed", "none"])
 def test_threads_code_runs_of_layers_to_the_same_values(name: str) -> None:
     """pack_cache on 3 threads codes 3 runs of layers, each its own stacks (first layer rebuilt
