@@ -137,7 +137,7 @@ def test_profile_steps_equalise_the_heads() -> None:
 
 
 def test_pack_cache_uses_the_profile_and_stacks_per_kind() -> None:
-    """A SmolLM2-shaped cache: one stack per kind, the profile's steps (of the coefficients in its
+    """A small SmolLM2-shaped cache: one stack per kind, the profile's steps (of the coefficients in its
     bases), RoPE base and bases' name on the wire; another geometry gets steps from its data and
     keys as they are."""
     profile = kvprofiles.find(30, 3, 64)
