@@ -1,10 +1,15 @@
 """Lossless rANS coding of many short streams of small integers (quantized KV-cache codes).
 
 `symbols` is int32 [streams, n]: one row per channel of one attention head, each row with its own
-roughly Laplacian distribution. Each row gets a static table; rows are interleaved four at a time
-(four rANS states, one per row of a *group*), so the decoder has four independent dependency chains
-without paying four state flushes per row: the states run on from one group to the next, and only
-the four final states are stored, once per buffer.
+roughly Laplacian distribution. Each row gets a static table. 64 rANS states code every row in
+turn: state l codes the row's tokens l, l + 64, l + 128, ... So a vector of 16 states loads and
+stores 16 neighbouring tokens and looks them up in one table. The decoder has 64 independent
+chains, 4 vectors of 16 on AVX-512. The states run on from one row to the next, and their final
+values are stored once per buffer.
+
+The data words are coded by `rans_simd.c` (AVX-512, built on first use) where this CPU and a C
+compiler allow, and otherwise by its numba twins here (`_encode_rows`, `_decode_rows`). Both write
+and read the same words.
 
 Why the table coding matters: at n = 2000 a plain table (40 symbols x 12 bits) would cost more than
 the whole budget (0.08 bit/symbol = 160 bits/row). So a row's table is its alphabet window plus one
@@ -19,34 +24,45 @@ in a side section, so any int32 round-trips.
 
 Byte layout (all little-endian)::
 
-    header   36 B: b"TSR" 0x01, u32 streams, u32 n, u32 hdr_len, u32 mtab_len,
+    header   36 B: b"TSR" 0x02, u32 streams, u32 n, u32 hdr_len, u32 mtab_len,
                    u32 meta_words, u32 data_words, u32 n_esc, u32 check
     mtab     mtab_len B: u8 nctx, then per context: u8 k (0 = unused), [u8 lo, k x u8 v]
     hdr      hdr_len B: per row, varint zigzag(lo - previous lo), varint 2 * k + has_escape
     meta     meta_words x u16: final meta state (2 words), then renormalisation words in decode order
-    data     data_words x u16: 4 final states (8 words), renormalisation words, 4 zero pad words
-    esc      n_esc x i32: escaped values in decode order (group, token, lane)
+    data     data_words x u16: the final states of lanes 0 .. min(n, 64) - 1 (u32 each), then the
+             renormalisation words in decode order (rows, blocks of 64 tokens, sets of 16 lanes,
+             lanes)
+    esc      n_esc x i32: escaped values in decode order (row, token)
 
 `check` is FNV-1a over mtab, hdr and esc: a flipped bit there would otherwise decode silently to
 shifted values. The rANS sections are checked instead by the decoder ending exactly on the
-encoder's initial states and on the last word (and the pad words being zero).
+encoder's initial states and on the last word.
 
 rANS details: 32-bit states in [2^15, 2^31) with 16-bit renormalisation, probabilities to 2^11,
-encoder division by an exact 32-bit reciprocal (state < 2^31 keeps the product in int64). The
-decoder looks each slot up in one packed int32 table entry: symbol << 23 | freq << 11 | slot - cum.
-Rows of a final partial group are padded with dummy single-symbol rows, which cost no bits.
+encoder division by an exact reciprocal. The decoder looks each slot up in one packed int32 table
+entry: symbol << 23 | freq << 11 | slot - cum.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import hashlib
+import logging
 import math
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
 
 import numba
 import numpy as np
 
 PROB_BITS = 11
 PROB_SCALE = 1 << PROB_BITS
-LANES = 4  # the group loops are unrolled by hand for four lanes
+LANES = 64  # rANS states: each codes every 64th token of a row
+_SETS = LANES // 16  # vectors of 16 states
 _MASK = PROB_SCALE - 1
 _RANS_L = 1 << 15  # state lower bound; states live in [2^15, 2^31)
 _XMAX_SHIFT = 31 - PROB_BITS  # encoder renormalises when x >= freq << this
@@ -58,7 +74,7 @@ _WIDE_SPAN = 1 << 16  # rows spanning up to this many values find their window b
 _NCTX = 129
 _FIRST_CTX = 0
 _HEADER = 36
-_MAGIC = 0x01525354  # b"TSR\x01"
+_MAGIC = 0x02525354  # b"TSR\x02" (0x01: four states, one row each)
 
 # Weights 2^((v-1)/2) in 8 fractional bits, from integer square roots so every platform agrees.
 _W = np.array([0] + [math.isqrt(1 << (v - 1 + 16)) for v in range(1, _VMAX + 1)], dtype=np.int64)
@@ -75,10 +91,19 @@ _ERR_TEXT = {
 }
 
 _jit = numba.njit(cache=True, nogil=True)
-_inline = numba.njit(cache=True, nogil=True, inline="always")  # per-lane steps: inlined, states stay in registers
+
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- tables
+
+
+@_jit
+def _stored_states(n: int) -> int:
+    """Lane l codes the tokens l, l + LANES, ... of every row: with n < LANES the rest never move."""
+    return min(n, LANES)
+
+
 
 
 @_jit
@@ -132,7 +157,7 @@ def _build_freq(v, vbase, k, freq, cum) -> bool:
 @_jit
 def _enc_table(freq, cum, k, rcp, sh, bias, cmpl, xmax) -> None:
     for i in range(k):
-        f = freq[i]
+        f = np.int64(freq[i])
         if f == 0:
             xmax[i] = 0
             continue
@@ -142,7 +167,7 @@ def _enc_table(freq, cum, k, rcp, sh, bias, cmpl, xmax) -> None:
         # ceil(2^(31+lg) / f) is exact for x < 2^31 and fits 32 bits, so x * rcp fits int64
         rcp[i] = ((1 << (31 + lg)) + f - 1) // f
         sh[i] = 31 + lg
-        bias[i] = cum[i]
+        bias[i] = np.int64(cum[i])
         cmpl[i] = PROB_SCALE - f
         xmax[i] = f << _XMAX_SHIFT
 
@@ -150,8 +175,8 @@ def _enc_table(freq, cum, k, rcp, sh, bias, cmpl, xmax) -> None:
 @_jit
 def _dec_table(freq, cum, k, dtab) -> None:
     for i in range(k):
-        f = freq[i]
-        c = cum[i]
+        f = np.int64(freq[i])
+        c = np.int64(cum[i])
         # int32 arithmetic on a slice: the fill vectorizes (the table costs as much as the row's decoding)
         head = np.int32((i << 23) | (f << 11))
         slots = dtab[c : c + f]
@@ -255,82 +280,47 @@ def _wide_row_stats(row, vrow, wide, mn, span) -> tuple[int, int, int]:
     return mn + start, k, 1
 
 
-@_inline
-def _enc_step(x, j, etab, out, p):
-    """One lane's encoder step for table entry j: flush 16 bits if the state would overflow, then
-    x -> C(s, x) by the exact reciprocal. Returns (x, p)."""
-    u1, u2, u3, u4 = np.uint64(1), np.uint64(2), np.uint64(3), np.uint64(4)
-    nd = np.int64(x >= etab[j + u1])
-    out[np.uint64(p - 1)] = x & 0xFFFF
-    p -= nd
-    x >>= 16 * nd
-    return x + etab[j + u2] + ((x * etab[j]) >> etab[j + u4]) * etab[j + u3], p
-
-
 @_jit
-def _enc_group(sym, sr, r0, lo, kw, esc, v, states, out, p, etab, idx, freq, cum):
-    """rANS-encode rows sr..sr+3 of `sym` (tables: rows r0..r0+3) backwards into out[..p]; returns p.
-
-    etab holds, per lane (2048 apart) and symbol (8 apart): reciprocal, renormalisation bound,
-    cum, M - freq, shift. idx is scratch for the rows' symbol indices, interleaved by lane, so the
-    hot loop keeps one pointer instead of four rows, windows and tables (no register spills)."""
-    n = sym.shape[1]
-    for u in range(LANES):
-        r = r0 + u
-        ke = kw[r] + esc[r]
-        _build_freq(v[r], 0, ke, freq, cum)
-        for i in range(ke):
-            f = freq[i]
-            if f == 0:
-                continue
-            lg = 0
-            while (1 << lg) < f:
-                lg += 1
-            j = u * 2048 + 8 * i
-            # ceil(2^(31+lg) / f) is exact for x < 2^31 and fits 32 bits, so x * rcp fits int64
-            etab[j] = ((1 << (31 + lg)) + f - 1) // f
-            etab[j + 1] = f << _XMAX_SHIFT
-            etab[j + 2] = cum[i]
-            etab[j + 3] = PROB_SCALE - f
-            etab[j + 4] = 31 + lg
-    row0, row1, row2, row3 = sym[sr], sym[sr + 1], sym[sr + 2], sym[sr + 3]
-    lo0, lo1, lo2, lo3 = lo[r0], lo[r0 + 1], lo[r0 + 2], lo[r0 + 3]
-    k0, k1, k2, k3 = np.uint64(kw[r0]), np.uint64(kw[r0 + 1]), np.uint64(kw[r0 + 2]), np.uint64(kw[r0 + 3])
-    for t in range(n):
-        # negative offsets wrap to huge unsigned values, so one min() maps them to the escape too
-        b = 4 * t
-        idx[b] = min(np.uint64(np.int64(row0[t]) - lo0), k0)
-        idx[b + 1] = min(np.uint64(np.int64(row1[t]) - lo1), k1)
-        idx[b + 2] = min(np.uint64(np.int64(row2[t]) - lo2), k2)
-        idx[b + 3] = min(np.uint64(np.int64(row3[t]) - lo3), k3)
-    u1, u2, u3, u4, u8 = np.uint64(1), np.uint64(2), np.uint64(3), np.uint64(4), np.uint64(8)
-    x0, x1, x2, x3 = states[0], states[1], states[2], states[3]
-    # unsigned indices: numba skips its negative-index wraparound code for them
-    for t in range(n - 1, -1, -1):
-        # lanes in reverse so the decoder reads words in lane order
-        tb = np.uint64(t) * u4
-        x3, p = _enc_step(x3, np.uint64(idx[tb + u3]) * u8 + np.uint64(6144), etab, out, p)
-        x2, p = _enc_step(x2, np.uint64(idx[tb + u2]) * u8 + np.uint64(4096), etab, out, p)
-        x1, p = _enc_step(x1, np.uint64(idx[tb + u1]) * u8 + np.uint64(2048), etab, out, p)
-        x0, p = _enc_step(x0, np.uint64(idx[tb]) * u8, etab, out, p)
-    states[0], states[1], states[2], states[3] = x0, x1, x2, x3
+def _encode_rows(sym, lo, k, freq, cum, states, out, p):
+    """The data words, backwards into out[..p); returns the new p. numba twin of
+    `rans_simd_encode_rows` (rans_simd.c), which writes the same words: rows last to first, each
+    row's blocks of LANES tokens last to first, a block's state sets last to first, each set's
+    flushed words in lane order. sym int32 [rows, n]; lo, k: each row's window start and escape
+    index; freq, cum int16 [rows, 256]; states uint32 [LANES], in and out."""
+    rows, n = sym.shape
+    rcp = np.zeros(_KMAX + 1, np.int64)
+    sh = np.zeros(_KMAX + 1, np.int64)
+    bias = np.zeros(_KMAX + 1, np.int64)
+    cmpl = np.zeros(_KMAX + 1, np.int64)
+    xmax = np.zeros(_KMAX + 1, np.int64)
+    x = states.astype(np.int64)
+    for r in range(rows - 1, -1, -1):
+        kr = np.int64(k[r])
+        lor = np.int64(lo[r])
+        _enc_table(freq[r], cum[r], kr + 1, rcp, sh, bias, cmpl, xmax)
+        row = sym[r]
+        t0 = (n - 1) // LANES * LANES
+        while t0 >= 0:
+            for i in range(_SETS - 1, -1, -1):
+                first, end = t0 + 16 * i, min(t0 + 16 * i + 16, n)
+                flushed = 0
+                for t in range(first, end):
+                    # offsets wrap modulo 2^32, as in the vector code: one min maps the escapes to k
+                    j = min((np.int64(row[t]) - lor) & 0xFFFFFFFF, kr)
+                    flushed += x[t - t0] >= xmax[j]
+                p -= flushed
+                w = p
+                for t in range(first, end):
+                    j = min((np.int64(row[t]) - lor) & 0xFFFFFFFF, kr)
+                    xx = x[t - t0]
+                    if xx >= xmax[j]:
+                        out[w] = xx & 0xFFFF
+                        w += 1
+                        xx >>= 16
+                    x[t - t0] = xx + bias[j] + ((xx * rcp[j]) >> sh[j]) * cmpl[j]
+            t0 -= LANES
+    states[:] = x
     return p
-
-
-@_jit
-def _collect_escapes(sym, sr, r0, lo, kw, esc, escv, ne) -> int:
-    """Append rows sr..sr+3's out-of-window values to escv in decode order (token, lane)."""
-    if esc[r0] + esc[r0 + 1] + esc[r0 + 2] + esc[r0 + 3] == 0:
-        return ne
-    for t in range(sym.shape[1]):
-        for u in range(LANES):
-            if esc[r0 + u]:
-                d = np.int64(sym[sr + u, t]) - lo[r0 + u]
-                if d < 0 or d >= kw[r0 + u]:
-                    escv[ne] = sym[sr + u, t]
-                    ne += 1
-    return ne
-
 
 @_jit
 def _put_u32(buf, off, val) -> None:
@@ -451,82 +441,62 @@ def _encode_meta(v, kw, esc, ns):
 
 
 @_jit
-def _encode(symbols):
+def _encode_tables(symbols):
+    """Everything of a buffer but its data words: each row's window, escape flag and table (the
+    frequencies int16 [rows, 256] the data coder takes), the escapes in decode order (row, token),
+    the meta section and the row headers."""
     ns, n = symbols.shape
-    if ns == 0 or n == 0:
-        out = np.zeros(_HEADER, np.uint8)
-        _put_u32(out, 0, _MAGIC)
-        _put_u32(out, 4, ns)
-        _put_u32(out, 8, n)
-        return out
-    ng = (ns + LANES - 1) // LANES
-    nfull = ns // LANES
-    # rows padded to whole groups; the padding rows are constant 0 (one symbol, zero cost)
-    lo = np.zeros(ng * LANES, np.int64)
-    kw = np.ones(ng * LANES, np.int64)
-    esc = np.zeros(ng * LANES, np.int64)
-    v = np.zeros((ng * LANES, 256), np.uint8)
-    v[:, 0] = 1
-    n_esc = 0
+    lo = np.zeros(ns, np.int32)
+    kw = np.zeros(ns, np.int32)
+    esc = np.zeros(ns, np.int64)
+    v = np.zeros((ns, 256), np.uint8)
     wide = np.empty(_WIDE_SPAN, np.int64)
     for r in range(ns):
         lo[r], kw[r], esc[r] = _row_stats(symbols[r], v[r], wide)
-    tail = np.zeros((LANES, n), np.int32)
-    for r in range(nfull * LANES, ns):
-        tail[r - nfull * LANES] = symbols[r]
-
-    # escapes (decode order), and the counts the escape tables were built from
-    escv = np.empty(0, np.int32)
-    total_esc = 0
+    n_esc = 0
+    for r in range(ns):
+        if esc[r]:
+            for t in range(n):
+                d = np.int64(symbols[r, t]) - lo[r]
+                n_esc += d < 0 or d >= kw[r]
+    escv = np.empty(n_esc, np.int32)
+    e = 0
     for r in range(ns):
         if esc[r]:
             for t in range(n):
                 d = np.int64(symbols[r, t]) - lo[r]
                 if d < 0 or d >= kw[r]:
-                    total_esc += 1
-    if total_esc > 0:
-        escv = np.empty(total_esc, np.int32)
-        for g in range(nfull):
-            n_esc = _collect_escapes(symbols, g * LANES, g * LANES, lo, kw, esc, escv, n_esc)
-        if nfull < ng:
-            n_esc = _collect_escapes(tail, 0, nfull * LANES, lo, kw, esc, escv, n_esc)
-
+                    escv[e] = symbols[r, t]
+                    e += 1
     mtab, mwords = _encode_meta(v, kw, esc, ns)
-    mtab_len = mtab.shape[0]
-    meta_words = mwords.shape[0]
-    freq = np.zeros(256, np.int64)
-    cum = np.zeros(256, np.int64)
-
-    # data stream, backwards: tail group first, then full groups last to first
-    cap = ns * n + 2 * LANES + 2
-    dout = np.empty(cap, np.uint16)
-    p = cap
-    states = np.full(LANES, _RANS_L, np.int64)
-    etab = np.zeros(LANES * 2048, np.int64)
-    idx = np.empty(LANES * n, np.uint8)
-    if nfull < ng:
-        r0 = nfull * LANES
-        p = _enc_group(tail, 0, r0, lo, kw, esc, v, states, dout, p, etab, idx, freq, cum)
-    for g in range(nfull - 1, -1, -1):
-        p = _enc_group(symbols, g * LANES, g * LANES, lo, kw, esc, v, states, dout, p, etab, idx, freq, cum)
-    for u in range(LANES - 1, -1, -1):
-        p -= 2
-        dout[p] = states[u] & 0xFFFF
-        dout[p + 1] = states[u] >> 16
-    data_words = cap - p + LANES  # + zero padding so the decoder's look-ahead stays in bounds
-    dstart = p
-
-    # row headers
+    freq = np.zeros((ns, 256), np.int16)
+    cum = np.zeros((ns, 256), np.int16)
+    f64 = np.zeros(256, np.int64)
+    c64 = np.zeros(256, np.int64)
+    for r in range(ns):
+        ke = kw[r] + esc[r]
+        _build_freq(v[r], 0, ke, f64, c64)
+        for i in range(ke):
+            freq[r, i] = f64[i]
+            cum[r, i] = c64[i]
     hdr = np.empty(ns * 16, np.uint8)
     hl = 0
     prev = np.int64(0)
     for r in range(ns):
-        dl = lo[r] - prev
-        prev = lo[r]
+        dl = np.int64(lo[r]) - prev
+        prev = np.int64(lo[r])
         z = (dl << 1) if dl >= 0 else ((-dl) << 1) - 1
         hl = _put_varint(hdr, hl, z)
-        hl = _put_varint(hdr, hl, kw[r] * 2 + esc[r])
+        hl = _put_varint(hdr, hl, np.int64(kw[r]) * 2 + esc[r])
+    return lo, kw, freq, cum, escv, mtab, mwords, hdr[:hl]
 
+
+@_jit
+def _frame(ns, n, mtab, hdr, mwords, states, words, escv):
+    """The buffer: header, meta tables, row headers, meta words, data (final states, then the data
+    words), escapes; the check word over tables, headers and escapes."""
+    mtab_len, hl, meta_words, n_esc = mtab.shape[0], hdr.shape[0], mwords.shape[0], escv.shape[0]
+    data_words = 2 * states.shape[0] + words.shape[0]
     total = _HEADER + mtab_len + hl + 2 * meta_words + 2 * data_words + 4 * n_esc
     out = np.zeros(total, np.uint8)
     _put_u32(out, 0, _MAGIC)
@@ -540,20 +510,20 @@ def _encode(symbols):
     o = _HEADER
     out[o : o + mtab_len] = mtab
     o += mtab_len
-    out[o : o + hl] = hdr[:hl]
+    out[o : o + hl] = hdr
     o += hl
-    # u16 -> bytes as a plain copy (x86 and every numpy target we run on are little-endian)
+    # u16 / u32 -> bytes as plain copies (x86 and every numpy target we run on are little-endian)
     out[o : o + 2 * meta_words] = mwords.view(np.uint8)
     o += 2 * meta_words
-    out[o : o + 2 * (data_words - LANES)] = dout[dstart:].view(np.uint8)
-    o += 2 * (data_words - LANES)
-    o += 2 * LANES
+    out[o : o + 4 * states.shape[0]] = states.view(np.uint8)
+    o += 4 * states.shape[0]
+    out[o : o + 2 * words.shape[0]] = words.view(np.uint8)
+    o += 2 * words.shape[0]
     for i in range(n_esc):
         _put_u32(out, o, np.int64(escv[i]) & 0xFFFFFFFF)
         o += 4
     _put_u32(out, 32, _check(out, mtab_len, hl, total - 4 * n_esc))
     return out
-
 
 # ---------------------------------------------------------------- decoder
 
@@ -568,69 +538,46 @@ def _get_u32(buf, off) -> int:
     )
 
 
-@_inline
-def _dec_step(x, off, dtab, buf, dbase, ptr):
-    """One lane's decoder step (its slot table at dtab[off:]): the symbol index, then x -> D(x),
-    reading 16 bits when the state drops below _RANS_L. Returns (x, ptr, symbol index)."""
-    e = dtab[(np.uint64(x) & np.uint64(_MASK)) + off]
-    x = ((e >> 11) & 0xFFF) * (x >> PROB_BITS) + (e & _MASK)
-    nd = np.int64(x < _RANS_L)
-    q = np.uint64(dbase + 2 * ptr)
-    w = np.int64(buf[q]) | (np.int64(buf[q + np.uint64(1)]) << 8)
-    return (x << (16 * nd)) | (w & -nd), ptr + nd, e >> 23
-
-
-@_inline
-def _emit(o, ut, lo, s, esc, escbuf, ebase, ep, n_esc):
-    """Store symbol index s of a row (window start lo) at o[ut], or its escaped raw value.
-    Returns (ep, ok): ok False when the escape section has run out."""
-    if s != esc:
-        o[ut] = lo + s
-        return ep, True
-    if ep >= n_esc:
-        return ep, False
-    o[ut] = _get_u32(escbuf, ebase + 4 * ep)
-    return ep + 1, True
+@_jit
+def _decode_rows(out, lo, k, freq, cum, states, words, nwords, p):
+    """Inverse of `_encode_rows` (numba twin of `rans_simd_decode_rows`): rows first to last into
+    out int32 [rows, n], an escape as lo + k; words: the data words as bytes, nwords of them, read
+    from word p on (past the end as zeros). Returns the new p, or -1 when it passes the end."""
+    rows, n = out.shape
+    dtab = np.empty(PROB_SCALE, np.int32)
+    x = states.astype(np.int64)
+    for r in range(rows):
+        _dec_table(freq[r], cum[r], np.int64(k[r]) + 1, dtab)
+        row = out[r]
+        lor = np.int64(lo[r])
+        for t0 in range(0, n, LANES):
+            if p > nwords:
+                return -1
+            end = min(t0 + LANES, n)
+            for t in range(t0, end):
+                xx = x[t - t0]
+                e = np.int64(dtab[xx & _MASK])
+                x[t - t0] = ((e >> 11) & 0xFFF) * (xx >> PROB_BITS) + (e & _MASK)
+                row[t] = lor + (e >> 23)  # stored modulo 2^32, as the vector code adds
+            for t in range(t0, end):
+                if x[t - t0] < _RANS_L:
+                    w = 0
+                    if p < nwords:
+                        w = np.int64(words[2 * p]) | (np.int64(words[2 * p + 1]) << 8)
+                    x[t - t0] = (x[t - t0] << 16) | w
+                    p += 1
+    states[:] = x
+    return p if p <= nwords else -1
 
 
 @_jit
-def _dec_group(out, r0, buf, dbase, dw, ptr, states, dtab, lo, escid, escbuf, ebase, n_esc, ep):
-    """Decode rows r0..r0+3 of `out`. Returns (ptr, ep, error).
-
-    dtab holds lane u's slot table at u * PROB_SCALE (the literal offsets below, for PROB_BITS = 11).
-    The four lanes are written out by hand (LANES = 4) so each state stays in a register."""
-    n = out.shape[1]
-    o0, o1, o2, o3 = out[r0], out[r0 + 1], out[r0 + 2], out[r0 + 3]
-    lo0, lo1, lo2, lo3 = lo[0], lo[1], lo[2], lo[3]
-    e0, e1, e2, e3 = escid[0], escid[1], escid[2], escid[3]
-    x0, x1, x2, x3 = states[0], states[1], states[2], states[3]
-    for t in range(n):
-        # at most LANES words are read per token and the section has LANES pad words, so
-        # checking once per token keeps every read in bounds
-        if ptr > dw:
-            return ptr, ep, _ERR_DATA
-        ut = np.uint64(t)  # unsigned indices skip numba's negative-index wraparound code
-        x0, ptr, s = _dec_step(x0, np.uint64(0), dtab, buf, dbase, ptr)
-        ep, ok = _emit(o0, ut, lo0, s, e0, escbuf, ebase, ep, n_esc)
-        x1, ptr, s = _dec_step(x1, np.uint64(2048), dtab, buf, dbase, ptr)
-        ep, ok1 = _emit(o1, ut, lo1, s, e1, escbuf, ebase, ep, n_esc)
-        x2, ptr, s = _dec_step(x2, np.uint64(4096), dtab, buf, dbase, ptr)
-        ep, ok2 = _emit(o2, ut, lo2, s, e2, escbuf, ebase, ep, n_esc)
-        x3, ptr, s = _dec_step(x3, np.uint64(6144), dtab, buf, dbase, ptr)
-        ep, ok3 = _emit(o3, ut, lo3, s, e3, escbuf, ebase, ep, n_esc)
-        if not (ok and ok1 and ok2 and ok3):
-            return ptr, ep, _ERR_ESC
-    states[0], states[1], states[2], states[3] = x0, x1, x2, x3
-    if ptr > dw:
-        return ptr, ep, _ERR_DATA
-    return ptr, ep, 0
-
-
-@_jit
-def _decode(buf, ns, n, out) -> int:
+def _decode_tables(buf, ns, n, lo, kw, esc, freq, cum, states):
+    """Everything of a buffer but its data words: checks the header, sizes, check word and meta
+    section, fills each row's window (lo, kw), escape flag and frequencies, and the final states.
+    Returns (error, byte offset of the data words, their count, byte offset of the escapes)."""
     size = buf.shape[0]
     if size < _HEADER or _get_u32(buf, 0) != _MAGIC or _get_u32(buf, 4) != ns or _get_u32(buf, 8) != n:
-        return _ERR_HEADER
+        return _ERR_HEADER, 0, 0, 0
     hl = _get_u32(buf, 12)
     mtab_len = _get_u32(buf, 16)
     meta_words = _get_u32(buf, 20)
@@ -638,24 +585,21 @@ def _decode(buf, ns, n, out) -> int:
     n_esc = _get_u32(buf, 28)
     if ns == 0 or n == 0:
         empty = hl == 0 and mtab_len == 0 and meta_words == 0 and data_words == 0 and n_esc == 0
-        return 0 if size == _HEADER and empty and _get_u32(buf, 32) == 0 else _ERR_HEADER
+        return (0 if size == _HEADER and empty and _get_u32(buf, 32) == 0 else _ERR_HEADER), 0, 0, 0
     if size != _HEADER + mtab_len + hl + 2 * meta_words + 2 * data_words + 4 * n_esc:
-        return _ERR_HEADER
-    if meta_words < 2 or data_words < 3 * LANES:
-        return _ERR_HEADER
+        return _ERR_HEADER, 0, 0, 0
+    nst = _stored_states(n)
+    if meta_words < 2 or data_words < 2 * nst:
+        return _ERR_HEADER, 0, 0, 0
     if _check(buf, mtab_len, hl, size - 4 * n_esc) != _get_u32(buf, 32):
-        return _ERR_CHECK
-    pad = _HEADER + mtab_len + hl + 2 * meta_words + 2 * (data_words - LANES)
-    for i in range(2 * LANES):
-        if buf[pad + i] != 0:
-            return _ERR_CHECK
+        return _ERR_CHECK, 0, 0, 0
     # meta tables: per context a slot -> symbol table plus freq/cum
     o = _HEADER
     mend = o + mtab_len
     nctx = np.int64(buf[o])
     o += 1
     if nctx > _NCTX:
-        return _ERR_TABLE
+        return _ERR_TABLE, 0, 0, 0
     mlo = np.zeros(_NCTX, np.int64)
     mk = np.zeros(_NCTX, np.int64)
     mfreq = np.zeros((_NCTX, 256), np.int64)
@@ -663,131 +607,120 @@ def _decode(buf, ns, n, out) -> int:
     mslot = np.zeros((_NCTX, PROB_SCALE), np.uint8)
     for c in range(nctx):
         if o >= mend:
-            return _ERR_TABLE
+            return _ERR_TABLE, 0, 0, 0
         k = np.int64(buf[o])
         o += 1
         if k == 0:
             continue
         if o + 1 + k > mend:
-            return _ERR_TABLE
+            return _ERR_TABLE, 0, 0, 0
         a = np.int64(buf[o])
         o += 1
         if a + k > _VMAX + 1:
-            return _ERR_TABLE
+            return _ERR_TABLE, 0, 0, 0
         mlo[c] = a
         mk[c] = k
         for s in range(k):
             if buf[o + s] > _VMAX:
-                return _ERR_TABLE
+                return _ERR_TABLE, 0, 0, 0
         if not _build_freq(buf, o, k, mfreq[c], mcum[c]):
-            return _ERR_TABLE
+            return _ERR_TABLE, 0, 0, 0
         o += k
         for s in range(k):
             for j in range(mfreq[c, s]):
                 mslot[c, mcum[c, s] + j] = s
     if o != mend:
-        return _ERR_TABLE
+        return _ERR_TABLE, 0, 0, 0
     hpos = mend
     hend = mend + hl
     mbase = hend
     xm = _get_u32(buf, mbase) & 0xFFFFFFFF
-    mptr = 2
-    dbase = mbase + 2 * meta_words
-    dw = data_words - LANES
-    ebase = dbase + 2 * data_words
-    states = np.empty(LANES, np.int64)
-    for u in range(LANES):
-        states[u] = _get_u32(buf, dbase + 4 * u)
-        if states[u] < _RANS_L or states[u] >= (1 << 31):
-            return _ERR_CHECK
     if xm < _RANS_L or xm >= (1 << 31):
-        return _ERR_CHECK
-    ptr = 2 * LANES
-    ep = 0
-    ng = (ns + LANES - 1) // LANES
-    dtab = np.empty(LANES * PROB_SCALE, np.int32)  # lane u's slot table at u * PROB_SCALE
-    lo = np.zeros(LANES, np.int64)
-    escid = np.zeros(LANES, np.int64)
+        return _ERR_CHECK, 0, 0, 0
+    mptr = 2
     vrow = np.zeros(256, np.uint8)
-    freq = np.zeros(256, np.int64)
-    cum = np.zeros(256, np.int64)
+    f64 = np.zeros(256, np.int64)
+    c64 = np.zeros(256, np.int64)
     prev = np.int64(0)
-    tail = np.zeros((LANES, n), np.int32)
-    for g in range(ng):
-        for u in range(LANES):
-            r = g * LANES + u
-            if r >= ns:
-                # padding row: one symbol with the whole probability range
-                lo[u] = 0
-                escid[u] = 255
-                dtab[u * PROB_SCALE : (u + 1) * PROB_SCALE] = (PROB_SCALE << 11) | np.arange(PROB_SCALE)
-                continue
-            # row header: two varints
-            vals = np.zeros(2, np.int64)
-            for f in range(2):
-                val = np.int64(0)
-                shift = 0
-                while True:
-                    if hpos >= hend or shift > 35:
-                        return _ERR_HEADER
-                    b = np.int64(buf[hpos])
-                    hpos += 1
-                    val |= (b & 0x7F) << shift
-                    shift += 7
-                    if b < 0x80:
-                        break
-                vals[f] = val
-            z = vals[0]
-            dl = (z >> 1) if (z & 1) == 0 else -((z + 1) >> 1)
-            prev += dl
-            if prev < -(1 << 31) or prev >= (1 << 31):
-                return _ERR_HEADER
-            kwin = vals[1] >> 1
-            has_esc = vals[1] & 1
-            ke = kwin + has_esc
-            if kwin < 1 or kwin > _KMAX:
-                return _ERR_HEADER
-            # the row's table values from the meta stream
-            ctx = _FIRST_CTX
-            peak = 0
-            for i in range(ke):
-                if mk[ctx] == 0:
-                    return _ERR_META
-                slot = xm & _MASK
-                s = np.int64(mslot[ctx, slot])
-                xm = mfreq[ctx, s] * (xm >> PROB_BITS) + slot - mcum[ctx, s]
-                if xm < _RANS_L:
-                    if mptr >= meta_words:
-                        return _ERR_META
-                    q = mbase + 2 * mptr
-                    xm = (xm << 16) | np.int64(buf[q]) | (np.int64(buf[q + 1]) << 8)
-                    mptr += 1
-                val = s + mlo[ctx]
-                vrow[i] = val
-                peak = max(peak, val)
-                ctx = _next_ctx(val, peak)
-            if not _build_freq(vrow, 0, ke, freq, cum):
-                return _ERR_TABLE
-            _dec_table(freq, cum, ke, dtab[u * PROB_SCALE : (u + 1) * PROB_SCALE])
-            lo[u] = prev
-            escid[u] = kwin if has_esc else 255
-        if g * LANES + LANES <= ns:
-            ptr, ep, err = _dec_group(
-                out, g * LANES, buf, dbase, dw, ptr, states, dtab, lo, escid, buf, ebase, n_esc, ep
-            )
-        else:
-            ptr, ep, err = _dec_group(tail, 0, buf, dbase, dw, ptr, states, dtab, lo, escid, buf, ebase, n_esc, ep)
-            for r in range(g * LANES, ns):
-                out[r] = tail[r - g * LANES]
-        if err:
-            return err
-    if hpos != hend or mptr != meta_words or xm != _RANS_L or ptr != dw or ep != n_esc:
-        return _ERR_CHECK
-    for u in range(LANES):
-        if states[u] != _RANS_L:
-            return _ERR_CHECK
-    return 0
+    for r in range(ns):
+        # row header: two varints
+        vals = np.zeros(2, np.int64)
+        for f in range(2):
+            val = np.int64(0)
+            shift = 0
+            while True:
+                if hpos >= hend or shift > 35:
+                    return _ERR_HEADER, 0, 0, 0
+                b = np.int64(buf[hpos])
+                hpos += 1
+                val |= (b & 0x7F) << shift
+                shift += 7
+                if b < 0x80:
+                    break
+            vals[f] = val
+        z = vals[0]
+        dl = (z >> 1) if (z & 1) == 0 else -((z + 1) >> 1)
+        prev += dl
+        if prev < -(1 << 31) or prev >= (1 << 31):
+            return _ERR_HEADER, 0, 0, 0
+        kwin = vals[1] >> 1
+        has_esc = vals[1] & 1
+        ke = kwin + has_esc
+        if kwin < 1 or kwin > _KMAX:
+            return _ERR_HEADER, 0, 0, 0
+        # the row's table values from the meta stream
+        ctx = _FIRST_CTX
+        peak = 0
+        for i in range(ke):
+            if mk[ctx] == 0:
+                return _ERR_META, 0, 0, 0
+            slot = xm & _MASK
+            s = np.int64(mslot[ctx, slot])
+            xm = mfreq[ctx, s] * (xm >> PROB_BITS) + slot - mcum[ctx, s]
+            if xm < _RANS_L:
+                if mptr >= meta_words:
+                    return _ERR_META, 0, 0, 0
+                q = mbase + 2 * mptr
+                xm = (xm << 16) | np.int64(buf[q]) | (np.int64(buf[q + 1]) << 8)
+                mptr += 1
+            val = s + mlo[ctx]
+            vrow[i] = val
+            peak = max(peak, val)
+            ctx = _next_ctx(val, peak)
+        if not _build_freq(vrow, 0, ke, f64, c64):
+            return _ERR_TABLE, 0, 0, 0
+        for i in range(ke):
+            freq[r, i] = f64[i]
+            cum[r, i] = c64[i]
+        lo[r] = prev
+        kw[r] = kwin
+        esc[r] = has_esc
+    if hpos != hend or mptr != meta_words or xm != _RANS_L:
+        return _ERR_CHECK, 0, 0, 0
+    dbase = mbase + 2 * meta_words
+    for u in range(nst):
+        x = _get_u32(buf, dbase + 4 * u)
+        if x < _RANS_L or x >= (1 << 31):
+            return _ERR_CHECK, 0, 0, 0
+        states[u] = x
+    return 0, dbase + 4 * nst, data_words - 2 * nst, dbase + 2 * data_words
 
+
+@_jit
+def _swap_escapes(out, lo, kw, esc, buf, ebase, n_esc) -> int:
+    """The escaped values in place of their escape symbols (decoded as lo + kw), in decode order."""
+    ep = 0
+    for r in range(out.shape[0]):
+        if esc[r]:
+            mark = np.int32(np.int64(lo[r]) + np.int64(kw[r]))  # modulo 2^32, as the data decoder adds
+            row = out[r]
+            for t in range(row.shape[0]):
+                if row[t] == mark:
+                    if ep >= n_esc:
+                        return _ERR_ESC
+                    row[t] = _get_u32(buf, ebase + 4 * ep)
+                    ep += 1
+    return 0 if ep == n_esc else _ERR_CHECK
 
 # ---------------------------------------------------------------- entropy
 
@@ -808,6 +741,72 @@ def _entropy_bits(symbols) -> float:
     return total
 
 
+# ---------------------------------------------------------------- the vector data coder
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "thunderserve"
+
+
+@functools.cache
+def _simd() -> ctypes.CDLL | None:
+    """rans_simd.c, built on first use (cc -O3) into the user's cache and loaded; None where it
+    cannot be built or this CPU lacks AVX-512 (VBMI2), or with THUNDERSERVE_RANS_SIMD=0. The numba
+    twins then code the same words."""
+    if os.environ.get("THUNDERSERVE_RANS_SIMD", "1") == "0" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    src = Path(__file__).with_name("rans_simd.c")
+    flags = ["-O3", "-shared", "-fPIC"]
+    try:
+        code = src.read_bytes()
+        so = _cache_dir() / f"rans_simd-{hashlib.sha256(code + ' '.join(flags).encode()).hexdigest()[:16]}.so"
+        if not so.exists():
+            cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+            if cc is None:
+                log.info("no C compiler: the KV entropy coder runs its numba path")
+                return None
+            so.parent.mkdir(parents=True, exist_ok=True)
+            tmp = so.with_name(f"{so.name}.{os.getpid()}.tmp")
+            subprocess.run([cc, *flags, "-o", str(tmp), str(src)], check=True, capture_output=True, timeout=300)
+            os.replace(tmp, so)  # atomic: processes building at once each leave a whole library
+        lib = ctypes.CDLL(str(so))
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("the vector KV entropy coder could not be built (%s): using the numba path", exc)
+        return None
+    if not lib.rans_simd_supported():
+        return None
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.rans_simd_encode_rows.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64]
+    lib.rans_simd_encode_rows.restype = i64
+    lib.rans_simd_decode_rows.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64]
+    lib.rans_simd_decode_rows.restype = i64
+    return lib
+
+
+def vector_coder() -> bool:
+    """True when the data words are coded by the AVX-512 library (else by numba: the same words)."""
+    return _simd() is not None
+
+
+def _encode_rows_any(sym, lo, k, freq, cum, states, out, p: int, simd: bool) -> int:
+    lib = _simd() if simd else None
+    if lib is None:
+        return int(_encode_rows(sym, lo, k, freq, cum, states, out, p))
+    rows, n = sym.shape
+    return int(lib.rans_simd_encode_rows(sym.ctypes.data, rows, n, lo.ctypes.data, k.ctypes.data, freq.ctypes.data,
+                                         cum.ctypes.data, states.ctypes.data, out.ctypes.data, p))
+
+
+def _decode_rows_any(out, lo, k, freq, cum, states, words, nwords: int, simd: bool) -> int:
+    lib = _simd() if simd else None
+    if lib is None:
+        return int(_decode_rows(out, lo, k, freq, cum, states, words, nwords, 0))
+    rows, n = out.shape
+    return int(lib.rans_simd_decode_rows(out.ctypes.data, rows, n, lo.ctypes.data, k.ctypes.data, freq.ctypes.data,
+                                         cum.ctypes.data, states.ctypes.data, words.ctypes.data, nwords, 0))
+
+
 # ---------------------------------------------------------------- public API
 
 
@@ -824,15 +823,25 @@ def _as_symbols(symbols: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-def encode(symbols: np.ndarray) -> np.ndarray:
-    """int32 [streams, n] -> self-contained uint8 buffer (tables included). Releases the GIL."""
+def encode(symbols: np.ndarray, simd: bool = True) -> np.ndarray:
+    """int32 [streams, n] -> self-contained uint8 buffer (tables included). Releases the GIL.
+    `simd=False` codes the data words with numba even where the vector library runs (same bytes)."""
     a = _as_symbols(symbols)
+    ns, n = a.shape
     if max(a.shape) >= 2**32 or a.size >= 2**40:
         raise ValueError(f"rans: shape {a.shape} too large for the u32 header fields")
-    return _encode(a)
+    if ns == 0 or n == 0:  # the header alone, every length and the check word 0
+        return np.array([_MAGIC, ns, n, 0, 0, 0, 0, 0, 0], "<u4").view(np.uint8)
+    lo, kw, freq, cum, escv, mtab, mwords, hdr = _encode_tables(a)
+    states = np.full(LANES, _RANS_L, np.uint32)
+    # one word at most per symbol, and 16 words of room below the last for the vector stores
+    cap = a.size + 16
+    words = np.empty(cap, np.uint16)
+    p = _encode_rows_any(a, lo, kw, freq, cum, states, words, cap, simd)
+    return _frame(ns, n, mtab, hdr, mwords, states[: _stored_states(n)], words[p:], escv)
 
 
-def decode(buf: np.ndarray, streams: int, n: int) -> np.ndarray:
+def decode(buf: np.ndarray, streams: int, n: int, simd: bool = True) -> np.ndarray:
     """Inverse of `encode`. Raises ValueError on a buffer that is corrupt, short or of another shape."""
     if streams < 0 or n < 0:
         raise ValueError("streams and n must be >= 0")
@@ -843,8 +852,21 @@ def decode(buf: np.ndarray, streams: int, n: int) -> np.ndarray:
     head = b[:12].view("<u4") if b.shape[0] >= _HEADER else None
     if head is None or int(head[0]) != _MAGIC or int(head[1]) != streams or int(head[2]) != n:
         raise ValueError(f"rans: corrupt buffer or not [{streams}, {n}] ({_ERR_TEXT[_ERR_HEADER]})")
+    lo = np.zeros(streams, np.int32)
+    kw = np.zeros(streams, np.int32)
+    esc = np.zeros(streams, np.int64)
+    freq = np.zeros((streams, 256), np.int16)
+    cum = np.zeros((streams, 256), np.int16)
+    states = np.full(LANES, _RANS_L, np.uint32)
+    err, wbase, nwords, ebase = _decode_tables(b, streams, n, lo, kw, esc, freq, cum, states)
     out = np.empty((streams, n), np.int32)
-    err = _decode(b, streams, n, out)
+    if not err and streams and n:
+        words = b[wbase : wbase + 2 * nwords]
+        p = _decode_rows_any(out, lo, kw, freq, cum, states, words, nwords, simd)
+        if p != nwords or (states != _RANS_L).any():
+            err = _ERR_CHECK if p >= 0 else _ERR_DATA
+        else:
+            err = _swap_escapes(out, lo, kw, esc, b, ebase, (b.shape[0] - ebase) // 4)
     if err:
         raise ValueError(f"rans: corrupt buffer ({_ERR_TEXT[err]})")
     return out
