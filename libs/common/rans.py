@@ -74,6 +74,7 @@ _WIDE_SPAN = 1 << 16  # rows spanning up to this many values find their window b
 _NCTX = 129
 _FIRST_CTX = 0
 _HEADER = 36
+_SQRT2 = 1.4142135623730951
 _MAGIC = 0x02525354  # b"TSR\x02" (0x01: four states, one row each)
 
 # Weights 2^((v-1)/2) in 8 fractional bits, from integer square roots so every platform agrees.
@@ -114,9 +115,12 @@ def _next_ctx(val: int, peak: int) -> int:
 
 @_jit
 def _quant_v(c: int) -> int:
+    """1 + round(2 log2 c), capped at _VMAX (0 for c = 0), as the bit length of floor(c^2 sqrt 2):
+    exact double arithmetic (no log2), so rans_simd.c's twin gives the same value."""
     if c <= 0:
         return 0
-    return min(_VMAX, 1 + int(math.floor(2.0 * math.log2(c) + 0.5)))
+    fc = np.float64(c)
+    return min(_VMAX, math.frexp(np.floor(fc * fc * _SQRT2))[1])
 
 
 @_jit
@@ -293,6 +297,7 @@ def _encode_rows(sym, lo, k, freq, cum, states, out, p):
     bias = np.zeros(_KMAX + 1, np.int64)
     cmpl = np.zeros(_KMAX + 1, np.int64)
     xmax = np.zeros(_KMAX + 1, np.int64)
+    words = np.empty(16, np.uint16)  # one set's flushed words, in lane order
     x = states.astype(np.int64)
     for r in range(rows - 1, -1, -1):
         kr = np.int64(k[r])
@@ -302,22 +307,21 @@ def _encode_rows(sym, lo, k, freq, cum, states, out, p):
         t0 = (n - 1) // LANES * LANES
         while t0 >= 0:
             for i in range(_SETS - 1, -1, -1):
-                first, end = t0 + 16 * i, min(t0 + 16 * i + 16, n)
-                flushed = 0
-                for t in range(first, end):
-                    # offsets wrap modulo 2^32, as in the vector code: one min maps the escapes to k
-                    j = min((np.int64(row[t]) - lor) & 0xFFFFFFFF, kr)
-                    flushed += x[t - t0] >= xmax[j]
-                p -= flushed
-                w = p
-                for t in range(first, end):
-                    j = min((np.int64(row[t]) - lor) & 0xFFFFFFFF, kr)
-                    xx = x[t - t0]
-                    if xx >= xmax[j]:
-                        out[w] = xx & 0xFFFF
-                        w += 1
-                        xx >>= 16
-                    x[t - t0] = xx + bias[j] + ((xx * rcp[j]) >> sh[j]) * cmpl[j]
+                flushed = np.uint64(0)
+                for t in range(t0 + 16 * i, min(t0 + 16 * i + 16, n)):
+                    # unsigned indices: numba skips its negative-index wraparound code for them.
+                    # Offsets wrap modulo 2^32, as in the vector code: one min maps the escapes to k
+                    j = np.uint64(min((np.int64(row[np.uint64(t)]) - lor) & 0xFFFFFFFF, kr))
+                    lane = np.uint64(t - t0)
+                    xx = x[lane]
+                    nd = np.int64(xx >= xmax[j])  # branch-free: a flush is a coin toss
+                    words[flushed] = xx & 0xFFFF
+                    flushed += np.uint64(nd)
+                    xx >>= 16 * nd
+                    x[lane] = xx + bias[j] + ((xx * rcp[j]) >> sh[j]) * cmpl[j]
+                p -= np.int64(flushed)
+                for q in range(np.int64(flushed)):
+                    out[np.uint64(p + q)] = words[np.uint64(q)]
             t0 -= LANES
     states[:] = x
     return p
@@ -441,18 +445,16 @@ def _encode_meta(v, kw, esc, ns):
 
 
 @_jit
-def _encode_tables(symbols):
-    """Everything of a buffer but its data words: each row's window, escape flag and table (the
-    frequencies int16 [rows, 256] the data coder takes), the escapes in decode order (row, token),
-    the meta section and the row headers."""
+def _encode_tables(symbols, lo, kw, v, done):
+    """Everything of a buffer but its data words: each row's window (lo, kw), escape flag and table
+    values v (given for the rows marked `done`), the frequencies int16 [rows, 256] the data coder
+    takes, the escapes in decode order (row, token), the meta section and the row headers."""
     ns, n = symbols.shape
-    lo = np.zeros(ns, np.int32)
-    kw = np.zeros(ns, np.int32)
     esc = np.zeros(ns, np.int64)
-    v = np.zeros((ns, 256), np.uint8)
     wide = np.empty(_WIDE_SPAN, np.int64)
     for r in range(ns):
-        lo[r], kw[r], esc[r] = _row_stats(symbols[r], v[r], wide)
+        if not done[r]:
+            lo[r], kw[r], esc[r] = _row_stats(symbols[r], v[r], wide)
     n_esc = 0
     for r in range(ns):
         if esc[r]:
@@ -488,7 +490,7 @@ def _encode_tables(symbols):
         z = (dl << 1) if dl >= 0 else ((-dl) << 1) - 1
         hl = _put_varint(hdr, hl, z)
         hl = _put_varint(hdr, hl, np.int64(kw[r]) * 2 + esc[r])
-    return lo, kw, freq, cum, escv, mtab, mwords, hdr[:hl]
+    return freq, cum, escv, mtab, mwords, hdr[:hl]
 
 
 @_jit
@@ -545,6 +547,10 @@ def _decode_rows(out, lo, k, freq, cum, states, words, nwords, p):
     from word p on (past the end as zeros). Returns the new p, or -1 when it passes the end."""
     rows, n = out.shape
     dtab = np.empty(PROB_SCALE, np.int32)
+    # the words and LANES zero words after them: a block reads at most LANES words, so every read
+    # of a block that starts within the words stays in this copy
+    padded = np.zeros(nwords + LANES, np.uint16)
+    padded[:nwords] = words[: 2 * nwords].view(np.uint16)
     x = states.astype(np.int64)
     for r in range(rows):
         _dec_table(freq[r], cum[r], np.int64(k[r]) + 1, dtab)
@@ -553,19 +559,17 @@ def _decode_rows(out, lo, k, freq, cum, states, words, nwords, p):
         for t0 in range(0, n, LANES):
             if p > nwords:
                 return -1
-            end = min(t0 + LANES, n)
-            for t in range(t0, end):
-                xx = x[t - t0]
-                e = np.int64(dtab[xx & _MASK])
-                x[t - t0] = ((e >> 11) & 0xFFF) * (xx >> PROB_BITS) + (e & _MASK)
-                row[t] = lor + (e >> 23)  # stored modulo 2^32, as the vector code adds
-            for t in range(t0, end):
-                if x[t - t0] < _RANS_L:
-                    w = 0
-                    if p < nwords:
-                        w = np.int64(words[2 * p]) | (np.int64(words[2 * p + 1]) << 8)
-                    x[t - t0] = (x[t - t0] << 16) | w
-                    p += 1
+            # a lane's renormalisation reads come after the lanes before it: decoding and reading
+            # lane by lane takes the words in the order the vector code does (set by set)
+            for t in range(t0, min(t0 + LANES, n)):
+                lane = np.uint64(t - t0)  # unsigned indices: no wraparound code
+                xx = x[lane]
+                e = np.int64(dtab[np.uint64(xx & _MASK)])
+                xx = ((e >> 11) & 0xFFF) * (xx >> PROB_BITS) + (e & _MASK)
+                row[np.uint64(t)] = lor + (e >> 23)  # stored modulo 2^32, as the vector code adds
+                nd = np.int64(xx < _RANS_L)  # branch-free: a read is a coin toss
+                x[lane] = (xx << (16 * nd)) | (np.int64(padded[np.uint64(p)]) & -nd)
+                p += nd
     states[:] = x
     return p if p <= nwords else -1
 
@@ -768,7 +772,7 @@ def _simd() -> ctypes.CDLL | None:
                 return None
             so.parent.mkdir(parents=True, exist_ok=True)
             tmp = so.with_name(f"{so.name}.{os.getpid()}.tmp")
-            subprocess.run([cc, *flags, "-o", str(tmp), str(src)], check=True, capture_output=True, timeout=300)
+            subprocess.run([cc, *flags, "-o", str(tmp), str(src), "-lm"], check=True, capture_output=True, timeout=300)
             os.replace(tmp, so)  # atomic: processes building at once each leave a whole library
         lib = ctypes.CDLL(str(so))
     except (OSError, subprocess.SubprocessError) as exc:
@@ -781,6 +785,8 @@ def _simd() -> ctypes.CDLL | None:
     lib.rans_simd_encode_rows.restype = i64
     lib.rans_simd_decode_rows.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64]
     lib.rans_simd_decode_rows.restype = i64
+    lib.rans_simd_row_stats.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr]
+    lib.rans_simd_row_stats.restype = i64
     return lib
 
 
@@ -832,7 +838,14 @@ def encode(symbols: np.ndarray, simd: bool = True) -> np.ndarray:
         raise ValueError(f"rans: shape {a.shape} too large for the u32 header fields")
     if ns == 0 or n == 0:  # the header alone, every length and the check word 0
         return np.array([_MAGIC, ns, n, 0, 0, 0, 0, 0, 0], "<u4").view(np.uint8)
-    lo, kw, freq, cum, escv, mtab, mwords, hdr = _encode_tables(a)
+    lo = np.zeros(ns, np.int32)
+    kw = np.zeros(ns, np.int32)
+    v = np.zeros((ns, 256), np.uint8)
+    done = np.zeros(ns, np.uint8)
+    lib = _simd() if simd else None
+    if lib is not None:  # the rows no wider than a window; the rest go through _row_stats
+        lib.rans_simd_row_stats(a.ctypes.data, ns, n, lo.ctypes.data, kw.ctypes.data, v.ctypes.data, done.ctypes.data)
+    freq, cum, escv, mtab, mwords, hdr = _encode_tables(a, lo, kw, v, done)
     states = np.full(LANES, _RANS_L, np.uint32)
     # one word at most per symbol, and 16 words of room below the last for the vector stores
     cap = a.size + 16

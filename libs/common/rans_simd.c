@@ -14,12 +14,15 @@
  * whether they may be called.
  */
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
 #define PROB_BITS 11
 #define PROB_SCALE (1 << PROB_BITS)
 #define RANS_L (1u << 15)
+#define KMAX 254 /* widest row window */
+#define VMAX 63
 #define SETS 4
 #define LANES (16 * SETS)
 #define SIMD __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi2")))
@@ -42,6 +45,55 @@ __attribute__((constructor)) static void init_right(void) {
 
 static inline __mmask16 active(int64_t left) {
     return left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
+}
+
+/* rans._quant_v: 1 + round(2 log2 c) as the bit length of floor(c^2 sqrt 2), capped at VMAX. */
+static inline uint8_t quant_v(uint64_t c) {
+    if (c == 0) return 0;
+    double fc = (double)c;
+    int e;
+    frexp(floor(fc * fc * 1.4142135623730951), &e);
+    return (uint8_t)(e < VMAX ? e : VMAX);
+}
+
+/* rans._row_stats for the rows no wider than a window (the others, done[r] = 0, are left to it):
+ * lo[r] = the row's smallest value, k[r] = its span, v[256 r + i] = quant_v(count of lo + i).
+ * Returns how many rows were left. */
+SIMD int64_t rans_simd_row_stats(const int32_t *sym, int64_t rows, int64_t n, int32_t *lo, int32_t *k, uint8_t *v,
+                                 uint8_t *done) {
+    uint32_t h[4][KMAX];
+    int64_t left = 0;
+    for (int64_t r = 0; r < rows; r++) {
+        const int32_t *row = sym + r * n;
+        __m512i mn = _mm512_set1_epi32(INT32_MAX), mx = _mm512_set1_epi32(INT32_MIN);
+        for (int64_t t = 0; t < n; t += 16) {
+            __mmask16 act = active(n - t);
+            __m512i x = _mm512_maskz_loadu_epi32(act, row + t);
+            mn = _mm512_mask_min_epi32(mn, act, mn, x);
+            mx = _mm512_mask_max_epi32(mx, act, mx, x);
+        }
+        int32_t a = _mm512_reduce_min_epi32(mn), b = _mm512_reduce_max_epi32(mx);
+        int64_t span = (int64_t)b - a + 1;
+        if (span > KMAX) {
+            done[r] = 0;
+            left++;
+            continue;
+        }
+        for (int j = 0; j < 4; j++) memset(h[j], 0, (size_t)span * sizeof h[j][0]);
+        int64_t t = 0;
+        for (; t + 4 <= n; t += 4) { /* four sub-histograms: no store-to-load chain on runs */
+            h[0][row[t] - a]++;
+            h[1][row[t + 1] - a]++;
+            h[2][row[t + 2] - a]++;
+            h[3][row[t + 3] - a]++;
+        }
+        for (; t < n; t++) h[0][row[t] - a]++;
+        for (int64_t i = 0; i < span; i++) v[256 * r + i] = quant_v((uint64_t)h[0][i] + h[1][i] + h[2][i] + h[3][i]);
+        lo[r] = a;
+        k[r] = (int32_t)span;
+        done[r] = 1;
+    }
+    return left;
 }
 
 /* Per symbol index i of a row: tab[2i] = reciprocal, tab[2i + 1] = bias | (M - f) << 12 | shift << 23. */
