@@ -756,7 +756,7 @@ def _cache_dir() -> Path:
 @functools.cache
 def _simd() -> ctypes.CDLL | None:
     """rans_simd.c, built on first use (cc -O3) into the user's cache and loaded; None where it
-    cannot be built or this CPU lacks AVX-512 (VBMI2), or with THUNDERSERVE_RANS_SIMD=0. The numba
+    cannot be built or this CPU lacks AVX-512 (F, BW, VL, DQ), or with THUNDERSERVE_RANS_SIMD=0. The numba
     twins then code the same words."""
     if os.environ.get("THUNDERSERVE_RANS_SIMD", "1") == "0" or platform.machine().lower() not in ("x86_64", "amd64"):
         return None

@@ -8,8 +8,8 @@
  *     reading its words in lane order; the encoder runs the blocks and sets backwards;
  *   - 32-bit states in [2^15, 2^31), 16-bit renormalisation, probabilities to 2^11, the encoder's
  *     division by an exact reciprocal (Alverson's method; frequency 1 by a special case).
- * Zen 4 microcodes the memory forms of compress and expand, so words go through registers and
- * plain unaligned loads and stores. The .so is built by rans.py on first use; the functions carry
+ * Words are compressed and expanded as 32-bit lanes (AVX-512 F: Skylake-SP and later, Zen 4), in
+ * registers: Zen 4 microcodes the memory forms, so words go through plain unaligned loads and stores. The .so is built by rans.py on first use; the functions carry
  * their own target attribute, so the library loads on any x86-64 and `rans_simd_supported` says
  * whether they may be called.
  */
@@ -25,13 +25,12 @@
 #define VMAX 63
 #define SETS 4
 #define LANES (16 * SETS)
-#define SIMD __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi2")))
+#define SIMD __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 
 int rans_simd_supported(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx512vbmi2");
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
 }
 
 /* RIGHT[c][j]: word j of a 16-word store takes compressed word j - (16 - c), so the c words of a
@@ -125,7 +124,7 @@ SIMD static inline __m512i encode_set(__m512i x, __mmask16 act, const int32_t *s
     __mmask16 flush = _mm512_mask_cmpge_epu32_mask(act, x, xmax);
     int c = __builtin_popcount(flush);
     *p -= c;
-    __m256i words = _mm256_maskz_compress_epi16(flush, _mm512_cvtepi32_epi16(x));
+    __m256i words = _mm512_cvtepi32_epi16(_mm512_maskz_compress_epi32(flush, x));
     words = _mm256_permutexvar_epi16(_mm256_loadu_si256((const __m256i *)RIGHT[c]), words);
     _mm256_storeu_si256((__m256i *)(out + *p + c - 16), words); /* below *p: not written yet */
     x = _mm512_mask_srli_epi32(x, flush, x, 16);
@@ -175,9 +174,9 @@ SIMD static inline int64_t decode_block(__m512i *x, int32_t *out, int64_t left, 
     int64_t used = 0;
     for (int i = 0; i < SETS; i++) {
         __mmask16 fill = _mm512_mask_cmplt_epu32_mask(act[i], x[i], _mm512_set1_epi32(RANS_L));
-        __m256i w = _mm256_maskz_expand_epi16(fill, _mm256_loadu_si256((const __m256i *)(src + 2 * used)));
+        __m512i w = _mm512_maskz_expand_epi32(fill, _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(src + 2 * used))));
         used += __builtin_popcount(fill);
-        x[i] = _mm512_mask_or_epi32(x[i], fill, _mm512_slli_epi32(x[i], 16), _mm512_cvtepu16_epi32(w));
+        x[i] = _mm512_mask_or_epi32(x[i], fill, _mm512_slli_epi32(x[i], 16), w);
         _mm512_mask_storeu_epi32(out + 16 * i, act[i], _mm512_add_epi32(sym[i], lo));
     }
     return used;
