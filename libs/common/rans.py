@@ -7,9 +7,9 @@ stores 16 neighbouring tokens and looks them up in one table. The decoder has 64
 chains, 4 vectors of 16 on AVX-512. The states run on from one row to the next, and their final
 values are stored once per buffer.
 
-The data words are coded by `rans_simd.c` (AVX-512, built on first use) where this CPU and a C
-compiler allow, and otherwise by its numba twins here (`_encode_rows`, `_decode_rows`). Both write
-and read the same words.
+The data words and the rows' statistics are coded by `rans_simd.c` (AVX-512 or AVX2 kernels, built
+on first use) where this CPU and a C compiler allow, and otherwise by numba twins here
+(`_encode_rows`, `_decode_rows`, `_row_stats`). Every path writes and reads the same words.
 
 Why the table coding matters: at n = 2000 a plain table (40 symbols x 12 bits) would cost more than
 the whole budget (0.08 bit/symbol = 160 bits/row). So a row's table is its alphabet window plus one
@@ -753,12 +753,17 @@ def _cache_dir() -> Path:
     return Path(base) / "thunderserve"
 
 
+_LEVELS = {2: "avx512", 1: "avx2"}
+
+
 @functools.cache
-def _simd() -> ctypes.CDLL | None:
-    """rans_simd.c, built on first use (cc -O3) into the user's cache and loaded; None where it
-    cannot be built or this CPU lacks AVX-512 (F, BW, VL, DQ), or with THUNDERSERVE_RANS_SIMD=0. The numba
-    twins then code the same words."""
-    if os.environ.get("THUNDERSERVE_RANS_SIMD", "1") == "0" or platform.machine().lower() not in ("x86_64", "amd64"):
+def _simd() -> tuple[ctypes.CDLL, int] | None:
+    """rans_simd.c, built on first use (cc -O3) into the user's cache and loaded, with the kernel
+    level this CPU runs (2: AVX-512, 1: AVX2); None where it cannot be built, on a CPU with neither,
+    or with THUNDERSERVE_RANS_SIMD=0 (=avx2 caps it at AVX2). The numba twins then code the same
+    words."""
+    setting = os.environ.get("THUNDERSERVE_RANS_SIMD", "1").lower()
+    if setting == "0" or platform.machine().lower() not in ("x86_64", "amd64"):
         return None
     src = Path(__file__).with_name("rans_simd.c")
     flags = ["-O3", "-shared", "-fPIC"]
@@ -778,39 +783,44 @@ def _simd() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError) as exc:
         log.warning("the vector KV entropy coder could not be built (%s): using the numba path", exc)
         return None
-    if not lib.rans_simd_supported():
+    level = min(int(lib.rans_simd_level()), 1 if setting == "avx2" else 2)
+    if level < 1:
         return None
-    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.rans_simd_encode_rows.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64]
+    ptr, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.rans_simd_encode_rows.argtypes = [c_int, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64]
     lib.rans_simd_encode_rows.restype = i64
-    lib.rans_simd_decode_rows.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64]
+    lib.rans_simd_decode_rows.argtypes = [c_int, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64]
     lib.rans_simd_decode_rows.restype = i64
-    lib.rans_simd_row_stats.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr]
+    lib.rans_simd_row_stats.argtypes = [c_int, ptr, i64, i64, ptr, ptr, ptr, ptr]
     lib.rans_simd_row_stats.restype = i64
-    return lib
+    return lib, level
 
 
-def vector_coder() -> bool:
-    """True when the data words are coded by the AVX-512 library (else by numba: the same words)."""
-    return _simd() is not None
+def vector_coder() -> str | None:
+    """Which kernels code the data words: "avx512", "avx2", or None for the numba path (the same words)."""
+    found = _simd()
+    return _LEVELS[found[1]] if found else None
 
 
 def _encode_rows_any(sym, lo, k, freq, cum, states, out, p: int, simd: bool) -> int:
-    lib = _simd() if simd else None
-    if lib is None:
+    found = _simd() if simd else None
+    if found is None:
         return int(_encode_rows(sym, lo, k, freq, cum, states, out, p))
+    lib, level = found
     rows, n = sym.shape
-    return int(lib.rans_simd_encode_rows(sym.ctypes.data, rows, n, lo.ctypes.data, k.ctypes.data, freq.ctypes.data,
-                                         cum.ctypes.data, states.ctypes.data, out.ctypes.data, p))
+    return int(lib.rans_simd_encode_rows(level, sym.ctypes.data, rows, n, lo.ctypes.data, k.ctypes.data,
+                                         freq.ctypes.data, cum.ctypes.data, states.ctypes.data, out.ctypes.data, p))
 
 
 def _decode_rows_any(out, lo, k, freq, cum, states, words, nwords: int, simd: bool) -> int:
-    lib = _simd() if simd else None
-    if lib is None:
+    found = _simd() if simd else None
+    if found is None:
         return int(_decode_rows(out, lo, k, freq, cum, states, words, nwords, 0))
+    lib, level = found
     rows, n = out.shape
-    return int(lib.rans_simd_decode_rows(out.ctypes.data, rows, n, lo.ctypes.data, k.ctypes.data, freq.ctypes.data,
-                                         cum.ctypes.data, states.ctypes.data, words.ctypes.data, nwords, 0))
+    return int(lib.rans_simd_decode_rows(level, out.ctypes.data, rows, n, lo.ctypes.data, k.ctypes.data,
+                                         freq.ctypes.data, cum.ctypes.data, states.ctypes.data, words.ctypes.data,
+                                         nwords, 0))
 
 
 # ---------------------------------------------------------------- public API
@@ -842,9 +852,11 @@ def encode(symbols: np.ndarray, simd: bool = True) -> np.ndarray:
     kw = np.zeros(ns, np.int32)
     v = np.zeros((ns, 256), np.uint8)
     done = np.zeros(ns, np.uint8)
-    lib = _simd() if simd else None
-    if lib is not None:  # the rows no wider than a window; the rest go through _row_stats
-        lib.rans_simd_row_stats(a.ctypes.data, ns, n, lo.ctypes.data, kw.ctypes.data, v.ctypes.data, done.ctypes.data)
+    found = _simd() if simd else None
+    if found is not None:  # the rows no wider than a window; the rest go through _row_stats
+        lib, level = found
+        lib.rans_simd_row_stats(level, a.ctypes.data, ns, n, lo.ctypes.data, kw.ctypes.data, v.ctypes.data,
+                                done.ctypes.data)
     freq, cum, escv, mtab, mwords, hdr = _encode_tables(a, lo, kw, v, done)
     states = np.full(LANES, _RANS_L, np.uint32)
     # one word at most per symbol, and 16 words of room below the last for the vector stores

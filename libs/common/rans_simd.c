@@ -1,17 +1,20 @@
-/* The data section of rans.py's coder, with AVX-512: 64 rANS states per row, 16 to a vector.
+/* The hot loops of rans.py's coder, vectorized: 64 rANS states per row, 16 to an AVX-512 vector
+ * or 8 to an AVX2 one.
  *
- * rans.py holds the format and a numba implementation of these two functions that writes and reads
- * exactly the same words (the fallback, and the reference the tests compare with). Here:
- *   - a row of n tokens is cut into blocks of 64; state set i (lanes 16i..16i+15) codes tokens
- *     64b + 16i + u of block b, so each vector step loads and stores 16 neighbouring tokens;
- *   - the decoder decodes the four sets of a block, then renormalises them in order, each set
- *     reading its words in lane order; the encoder runs the blocks and sets backwards;
+ * rans.py holds the format and numba twins of these functions that write and read exactly the same
+ * words (the fallback, and the reference the tests compare with). Here:
+ *   - a row of n tokens is cut into blocks of 64; lane l of a block codes its token l, so a vector
+ *     step loads and stores neighbouring tokens and looks them all up in the row's one table;
+ *   - the decoder decodes every lane of a block, then renormalises the lanes in order, reading
+ *     their words in lane order; the encoder runs the blocks and lanes backwards;
  *   - 32-bit states in [2^15, 2^31), 16-bit renormalisation, probabilities to 2^11, the encoder's
  *     division by an exact reciprocal (Alverson's method; frequency 1 by a special case).
- * Words are compressed and expanded as 32-bit lanes (AVX-512 F: Skylake-SP and later, Zen 4), in
- * registers: Zen 4 microcodes the memory forms, so words go through plain unaligned loads and stores. The .so is built by rans.py on first use; the functions carry
- * their own target attribute, so the library loads on any x86-64 and `rans_simd_supported` says
- * whether they may be called.
+ * AVX-512 F/BW/VL/DQ (Skylake-SP and later, Zen 4) compresses and expands the flushed lanes in
+ * registers: Zen 4 microcodes the memory forms, so words go through plain unaligned loads and
+ * stores. AVX2 (Haswell and later, Zen 1-3) does the same with permutations from lookup tables.
+ * The .so is built by rans.py on first use; each kernel carries its own target attribute, so the
+ * library loads on any x86-64, `rans_simd_level` says which kernels this CPU runs, and the
+ * exported functions take the level to use.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -23,23 +26,42 @@
 #define RANS_L (1u << 15)
 #define KMAX 254 /* widest row window */
 #define VMAX 63
-#define SETS 4
-#define LANES (16 * SETS)
-#define SIMD __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+#define LANES 64
+#define SETS (LANES / 16)  /* AVX-512 vectors per block */
+#define HALVES (LANES / 8) /* AVX2 vectors per block */
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,popcnt")))
+#define AVX2 __attribute__((target("avx2,popcnt")))
 
-int rans_simd_supported(void) {
+/* 2: AVX-512 kernels, 1: AVX2 kernels, 0: neither (use the numba path). */
+int rans_simd_level(void) {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+        return 2;
+    return __builtin_cpu_supports("avx2") ? 1 : 0;
 }
 
 /* RIGHT[c][j]: word j of a 16-word store takes compressed word j - (16 - c), so the c words of a
  * compressed set land at the top of the store. */
 static uint16_t RIGHT[17][16];
+/* AVX2, per 8-lane mask m: TOP[m] moves the lanes of m, in order, to the top of the vector;
+ * SPREAD[m][j] = the rank of lane j among the lanes of m (word j of an expand). */
+static int32_t TOP[256][8], SPREAD[256][8];
 
-__attribute__((constructor)) static void init_right(void) {
+__attribute__((constructor)) static void init_tables(void) {
     for (int c = 0; c <= 16; c++)
         for (int j = 0; j < 16; j++) RIGHT[c][j] = (uint16_t)((j - (16 - c)) & 15);
+    for (int m = 0; m < 256; m++) {
+        int c = __builtin_popcount((unsigned)m), rank = 0;
+        for (int j = 0; j < 8; j++) TOP[m][j] = 0;
+        for (int j = 0; j < 8; j++)
+            if (m >> j & 1) {
+                TOP[m][8 - c + rank] = j;
+                SPREAD[m][j] = rank++;
+            } else {
+                SPREAD[m][j] = 0;
+            }
+    }
 }
 
 static inline __mmask16 active(int64_t left) {
@@ -55,23 +77,55 @@ static inline uint8_t quant_v(uint64_t c) {
     return (uint8_t)(e < VMAX ? e : VMAX);
 }
 
+AVX512 static void min_max_512(const int32_t *row, int64_t n, int32_t *lo, int32_t *hi) {
+    __m512i mn = _mm512_set1_epi32(INT32_MAX), mx = _mm512_set1_epi32(INT32_MIN);
+    for (int64_t t = 0; t < n; t += 16) {
+        __mmask16 act = active(n - t);
+        __m512i x = _mm512_maskz_loadu_epi32(act, row + t);
+        mn = _mm512_mask_min_epi32(mn, act, mn, x);
+        mx = _mm512_mask_max_epi32(mx, act, mx, x);
+    }
+    *lo = _mm512_reduce_min_epi32(mn);
+    *hi = _mm512_reduce_max_epi32(mx);
+}
+
+AVX2 static void min_max_256(const int32_t *row, int64_t n, int32_t *lo, int32_t *hi) {
+    __m256i mn = _mm256_set1_epi32(INT32_MAX), mx = _mm256_set1_epi32(INT32_MIN);
+    int64_t t = 0;
+    for (; t + 8 <= n; t += 8) {
+        __m256i x = _mm256_loadu_si256((const __m256i *)(row + t));
+        mn = _mm256_min_epi32(mn, x);
+        mx = _mm256_max_epi32(mx, x);
+    }
+    int32_t a[8], b[8];
+    _mm256_storeu_si256((__m256i *)a, mn);
+    _mm256_storeu_si256((__m256i *)b, mx);
+    for (; t < n; t++) {
+        a[0] = row[t] < a[0] ? row[t] : a[0];
+        b[0] = row[t] > b[0] ? row[t] : b[0];
+    }
+    for (int j = 1; j < 8; j++) {
+        a[0] = a[j] < a[0] ? a[j] : a[0];
+        b[0] = b[j] > b[0] ? b[j] : b[0];
+    }
+    *lo = a[0];
+    *hi = b[0];
+}
+
 /* rans._row_stats for the rows no wider than a window (the others, done[r] = 0, are left to it):
  * lo[r] = the row's smallest value, k[r] = its span, v[256 r + i] = quant_v(count of lo + i).
  * Returns how many rows were left. */
-SIMD int64_t rans_simd_row_stats(const int32_t *sym, int64_t rows, int64_t n, int32_t *lo, int32_t *k, uint8_t *v,
-                                 uint8_t *done) {
+int64_t rans_simd_row_stats(int level, const int32_t *sym, int64_t rows, int64_t n, int32_t *lo, int32_t *k,
+                            uint8_t *v, uint8_t *done) {
     uint32_t h[4][KMAX];
     int64_t left = 0;
     for (int64_t r = 0; r < rows; r++) {
         const int32_t *row = sym + r * n;
-        __m512i mn = _mm512_set1_epi32(INT32_MAX), mx = _mm512_set1_epi32(INT32_MIN);
-        for (int64_t t = 0; t < n; t += 16) {
-            __mmask16 act = active(n - t);
-            __m512i x = _mm512_maskz_loadu_epi32(act, row + t);
-            mn = _mm512_mask_min_epi32(mn, act, mn, x);
-            mx = _mm512_mask_max_epi32(mx, act, mx, x);
-        }
-        int32_t a = _mm512_reduce_min_epi32(mn), b = _mm512_reduce_max_epi32(mx);
+        int32_t a, b;
+        if (level >= 2)
+            min_max_512(row, n, &a, &b);
+        else
+            min_max_256(row, n, &a, &b);
         int64_t span = (int64_t)b - a + 1;
         if (span > KMAX) {
             done[r] = 0;
@@ -111,8 +165,27 @@ static void encoder_table(const int16_t *freq, const int16_t *cum, int64_t ke, u
     }
 }
 
-SIMD static inline __m512i encode_set(__m512i x, __mmask16 act, const int32_t *sym, __m512i lo, __m512i k,
-                                      const uint32_t *tab, uint16_t *out, int64_t *p) {
+/* slot -> symbol << 23 | freq << 11 | slot - cum, for symbol indices 0..ke-1 */
+static void decoder_table(const int16_t *freq, const int16_t *cum, int64_t ke, uint32_t *dtab) {
+    for (int32_t s = 0; s < ke; s++) {
+        uint32_t head = (uint32_t)s << 23 | (uint32_t)freq[s] << PROB_BITS;
+        for (int32_t j = 0; j < freq[s]; j++) dtab[cum[s] + j] = head | (uint32_t)j;
+    }
+}
+
+/* Where a block's words start: in place, or near the end (a block reads at most LANES words) in a
+ * zero-padded copy. */
+static inline const uint8_t *block_words(const uint8_t *words, int64_t nwords, int64_t p, uint8_t *tail) {
+    if (p + LANES <= nwords) return words + 2 * p;
+    memset(tail, 0, 2 * 2 * LANES);
+    memcpy(tail, words + 2 * p, (size_t)(2 * (nwords - p)));
+    return tail;
+}
+
+/* ------------------------------------------------------------------ AVX-512: 4 vectors of 16 lanes */
+
+AVX512 static inline __m512i encode_16(__m512i x, __mmask16 act, const int32_t *sym, __m512i lo, __m512i k,
+                                       const uint32_t *tab, uint16_t *out, int64_t *p) {
     const __m512i m11 = _mm512_set1_epi32(0x7FF), m12 = _mm512_set1_epi32(0xFFF);
     __m512i s = _mm512_maskz_loadu_epi32(act, sym);
     /* out-of-window values wrap to huge unsigned offsets: one min maps them to the escape k */
@@ -135,83 +208,159 @@ SIMD static inline __m512i encode_set(__m512i x, __mmask16 act, const int32_t *s
     return _mm512_mask_mov_epi32(x, act, nx);
 }
 
-/* Rows last to first, each row's blocks last to first, into out[..p) backwards; returns the new p.
- * sym int32 [rows, n]; lo, k: each row's window (k = its escape index); freq, cum int16 [rows, 256];
- * states: LANES uint32, in and out. out must have 16 writable words below the final p. */
-SIMD int64_t rans_simd_encode_rows(const int32_t *sym, int64_t rows, int64_t n, const int32_t *lo, const int32_t *k,
-                                   const int16_t *freq, const int16_t *cum, uint32_t *states, uint16_t *out,
-                                   int64_t p) {
-    uint32_t tab[2 * 256];
-    __m512i x[SETS];
+AVX512 static int64_t encode_row_512(uint32_t *states, const int32_t *row, int64_t n, int32_t lo, int32_t k,
+                                     const uint32_t *tab, uint16_t *out, int64_t p) {
+    __m512i x[SETS], vlo = _mm512_set1_epi32(lo), vk = _mm512_set1_epi32(k);
     for (int i = 0; i < SETS; i++) x[i] = _mm512_loadu_si512(states + 16 * i);
-    for (int64_t r = rows - 1; r >= 0; r--) {
-        encoder_table(freq + 256 * r, cum + 256 * r, (int64_t)k[r] + 1, tab);
-        const int32_t *row = sym + r * n;
-        __m512i vlo = _mm512_set1_epi32(lo[r]), vk = _mm512_set1_epi32(k[r]);
-        for (int64_t t0 = (n - 1) / LANES * LANES; t0 >= 0; t0 -= LANES)
-            for (int i = SETS - 1; i >= 0; i--)
-                x[i] = encode_set(x[i], active(n - t0 - 16 * i), row + t0 + 16 * i, vlo, vk, tab, out, &p);
+    for (int64_t t0 = (n - 1) / LANES * LANES; t0 >= 0; t0 -= LANES)
+        for (int i = SETS - 1; i >= 0; i--)
+            x[i] = encode_16(x[i], active(n - t0 - 16 * i), row + t0 + 16 * i, vlo, vk, tab, out, &p);
+    for (int i = 0; i < SETS; i++) _mm512_storeu_si512(states + 16 * i, x[i]);
+    return p;
+}
+
+AVX512 static int64_t decode_row_512(uint32_t *states, int32_t *row, int64_t n, int32_t lo, const uint32_t *dtab,
+                                     const uint8_t *words, int64_t nwords, int64_t p) {
+    const __m512i m11 = _mm512_set1_epi32(0x7FF), m12 = _mm512_set1_epi32(0xFFF), vlo = _mm512_set1_epi32(lo);
+    uint8_t tail[2 * 2 * LANES];
+    __m512i x[SETS], sym[SETS];
+    __mmask16 act[SETS];
+    for (int i = 0; i < SETS; i++) x[i] = _mm512_loadu_si512(states + 16 * i);
+    for (int64_t t0 = 0; t0 < n; t0 += LANES) {
+        if (p > nwords) return -1;
+        const uint8_t *src = block_words(words, nwords, p, tail);
+        for (int i = 0; i < SETS; i++) { /* the four chains' table lookups overlap */
+            act[i] = active(n - t0 - 16 * i);
+            __m512i e = _mm512_i32gather_epi32(_mm512_and_si512(x[i], m11), (const void *)dtab, 4);
+            __m512i f = _mm512_and_si512(_mm512_srli_epi32(e, PROB_BITS), m12);
+            __m512i nx = _mm512_add_epi32(_mm512_mullo_epi32(f, _mm512_srli_epi32(x[i], PROB_BITS)),
+                                          _mm512_and_si512(e, m11));
+            sym[i] = _mm512_srli_epi32(e, 23);
+            x[i] = _mm512_mask_mov_epi32(x[i], act[i], nx);
+        }
+        for (int i = 0; i < SETS; i++) {
+            __mmask16 fill = _mm512_mask_cmplt_epu32_mask(act[i], x[i], _mm512_set1_epi32(RANS_L));
+            __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)src));
+            src += 2 * __builtin_popcount(fill);
+            p += __builtin_popcount(fill);
+            x[i] = _mm512_mask_or_epi32(x[i], fill, _mm512_slli_epi32(x[i], 16), _mm512_maskz_expand_epi32(fill, w));
+            _mm512_mask_storeu_epi32(row + t0 + 16 * i, act[i], _mm512_add_epi32(sym[i], vlo));
+        }
     }
     for (int i = 0; i < SETS; i++) _mm512_storeu_si512(states + 16 * i, x[i]);
     return p;
 }
 
-/* One block (LANES tokens from out[0]) from the words at src; returns the words it read. */
-SIMD static inline int64_t decode_block(__m512i *x, int32_t *out, int64_t left, __m512i lo, const uint32_t *dtab,
-                                        const uint8_t *src) {
-    const __m512i m11 = _mm512_set1_epi32(0x7FF), m12 = _mm512_set1_epi32(0xFFF);
-    __mmask16 act[SETS];
-    __m512i sym[SETS];
-    for (int i = 0; i < SETS; i++) {
-        act[i] = active(left - 16 * i);
-        __m512i e = _mm512_i32gather_epi32(_mm512_and_si512(x[i], m11), (const void *)dtab, 4);
-        __m512i f = _mm512_and_si512(_mm512_srli_epi32(e, PROB_BITS), m12);
-        __m512i nx = _mm512_add_epi32(_mm512_mullo_epi32(f, _mm512_srli_epi32(x[i], PROB_BITS)),
-                                      _mm512_and_si512(e, m11));
-        sym[i] = _mm512_srli_epi32(e, 23);
-        x[i] = _mm512_mask_mov_epi32(x[i], act[i], nx);
+/* ------------------------------------------------------------------ AVX2: 8 vectors of 8 lanes */
+
+AVX2 static inline __m256i active_8(int64_t left) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int32_t)(left < 0 ? 0 : left > 8 ? 8 : left)), lane);
+}
+
+AVX2 static inline int lanes_of(__m256i m) { return _mm256_movemask_ps(_mm256_castsi256_ps(m)); }
+
+AVX2 static inline __m256i encode_8(__m256i x, __m256i act, const int32_t *sym, __m256i lo, __m256i k,
+                                    const uint32_t *tab, uint16_t *out, int64_t *p) {
+    const __m256i m11 = _mm256_set1_epi32(0x7FF), m12 = _mm256_set1_epi32(0xFFF);
+    __m256i s = _mm256_maskload_epi32(sym, act);
+    __m256i i2 = _mm256_slli_epi32(_mm256_min_epu32(_mm256_sub_epi32(s, lo), k), 1);
+    __m256i rcp = _mm256_i32gather_epi32((const int *)tab, i2, 4);
+    __m256i e = _mm256_i32gather_epi32((const int *)tab, _mm256_add_epi32(i2, _mm256_set1_epi32(1)), 4);
+    __m256i cmpl = _mm256_and_si256(_mm256_srli_epi32(e, 12), m11);
+    __m256i xmax = _mm256_slli_epi32(_mm256_sub_epi32(_mm256_set1_epi32(PROB_SCALE), cmpl), 31 - PROB_BITS);
+    /* x >= xmax as a signed compare: states are below 2^31, and xmax - 1 too (xmax reaches 2^31) */
+    __m256i flush = _mm256_and_si256(_mm256_cmpgt_epi32(x, _mm256_sub_epi32(xmax, _mm256_set1_epi32(1))), act);
+    int m = lanes_of(flush), c = __builtin_popcount((unsigned)m);
+    *p -= c;
+    /* the flushed lanes' low halves, moved to the top and narrowed: 8 words, c of them at the top */
+    __m256i top = _mm256_permutevar8x32_epi32(x, _mm256_loadu_si256((const __m256i *)TOP[m]));
+    __m256i narrow = _mm256_shuffle_epi8(top, _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1,
+                                                               0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1));
+    narrow = _mm256_permute4x64_epi64(narrow, 0x08); /* qwords 0 and 2: the 8 words in the low half */
+    _mm_storeu_si128((__m128i *)(out + *p + c - 8), _mm256_castsi256_si128(narrow));
+    x = _mm256_blendv_epi8(x, _mm256_srli_epi32(x, 16), flush);
+    __m256i even = _mm256_srli_epi64(_mm256_mul_epu32(x, rcp), 32);
+    __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(x, 32), _mm256_srli_epi64(rcp, 32));
+    __m256i q = _mm256_srlv_epi32(_mm256_blend_epi32(even, odd, 0xAA), _mm256_srli_epi32(e, 23));
+    __m256i nx = _mm256_add_epi32(_mm256_add_epi32(x, _mm256_and_si256(e, m12)), _mm256_mullo_epi32(q, cmpl));
+    return _mm256_blendv_epi8(x, nx, act);
+}
+
+AVX2 static int64_t encode_row_256(uint32_t *states, const int32_t *row, int64_t n, int32_t lo, int32_t k,
+                                   const uint32_t *tab, uint16_t *out, int64_t p) {
+    __m256i x[HALVES], vlo = _mm256_set1_epi32(lo), vk = _mm256_set1_epi32(k);
+    for (int i = 0; i < HALVES; i++) x[i] = _mm256_loadu_si256((const __m256i *)(states + 8 * i));
+    for (int64_t t0 = (n - 1) / LANES * LANES; t0 >= 0; t0 -= LANES)
+        for (int i = HALVES - 1; i >= 0; i--)
+            x[i] = encode_8(x[i], active_8(n - t0 - 8 * i), row + t0 + 8 * i, vlo, vk, tab, out, &p);
+    for (int i = 0; i < HALVES; i++) _mm256_storeu_si256((__m256i *)(states + 8 * i), x[i]);
+    return p;
+}
+
+AVX2 static int64_t decode_row_256(uint32_t *states, int32_t *row, int64_t n, int32_t lo, const uint32_t *dtab,
+                                   const uint8_t *words, int64_t nwords, int64_t p) {
+    const __m256i m11 = _mm256_set1_epi32(0x7FF), m12 = _mm256_set1_epi32(0xFFF), vlo = _mm256_set1_epi32(lo);
+    const __m256i low = _mm256_set1_epi32(RANS_L);
+    uint8_t tail[2 * 2 * LANES];
+    __m256i x[HALVES], sym[HALVES], act[HALVES];
+    for (int i = 0; i < HALVES; i++) x[i] = _mm256_loadu_si256((const __m256i *)(states + 8 * i));
+    for (int64_t t0 = 0; t0 < n; t0 += LANES) {
+        if (p > nwords) return -1;
+        const uint8_t *src = block_words(words, nwords, p, tail);
+        for (int i = 0; i < HALVES; i++) {
+            act[i] = active_8(n - t0 - 8 * i);
+            __m256i e = _mm256_i32gather_epi32((const int *)dtab, _mm256_and_si256(x[i], m11), 4);
+            __m256i f = _mm256_and_si256(_mm256_srli_epi32(e, PROB_BITS), m12);
+            __m256i nx = _mm256_add_epi32(_mm256_mullo_epi32(f, _mm256_srli_epi32(x[i], PROB_BITS)),
+                                          _mm256_and_si256(e, m11));
+            sym[i] = _mm256_srli_epi32(e, 23);
+            x[i] = _mm256_blendv_epi8(x[i], nx, act[i]);
+        }
+        for (int i = 0; i < HALVES; i++) {
+            __m256i fill = _mm256_and_si256(_mm256_cmpgt_epi32(low, x[i]), act[i]);
+            int m = lanes_of(fill);
+            __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)src));
+            w = _mm256_permutevar8x32_epi32(w, _mm256_loadu_si256((const __m256i *)SPREAD[m]));
+            src += 2 * __builtin_popcount((unsigned)m);
+            p += __builtin_popcount((unsigned)m);
+            x[i] = _mm256_blendv_epi8(x[i], _mm256_or_si256(_mm256_slli_epi32(x[i], 16), w), fill);
+            _mm256_maskstore_epi32(row + t0 + 8 * i, act[i], _mm256_add_epi32(sym[i], vlo));
+        }
     }
-    int64_t used = 0;
-    for (int i = 0; i < SETS; i++) {
-        __mmask16 fill = _mm512_mask_cmplt_epu32_mask(act[i], x[i], _mm512_set1_epi32(RANS_L));
-        __m512i w = _mm512_maskz_expand_epi32(fill, _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(src + 2 * used))));
-        used += __builtin_popcount(fill);
-        x[i] = _mm512_mask_or_epi32(x[i], fill, _mm512_slli_epi32(x[i], 16), w);
-        _mm512_mask_storeu_epi32(out + 16 * i, act[i], _mm512_add_epi32(sym[i], lo));
+    for (int i = 0; i < HALVES; i++) _mm256_storeu_si256((__m256i *)(states + 8 * i), x[i]);
+    return p;
+}
+
+/* ------------------------------------------------------------------ the exported drivers */
+
+/* Rows last to first, each row's blocks and lanes last to first, into out[..p) backwards; returns the
+ * new p. sym int32 [rows, n]; lo, k: each row's window (k = its escape index); freq, cum int16
+ * [rows, 256]; states: LANES uint32, in and out. out must have 16 writable words below the final p. */
+int64_t rans_simd_encode_rows(int level, const int32_t *sym, int64_t rows, int64_t n, const int32_t *lo,
+                              const int32_t *k, const int16_t *freq, const int16_t *cum, uint32_t *states,
+                              uint16_t *out, int64_t p) {
+    uint32_t tab[2 * 256];
+    for (int64_t r = rows - 1; r >= 0; r--) {
+        encoder_table(freq + 256 * r, cum + 256 * r, (int64_t)k[r] + 1, tab);
+        p = level >= 2 ? encode_row_512(states, sym + r * n, n, lo[r], k[r], tab, out, p)
+                       : encode_row_256(states, sym + r * n, n, lo[r], k[r], tab, out, p);
     }
-    return used;
+    return p;
 }
 
 /* Inverse of rans_simd_encode_rows: rows first to last into out int32 [rows, n] (an escape comes out
  * as lo + k; the caller swaps in the raw values). words: the renormalisation words (bytes, any
  * alignment), nwords of them, read from word p on. Returns the new p, or -1 when a row would read
  * past the end. */
-SIMD int64_t rans_simd_decode_rows(int32_t *out, int64_t rows, int64_t n, const int32_t *lo, const int32_t *k,
-                                   const int16_t *freq, const int16_t *cum, uint32_t *states, const uint8_t *words,
-                                   int64_t nwords, int64_t p) {
-    uint32_t dtab[PROB_SCALE];
-    uint8_t tail[2 * 2 * LANES];
-    __m512i x[SETS];
-    for (int i = 0; i < SETS; i++) x[i] = _mm512_loadu_si512(states + 16 * i);
-    for (int64_t r = 0; r < rows; r++) {
-        const int16_t *fr = freq + 256 * r, *cu = cum + 256 * r;
-        for (int32_t s = 0; s <= k[r]; s++) { /* slot -> symbol << 23 | freq << 11 | slot - cum */
-            uint32_t head = (uint32_t)s << 23 | (uint32_t)fr[s] << PROB_BITS;
-            for (int32_t j = 0; j < fr[s]; j++) dtab[cu[s] + j] = head | (uint32_t)j;
-        }
-        __m512i vlo = _mm512_set1_epi32(lo[r]);
-        int32_t *row = out + r * n;
-        for (int64_t t0 = 0; t0 < n; t0 += LANES) {
-            if (p > nwords) return -1;
-            const uint8_t *src = words + 2 * p;
-            if (p + LANES > nwords) { /* a block reads at most LANES words: near the end, from a padded copy */
-                memset(tail, 0, sizeof tail);
-                memcpy(tail, src, (size_t)(2 * (nwords - p)));
-                src = tail;
-            }
-            p += decode_block(x, row + t0, n - t0, vlo, dtab, src);
-        }
+int64_t rans_simd_decode_rows(int level, int32_t *out, int64_t rows, int64_t n, const int32_t *lo, const int32_t *k,
+                              const int16_t *freq, const int16_t *cum, uint32_t *states, const uint8_t *words,
+                              int64_t nwords, int64_t p) {
+    uint32_t dtab[PROB_SCALE]; /* built just before its row: it stays in L1 for the gathers */
+    for (int64_t r = 0; r < rows && p >= 0; r++) {
+        decoder_table(freq + 256 * r, cum + 256 * r, (int64_t)k[r] + 1, dtab);
+        p = level >= 2 ? decode_row_512(states, out + r * n, n, lo[r], dtab, words, nwords, p)
+                       : decode_row_256(states, out + r * n, n, lo[r], dtab, words, nwords, p);
     }
-    for (int i = 0; i < SETS; i++) _mm512_storeu_si512(states + 16 * i, x[i]);
     return p > nwords ? -1 : p;
 }

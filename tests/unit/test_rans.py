@@ -201,6 +201,35 @@ def test_only_the_states_of_lanes_that_code_are_stored() -> None:
             rans.decode(short, 6, n)
 
 
+@pytest.mark.parametrize("level", ["avx512", "avx2"])
+def test_each_vector_kernel_writes_the_numba_twins_bytes(level: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The AVX-512 and the AVX2 kernels (THUNDERSERVE_RANS_SIMD=avx2 caps the level) each write the
+    numba path's bytes and decode them, on tails of every length, single-symbol rows, escapes and
+    wide rows, and read a damaged stream as the numba path does."""
+    monkeypatch.setenv("THUNDERSERVE_RANS_SIMD", "avx2" if level == "avx2" else "1")
+    rans._simd.cache_clear()
+    try:
+        if rans.vector_coder() != level:
+            pytest.skip(f"this CPU or machine does not run the {level} kernels")
+        rng = np.random.default_rng(9)
+        cases = [_laplace(3, n, seed=n) for n in (1, 7, 8, 9, 15, 16, 17, 63, 64, 65, 130, 1998)]
+        cases.append(np.full((4, 100), 5, np.int32))  # one symbol: the whole probability range
+        wide = np.round(rng.laplace(0, 400, size=(3, 300))).astype(np.int32)
+        wide[1, 7] = I32_MIN
+        cases.append(wide)
+        for a in cases:
+            _roundtrip(a)  # the same bytes as the numba path, each decoding the other's
+        buf = rans.encode(cases[-1])
+        for i in range(100):
+            bad = buf.copy()
+            bad[rng.integers(36, len(bad))] ^= np.uint8(1 + i % 255)
+            out = _decoded_or_error(bad, (3, 300), simd=True)
+            twin = _decoded_or_error(bad, (3, 300), simd=False)
+            assert isinstance(twin, str) if isinstance(out, str) else np.array_equal(twin, out)
+    finally:
+        rans._simd.cache_clear()  # back to this machine's own level for the other tests
+
+
 def test_releases_gil_in_threads() -> None:
     from concurrent.futures import ThreadPoolExecutor
 
