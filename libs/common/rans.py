@@ -4,7 +4,7 @@
 roughly Laplacian distribution. Each row gets a static table. 64 rANS states code every row in
 turn: state l codes the row's tokens l, l + 64, l + 128, ... So a vector of 16 states loads and
 stores 16 neighbouring tokens and looks them up in one table. The decoder has 64 independent
-chains, 4 vectors of 16 on AVX-512. The states run on from one row to the next, and their final
+chains (4 vectors of 16 with AVX-512, 8 of 8 with AVX2). The states run on from one row to the next, and their final
 values are stored once per buffer.
 
 The data words and the rows' statistics are coded by `rans_simd.c` (AVX-512 or AVX2 kernels, built
@@ -103,8 +103,6 @@ log = logging.getLogger(__name__)
 def _stored_states(n: int) -> int:
     """Lane l codes the tokens l, l + LANES, ... of every row: with n < LANES the rest never move."""
     return min(n, LANES)
-
-
 
 
 @_jit
