@@ -324,6 +324,7 @@ def _encode_rows(sym, lo, k, freq, cum, states, out, p):
     states[:] = x
     return p
 
+
 @_jit
 def _put_u32(buf, off, val) -> None:
     for i in range(4):
@@ -525,6 +526,7 @@ def _frame(ns, n, mtab, hdr, mwords, states, words, escv):
     _put_u32(out, 32, _check(out, mtab_len, hl, total - 4 * n_esc))
     return out
 
+
 # ---------------------------------------------------------------- decoder
 
 
@@ -723,6 +725,7 @@ def _swap_escapes(out, lo, kw, esc, buf, ebase, n_esc) -> int:
                     row[t] = _get_u32(buf, ebase + 4 * ep)
                     ep += 1
     return 0 if ep == n_esc else _ERR_CHECK
+
 
 # ---------------------------------------------------------------- entropy
 
