@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "THUNDERSERVE_"
@@ -34,6 +35,15 @@ def env(name: str, default: Any = None, cast: type = str) -> Any:
         return cast(raw)
     except ValueError:
         raise SystemExit(f"error: {ENV_PREFIX}{name}={raw!r} is not a valid {cast.__name__}") from None
+
+
+def cache_root() -> Path:
+    """Where built things are kept between runs (converted models, the coder's library):
+    THUNDERSERVE_CACHE_DIR, else $XDG_CACHE_HOME/thunderserve, else ~/.cache/thunderserve."""
+    root = env("CACHE_DIR")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")) / "thunderserve"
 
 
 def add_nats_args(parser: argparse.ArgumentParser) -> None:

@@ -21,11 +21,12 @@ import fcntl
 import importlib.util
 import json
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from thunderserve.common.config import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +57,7 @@ class ModelInfo:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("THUNDERSERVE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "thunderserve"
-    )
-    return Path(root) / "models"
+    return cache_root() / "models"
 
 
 def served_name(model: str) -> str:

@@ -59,6 +59,8 @@ from pathlib import Path
 import numba
 import numpy as np
 
+from thunderserve.common.config import cache_root, env
+
 PROB_BITS = 11
 PROB_SCALE = 1 << PROB_BITS
 LANES = 64  # rANS states: each codes every 64th token of a row
@@ -749,11 +751,6 @@ def _entropy_bits(symbols) -> float:
 # ---------------------------------------------------------------- the vector data coder
 
 
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "thunderserve"
-
-
 _LEVELS = {2: "avx512", 1: "avx2"}
 
 
@@ -763,14 +760,14 @@ def _simd() -> tuple[ctypes.CDLL, int] | None:
     level this CPU runs (2: AVX-512, 1: AVX2); None where it cannot be built, on a CPU with neither,
     or with THUNDERSERVE_RANS_SIMD=0 (=avx2 caps it at AVX2). The numba twins then code the same
     words."""
-    setting = os.environ.get("THUNDERSERVE_RANS_SIMD", "1").lower()
+    setting = str(env("RANS_SIMD", "1")).lower()
     if setting == "0" or platform.machine().lower() not in ("x86_64", "amd64"):
         return None
     src = Path(__file__).with_name("rans_simd.c")
     flags = ["-O3", "-shared", "-fPIC"]
     try:
         code = src.read_bytes()
-        so = _cache_dir() / f"rans_simd-{hashlib.sha256(code + ' '.join(flags).encode()).hexdigest()[:16]}.so"
+        so = cache_root() / f"rans_simd-{hashlib.sha256(code + ' '.join(flags).encode()).hexdigest()[:16]}.so"
         if not so.exists():
             cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
             if cc is None:
