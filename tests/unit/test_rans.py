@@ -230,6 +230,35 @@ def test_each_vector_kernel_writes_the_numba_twins_bytes(level: str, monkeypatch
         rans._simd.cache_clear()  # back to this machine's own level for the other tests
 
 
+def test_the_library_builds_into_an_empty_cache_and_a_failed_build_falls_back(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On first use the library is compiled into the cache directory; if the compiler fails, the
+    coder warns and runs its numba path, and the bytes are the same."""
+    import shutil
+
+    a = _laplace(5, 300, seed=10)
+    expected = rans.encode(a, simd=False)
+    monkeypatch.setenv("THUNDERSERVE_CACHE_DIR", str(tmp_path / "ok"))
+    rans._simd.cache_clear()
+    try:
+        if shutil.which("cc") is None and shutil.which("gcc") is None:
+            pytest.skip("no C compiler here")
+        level = rans.vector_coder()
+        built = list((tmp_path / "ok").glob("rans_simd-*.so"))
+        assert len(built) == 1 and not list((tmp_path / "ok").glob("*.tmp"))
+        if level:
+            np.testing.assert_array_equal(rans.encode(a), expected)
+        monkeypatch.setenv("THUNDERSERVE_CACHE_DIR", str(tmp_path / "broken"))
+        monkeypatch.setenv("CC", shutil.which("false") or "false")
+        rans._simd.cache_clear()
+        assert rans.vector_coder() is None
+        np.testing.assert_array_equal(rans.encode(a), expected)
+        np.testing.assert_array_equal(rans.decode(expected, 5, 300), a)
+    finally:
+        rans._simd.cache_clear()
+
+
 def test_releases_gil_in_threads() -> None:
     from concurrent.futures import ThreadPoolExecutor
 
