@@ -71,9 +71,10 @@ static inline __mmask16 active(int64_t left) {
 /* rans._quant_v: 1 + round(2 log2 c) as the bit length of floor(c^2 sqrt 2), capped at VMAX. */
 static inline uint8_t quant_v(uint64_t c) {
     if (c == 0) return 0;
-    double fc = (double)c;
-    int e;
-    frexp(floor(fc * fc * 1.4142135623730951), &e);
+    double fc = (double)c, d = floor(fc * fc * 1.4142135623730951); /* >= 1: a normal double */
+    uint64_t bits;
+    memcpy(&bits, &d, sizeof bits);
+    int e = (int)(bits >> 52 & 0x7FF) - 1022; /* frexp's exponent, without the library call */
     return (uint8_t)(e < VMAX ? e : VMAX);
 }
 
