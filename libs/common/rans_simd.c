@@ -166,14 +166,6 @@ static void encoder_table(const int16_t *freq, const int16_t *cum, int64_t ke, u
     }
 }
 
-/* slot -> symbol << 23 | freq << 11 | slot - cum, for symbol indices 0..ke-1 */
-static void decoder_table(const int16_t *freq, const int16_t *cum, int64_t ke, uint32_t *dtab) {
-    for (int32_t s = 0; s < ke; s++) {
-        uint32_t head = (uint32_t)s << 23 | (uint32_t)freq[s] << PROB_BITS;
-        for (int32_t j = 0; j < freq[s]; j++) dtab[cum[s] + j] = head | (uint32_t)j;
-    }
-}
-
 /* Where a block's words start: in place, or near the end (a block reads at most LANES words) in a
  * zero-padded copy. */
 static inline const uint8_t *block_words(const uint8_t *words, int64_t nwords, int64_t p, uint8_t *tail) {
@@ -220,8 +212,21 @@ AVX512 static int64_t encode_row_512(uint32_t *states, const int32_t *row, int64
     return p;
 }
 
-AVX512 static int64_t decode_row_512(uint32_t *states, int32_t *row, int64_t n, int32_t lo, const uint32_t *dtab,
-                                     const uint8_t *words, int64_t nwords, int64_t p) {
+/* slot -> symbol << 23 | freq << 11 | slot - cum, for symbol indices 0..ke-1: each symbol's slots in
+ * masked 16-wide stores (most symbols have few slots; a scalar fill cost a third of the decoding) */
+AVX512 static void decoder_table_512(const int16_t *freq, const int16_t *cum, int64_t ke, uint32_t *dtab) {
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int32_t s = 0; s < ke; s++) {
+        __m512i e = _mm512_add_epi32(_mm512_set1_epi32(s << 23 | freq[s] << PROB_BITS), lane);
+        for (int32_t j = 0; j < freq[s]; j += 16, e = _mm512_add_epi32(e, _mm512_set1_epi32(16)))
+            _mm512_mask_storeu_epi32(dtab + cum[s] + j, active(freq[s] - j), e);
+    }
+}
+
+AVX512 static int64_t decode_row_512(uint32_t *states, int32_t *row, int64_t n, int32_t lo, const int16_t *freq,
+                                     const int16_t *cum, int64_t ke, uint32_t *dtab, const uint8_t *words,
+                                     int64_t nwords, int64_t p) {
+    decoder_table_512(freq, cum, ke, dtab); /* built just before its row: it stays in L1 for the gathers */
     const __m512i m11 = _mm512_set1_epi32(0x7FF), m12 = _mm512_set1_epi32(0xFFF), vlo = _mm512_set1_epi32(lo);
     uint8_t tail[2 * 2 * LANES];
     __m512i x[SETS], sym[SETS];
@@ -261,10 +266,11 @@ AVX2 static inline __m256i active_8(int64_t left) {
 
 AVX2 static inline int lanes_of(__m256i m) { return _mm256_movemask_ps(_mm256_castsi256_ps(m)); }
 
-AVX2 static inline __m256i encode_8(__m256i x, __m256i act, const int32_t *sym, __m256i lo, __m256i k,
+AVX2 static inline __m256i encode_8(__m256i x, int64_t left, const int32_t *sym, __m256i lo, __m256i k,
                                     const uint32_t *tab, uint16_t *out, int64_t *p) {
     const __m256i m11 = _mm256_set1_epi32(0x7FF), m12 = _mm256_set1_epi32(0xFFF);
-    __m256i s = _mm256_maskload_epi32(sym, act);
+    __m256i act = active_8(left);
+    __m256i s = left >= 8 ? _mm256_loadu_si256((const __m256i *)sym) : _mm256_maskload_epi32(sym, act);
     __m256i i2 = _mm256_slli_epi32(_mm256_min_epu32(_mm256_sub_epi32(s, lo), k), 1);
     __m256i rcp = _mm256_i32gather_epi32((const int *)tab, i2, 4);
     __m256i e = _mm256_i32gather_epi32((const int *)tab, _mm256_add_epi32(i2, _mm256_set1_epi32(1)), 4);
@@ -294,13 +300,23 @@ AVX2 static int64_t encode_row_256(uint32_t *states, const int32_t *row, int64_t
     for (int i = 0; i < HALVES; i++) x[i] = _mm256_loadu_si256((const __m256i *)(states + 8 * i));
     for (int64_t t0 = (n - 1) / LANES * LANES; t0 >= 0; t0 -= LANES)
         for (int i = HALVES - 1; i >= 0; i--)
-            x[i] = encode_8(x[i], active_8(n - t0 - 8 * i), row + t0 + 8 * i, vlo, vk, tab, out, &p);
+            x[i] = encode_8(x[i], n - t0 - 8 * i, row + t0 + 8 * i, vlo, vk, tab, out, &p);
     for (int i = 0; i < HALVES; i++) _mm256_storeu_si256((__m256i *)(states + 8 * i), x[i]);
     return p;
 }
 
-AVX2 static int64_t decode_row_256(uint32_t *states, int32_t *row, int64_t n, int32_t lo, const uint32_t *dtab,
-                                   const uint8_t *words, int64_t nwords, int64_t p) {
+/* the plain fill, vectorized by the compiler: AMD microcodes the AVX2 masked store */
+AVX2 static void decoder_table_256(const int16_t *freq, const int16_t *cum, int64_t ke, uint32_t *dtab) {
+    for (int32_t s = 0; s < ke; s++) {
+        uint32_t head = (uint32_t)s << 23 | (uint32_t)freq[s] << PROB_BITS;
+        for (int32_t j = 0; j < freq[s]; j++) dtab[cum[s] + j] = head | (uint32_t)j;
+    }
+}
+
+AVX2 static int64_t decode_row_256(uint32_t *states, int32_t *row, int64_t n, int32_t lo, const int16_t *freq,
+                                   const int16_t *cum, int64_t ke, uint32_t *dtab, const uint8_t *words,
+                                   int64_t nwords, int64_t p) {
+    decoder_table_256(freq, cum, ke, dtab);
     const __m256i m11 = _mm256_set1_epi32(0x7FF), m12 = _mm256_set1_epi32(0xFFF), vlo = _mm256_set1_epi32(lo);
     const __m256i low = _mm256_set1_epi32(RANS_L);
     uint8_t tail[2 * 2 * LANES];
@@ -326,7 +342,11 @@ AVX2 static int64_t decode_row_256(uint32_t *states, int32_t *row, int64_t n, in
             src += 2 * __builtin_popcount((unsigned)m);
             p += __builtin_popcount((unsigned)m);
             x[i] = _mm256_blendv_epi8(x[i], _mm256_or_si256(_mm256_slli_epi32(x[i], 16), w), fill);
-            _mm256_maskstore_epi32(row + t0 + 8 * i, act[i], _mm256_add_epi32(sym[i], vlo));
+            __m256i v = _mm256_add_epi32(sym[i], vlo);
+            if (n - t0 - 8 * i >= 8) /* a plain store where it can: AMD microcodes the masked one */
+                _mm256_storeu_si256((__m256i *)(row + t0 + 8 * i), v);
+            else
+                _mm256_maskstore_epi32(row + t0 + 8 * i, act[i], v);
         }
     }
     for (int i = 0; i < HALVES; i++) _mm256_storeu_si256((__m256i *)(states + 8 * i), x[i]);
@@ -357,11 +377,12 @@ int64_t rans_simd_encode_rows(int level, const int32_t *sym, int64_t rows, int64
 int64_t rans_simd_decode_rows(int level, int32_t *out, int64_t rows, int64_t n, const int32_t *lo, const int32_t *k,
                               const int16_t *freq, const int16_t *cum, uint32_t *states, const uint8_t *words,
                               int64_t nwords, int64_t p) {
-    uint32_t dtab[PROB_SCALE]; /* built just before its row: it stays in L1 for the gathers */
+    uint32_t dtab[PROB_SCALE];
     for (int64_t r = 0; r < rows && p >= 0; r++) {
-        decoder_table(freq + 256 * r, cum + 256 * r, (int64_t)k[r] + 1, dtab);
-        p = level >= 2 ? decode_row_512(states, out + r * n, n, lo[r], dtab, words, nwords, p)
-                       : decode_row_256(states, out + r * n, n, lo[r], dtab, words, nwords, p);
+        const int16_t *fr = freq + 256 * r, *cu = cum + 256 * r;
+        int64_t ke = (int64_t)k[r] + 1;
+        p = level >= 2 ? decode_row_512(states, out + r * n, n, lo[r], fr, cu, ke, dtab, words, nwords, p)
+                       : decode_row_256(states, out + r * n, n, lo[r], fr, cu, ke, dtab, words, nwords, p);
     }
     return p > nwords ? -1 : p;
 }
