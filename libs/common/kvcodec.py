@@ -369,9 +369,7 @@ class EntropyCodec:
 
     @staticmethod
     def _checked_params(p: dict[str, Any]) -> dict[str, Any]:
-        fine_bits = int(p.get("fine_bits", 0))
-        if fine_bits not in (0, kventropy.FINE_BITS):
-            raise ValueError(f"unsupported fine_bits {fine_bits} (0 or {kventropy.FINE_BITS})")
+        fine_bits = kventropy.check_fine_bits(int(p.get("fine_bits", 0)))
         return {"rotate": int(p["rotate"]), "sink_tokens": int(p["sink_tokens"]),
                 "rope_theta": float(p["rope_theta"]), "rope_start": int(p["rope_start"]),
                 "recent_tokens": int(p.get("recent_tokens", 0)), "fine_bits": fine_bits}

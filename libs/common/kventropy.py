@@ -46,6 +46,13 @@ RELATIVE_STEP = 5.5
 FINE_BITS = 4
 
 
+def check_fine_bits(fine_bits: int) -> int:
+    """`fine_bits` if this release codes that many low bits as they are (0 or FINE_BITS), else ValueError."""
+    if fine_bits not in (0, FINE_BITS):
+        raise ValueError(f"unsupported fine_bits {fine_bits} (0 or {FINE_BITS})")
+    return fine_bits
+
+
 def _stacked(t: torch.Tensor | Sequence[torch.Tensor]) -> tuple[bool, list[torch.Tensor]]:
     stacked = not isinstance(t, torch.Tensor)
     return stacked, (list(t) if stacked else [t])
@@ -113,8 +120,7 @@ def encode_tensor(
     and `token_alpha` to compute them from the keys (`token_exponents`). The wire size follows
     the content: the steps fix the error, not the rate.
     """
-    if fine_bits not in (0, FINE_BITS):
-        raise ValueError(f"unsupported fine_bits {fine_bits} (0 or {FINE_BITS})")
+    check_fine_bits(fine_bits)
     stacked, parts = _stacked(t)
     recent = None
     if recent_tokens:

@@ -800,8 +800,8 @@ def vector_coder() -> str | None:
     return _LEVELS[found[1]] if found else None
 
 
-def _encode_rows_any(sym, lo, k, freq, cum, states, out, p: int, simd: bool) -> int:
-    found = _simd() if simd else None
+def _encode_rows_any(found: tuple[ctypes.CDLL, int] | None, sym, lo, k, freq, cum, states, out, p: int) -> int:
+    """The data words by the vector kernels (`found`: `_simd()`'s library and level) or the numba twin."""
     if found is None:
         return int(_encode_rows(sym, lo, k, freq, cum, states, out, p))
     lib, level = found
@@ -810,8 +810,9 @@ def _encode_rows_any(sym, lo, k, freq, cum, states, out, p: int, simd: bool) -> 
                                          freq.ctypes.data, cum.ctypes.data, states.ctypes.data, out.ctypes.data, p))
 
 
-def _decode_rows_any(out, lo, k, freq, cum, states, words, nwords: int, simd: bool) -> int:
-    found = _simd() if simd else None
+def _decode_rows_any(found: tuple[ctypes.CDLL, int] | None, out, lo, k, freq, cum, states, words,
+                     nwords: int) -> int:
+    """Inverse of `_encode_rows_any`, by the same kernels or the numba twin."""
     if found is None:
         return int(_decode_rows(out, lo, k, freq, cum, states, words, nwords, 0))
     lib, level = found
@@ -860,7 +861,7 @@ def encode(symbols: np.ndarray, simd: bool = True) -> np.ndarray:
     # one word at most per symbol, and 16 words of room below the last for the vector stores
     cap = a.size + 16
     words = np.empty(cap, np.uint16)
-    p = _encode_rows_any(a, lo, kw, freq, cum, states, words, cap, simd)
+    p = _encode_rows_any(found, a, lo, kw, freq, cum, states, words, cap)
     return _frame(ns, n, mtab, hdr, mwords, states[: _stored_states(n)], words[p:], escv)
 
 
@@ -885,7 +886,7 @@ def decode(buf: np.ndarray, streams: int, n: int, simd: bool = True) -> np.ndarr
     out = np.empty((streams, n), np.int32)
     if not err and streams and n:
         words = b[wbase : wbase + 2 * nwords]
-        p = _decode_rows_any(out, lo, kw, freq, cum, states, words, nwords, simd)
+        p = _decode_rows_any(_simd() if simd else None, out, lo, kw, freq, cum, states, words, nwords)
         if p != nwords or (states != _RANS_L).any():
             err = _ERR_CHECK if p >= 0 else _ERR_DATA
         else:
