@@ -8,8 +8,8 @@ once, as `pack_cache(threads=N)` does). The tensor set is a SmolLM2 cache of a r
 (30 layers x (key, value) of [1, 3 KV heads, tokens, 64]), or with `--source synthetic` a
 random one of that shape with a few outlier key channels like the real model's.
 Wire size counts everything `pack_cache` puts on the wire (codes, scales, zeros, fp16 parts).
-int4's and int8's entropy coder runs its AVX-512 library where it can (`rans_vector_coder` in the
-output); THUNDERSERVE_RANS_SIMD=0 measures its numba path, which writes the same bytes.
+int4's and int8's entropy coder, and int4's product with its transforms, run the C kernels where
+they can (`simd_kernels` in the output); THUNDERSERVE_SIMD=0 measures the numba and torch paths.
 The process keeps freed memory mapped, as the replicas do (`thunderserve.common.memory`);
 `--default-malloc` measures with glibc's defaults instead.
 """
@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from thunderserve.common import rans
+from thunderserve.common import native
 from thunderserve.common.kvcodec import codec_names, get_codec, pack_cache, unpack_cache
 from thunderserve.common.memory import keep_freed_memory
 
@@ -108,8 +108,8 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "codec_threads": args.threads,
         "keep_freed_memory": kept,
-        # int4's and int8's entropy coder: the AVX-512 library, or its numba path (THUNDERSERVE_RANS_SIMD=0)
-        "rans_vector_coder": rans.vector_coder(),
+        # the codec's C kernels: "avx512", "avx2", or None for the numba and torch paths (THUNDERSERVE_SIMD=0)
+        "simd_kernels": native.level_name(),
         "load_1min": round(os.getloadavg()[0], 2),
         "codecs": [measure(n, layers, args.repeats, args.threads) for n in names],
     }

@@ -399,22 +399,25 @@ class EntropyCodec:
         return t if t is not None and tuple(t.shape[-2:]) == (heads, head_dim) else None
 
     def _encode(self, tensor: torch.Tensor | Sequence[torch.Tensor], kind: str, shape: tuple[int, ...],
-                token_exp: torch.Tensor | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+                token_exp: torch.Tensor | None = None,
+                ) -> tuple[dict[str, Any], dict[str, torch.Tensor], torch.Tensor | None]:
+        """(params, buffers, the per-token exponents the buffers carry or None)."""
         transform = self._transform(kind, shape, 1 if isinstance(tensor, torch.Tensor) else len(tensor))
         params = self._params(kind, shape, transform)
         heads, head_dim = shape[-3], shape[-1]
         steps = self._fits(self.key_steps if kind == "key" else self.value_steps, heads, head_dim)
         # per-token steps need pre-RoPE keys (the query is calibrated pre-RoPE)
         query = self._fits(self.token_query, heads, head_dim) if kind == "key" and params["rope_theta"] else None
-        return params, kventropy.encode_tensor(tensor, steps, **self._checked_params(params), token_query=query,
-                                               token_exp=token_exp, token_alpha=self.token_alpha,
-                                               transform=transform)
+        buffers, exps = kventropy.encode_tensor(
+            tensor, steps, **self._checked_params(params), token_query=query, token_exp=token_exp,
+            token_alpha=self.token_alpha, transform=transform)
+        return params, buffers, exps
 
     def encode(self, tensor: torch.Tensor, kind: str = "key") -> PackedTensor:
         """One tensor. Per-token steps come from the keys, so only keys get them here;
         `encode_layers` gives a layer's values its keys' steps."""
         shape = tuple(tensor.shape)
-        params, buffers = self._encode(tensor, kind, shape)
+        params, buffers, _ = self._encode(tensor, kind, shape)
         return PackedTensor(self.name, kind, shape, dtype_name(tensor.dtype), buffers, params)
 
     def decode(self, packed: PackedTensor) -> torch.Tensor:
@@ -475,9 +478,7 @@ class EntropyCodec:
             token_exp = None
             for i, kind in enumerate(("key", "value")):
                 tensors = [layer[i] for layer in stack]
-                params, buffers = codec._encode(tensors, kind, shape, token_exp)
-                token_exp = kventropy.decoded_token_exponents(buffers, (count, *shape), params["sink_tokens"],
-                                                              params["recent_tokens"])
+                params, buffers, token_exp = codec._encode(tensors, kind, shape, token_exp)
                 out.append(PackedTensor(self.name, kind, (count, *shape), dtype_name(tensors[0].dtype),
                                         buffers, params, tuple(range(lo, lo + count))))
         return out

@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numba
 import numpy as np
 import torch
 
-from thunderserve.common import kvquant, rans
+from thunderserve.common import kvquant, native, rans
 
 _F16_TINY = float(torch.finfo(torch.float16).tiny)
 _F16_MAX = float(torch.finfo(torch.float16).max)
@@ -86,13 +87,39 @@ def token_exponents(keys: torch.Tensor, query: torch.Tensor, alpha: float) -> to
     keeps the geometric mean of the multipliers, and so the rate, about where it was.
     """
     d = keys.shape[-1]
-    return _exponents(torch.einsum("pbhnd,phd->pbhn", keys, query.float()) / math.sqrt(max(d, 1)), alpha)
+    logit = torch.einsum("pbhnd,phd->pbhn", keys, query.float()) / math.sqrt(max(d, 1))
+    rows = logit.reshape(-1, logit.shape[-1]).contiguous().numpy()
+    exps = np.empty(rows.shape, np.int32)
+    _exponents(rows, alpha, exps, np.empty(rows.shape, np.float32))
+    return torch.from_numpy(exps).reshape(logit.shape)
 
 
-def _exponents(logit: torch.Tensor, alpha: float) -> torch.Tensor:
-    """`token_exponents` from the predicted logits [..., n]."""
-    centred = logit - logit.mean(-1, keepdim=True)
-    return (centred * (-2 * alpha / math.log(2))).round_().clamp_(-8, 8).to(torch.int32)
+class Encoded(NamedTuple):
+    """What `encode_tensor` returns."""
+
+    buffers: dict[str, torch.Tensor]  # what goes on the wire, by name
+    token_exp: torch.Tensor | None  # the per-token step exponents the buffers carry [P, B, H, n]
+
+
+# 2^(-e / 2) for e = -8..8: what a token's coefficients are multiplied by before rounding
+_TOKEN_INV = np.array([2.0 ** (-e / 2) for e in range(-8, 9)], np.float32)
+
+
+@numba.njit(cache=True, nogil=True)
+def _exponents(logit: np.ndarray, alpha: float, exps: np.ndarray, token_inv: np.ndarray) -> None:
+    """`token_exponents` from the predicted logits f32 [rows, n] into exps int32 [rows, n], and
+    token_inv f32 [rows, n] = 2^(-e / 2)."""
+    scale = -2.0 * alpha / math.log(2.0)
+    rows, n = logit.shape
+    for r in range(rows):
+        mean = 0.0
+        for t in range(n):
+            mean += logit[r, t]
+        mean /= max(n, 1)
+        for t in range(n):
+            e = np.int32(min(max(np.rint((logit[r, t] - mean) * scale), -8.0), 8.0))
+            exps[r, t] = e
+            token_inv[r, t] = _TOKEN_INV[e + 8]
 
 
 def encode_tensor(
@@ -108,9 +135,10 @@ def encode_tensor(
     transform: torch.Tensor | None = None,
     recent_tokens: int = 0,
     fine_bits: int = 0,
-) -> dict[str, torch.Tensor]:
+) -> Encoded:
     """Encode one KV tensor [B, H, S, D] or a stack of same-shaped ones (a cache's layers, one
-    leading axis); returns the named buffers that go on the wire.
+    leading axis): the named buffers that go on the wire, and the per-token exponents
+    [P, B, H, n] they carry (None: none), as `decoded_token_exponents` would read them back.
 
     `steps`: [H, D] for one tensor, [P, H, D] for a stack of P (None = `default_steps`; with a
     `transform` [P, H, D, D], the steps of its coefficients, required).
@@ -160,7 +188,7 @@ def encode_tensor(
         buffers["sink"] = sink if stacked else sink[0]
     if recent is not None:
         buffers["recent"] = recent if stacked else recent[0]
-    return buffers
+    return Encoded(buffers, token_exp)
 
 
 def _transformed_streams(parts: Sequence[torch.Tensor], steps: torch.Tensor, sink_tokens: int, rope_theta: float,
@@ -168,42 +196,76 @@ def _transformed_streams(parts: Sequence[torch.Tensor], steps: torch.Tensor, sin
                          token_alpha: float, transform: torch.Tensor, fine_bits: int = 0,
                          ) -> tuple[torch.Tensor | None, np.ndarray, torch.Tensor | None]:
     """`encode_tensor`'s work with a transform, one row (layer, sequence, head) at a time, each
-    through cache-resident tiles: the row's tokens after the sink, RoPE undone and made finite
-    (`_prepare_rows`), then their per-token exponents (from `token_query`, or `token_exp` as
-    given), their product with the row's matrix and the rounding. Returns the fp16 sink tokens
-    [P, B, H, k, D], the codes int32 [P * B * H, D, n] and the exponents [P, B, H, n] (or None)."""
+    through cache-resident tiles: the row's tokens after the sink, RoPE undone and made finite,
+    then their per-token exponents (from `token_query`, or `token_exp` as given), their product
+    with the row's matrix and the rounding. `transform_simd.c` does it all where it runs
+    (`native.kernels()` at AVX-512, for the head sizes it takes); else `_rows_by_torch`. Returns the
+    fp16 sink tokens [P, B, H, k, D], the codes int32 [P * B * H, D, n] and the exponents
+    [P, B, H, n] (or None)."""
+    parts = [_token_rows(part.detach().float()) for part in parts]
     p = len(parts)
     b, h, s, d = parts[0].shape
     k, n = sink_tokens, s - sink_tokens
-    sink = torch.empty(p, b, h, k, d, dtype=torch.float16) if k else None
+    sink = torch.stack([part[..., :k, :] for part in parts]).to(torch.float16) if k else None
     inv = (steps.float().reciprocal() * (1 << fine_bits)).numpy()  # [P, H, D]
-    matrices = _per_row(transform, b)
     cos = nsin = np.empty((0, 0), np.float32)
     if rope_theta and d:
         c, sn = kvquant.rope_tables(n, d, float(rope_theta), int(rope_start + k))
         cos, nsin = c.numpy(), (-sn).numpy()  # undoing RoPE is RoPE by the opposite angle
+    exps = query = None
     if token_query is not None:
-        token_exp = torch.empty(p, b, h, n, dtype=torch.int32)
-        query = token_query.float().reshape(p, h, d) / math.sqrt(max(d, 1))
-    exps = token_exp.reshape(p, b, h, n) if token_exp is not None else None
+        exps = np.empty((p, b, h, n), np.int32)
+        query = (token_query.float().reshape(p, h, d) / math.sqrt(max(d, 1))).contiguous()
+    elif token_exp is not None:
+        exps = np.ascontiguousarray(token_exp.reshape(p, b, h, n).numpy(), np.int32)
     out = np.empty((p * b * h, d, n), np.int32)
-    x, coeffs = torch.empty(n, d), torch.empty(d, n)
-    ones = np.ones(n, np.float32)
+    matrices = _per_row(transform, b).contiguous()
+    found = native.kernels()
+    rope = cos.shape[0] > 0
+    if found and found[1] >= 2 and found[0].transform_simd_fits(d, rope):
+        srcs = np.array([part.data_ptr() for part in parts], np.int64)
+        strides = np.array([part.stride() for part in parts], np.int64)  # [P, 4] in floats
+        rope_tables = (cos.ctypes.data, nsin.ctypes.data) if rope else (None, None)
+        status = found[0].transform_simd_rows(
+            srcs.ctypes.data, strides.ctypes.data, p, b, h, s, k, d, *rope_tables,
+            None if query is None else query.data_ptr(), float(token_alpha), None if exps is None else exps.ctypes.data,
+            matrices.data_ptr(), inv.ctypes.data, out.ctypes.data)
+        if status:
+            raise MemoryError(f"transform_simd_rows failed ({status}) on a [{p}, {b}, {h}, {s}, {d}] stack")
+    else:
+        _rows_by_torch(parts, k, cos, nsin, query, token_alpha, exps, matrices, inv, out)
+    return sink, out, None if exps is None else torch.from_numpy(exps)
+
+
+def _token_rows(t: torch.Tensor) -> torch.Tensor:
+    """t [B, H, S, D] as it is when each (sequence, head) holds its tokens as contiguous rows (a
+    cache cut short along the tokens is), else a contiguous copy."""
+    return t if t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] else t.contiguous()
+
+
+def _rows_by_torch(parts: list[torch.Tensor], k: int, cos: np.ndarray, nsin: np.ndarray, query: torch.Tensor | None,
+                   alpha: float, exps: np.ndarray | None, matrices: torch.Tensor, inv: np.ndarray,
+                   out: np.ndarray) -> None:
+    """`transform_simd_rows` by numba and torch, a row at a time through scratch tiles that stay in
+    cache: `_prepare_rows`, the logits by `torch.mv`, `_exponents`, the product by `torch.mm`
+    ((x @ T)^T = T^T @ x^T lands in the coder's layout) and `_quantize_row`."""
+    b, h, s, d = parts[0].shape
+    n = s - k
+    x, coeffs, logit = torch.empty(n, d), torch.empty(d, n), torch.empty(1, n)
+    token_inv = np.ones((1, n), np.float32)
     r = 0
     for i, part in enumerate(parts):
-        part = part.detach().float()
-        if sink is not None:
-            sink[i] = part[..., :k, :]
         for bi in range(b):
             for hi in range(h):
-                _prepare_rows(np.ascontiguousarray(part[bi, hi, k:].numpy()), cos, nsin, x.numpy())
-                if token_query is not None:
-                    exps[i, bi, hi] = _exponents(torch.mv(x, query[i, hi]), token_alpha)
-                token_inv = ones if exps is None else torch.exp2(exps[i, bi, hi].float() / -2).numpy()
+                _prepare_rows(part[bi, hi, k:].numpy(), cos, nsin, x.numpy())
+                if query is not None:
+                    torch.mv(x, query[i, hi], out=logit[0])
+                    _exponents(logit.numpy(), alpha, exps[i, bi, hi].reshape(1, n), token_inv)
+                elif exps is not None:
+                    token_inv[0] = np.exp2(exps[i, bi, hi] * np.float32(-0.5), dtype=np.float32)
                 torch.mm(matrices[r].t(), x.t(), out=coeffs)
-                _quantize_row(coeffs.numpy(), inv[i, hi], token_inv, out[r])
+                _quantize_row(coeffs.numpy(), inv[i, hi], token_inv[0], out[r])
                 r += 1
-    return sink, out, exps
 
 
 def _dims(shape: tuple[int, ...]) -> tuple[int, int, int, int, int]:
@@ -452,5 +514,5 @@ def warm_up() -> None:
             steps = torch.ones(1, 4) if transform is not None else None
             for fine_bits in (0, 4):
                 buffers = encode_tensor(x, steps, 0, 1, rope_theta, transform=transform, fine_bits=fine_bits,
-                                        token_exp=torch.zeros(1, 1, 1, 2, dtype=torch.int32))
+                                        token_exp=torch.zeros(1, 1, 1, 2, dtype=torch.int32)).buffers
                 decode_tensor(buffers, tuple(x.shape), 0, 1, rope_theta, inverse=transform, fine_bits=fine_bits)

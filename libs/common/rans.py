@@ -8,7 +8,7 @@ chains (4 vectors of 16 with AVX-512, 8 of 8 with AVX2). The states run on from 
 values are stored once per buffer.
 
 The data words and the rows' statistics are coded by `rans_simd.c` (AVX-512 or AVX2 kernels, built
-on first use) where this CPU and a C compiler allow, and otherwise by numba twins here
+on first use by `native`) where this CPU and a C compiler allow, and otherwise by numba twins here
 (`_encode_rows`, `_decode_rows`, `_row_stats`). Every path writes and reads the same words.
 
 Why the table coding matters: at n = 2000 a plain table (40 symbols x 12 bits) would cost more than
@@ -24,11 +24,13 @@ in a side section, so any int32 round-trips.
 
 Byte layout (all little-endian)::
 
-    header   36 B: b"TSR" 0x02, u32 streams, u32 n, u32 hdr_len, u32 mtab_len,
+    header   36 B: b"TSR" 0x03, u32 streams, u32 n, u32 hdr_len, u32 mtab_len,
                    u32 meta_words, u32 data_words, u32 n_esc, u32 check
     mtab     mtab_len B: u8 nctx, then per context: u8 k (0 = unused), [u8 lo, k x u8 v]
     hdr      hdr_len B: per row, varint zigzag(lo - previous lo), varint 2 * k + has_escape
-    meta     meta_words x u16: final meta state (2 words), then renormalisation words in decode order
+    meta     meta_words x u16: the two final meta states (2 words each; the first codes the values of
+             even index in decode order, the second the odd ones), then renormalisation words in
+             decode order
     data     data_words x u16: the final states of lanes 0 .. min(n, 64) - 1 (u32 each), then the
              renormalisation words in decode order (rows, blocks of 64 tokens, sets of 16 lanes,
              lanes)
@@ -46,20 +48,12 @@ entry: symbol << 23 | freq << 11 | slot - cum.
 from __future__ import annotations
 
 import ctypes
-import functools
-import hashlib
-import logging
 import math
-import os
-import platform
-import shutil
-import subprocess
-from pathlib import Path
 
 import numba
 import numpy as np
 
-from thunderserve.common.config import cache_root, env
+from thunderserve.common import native
 
 PROB_BITS = 11
 PROB_SCALE = 1 << PROB_BITS
@@ -77,7 +71,7 @@ _NCTX = 129
 _FIRST_CTX = 0
 _HEADER = 36
 _SQRT2 = 1.4142135623730951
-_MAGIC = 0x02525354  # b"TSR\x02" (0x01: four states, one row each)
+_MAGIC = 0x03525354  # b"TSR\x03" (0x02: one meta state; 0x01: four data states, one row each)
 
 # Weights 2^((v-1)/2) in 8 fractional bits, from integer square roots so every platform agrees.
 _W = np.array([0] + [math.isqrt(1 << (v - 1 + 16)) for v in range(1, _VMAX + 1)], dtype=np.int64)
@@ -95,7 +89,6 @@ _ERR_TEXT = {
 
 _jit = numba.njit(cache=True, nogil=True)
 
-log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- tables
@@ -137,6 +130,7 @@ def _build_freq(v, vbase, k, freq, cum) -> bool:
     if present == 0:
         return False
     avail = PROB_SCALE - present
+    inv = 1.0 / np.float64(total)
     s = 0
     best = 0
     bestf = -1
@@ -144,7 +138,12 @@ def _build_freq(v, vbase, k, freq, cum) -> bool:
         vi = v[vbase + i]
         f = 0
         if vi > 0:
-            f = 1 + (_W[vi] * avail) // total
+            # floor(w * avail / total) by a reciprocal: w * avail < 2^51 is exact in a double, the
+            # estimate is off by at most one, and the integer check settles it (no int64 division)
+            a = _W[vi] * avail
+            q = np.int64(a * inv)
+            q += np.int64((q + 1) * total <= a) - np.int64(q * total > a)
+            f = 1 + q
         freq[i] = f
         s += f
         if f > bestf:
@@ -356,9 +355,22 @@ def _put_varint(buf, off, val) -> int:
     return off + 1
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _meta_put(x, ment, at, mout, p):
+    """Code one meta value into state x (its entry: ment[at .. at + 5) = xmax, rcp, shift, bias, cmpl,
+    read as scalars by unsigned index: a view per value would cost numba a reference count, a signed
+    index a wraparound check); returns (x, p)."""
+    flush = np.int64(x >= ment[at])  # branch-free: the flushes do not follow a pattern
+    mout[p - 1] = x & 0xFFFF  # p >= 4 here: at most one word per value so far, four spare
+    p -= flush
+    x >>= 16 * flush
+    rcp, sh = ment[at + np.uint64(1)], ment[at + np.uint64(2)]
+    return x + ment[at + np.uint64(3)] + ((x * rcp) >> sh) * ment[at + np.uint64(4)], p
+
+
 @_jit
 def _encode_meta(v, kw, esc, ns):
-    """The rows' table values as one rANS stream (one state) with static tables conditioned on the
+    """The rows' table values as one rANS stream (two interleaved states) with static tables conditioned on the
     previous value. Returns (mtab bytes, meta words in decode order)."""
     # meta statistics: v conditioned on the previous v of the row
     mcount = np.zeros((_NCTX, _VMAX + 1), np.int64)
@@ -392,23 +404,27 @@ def _encode_meta(v, kw, esc, ns):
             nctx = c + 1
     for c in range(nctx):
         mtab_len += 1 + (1 + mk[c] if mk[c] > 0 else 0)
-    # meta encoder tables
+    # meta encoder tables, one entry's five numbers side by side (a value costs one cache line)
     freq = np.zeros(256, np.int64)
     cum = np.zeros(256, np.int64)
-    mrcp = np.zeros((_NCTX, 64), np.int64)
-    msh = np.zeros((_NCTX, 64), np.int64)
-    mbias = np.zeros((_NCTX, 64), np.int64)
-    mcmpl = np.zeros((_NCTX, 64), np.int64)
-    mxmax = np.zeros((_NCTX, 64), np.int64)
+    ent = np.zeros((5, _VMAX + 1), np.int64)
+    ment = np.empty((nctx, _VMAX + 1, 5), np.int64)  # only the entries of present values are read
     for c in range(nctx):
         if mk[c] > 0:
             _build_freq(mv[c], 0, mk[c], freq, cum)
-            _enc_table(freq, cum, mk[c], mrcp[c], msh[c], mbias[c], mcmpl[c], mxmax[c])
-    # meta stream, backwards, one state
-    mout = np.empty(n_meta + 2, np.uint16)
-    p = n_meta + 2
-    x = np.int64(_RANS_L)
+            _enc_table(freq, cum, mk[c], ent[1], ent[2], ent[3], ent[4], ent[0])
+            for d in range(mk[c]):
+                for f in range(5):
+                    ment[c, d, f] = ent[f, d]
+    # meta stream, backwards, two states: the values in decode order alternate between them, so the
+    # two chains of multiplies overlap
+    mout = np.empty(n_meta + 4, np.uint16)
+    p = n_meta + 4
+    x0 = np.int64(_RANS_L)
+    x1 = np.int64(_RANS_L)
+    j = n_meta  # the decode-order index of the value after the one being coded
     ctxs = np.zeros(256, np.int64)
+    flat = ment.reshape(-1)
     for r in range(ns - 1, -1, -1):
         ke = kw[r] + esc[r]
         ctx = _FIRST_CTX
@@ -418,16 +434,15 @@ def _encode_meta(v, kw, esc, ns):
             peak = max(peak, np.int64(v[r, i]))
             ctx = _next_ctx(np.int64(v[r, i]), peak)
         for i in range(ke - 1, -1, -1):
-            ctx = ctxs[i]
-            d = np.int64(v[r, i]) - mlo[ctx]
-            if x >= mxmax[ctx, d]:
-                p -= 1
-                mout[p] = x & 0xFFFF
-                x >>= 16
-            x = x + mbias[ctx, d] + ((x * mrcp[ctx, d]) >> msh[ctx, d]) * mcmpl[ctx, d]
-    p -= 2
-    mout[p] = x & 0xFFFF
-    mout[p + 1] = x >> 16
+            j -= 1
+            c = ctxs[i]
+            at = np.uint64(5 * ((_VMAX + 1) * c + np.int64(v[r, i]) - mlo[c]))
+            if j & 1:
+                x1, p = _meta_put(x1, flat, at, mout, p)
+            else:
+                x0, p = _meta_put(x0, flat, at, mout, p)
+    p -= 4
+    mout[p], mout[p + 1], mout[p + 2], mout[p + 3] = x0 & 0xFFFF, x0 >> 16, x1 & 0xFFFF, x1 >> 16
 
     mtab = np.empty(mtab_len, np.uint8)
     o = 0
@@ -446,10 +461,11 @@ def _encode_meta(v, kw, esc, ns):
 
 
 @_jit
-def _encode_tables(symbols, lo, kw, v, done):
-    """Everything of a buffer but its data words: each row's window (lo, kw), escape flag and table
-    values v (given for the rows marked `done`), the frequencies int16 [rows, 256] the data coder
-    takes, the escapes in decode order (row, token), the meta section and the row headers."""
+def _encode_tables(symbols, lo, kw, v, done, with_freq):
+    """Everything of a buffer but its data words: each row's window (lo, kw), escape flag esc and
+    table values v (given for the rows marked `done`), the frequencies int16 [rows, 256] the numba
+    data coder takes (with_freq; the vector kernels build their own from v), the escapes in decode
+    order (row, token), the meta section and the row headers."""
     ns, n = symbols.shape
     esc = np.zeros(ns, np.int64)
     wide = np.empty(_WIDE_SPAN, np.int64)
@@ -472,11 +488,11 @@ def _encode_tables(symbols, lo, kw, v, done):
                     escv[e] = symbols[r, t]
                     e += 1
     mtab, mwords = _encode_meta(v, kw, esc, ns)
-    freq = np.zeros((ns, 256), np.int16)
-    cum = np.zeros((ns, 256), np.int16)
+    freq = np.zeros((ns if with_freq else 0, 256), np.int16)
+    cum = np.zeros((ns if with_freq else 0, 256), np.int16)
     f64 = np.zeros(256, np.int64)
     c64 = np.zeros(256, np.int64)
-    for r in range(ns):
+    for r in range(ns if with_freq else 0):
         ke = kw[r] + esc[r]
         _build_freq(v[r], 0, ke, f64, c64)
         for i in range(ke):
@@ -491,17 +507,19 @@ def _encode_tables(symbols, lo, kw, v, done):
         z = (dl << 1) if dl >= 0 else ((-dl) << 1) - 1
         hl = _put_varint(hdr, hl, z)
         hl = _put_varint(hdr, hl, np.int64(kw[r]) * 2 + esc[r])
-    return freq, cum, escv, mtab, mwords, hdr[:hl]
+    return esc, freq, cum, escv, mtab, mwords, hdr[:hl]
 
 
 @_jit
-def _frame(ns, n, mtab, hdr, mwords, states, words, escv):
+def _frame(ns, n, mtab, hdr, mwords, states, n_words, escv):
     """The buffer: header, meta tables, row headers, meta words, data (final states, then the data
-    words), escapes; the check word over tables, headers and escapes."""
+    words), escapes; the check word over tables, headers and escapes. Returns it with the data
+    words' place left for the caller to fill (numpy copies them as one memcpy; numba's slice
+    assignment goes a byte at a time), and that place's offset."""
     mtab_len, hl, meta_words, n_esc = mtab.shape[0], hdr.shape[0], mwords.shape[0], escv.shape[0]
-    data_words = 2 * states.shape[0] + words.shape[0]
+    data_words = 2 * states.shape[0] + n_words
     total = _HEADER + mtab_len + hl + 2 * meta_words + 2 * data_words + 4 * n_esc
-    out = np.zeros(total, np.uint8)
+    out = np.empty(total, np.uint8)  # every byte is written, here or by the caller
     _put_u32(out, 0, _MAGIC)
     _put_u32(out, 4, ns)
     _put_u32(out, 8, n)
@@ -520,13 +538,13 @@ def _frame(ns, n, mtab, hdr, mwords, states, words, escv):
     o += 2 * meta_words
     out[o : o + 4 * states.shape[0]] = states.view(np.uint8)
     o += 4 * states.shape[0]
-    out[o : o + 2 * words.shape[0]] = words.view(np.uint8)
-    o += 2 * words.shape[0]
+    at = o
+    o += 2 * n_words
     for i in range(n_esc):
         _put_u32(out, o, np.int64(escv[i]) & 0xFFFFFFFF)
         o += 4
     _put_u32(out, 32, _check(out, mtab_len, hl, total - 4 * n_esc))
-    return out
+    return out, at
 
 
 # ---------------------------------------------------------------- decoder
@@ -595,7 +613,7 @@ def _decode_tables(buf, ns, n, lo, kw, esc, freq, cum, states):
     if size != _HEADER + mtab_len + hl + 2 * meta_words + 2 * data_words + 4 * n_esc:
         return _ERR_HEADER, 0, 0, 0
     nst = _stored_states(n)
-    if meta_words < 2 or data_words < 2 * nst:
+    if meta_words < 4 or data_words < 2 * nst:
         return _ERR_HEADER, 0, 0, 0
     if _check(buf, mtab_len, hl, size - 4 * n_esc) != _get_u32(buf, 32):
         return _ERR_CHECK, 0, 0, 0
@@ -640,10 +658,13 @@ def _decode_tables(buf, ns, n, lo, kw, esc, freq, cum, states):
     hpos = mend
     hend = mend + hl
     mbase = hend
-    xm = _get_u32(buf, mbase) & 0xFFFFFFFF
-    if xm < _RANS_L or xm >= (1 << 31):
-        return _ERR_CHECK, 0, 0, 0
-    mptr = 2
+    xs = np.empty(2, np.int64)  # the meta states: values of even and odd decode-order index
+    for u in range(2):
+        xs[u] = _get_u32(buf, mbase + 4 * u) & 0xFFFFFFFF
+        if xs[u] < _RANS_L or xs[u] >= (1 << 31):
+            return _ERR_CHECK, 0, 0, 0
+    mptr = 4
+    j = 0
     vrow = np.zeros(256, np.uint8)
     f64 = np.zeros(256, np.int64)
     c64 = np.zeros(256, np.int64)
@@ -680,6 +701,7 @@ def _decode_tables(buf, ns, n, lo, kw, esc, freq, cum, states):
         for i in range(ke):
             if mk[ctx] == 0:
                 return _ERR_META, 0, 0, 0
+            xm = xs[j & 1]
             slot = xm & _MASK
             s = np.int64(mslot[ctx, slot])
             xm = mfreq[ctx, s] * (xm >> PROB_BITS) + slot - mcum[ctx, s]
@@ -689,6 +711,8 @@ def _decode_tables(buf, ns, n, lo, kw, esc, freq, cum, states):
                 q = mbase + 2 * mptr
                 xm = (xm << 16) | np.int64(buf[q]) | (np.int64(buf[q + 1]) << 8)
                 mptr += 1
+            xs[j & 1] = xm
+            j += 1
             val = s + mlo[ctx]
             vrow[i] = val
             peak = max(peak, val)
@@ -701,7 +725,7 @@ def _decode_tables(buf, ns, n, lo, kw, esc, freq, cum, states):
         lo[r] = prev
         kw[r] = kwin
         esc[r] = has_esc
-    if hpos != hend or mptr != meta_words or xm != _RANS_L:
+    if hpos != hend or mptr != meta_words or xs[0] != _RANS_L or xs[1] != _RANS_L:
         return _ERR_CHECK, 0, 0, 0
     dbase = mbase + 2 * meta_words
     for u in range(nst):
@@ -751,63 +775,26 @@ def _entropy_bits(symbols) -> float:
 # ---------------------------------------------------------------- the vector data coder
 
 
-_LEVELS = {2: "avx512", 1: "avx2"}
-
-
-@functools.cache
 def _simd() -> tuple[ctypes.CDLL, int] | None:
-    """rans_simd.c, built on first use (cc -O3) into the user's cache and loaded, with the kernel
-    level this CPU runs (2: AVX-512, 1: AVX2); None where it cannot be built, on a CPU with neither,
-    or with THUNDERSERVE_RANS_SIMD=0 (=avx2 caps it at AVX2). The numba twins then code the same
-    words."""
-    setting = str(env("RANS_SIMD", "1")).lower()
-    if setting == "0" or platform.machine().lower() not in ("x86_64", "amd64"):
-        return None
-    src = Path(__file__).with_name("rans_simd.c")
-    flags = ["-O3", "-shared", "-fPIC"]
-    try:
-        code = src.read_bytes()
-        so = cache_root() / f"rans_simd-{hashlib.sha256(code + ' '.join(flags).encode()).hexdigest()[:16]}.so"
-        if not so.exists():
-            cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-            if cc is None:
-                log.info("no C compiler: the KV entropy coder runs its numba path")
-                return None
-            so.parent.mkdir(parents=True, exist_ok=True)
-            tmp = so.with_name(f"{so.name}.{os.getpid()}.tmp")
-            subprocess.run([cc, *flags, "-o", str(tmp), str(src), "-lm"], check=True, capture_output=True, timeout=300)
-            os.replace(tmp, so)  # atomic: processes building at once each leave a whole library
-        lib = ctypes.CDLL(str(so))
-    except (OSError, subprocess.SubprocessError) as exc:
-        log.warning("the vector KV entropy coder could not be built (%s): using the numba path", exc)
-        return None
-    level = min(int(lib.rans_simd_level()), 1 if setting == "avx2" else 2)
-    if level < 1:
-        return None
-    ptr, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.rans_simd_encode_rows.argtypes = [c_int, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64]
-    lib.rans_simd_encode_rows.restype = i64
-    lib.rans_simd_decode_rows.argtypes = [c_int, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64]
-    lib.rans_simd_decode_rows.restype = i64
-    lib.rans_simd_row_stats.argtypes = [c_int, ptr, i64, i64, ptr, ptr, ptr, ptr]
-    lib.rans_simd_row_stats.restype = i64
-    return lib, level
+    """The vector kernels (`native.kernels()`), or None: the numba twins then code the same words."""
+    return native.kernels()
 
 
 def vector_coder() -> str | None:
     """Which kernels code the data words: "avx512", "avx2", or None for the numba path (the same words)."""
-    found = _simd()
-    return _LEVELS[found[1]] if found else None
+    return native.level_name()
 
 
-def _encode_rows_any(found: tuple[ctypes.CDLL, int] | None, sym, lo, k, freq, cum, states, out, p: int) -> int:
-    """The data words by the vector kernels (`found`: `_simd()`'s library and level) or the numba twin."""
+def _encode_rows_any(found: tuple[ctypes.CDLL, int] | None, sym, lo, k, v, esc, freq, cum, states, out, p: int) -> int:
+    """The data words by the vector kernels (`found`: `_simd()`'s library and level; they build the
+    tables from v and esc) or the numba twin (from freq and cum)."""
     if found is None:
         return int(_encode_rows(sym, lo, k, freq, cum, states, out, p))
     lib, level = found
     rows, n = sym.shape
     return int(lib.rans_simd_encode_rows(level, sym.ctypes.data, rows, n, lo.ctypes.data, k.ctypes.data,
-                                         freq.ctypes.data, cum.ctypes.data, states.ctypes.data, out.ctypes.data, p))
+                                         v.ctypes.data, esc.ctypes.data, _W.ctypes.data, states.ctypes.data,
+                                         out.ctypes.data, p))
 
 
 def _decode_rows_any(found: tuple[ctypes.CDLL, int] | None, out, lo, k, freq, cum, states, words,
@@ -856,13 +843,15 @@ def encode(symbols: np.ndarray, simd: bool = True) -> np.ndarray:
         lib, level = found
         lib.rans_simd_row_stats(level, a.ctypes.data, ns, n, lo.ctypes.data, kw.ctypes.data, v.ctypes.data,
                                 done.ctypes.data)
-    freq, cum, escv, mtab, mwords, hdr = _encode_tables(a, lo, kw, v, done)
+    esc, freq, cum, escv, mtab, mwords, hdr = _encode_tables(a, lo, kw, v, done, found is None)
     states = np.full(LANES, _RANS_L, np.uint32)
     # one word at most per symbol, and 16 words of room below the last for the vector stores
     cap = a.size + 16
     words = np.empty(cap, np.uint16)
-    p = _encode_rows_any(found, a, lo, kw, freq, cum, states, words, cap)
-    return _frame(ns, n, mtab, hdr, mwords, states[: _stored_states(n)], words[p:], escv)
+    p = _encode_rows_any(found, a, lo, kw, v, esc, freq, cum, states, words, cap)
+    out, at = _frame(ns, n, mtab, hdr, mwords, states[: _stored_states(n)], cap - p, escv)
+    out[at : at + 2 * (cap - p)] = words[p:].view(np.uint8)
+    return out
 
 
 def decode(buf: np.ndarray, streams: int, n: int, simd: bool = True) -> np.ndarray:

@@ -47,8 +47,20 @@ static uint16_t RIGHT[17][16];
 /* AVX2, per 8-lane mask m: TOP[m] moves the lanes of m, in order, to the top of the vector;
  * SPREAD[m][j] = the rank of lane j among the lanes of m (word j of an expand). */
 static int32_t TOP[256][8], SPREAD[256][8];
-
+/* Per frequency f of a symbol: its encoder entry's reciprocal, bias addend and high bits. f >= 2:
+ * ceil(2^(31 + lg) / f) with lg = ceil(log2 f) (the exact division by f), 0, (M - f) << 12 |
+ * (lg - 1) << 23. f = 1: q = x by mulhi(x, 2^32 - 1) = x - 1, the bias takes the difference. */
+#define TAB 256
+static uint32_t FREQ_ENTRY[PROB_SCALE + 1][3];
 __attribute__((constructor)) static void init_tables(void) {
+    FREQ_ENTRY[1][0] = 0xFFFFFFFFu;
+    FREQ_ENTRY[1][1] = PROB_SCALE - 1;
+    FREQ_ENTRY[1][2] = (uint32_t)(PROB_SCALE - 1) << 12;
+    for (uint32_t f = 2; f <= PROB_SCALE; f++) {
+        uint32_t lg = 32 - (uint32_t)__builtin_clz(f - 1); /* ceil(log2 f) */
+        FREQ_ENTRY[f][0] = (uint32_t)(((1ull << (31 + lg)) + f - 1) / f);
+        FREQ_ENTRY[f][2] = (PROB_SCALE - f) << 12 | (lg - 1) << 23;
+    }
     for (int c = 0; c <= 16; c++)
         for (int j = 0; j < 16; j++) RIGHT[c][j] = (uint16_t)((j - (16 - c)) & 15);
     for (int m = 0; m < 256; m++) {
@@ -150,19 +162,39 @@ int64_t rans_simd_row_stats(int level, const int32_t *sym, int64_t rows, int64_t
     return left;
 }
 
-/* Per symbol index i of a row: tab[2i] = reciprocal, tab[2i + 1] = bias | (M - f) << 12 | shift << 23. */
-static void encoder_table(const int16_t *freq, const int16_t *cum, int64_t ke, uint32_t *tab) {
+/* A row's encoder table from its table values v[0..ke) (rans._build_freq, then the numba path's
+ * _enc_table): frequencies summing to PROB_SCALE (weights W[v], every present symbol at least 1, the
+ * rounding remainder to the first most probable one), the same integer arithmetic, so the same
+ * table. Per symbol index i: tab[i] = reciprocal, tab[TAB + i] = bias | (M - f) << 12 | shift << 23.
+ * Branch-free (absent and rare symbols come in no pattern), with the per-frequency parts from
+ * FREQ_ENTRY. */
+static void row_table(const uint8_t *v, int64_t ke, const int64_t *W, uint32_t *tab) {
+    int32_t freq[256];
+    int64_t total = 0, present = 0;
     for (int64_t i = 0; i < ke; i++) {
-        uint32_t f = (uint32_t)freq[i], c = (uint32_t)cum[i];
-        if (f == 0) continue;
-        if (f == 1) { /* q = x: mulhi(x, 2^32 - 1) = x - 1, the bias takes the difference */
-            tab[2 * i] = 0xFFFFFFFFu;
-            tab[2 * i + 1] = (c + PROB_SCALE - 1) | (uint32_t)(PROB_SCALE - 1) << 12;
-        } else {
-            uint32_t lg = 32 - (uint32_t)__builtin_clz(f - 1); /* ceil(log2 f) */
-            tab[2 * i] = (uint32_t)(((1ull << (31 + lg)) + f - 1) / f);
-            tab[2 * i + 1] = c | (uint32_t)(PROB_SCALE - f) << 12 | (lg - 1) << 23;
-        }
+        total += W[v[i]]; /* W[0] = 0 */
+        present += v[i] != 0;
+    }
+    if (!present) return; /* an empty row codes nothing */
+    int64_t avail = PROB_SCALE - present, s = 0, best = 0, bestf = -1;
+    double inv = 1.0 / (double)total;
+    for (int64_t i = 0; i < ke; i++) {
+        /* floor(W avail / total): a reciprocal estimate (W avail < 2^51 is exact in a double, the
+         * estimate off by at most one) settled by an integer check */
+        int64_t a = W[v[i]] * avail, q = (int64_t)((double)a * inv);
+        q += ((q + 1) * total <= a) - (q * total > a);
+        int64_t f = (v[i] != 0) * (1 + q);
+        freq[i] = (int32_t)f;
+        s += f;
+        int more = f > bestf;
+        bestf = more ? f : bestf;
+        best = more ? i : best;
+    }
+    freq[best] += (int32_t)(PROB_SCALE - s);
+    for (int64_t i = 0, c = 0; i < ke; c += freq[i], i++) {
+        const uint32_t *e = FREQ_ENTRY[freq[i]];
+        tab[i] = e[0];
+        tab[TAB + i] = ((uint32_t)c + e[1]) | e[2];
     }
 }
 
@@ -177,14 +209,32 @@ static inline const uint8_t *block_words(const uint8_t *words, int64_t nwords, i
 
 /* ------------------------------------------------------------------ AVX-512: 4 vectors of 16 lanes */
 
-AVX512 static inline __m512i encode_16(__m512i x, __mmask16 act, const int32_t *sym, __m512i lo, __m512i k,
-                                       const uint32_t *tab, uint16_t *out, int64_t *p) {
+/* tab[idx] for a row whose table has at most 16 * regs entries, held in regs vectors t: one or two
+ * permutes (a gather, the slow part of encoding, for wider tables: regs 0). */
+#define INLINE __attribute__((always_inline)) inline
+AVX512 static INLINE __m512i lookup_16(__m512i idx, const __m512i *t, int regs, const uint32_t *tab) {
+    if (regs == 1) return _mm512_permutexvar_epi32(idx, t[0]);
+    if (regs == 2) return _mm512_permutex2var_epi32(t[0], idx, t[1]);
+    if (regs == 4 || regs == 8) {
+        __m512i a = _mm512_permutex2var_epi32(t[0], idx, t[1]), b = _mm512_permutex2var_epi32(t[2], idx, t[3]);
+        a = _mm512_mask_blend_epi32(_mm512_test_epi32_mask(idx, _mm512_set1_epi32(32)), a, b);
+        if (regs == 4) return a;
+        __m512i c = _mm512_permutex2var_epi32(t[4], idx, t[5]), d = _mm512_permutex2var_epi32(t[6], idx, t[7]);
+        c = _mm512_mask_blend_epi32(_mm512_test_epi32_mask(idx, _mm512_set1_epi32(32)), c, d);
+        return _mm512_mask_blend_epi32(_mm512_test_epi32_mask(idx, _mm512_set1_epi32(64)), a, c);
+    }
+    return _mm512_i32gather_epi32(idx, (const void *)tab, 4);
+}
+
+AVX512 static INLINE __m512i encode_16(__m512i x, __mmask16 act, const int32_t *sym, __m512i lo, __m512i k,
+                                       const __m512i *trcp, const __m512i *te, int regs, const uint32_t *tab,
+                                       uint16_t *out, int64_t *p) {
     const __m512i m11 = _mm512_set1_epi32(0x7FF), m12 = _mm512_set1_epi32(0xFFF);
     __m512i s = _mm512_maskz_loadu_epi32(act, sym);
     /* out-of-window values wrap to huge unsigned offsets: one min maps them to the escape k */
-    __m512i i2 = _mm512_slli_epi32(_mm512_min_epu32(_mm512_sub_epi32(s, lo), k), 1);
-    __m512i rcp = _mm512_i32gather_epi32(i2, (const void *)tab, 4);
-    __m512i e = _mm512_i32gather_epi32(_mm512_add_epi32(i2, _mm512_set1_epi32(1)), (const void *)tab, 4);
+    __m512i idx = _mm512_min_epu32(_mm512_sub_epi32(s, lo), k);
+    __m512i rcp = lookup_16(idx, trcp, regs, tab);
+    __m512i e = lookup_16(idx, te, regs, tab + TAB);
     __m512i cmpl = _mm512_and_si512(_mm512_srli_epi32(e, 12), m11);
     __m512i xmax = _mm512_slli_epi32(_mm512_sub_epi32(_mm512_set1_epi32(PROB_SCALE), cmpl), 31 - PROB_BITS);
     __mmask16 flush = _mm512_mask_cmpge_epu32_mask(act, x, xmax);
@@ -201,15 +251,29 @@ AVX512 static inline __m512i encode_16(__m512i x, __mmask16 act, const int32_t *
     return _mm512_mask_mov_epi32(x, act, nx);
 }
 
-AVX512 static int64_t encode_row_512(uint32_t *states, const int32_t *row, int64_t n, int32_t lo, int32_t k,
-                                     const uint32_t *tab, uint16_t *out, int64_t p) {
-    __m512i x[SETS], vlo = _mm512_set1_epi32(lo), vk = _mm512_set1_epi32(k);
+AVX512 static INLINE int64_t encode_row_16(uint32_t *states, const int32_t *row, int64_t n, int32_t lo, int32_t k,
+                                           const uint32_t *tab, int regs, uint16_t *out, int64_t p) {
+    __m512i x[SETS], vlo = _mm512_set1_epi32(lo), vk = _mm512_set1_epi32(k), trcp[8], te[8];
+    for (int j = 0; j < regs; j++) {
+        trcp[j] = _mm512_loadu_si512(tab + 16 * j);
+        te[j] = _mm512_loadu_si512(tab + TAB + 16 * j);
+    }
     for (int i = 0; i < SETS; i++) x[i] = _mm512_loadu_si512(states + 16 * i);
     for (int64_t t0 = (n - 1) / LANES * LANES; t0 >= 0; t0 -= LANES)
         for (int i = SETS - 1; i >= 0; i--)
-            x[i] = encode_16(x[i], active(n - t0 - 16 * i), row + t0 + 16 * i, vlo, vk, tab, out, &p);
+            x[i] = encode_16(x[i], active(n - t0 - 16 * i), row + t0 + 16 * i, vlo, vk, trcp, te, regs, tab, out, &p);
     for (int i = 0; i < SETS; i++) _mm512_storeu_si512(states + 16 * i, x[i]);
     return p;
+}
+
+/* One instance per table size, so each holds its table in registers. */
+AVX512 static int64_t encode_row_512(uint32_t *states, const int32_t *row, int64_t n, int32_t lo, int32_t k,
+                                     const uint32_t *tab, uint16_t *out, int64_t p) {
+    if (k < 16) return encode_row_16(states, row, n, lo, k, tab, 1, out, p);
+    if (k < 32) return encode_row_16(states, row, n, lo, k, tab, 2, out, p);
+    if (k < 64) return encode_row_16(states, row, n, lo, k, tab, 4, out, p);
+    if (k < 128) return encode_row_16(states, row, n, lo, k, tab, 8, out, p);
+    return encode_row_16(states, row, n, lo, k, tab, 0, out, p);
 }
 
 /* slot -> symbol << 23 | freq << 11 | slot - cum, for symbol indices 0..ke-1: each symbol's slots in
@@ -271,9 +335,9 @@ AVX2 static inline __m256i encode_8(__m256i x, int64_t left, const int32_t *sym,
     const __m256i m11 = _mm256_set1_epi32(0x7FF), m12 = _mm256_set1_epi32(0xFFF);
     __m256i act = active_8(left);
     __m256i s = left >= 8 ? _mm256_loadu_si256((const __m256i *)sym) : _mm256_maskload_epi32(sym, act);
-    __m256i i2 = _mm256_slli_epi32(_mm256_min_epu32(_mm256_sub_epi32(s, lo), k), 1);
-    __m256i rcp = _mm256_i32gather_epi32((const int *)tab, i2, 4);
-    __m256i e = _mm256_i32gather_epi32((const int *)tab, _mm256_add_epi32(i2, _mm256_set1_epi32(1)), 4);
+    __m256i idx = _mm256_min_epu32(_mm256_sub_epi32(s, lo), k);
+    __m256i rcp = _mm256_i32gather_epi32((const int *)tab, idx, 4);
+    __m256i e = _mm256_i32gather_epi32((const int *)(tab + TAB), idx, 4);
     __m256i cmpl = _mm256_and_si256(_mm256_srli_epi32(e, 12), m11);
     __m256i xmax = _mm256_slli_epi32(_mm256_sub_epi32(_mm256_set1_epi32(PROB_SCALE), cmpl), 31 - PROB_BITS);
     /* x >= xmax as a signed compare: states are below 2^31, and xmax - 1 too (xmax reaches 2^31) */
@@ -356,14 +420,16 @@ AVX2 static int64_t decode_row_256(uint32_t *states, int32_t *row, int64_t n, in
 /* ------------------------------------------------------------------ the exported drivers */
 
 /* Rows last to first, each row's blocks and lanes last to first, into out[..p) backwards; returns the
- * new p. sym int32 [rows, n]; lo, k: each row's window (k = its escape index); freq, cum int16
- * [rows, 256]; states: LANES uint32, in and out. out must have 16 writable words below the final p. */
+ * new p. sym int32 [rows, n]; lo, k: each row's window (k = its escape index); v uint8 [rows, 256]:
+ * the table values, esc: 1 where a row has escapes, W: rans._W (the tables are built here, as
+ * rans._encode_tables builds them for the numba path); states: LANES uint32, in and out. out must
+ * have 16 writable words below the final p. */
 int64_t rans_simd_encode_rows(int level, const int32_t *sym, int64_t rows, int64_t n, const int32_t *lo,
-                              const int32_t *k, const int16_t *freq, const int16_t *cum, uint32_t *states,
-                              uint16_t *out, int64_t p) {
-    uint32_t tab[2 * 256];
+                              const int32_t *k, const uint8_t *v, const int64_t *esc, const int64_t *W,
+                              uint32_t *states, uint16_t *out, int64_t p) {
+    uint32_t tab[2 * TAB] = {0};
     for (int64_t r = rows - 1; r >= 0; r--) {
-        encoder_table(freq + 256 * r, cum + 256 * r, (int64_t)k[r] + 1, tab);
+        row_table(v + 256 * r, (int64_t)k[r] + esc[r], W, tab);
         p = level >= 2 ? encode_row_512(states, sym + r * n, n, lo[r], k[r], tab, out, p)
                        : encode_row_256(states, sym + r * n, n, lo[r], k[r], tab, out, p);
     }

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from thunderserve.common import kventropy, kvprofiles, kvquant, rans
+from thunderserve.common import kventropy, kvprofiles, kvquant, native, rans
 from thunderserve.common.kvcodec import EntropyCodec, FineEntropyCodec, get_codec, pack_cache, unpack_cache
 
 
@@ -246,8 +246,8 @@ def test_a_decorrelating_transform_saves_bits_at_the_same_error() -> None:
     cov = torch.einsum("bhnd,bhne->hde", x, x) / x.shape[-2]
     basis = torch.linalg.eigh(cov.double())[1].flip(-1).float()  # [heads, 64, 64]
     steps = torch.full((3, 64), 0.05)
-    plain = kventropy.encode_tensor(x, steps, 0, 1)
-    coded = kventropy.encode_tensor(x, steps, 0, 1, transform=basis)
+    plain = kventropy.encode_tensor(x, steps, 0, 1).buffers
+    coded = kventropy.encode_tensor(x, steps, 0, 1, transform=basis).buffers
     inverse = basis.transpose(-1, -2)
     y = kventropy.decode_tensor(coded, tuple(x.shape), 0, 1, inverse=inverse)
     bound = kventropy.error_bound(coded, tuple(x.shape), 0, 1, inverse=inverse)
@@ -292,3 +292,73 @@ def test_the_last_token_travels_in_fp16_like_the_first() -> None:
         assert float((y - x)[..., 1:-1, :].abs().max()) > 1e-3  # the body is quantized
     one = codec.encode(x[..., :1, :], kind="key")
     assert one.params["recent_tokens"] == 0 and "recent" not in one.buffers
+
+
+@pytest.mark.parametrize("head_dim", [64, 32])
+def test_the_c_kernels_and_the_torch_path_code_a_transformed_stack_alike(
+    head_dim: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`transform_simd.c` (RoPE undone, logits, exponents, product and rounding in C) against the
+    numba and torch path (THUNDERSERVE_SIMD=0), on a stack cut short along the tokens (so its rows
+    are not one contiguous block), with two sequences, non-finite values, keys with per-token
+    steps from a query and values with the keys' exponents: each decodes within its bound, and
+    the codes and exponents match but for a rare rounding tie (the sums run in another order)."""
+    monkeypatch.delenv("THUNDERSERVE_SIMD", raising=False)
+    native.kernels.cache_clear()
+    if native.level_name() != "avx512":
+        pytest.skip("the fused transform kernel runs on AVX-512 only")
+    g = torch.Generator().manual_seed(3)
+    full = torch.randn(3, 2, 3, 160, head_dim, generator=g) * torch.logspace(0, 1, head_dim)
+    full[0, 1, 2, 40, 5], full[1, 0, 0, 70, 9], full[2, 1, 1, 99, 0] = float("nan"), float("inf"), -float("inf")
+    parts = [layer[..., :151, :] for layer in full]  # [2, 3, 151, D] views, not contiguous
+    transform = torch.linalg.qr(torch.randn(3, 3, head_dim, head_dim, generator=g))[0] * 2.0
+    steps = torch.rand(3, 3, head_dim, generator=g) * 0.2 + 0.05
+    query = torch.randn(3, 3, head_dim, generator=g)
+    shape = (3, 2, 3, 151, head_dim)
+
+    def both(**kw):
+        coded = []
+        for setting in ("1", "0"):
+            monkeypatch.setenv("THUNDERSERVE_SIMD", setting)
+            native.kernels.cache_clear()
+            encoded = kventropy.encode_tensor(parts, steps, 0, 1, transform=transform, recent_tokens=1, **kw)
+            coded.append(encoded.buffers)
+        monkeypatch.delenv("THUNDERSERVE_SIMD")
+        native.kernels.cache_clear()  # this machine's own kernels again
+        return coded
+
+    inverse = transform.inverse()
+    keys = both(rope_theta=1e4, token_query=query, token_alpha=0.15)
+    values = both(token_exp=kventropy.decoded_token_exponents(keys[0], shape, 1, 1))
+    for (kernel, torch_path), theta in ((keys, 1e4), (values, 0.0)):
+        n = 151 - 2
+        codes = [rans.decode(c["codes"].numpy(), 3 * 2 * 3 * head_dim, n) for c in (kernel, torch_path)]
+        differ = codes[0] != codes[1]
+        assert differ.mean() < 1e-3 and np.abs(codes[0] - codes[1]).max() <= 1
+        if "tokens" in kernel:
+            exps = [kventropy.decoded_token_exponents(c, shape, 1, 1) for c in (kernel, torch_path)]
+            assert (exps[0] != exps[1]).float().mean() < 1e-2 and (exps[0] - exps[1]).abs().max() <= 1
+            assert exps[0].abs().max() > 0  # the query did set per-token steps
+        x = torch.stack(parts)
+        finite = x.isfinite().all(-1, keepdim=True).expand_as(x)[..., 1:-1, :]  # a transform mixes a token's channels
+        for coded in (kernel, torch_path):
+            y = kventropy.decode_tensor(coded, shape, 0, 1, theta, inverse=inverse, recent_tokens=1)
+            bound = kventropy.error_bound(coded, shape, 0, 1, theta, inverse=inverse, recent_tokens=1)
+            err = (y - x)[..., 1:-1, :].abs()
+            assert bool((err <= bound[..., 1:-1, :] * (1 + 1e-4) + 1e-4)[finite].all())
+            assert bool(y.isfinite().all())
+
+
+@pytest.mark.parametrize("transform", [False, True])
+def test_encoding_returns_the_exponents_its_buffers_carry(transform: bool) -> None:
+    """The values of a layer take their keys' per-token steps from what encoding the keys returned,
+    not by decoding them again: it must be exactly what the decoder reads."""
+    x = _kv((2, 1, 3, 90, 64), 13, 3.0)
+    query = _kv((2, 3, 64), 14)
+    basis = torch.linalg.qr(_kv((2, 3, 64, 64), 15))[0] if transform else None
+    steps = torch.full((2, 3, 64), 0.2)
+    encoded = kventropy.encode_tensor(list(x), steps, 0, 1, 1e4, token_query=query, token_alpha=0.15,
+                                      transform=basis, recent_tokens=1)
+    read = kventropy.decoded_token_exponents(encoded.buffers, tuple(x.shape), 1, 1)
+    assert encoded.token_exp is not None and torch.equal(encoded.token_exp, read)
+    assert read.abs().max() > 0

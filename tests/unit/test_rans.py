@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from thunderserve.common import rans
+from thunderserve.common import native, rans
 
 I32_MIN, I32_MAX = -(2**31), 2**31 - 1
 
@@ -203,17 +203,20 @@ def test_only_the_states_of_lanes_that_code_are_stored() -> None:
 
 @pytest.mark.parametrize("level", ["avx512", "avx2"])
 def test_each_vector_kernel_writes_the_numba_twins_bytes(level: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The AVX-512 and the AVX2 kernels (THUNDERSERVE_RANS_SIMD=avx2 caps the level) each write the
-    numba path's bytes and decode them, on tails of every length, single-symbol rows, escapes and
-    wide rows, and read a damaged stream as the numba path does."""
-    monkeypatch.setenv("THUNDERSERVE_RANS_SIMD", "avx2" if level == "avx2" else "1")
-    rans._simd.cache_clear()
+    """The AVX-512 and the AVX2 kernels (THUNDERSERVE_SIMD=avx2 caps the level) each write the
+    numba path's bytes and decode them, on tails of every length, single-symbol rows, escapes, rows
+    on each side of every table size the AVX-512 encoder holds in registers (16, 32, 64, 128
+    symbols) and wide rows, and read a damaged stream as the numba path does."""
+    monkeypatch.setenv("THUNDERSERVE_SIMD", "avx2" if level == "avx2" else "1")
+    native.kernels.cache_clear()
     try:
         if rans.vector_coder() != level:
             pytest.skip(f"this CPU or machine does not run the {level} kernels")
         rng = np.random.default_rng(9)
         cases = [_laplace(3, n, seed=n) for n in (1, 7, 8, 9, 15, 16, 17, 63, 64, 65, 130, 1998)]
         cases.append(np.full((4, 100), 5, np.int32))  # one symbol: the whole probability range
+        spans = (15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129)  # windows and their escape index
+        cases.append(np.stack([np.resize(np.arange(w), 200) - 40 for w in spans]).astype(np.int32))
         wide = np.round(rng.laplace(0, 400, size=(3, 300))).astype(np.int32)
         wide[1, 7] = I32_MIN
         cases.append(wide)
@@ -227,7 +230,7 @@ def test_each_vector_kernel_writes_the_numba_twins_bytes(level: str, monkeypatch
             twin = _decoded_or_error(bad, (3, 300), simd=False)
             assert isinstance(twin, str) if isinstance(out, str) else np.array_equal(twin, out)
     finally:
-        rans._simd.cache_clear()  # back to this machine's own level for the other tests
+        native.kernels.cache_clear()  # back to this machine's own level for the other tests
 
 
 def test_the_library_builds_into_an_empty_cache_and_a_failed_build_falls_back(
@@ -240,23 +243,23 @@ def test_the_library_builds_into_an_empty_cache_and_a_failed_build_falls_back(
     a = _laplace(5, 300, seed=10)
     expected = rans.encode(a, simd=False)
     monkeypatch.setenv("THUNDERSERVE_CACHE_DIR", str(tmp_path / "ok"))
-    rans._simd.cache_clear()
+    native.kernels.cache_clear()
     try:
         if shutil.which("cc") is None and shutil.which("gcc") is None:
             pytest.skip("no C compiler here")
         level = rans.vector_coder()
-        built = list((tmp_path / "ok").glob("rans_simd-*.so"))
+        built = list((tmp_path / "ok").glob("thunderserve_simd-*.so"))
         assert len(built) == 1 and not list((tmp_path / "ok").glob("*.tmp"))
         if level:
             np.testing.assert_array_equal(rans.encode(a), expected)
         monkeypatch.setenv("THUNDERSERVE_CACHE_DIR", str(tmp_path / "broken"))
         monkeypatch.setenv("CC", shutil.which("false") or "false")
-        rans._simd.cache_clear()
+        native.kernels.cache_clear()
         assert rans.vector_coder() is None
         np.testing.assert_array_equal(rans.encode(a), expected)
         np.testing.assert_array_equal(rans.decode(expected, 5, 300), a)
     finally:
-        rans._simd.cache_clear()
+        native.kernels.cache_clear()
 
 
 def test_releases_gil_in_threads() -> None:

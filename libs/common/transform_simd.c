@@ -1,0 +1,210 @@
+/* int4's work on one row (layer, sequence, head) of a KV tensor before the entropy coder
+ * (kventropy._transformed_streams): the numba and torch path's `_prepare_rows`, `torch.mv` for the
+ * tokens' logits, torch's product with the row's calibrated transform and `_quantize_row`, in two
+ * passes that keep the row in cache.
+ *
+ * transform_simd_prepare undoes RoPE and makes the tokens finite, 16 tokens at a time, and stores
+ * them transposed (16 tokens to a vector, channel-major), with each token's logit. Between the two
+ * calls the caller turns the logits into per-token steps. transform_simd_quantize multiplies by the
+ * matrix T f32 [d, d]: NB blocks of 16 tokens times CH coefficients accumulate in registers (a
+ * broadcast of T[k][c] times the tokens' x[.][k]), so the codes int32 [d, n] = rint((x @ T)[t, c] *
+ * (inv[c] * tinv[t])) land in the coder's layout (one stream per coefficient), rounded in registers.
+ * AVX-512 only (AVX2 hosts keep the numba and torch path); see transform_simd_fits for d.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+#define CODE_MAX 2147483520.0f /* kventropy._CODE_MAX: |code| stays inside int32 */
+#define NB 3                   /* blocks of 16 tokens per pass */
+#define CH 8                   /* coefficients per pass: NB x CH = 24 accumulators */
+#define DMAX 256
+
+/* out[16 i + j] = in[j * ld + i] for 16 x 16 floats (rows >= `rows` read as zeros). */
+AVX512 static void transpose_16(const float *in, int64_t ld, int rows, float *out) {
+    __m512i r[16], t[16];
+    for (int i = 0; i < 16; i++)
+        r[i] = i < rows ? _mm512_castps_si512(_mm512_loadu_ps(in + i * ld)) : _mm512_setzero_si512();
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int i = 0; i < 4; i++) { /* then the 128-bit lanes, in two rounds */
+        t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+        t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xDD);
+        t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+        t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xDD);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xDD);
+        r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+        r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xDD);
+    }
+    for (int i = 0; i < 16; i++) _mm512_storeu_si512(out + 16 * i, r[i]);
+}
+
+/* NaN as 0, infinities (and anything past it) as the largest fp16: a wire step must stay finite. */
+AVX512 static inline __m512 made_finite(__m512 v) {
+    v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_setzero_ps());
+    return _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-65504.0f)), _mm512_set1_ps(65504.0f));
+}
+
+/* Whether these kernels take rows of d channels (with RoPE undone: `rope`); else the caller uses
+ * its numba and torch path. */
+int transform_simd_fits(int64_t d, int rope) {
+    return d > 0 && d <= DMAX && d % (rope ? 32 : 16) == 0;
+}
+
+/* One row's tokens x f32 [n, d] -> tiles f32 [ceil(n / 16), d, 16] (tile b holds tokens 16 b ..
+ * 16 b + 15, channel-major, zeros past n): RoPE undone when cos and nsin (the sine negated) [n, d / 2]
+ * are given, NaN as 0 and infinities as the largest fp16 (kventropy._prepare_rows). With a query
+ * [d], also each token's predicted logit x'[t] . query into logit [n]. */
+AVX512 static void prepare(const float *x, int64_t n, int64_t d, const float *cos, const float *nsin,
+                                   const float *query, float *tiles, float *logit) {
+    static _Thread_local float stage[16 * DMAX] __attribute__((aligned(64))); /* 16 tokens, token-major */
+    const __m512 zero = _mm512_setzero_ps();
+    const int64_t h = d / 2;
+    for (int64_t t0 = 0; t0 < n; t0 += 16) {
+        int rows = n - t0 < 16 ? (int)(n - t0) : 16;
+        for (int j = 0; j < rows; j++) {
+            const float *src = x + (t0 + j) * d;
+            float *o = stage + j * d;
+            if (cos) { /* o[c] = x1 cos - x2 s, o[c + h] = x2 cos + x1 s, s = -sin: HF rotate_half undone */
+                const float *ct = cos + (t0 + j) * h, *st = nsin + (t0 + j) * h;
+                for (int64_t c = 0; c < h; c += 16) {
+                    __m512 x1 = _mm512_loadu_ps(src + c), x2 = _mm512_loadu_ps(src + c + h);
+                    __m512 cv = _mm512_loadu_ps(ct + c), sv = _mm512_loadu_ps(st + c);
+                    _mm512_store_ps(o + c, made_finite(_mm512_sub_ps(_mm512_mul_ps(x1, cv), _mm512_mul_ps(x2, sv))));
+                    _mm512_store_ps(o + c + h, made_finite(_mm512_add_ps(_mm512_mul_ps(x2, cv), _mm512_mul_ps(x1, sv))));
+                }
+            } else {
+                for (int64_t c = 0; c < d; c += 16) _mm512_store_ps(o + c, made_finite(_mm512_loadu_ps(src + c)));
+            }
+        }
+        float *tile = tiles + t0 * d; /* block t0 / 16 */
+        for (int64_t k0 = 0; k0 < d; k0 += 16) transpose_16(stage + k0, d, rows, tile + 16 * k0);
+        if (query) { /* four sums, so the adds overlap */
+            __m512 acc[4] = {zero, zero, zero, zero};
+            for (int64_t k = 0; k < d; k += 4)
+                for (int i = 0; i < 4; i++)
+                    acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(query[k + i]), _mm512_load_ps(tile + 16 * (k + i)), acc[i]);
+            __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+            _mm512_mask_storeu_ps(logit + t0, (__mmask16)((1u << rows) - 1), sum);
+        }
+    }
+}
+
+/* codes int32 [d, n] = rint((x @ T)^T * inv [d] x tinv [n]), clamped to +-CODE_MAX, from the tiles
+ * of `prepare` (NB - 1 blocks of finite padding past the last one) and the row's matrix T f32 [d, d].
+ * Not inlined: on its own the compiler keeps all 24 accumulators and the tiles in registers. */
+AVX512 __attribute__((noinline)) static void quantize(const float *tiles, int64_t n, int64_t d, const float *T,
+                                                      const float *inv, const float *tinv, int32_t *codes) {
+    const __m512 top = _mm512_set1_ps(CODE_MAX), bottom = _mm512_set1_ps(-CODE_MAX);
+    const int64_t block = 16 * d; /* floats per tile */
+    for (int64_t t0 = 0; t0 < n; t0 += 16 * NB) {
+        __mmask16 act[NB];
+        __m512 ti[NB];
+        for (int b = 0; b < NB; b++) {
+            int64_t left = n - t0 - 16 * b;
+            act[b] = (__mmask16)((1u << (left >= 16 ? 16 : left <= 0 ? 0 : left)) - 1);
+            ti[b] = _mm512_maskz_loadu_ps(act[b], tinv + t0 + 16 * b);
+        }
+        const float *x = tiles + t0 * d; /* NB tiles in a row: their lanes past n are masked off */
+        for (int64_t c0 = 0; c0 < d; c0 += CH) {
+            __m512 acc[NB][CH];
+            for (int b = 0; b < NB; b++)
+                for (int j = 0; j < CH; j++) acc[b][j] = _mm512_setzero_ps();
+            const float *w = T + c0, *xk = x;
+            for (int64_t k = 0; k < d; k++, w += d, xk += 16) {
+                __m512 xv[NB];
+                for (int b = 0; b < NB; b++) xv[b] = _mm512_load_ps(xk + b * block);
+                for (int j = 0; j < CH; j++) {
+                    __m512 wj = _mm512_set1_ps(w[j]);
+                    for (int b = 0; b < NB; b++) acc[b][j] = _mm512_fmadd_ps(wj, xv[b], acc[b][j]);
+                }
+            }
+            for (int j = 0; j < CH; j++) {
+                __m512 s = _mm512_set1_ps(inv[c0 + j]);
+                for (int b = 0; b < NB; b++) { /* (inv * tinv) first, as the numba path rounds it */
+                    __m512 q = _mm512_mul_ps(acc[b][j], _mm512_mul_ps(s, ti[b]));
+                    q = _mm512_min_ps(_mm512_max_ps(q, bottom), top); /* cvtps2dq rounds to nearest even: rint */
+                    _mm512_mask_storeu_epi32(codes + (c0 + j) * n + t0 + 16 * b, act[b], _mm512_cvtps_epi32(q));
+                }
+            }
+        }
+    }
+}
+
+/* 2^(-e / 2) as a float, by a table for e in -8..8 (a pow per token cost more than the product) */
+static float TOKEN_INV[17];
+
+__attribute__((constructor)) static void init_token_inv(void) {
+    for (int i = 0; i < 17; i++) TOKEN_INV[i] = (float)pow(2.0, -(i - 8) / 2.0);
+}
+
+static inline float token_inv(int32_t e) {
+    return e < -8 || e > 8 ? (float)pow(2.0, -e / 2.0) : TOKEN_INV[e + 8];
+}
+
+/* kventropy._exponents for one row: exps = the logits, centred, times -2 alpha / ln 2, rounded (to
+ * even) and clamped to +-8, in the same double arithmetic; tinv = 2^(-e / 2) as a float. */
+static void token_exponents(const float *logit, int64_t n, double alpha, int32_t *exps, float *tinv) {
+    double mean = 0.0, scale = -2.0 * alpha / log(2.0);
+    for (int64_t t = 0; t < n; t++) mean += logit[t];
+    mean /= (double)(n > 1 ? n : 1);
+    for (int64_t t = 0; t < n; t++) {
+        double e = rint(((double)logit[t] - mean) * scale);
+        exps[t] = (int32_t)(e < -8.0 ? -8.0 : e > 8.0 ? 8.0 : e);
+        tinv[t] = token_inv(exps[t]);
+    }
+}
+
+/* Every row of a stack of p tensors [b, h, s, d] (srcs: their f32 data; strides [p, 4] in floats, each
+ * (sequence, head) holding its s tokens as contiguous rows of d) into codes int32
+ * [p * b * h, d, n], the tokens after the first k (n = s - k): RoPE undone with cos / nsin [n, d / 2]
+ * (or NULL), and per-token steps from a query [p, h, d] (exps [p, b, h, n] written), or from the
+ * exponents given in exps (query NULL), or none (both NULL). matrices f32 [p * b * h, d, d], inv f32
+ * [p, h, d]. Returns 0, -1 for a d it does not take, -2 when out of memory. */
+AVX512 int transform_simd_rows(const int64_t *srcs, const int64_t *strides, int64_t p, int64_t b, int64_t h, int64_t s, int64_t k,
+                               int64_t d, const float *cos, const float *nsin, const float *query, double alpha,
+                               int32_t *exps, const float *matrices, const float *inv, int32_t *codes) {
+    if (!transform_simd_fits(d, cos != NULL)) return -1;
+    int64_t n = s - k;
+    if (n <= 0) return 0;
+    int64_t blocks = (n + 15) / 16 + NB - 1, block = 16 * d; /* NB - 1 blocks of padding for `quantize` */
+    float *tiles = aligned_alloc(64, (size_t)(blocks * block) * sizeof(float));
+    float *logit = malloc((size_t)n * sizeof(float)), *tinv = malloc((size_t)n * sizeof(float));
+    if (!tiles || !logit || !tinv) {
+        free(tiles), free(logit), free(tinv);
+        return -2;
+    }
+    for (int64_t t = 0; t < n; t++) tinv[t] = 1.0f;
+    memset(tiles + ((n + 15) / 16) * block, 0, (size_t)((NB - 1) * block) * sizeof(float));
+    int64_t r = 0;
+    for (int64_t i = 0; i < p; i++)
+        for (int64_t bi = 0; bi < b; bi++)
+            for (int64_t hi = 0; hi < h; hi++, r++) {
+                const int64_t *st = strides + 4 * i;
+                const float *x = (const float *)(intptr_t)srcs[i] + bi * st[0] + hi * st[1] + k * d;
+                const float *q = query ? query + (i * h + hi) * d : NULL;
+                int32_t *e = exps ? exps + r * n : NULL;
+                prepare(x, n, d, cos, nsin, q, tiles, logit);
+                if (q)
+                    token_exponents(logit, n, alpha, e, tinv);
+                else if (e)
+                    for (int64_t t = 0; t < n; t++) tinv[t] = token_inv(e[t]);
+                quantize(tiles, n, d, matrices + r * d * d, inv + (i * h + hi) * d, tinv, codes + r * d * n);
+            }
+    free(tiles), free(logit), free(tinv);
+    return 0;
+}
