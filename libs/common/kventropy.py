@@ -199,7 +199,7 @@ def _transformed_streams(parts: Sequence[torch.Tensor], steps: torch.Tensor, sin
     through cache-resident tiles: the row's tokens after the sink, RoPE undone and made finite,
     then their per-token exponents (from `token_query`, or `token_exp` as given), their product
     with the row's matrix and the rounding. `transform_simd.c` does it all where it runs
-    (`native.kernels()` at AVX-512, for the head sizes it takes); else `_rows_by_torch`. Returns the
+    (`native.kernels()`: AVX-512 or AVX2, for the head sizes it takes); else `_rows_by_torch`. Returns the
     fp16 sink tokens [P, B, H, k, D], the codes int32 [P * B * H, D, n] and the exponents
     [P, B, H, n] (or None)."""
     parts = [_token_rows(part.detach().float()) for part in parts]
@@ -222,12 +222,12 @@ def _transformed_streams(parts: Sequence[torch.Tensor], steps: torch.Tensor, sin
     matrices = _per_row(transform, b).contiguous()
     found = native.kernels()
     rope = cos.shape[0] > 0
-    if found and found[1] >= 2 and found[0].transform_simd_fits(d, rope):
+    if found and found[0].transform_simd_fits(d, rope):
         srcs = np.array([part.data_ptr() for part in parts], np.int64)
         strides = np.array([part.stride() for part in parts], np.int64)  # [P, 4] in floats
         rope_tables = (cos.ctypes.data, nsin.ctypes.data) if rope else (None, None)
         status = found[0].transform_simd_rows(
-            srcs.ctypes.data, strides.ctypes.data, p, b, h, s, k, d, *rope_tables,
+            found[1], srcs.ctypes.data, strides.ctypes.data, p, b, h, s, k, d, *rope_tables,
             None if query is None else query.data_ptr(), float(token_alpha), None if exps is None else exps.ctypes.data,
             matrices.data_ptr(), inv.ctypes.data, out.ctypes.data)
         if status:

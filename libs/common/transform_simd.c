@@ -9,7 +9,8 @@
  * matrix T f32 [d, d]: NB blocks of 16 tokens times CH coefficients accumulate in registers (a
  * broadcast of T[k][c] times the tokens' x[.][k]), so the codes int32 [d, n] = rint((x @ T)[t, c] *
  * (inv[c] * tinv[t])) land in the coder's layout (one stream per coefficient), rounded in registers.
- * AVX-512 only (AVX2 hosts keep the numba and torch path); see transform_simd_fits for d.
+ * AVX-512 kernels take 16 tokens to a vector, AVX2 ones 8 (Zen 1-3 GPU hosts); `native` says which
+ * run. See transform_simd_fits for d.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -18,9 +19,12 @@
 #include <string.h>
 
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+#define AVX2 __attribute__((target("avx2,fma")))
 #define CODE_MAX 2147483520.0f /* kventropy._CODE_MAX: |code| stays inside int32 */
-#define NB 3                   /* blocks of 16 tokens per pass */
-#define CH 8                   /* coefficients per pass: NB x CH = 24 accumulators */
+#define NB 3                   /* AVX-512: blocks of 16 tokens per pass */
+#define CH 8                   /* AVX-512: coefficients per pass, NB x CH = 24 accumulators of 32 registers */
+#define NB8 3                  /* AVX2: blocks of 8 tokens per pass */
+#define CH8 4                  /* AVX2: coefficients per pass, NB8 x CH8 = 12 accumulators of 16 registers */
 #define DMAX 256
 
 /* out[16 i + j] = in[j * ld + i] for 16 x 16 floats (rows >= `rows` read as zeros). */
@@ -169,27 +173,143 @@ static void token_exponents(const float *logit, int64_t n, double alpha, int32_t
     }
 }
 
-/* Every row of a stack of p tensors [b, h, s, d] (srcs: their f32 data; strides [p, 4] in floats, each
+/* Every row of a stack of p tensors [b, h, s, d], by the AVX-512 (level 2) or AVX2 (level 1) kernels (srcs: their f32 data; strides [p, 4] in floats, each
  * (sequence, head) holding its s tokens as contiguous rows of d) into codes int32
  * [p * b * h, d, n], the tokens after the first k (n = s - k): RoPE undone with cos / nsin [n, d / 2]
  * (or NULL), and per-token steps from a query [p, h, d] (exps [p, b, h, n] written), or from the
  * exponents given in exps (query NULL), or none (both NULL). matrices f32 [p * b * h, d, d], inv f32
  * [p, h, d]. Returns 0, -1 for a d it does not take, -2 when out of memory. */
-AVX512 int transform_simd_rows(const int64_t *srcs, const int64_t *strides, int64_t p, int64_t b, int64_t h, int64_t s, int64_t k,
+/* ------------------------------------------------------------------ AVX2: 8 tokens to a vector */
+
+/* out[8 i + j] = in[j * ld + i] for 8 x 8 floats (rows >= `rows` read as zeros). */
+AVX2 static void transpose_8(const float *in, int64_t ld, int rows, float *out) {
+    __m256 r[8], t[8];
+    for (int i = 0; i < 8; i++) r[i] = i < rows ? _mm256_loadu_ps(in + i * ld) : _mm256_setzero_ps();
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; i++) {
+        _mm256_storeu_ps(out + 8 * i, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+        _mm256_storeu_ps(out + 8 * (i + 4), _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+    }
+}
+
+AVX2 static inline __m256 made_finite_8(__m256 v) {
+    v = _mm256_blendv_ps(v, _mm256_setzero_ps(), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    return _mm256_min_ps(_mm256_max_ps(v, _mm256_set1_ps(-65504.0f)), _mm256_set1_ps(65504.0f));
+}
+
+/* `prepare` with 8 tokens to a tile (tile b: tokens 8 b .. 8 b + 7, channel-major). */
+AVX2 static void prepare_8(const float *x, int64_t n, int64_t d, const float *cos, const float *nsin,
+                           const float *query, float *tiles, float *logit) {
+    static _Thread_local float stage[8 * DMAX] __attribute__((aligned(32)));
+    const int64_t h = d / 2;
+    for (int64_t t0 = 0; t0 < n; t0 += 8) {
+        int rows = n - t0 < 8 ? (int)(n - t0) : 8;
+        for (int j = 0; j < rows; j++) {
+            const float *src = x + (t0 + j) * d;
+            float *o = stage + j * d;
+            if (cos) {
+                const float *ct = cos + (t0 + j) * h, *st = nsin + (t0 + j) * h;
+                for (int64_t c = 0; c < h; c += 8) {
+                    __m256 x1 = _mm256_loadu_ps(src + c), x2 = _mm256_loadu_ps(src + c + h);
+                    __m256 cv = _mm256_loadu_ps(ct + c), sv = _mm256_loadu_ps(st + c);
+                    _mm256_store_ps(o + c, made_finite_8(_mm256_sub_ps(_mm256_mul_ps(x1, cv), _mm256_mul_ps(x2, sv))));
+                    _mm256_store_ps(o + c + h, made_finite_8(_mm256_add_ps(_mm256_mul_ps(x2, cv), _mm256_mul_ps(x1, sv))));
+                }
+            } else {
+                for (int64_t c = 0; c < d; c += 8) _mm256_store_ps(o + c, made_finite_8(_mm256_loadu_ps(src + c)));
+            }
+        }
+        float *tile = tiles + t0 * d;
+        for (int64_t k0 = 0; k0 < d; k0 += 8) transpose_8(stage + k0, d, rows, tile + 8 * k0);
+        if (query) {
+            __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+            for (int64_t k = 0; k < d; k += 4)
+                for (int i = 0; i < 4; i++)
+                    acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(query[k + i]), _mm256_load_ps(tile + 8 * (k + i)), acc[i]);
+            float sum[8];
+            _mm256_storeu_ps(sum, _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+            memcpy(logit + t0, sum, (size_t)rows * sizeof(float));
+        }
+    }
+}
+
+/* `quantize` with 8 tokens to a vector. A block's tail goes through a small buffer: AMD microcodes
+ * the AVX2 masked loads and stores. */
+AVX2 __attribute__((noinline)) static void quantize_8(const float *tiles, int64_t n, int64_t d, const float *T,
+                                                    const float *inv, const float *tinv, int32_t *codes) {
+    const __m256 top = _mm256_set1_ps(CODE_MAX), bottom = _mm256_set1_ps(-CODE_MAX);
+    const int64_t block = 8 * d;
+    for (int64_t t0 = 0; t0 < n; t0 += 8 * NB8) {
+        int rows[NB8];
+        __m256 ti[NB8];
+        for (int b = 0; b < NB8; b++) {
+            int64_t left = n - t0 - 8 * b;
+            rows[b] = left >= 8 ? 8 : left <= 0 ? 0 : (int)left;
+            float part[8] = {0};
+            if (rows[b]) memcpy(part, tinv + t0 + 8 * b, (size_t)rows[b] * sizeof(float));
+            ti[b] = _mm256_loadu_ps(part);
+        }
+        const float *x = tiles + t0 * d;
+        for (int64_t c0 = 0; c0 < d; c0 += CH8) {
+            __m256 acc[NB8][CH8];
+            for (int b = 0; b < NB8; b++)
+                for (int j = 0; j < CH8; j++) acc[b][j] = _mm256_setzero_ps();
+            const float *w = T + c0, *xk = x;
+            for (int64_t k = 0; k < d; k++, w += d, xk += 8) {
+                __m256 xv[NB8];
+                for (int b = 0; b < NB8; b++) xv[b] = _mm256_load_ps(xk + b * block);
+                for (int j = 0; j < CH8; j++) {
+                    __m256 wj = _mm256_broadcast_ss(w + j);
+                    for (int b = 0; b < NB8; b++) acc[b][j] = _mm256_fmadd_ps(wj, xv[b], acc[b][j]);
+                }
+            }
+            for (int j = 0; j < CH8; j++) {
+                __m256 s = _mm256_broadcast_ss(inv + c0 + j);
+                for (int b = 0; b < NB8; b++) {
+                    __m256 q = _mm256_mul_ps(acc[b][j], _mm256_mul_ps(s, ti[b]));
+                    __m256i code = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(q, bottom), top));
+                    int32_t *to = codes + (c0 + j) * n + t0 + 8 * b;
+                    if (rows[b] == 8) {
+                        _mm256_storeu_si256((__m256i *)to, code);
+                    } else if (rows[b]) {
+                        int32_t part[8];
+                        _mm256_storeu_si256((__m256i *)part, code);
+                        memcpy(to, part, (size_t)rows[b] * sizeof(int32_t));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ the exported driver */
+
+int transform_simd_rows(int level, const int64_t *srcs, const int64_t *strides, int64_t p, int64_t b, int64_t h, int64_t s, int64_t k,
                                int64_t d, const float *cos, const float *nsin, const float *query, double alpha,
                                int32_t *exps, const float *matrices, const float *inv, int32_t *codes) {
     if (!transform_simd_fits(d, cos != NULL)) return -1;
     int64_t n = s - k;
     if (n <= 0) return 0;
-    int64_t blocks = (n + 15) / 16 + NB - 1, block = 16 * d; /* NB - 1 blocks of padding for `quantize` */
-    float *tiles = aligned_alloc(64, (size_t)(blocks * block) * sizeof(float));
+    /* tiles of 16 (AVX-512) or 8 (AVX2) tokens, and NB - 1 of padding for `quantize` */
+    int wide = level >= 2, lanes = wide ? 16 : 8, pad = wide ? NB - 1 : NB8 - 1;
+    int64_t used = (n + lanes - 1) / lanes, block = lanes * d;
+    float *tiles = aligned_alloc(64, (size_t)((used + pad) * block) * sizeof(float));
     float *logit = malloc((size_t)n * sizeof(float)), *tinv = malloc((size_t)n * sizeof(float));
     if (!tiles || !logit || !tinv) {
         free(tiles), free(logit), free(tinv);
         return -2;
     }
     for (int64_t t = 0; t < n; t++) tinv[t] = 1.0f;
-    memset(tiles + ((n + 15) / 16) * block, 0, (size_t)((NB - 1) * block) * sizeof(float));
+    memset(tiles + used * block, 0, (size_t)(pad * block) * sizeof(float));
     int64_t r = 0;
     for (int64_t i = 0; i < p; i++)
         for (int64_t bi = 0; bi < b; bi++)
@@ -198,12 +318,19 @@ AVX512 int transform_simd_rows(const int64_t *srcs, const int64_t *strides, int6
                 const float *x = (const float *)(intptr_t)srcs[i] + bi * st[0] + hi * st[1] + k * d;
                 const float *q = query ? query + (i * h + hi) * d : NULL;
                 int32_t *e = exps ? exps + r * n : NULL;
-                prepare(x, n, d, cos, nsin, q, tiles, logit);
+                if (wide)
+                    prepare(x, n, d, cos, nsin, q, tiles, logit);
+                else
+                    prepare_8(x, n, d, cos, nsin, q, tiles, logit);
                 if (q)
                     token_exponents(logit, n, alpha, e, tinv);
                 else if (e)
                     for (int64_t t = 0; t < n; t++) tinv[t] = token_inv(e[t]);
-                quantize(tiles, n, d, matrices + r * d * d, inv + (i * h + hi) * d, tinv, codes + r * d * n);
+                const float *T = matrices + r * d * d, *iv = inv + (i * h + hi) * d;
+                if (wide)
+                    quantize(tiles, n, d, T, iv, tinv, codes + r * d * n);
+                else
+                    quantize_8(tiles, n, d, T, iv, tinv, codes + r * d * n);
             }
     free(tiles), free(logit), free(tinv);
     return 0;

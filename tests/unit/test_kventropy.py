@@ -295,18 +295,24 @@ def test_the_last_token_travels_in_fp16_like_the_first() -> None:
 
 
 @pytest.mark.parametrize("head_dim", [64, 32])
+@pytest.mark.parametrize("level", ["avx512", "avx2"])
 def test_the_c_kernels_and_the_torch_path_code_a_transformed_stack_alike(
-    head_dim: int, monkeypatch: pytest.MonkeyPatch
+    level: str, head_dim: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`transform_simd.c` (RoPE undone, logits, exponents, product and rounding in C) against the
-    numba and torch path (THUNDERSERVE_SIMD=0), on a stack cut short along the tokens (so its rows
-    are not one contiguous block), with two sequences, non-finite values, keys with per-token
-    steps from a query and values with the keys' exponents: each decodes within its bound, and
-    the codes and exponents match but for a rare rounding tie (the sums run in another order)."""
-    monkeypatch.delenv("THUNDERSERVE_SIMD", raising=False)
+    """`transform_simd.c` (RoPE undone, logits, exponents, product and rounding in C; its AVX-512 and,
+    with THUNDERSERVE_SIMD=avx2, its AVX2 kernels) against the numba and torch path
+    (THUNDERSERVE_SIMD=0), on a stack cut short along the tokens (so its rows are not one
+    contiguous block), with two sequences, non-finite values, a token count that leaves partial
+    vectors, keys with per-token steps from a query and values with the keys' exponents: each
+    decodes within its bound, and the codes and exponents match but for a rare rounding tie (the
+    sums run in another order)."""
+    setting = "1" if level == "avx512" else "avx2"
+    monkeypatch.setenv("THUNDERSERVE_SIMD", setting)
     native.kernels.cache_clear()
-    if native.level_name() != "avx512":
-        pytest.skip("the fused transform kernel runs on AVX-512 only")
+    if native.level_name() != level:
+        monkeypatch.delenv("THUNDERSERVE_SIMD")
+        native.kernels.cache_clear()
+        pytest.skip(f"this CPU or machine does not run the {level} kernels")
     g = torch.Generator().manual_seed(3)
     full = torch.randn(3, 2, 3, 160, head_dim, generator=g) * torch.logspace(0, 1, head_dim)
     full[0, 1, 2, 40, 5], full[1, 0, 0, 70, 9], full[2, 1, 1, 99, 0] = float("nan"), float("inf"), -float("inf")
@@ -318,8 +324,8 @@ def test_the_c_kernels_and_the_torch_path_code_a_transformed_stack_alike(
 
     def both(**kw):
         coded = []
-        for setting in ("1", "0"):
-            monkeypatch.setenv("THUNDERSERVE_SIMD", setting)
+        for simd in (setting, "0"):
+            monkeypatch.setenv("THUNDERSERVE_SIMD", simd)
             native.kernels.cache_clear()
             encoded = kventropy.encode_tensor(parts, steps, 0, 1, transform=transform, recent_tokens=1, **kw)
             coded.append(encoded.buffers)
