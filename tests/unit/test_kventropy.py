@@ -294,10 +294,10 @@ def test_the_last_token_travels_in_fp16_like_the_first() -> None:
     assert one.params["recent_tokens"] == 0 and "recent" not in one.buffers
 
 
-@pytest.mark.parametrize("head_dim", [64, 32])
+@pytest.mark.parametrize(("head_dim", "tokens"), [(64, 151), (32, 151), (64, 19)])
 @pytest.mark.parametrize("level", ["avx512", "avx2"])
 def test_the_c_kernels_and_the_torch_path_code_a_transformed_stack_alike(
-    level: str, head_dim: int, monkeypatch: pytest.MonkeyPatch
+    level: str, head_dim: int, tokens: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`transform_simd.c` (RoPE undone, logits, exponents, product and rounding in C; its AVX-512 and,
     with THUNDERSERVE_SIMD=avx2, its AVX2 kernels) against the numba and torch path
@@ -315,12 +315,12 @@ def test_the_c_kernels_and_the_torch_path_code_a_transformed_stack_alike(
         pytest.skip(f"this CPU or machine does not run the {level} kernels")
     g = torch.Generator().manual_seed(3)
     full = torch.randn(3, 2, 3, 160, head_dim, generator=g) * torch.logspace(0, 1, head_dim)
-    full[0, 1, 2, 40, 5], full[1, 0, 0, 70, 9], full[2, 1, 1, 99, 0] = float("nan"), float("inf"), -float("inf")
-    parts = [layer[..., :151, :] for layer in full]  # [2, 3, 151, D] views, not contiguous
+    full[0, 1, 2, 10, 5], full[1, 0, 0, 12, 9], full[2, 1, 1, 14, 0] = float("nan"), float("inf"), -float("inf")
+    parts = [layer[..., :tokens, :] for layer in full]  # [2, 3, tokens, D] views, not contiguous
     transform = torch.linalg.qr(torch.randn(3, 3, head_dim, head_dim, generator=g))[0] * 2.0
     steps = torch.rand(3, 3, head_dim, generator=g) * 0.2 + 0.05
     query = torch.randn(3, 3, head_dim, generator=g)
-    shape = (3, 2, 3, 151, head_dim)
+    shape = (3, 2, 3, tokens, head_dim)
 
     def both(**kw):
         coded = []
@@ -337,7 +337,7 @@ def test_the_c_kernels_and_the_torch_path_code_a_transformed_stack_alike(
     keys = both(rope_theta=1e4, token_query=query, token_alpha=0.15)
     values = both(token_exp=kventropy.decoded_token_exponents(keys[0], shape, 1, 1))
     for (kernel, torch_path), theta in ((keys, 1e4), (values, 0.0)):
-        n = 151 - 2
+        n = tokens - 2
         codes = [rans.decode(c["codes"].numpy(), 3 * 2 * 3 * head_dim, n) for c in (kernel, torch_path)]
         differ = codes[0] != codes[1]
         assert differ.mean() < 1e-3 and np.abs(codes[0] - codes[1]).max() <= 1
