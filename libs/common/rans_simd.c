@@ -12,9 +12,9 @@
  * AVX-512 F/BW/VL/DQ (Skylake-SP and later, Zen 4) compresses and expands the flushed lanes in
  * registers: Zen 4 microcodes the memory forms, so words go through plain unaligned loads and
  * stores. AVX2 (Haswell and later, Zen 1-3) does the same with permutations from lookup tables.
- * The .so is built by rans.py on first use; each kernel carries its own target attribute, so the
- * library loads on any x86-64, `rans_simd_level` says which kernels this CPU runs, and the
- * exported functions take the level to use.
+ * native.py builds the .so (with transform_simd.c) on first use; each kernel carries its own target
+ * attribute, so the library loads on any x86-64, `rans_simd_level` says which kernels this CPU runs,
+ * and the exported functions take the level to use.
  */
 #include <immintrin.h>
 #include <math.h>

@@ -1,16 +1,16 @@
-/* int4's work on one row (layer, sequence, head) of a KV tensor before the entropy coder
- * (kventropy._transformed_streams): the numba and torch path's `_prepare_rows`, `torch.mv` for the
- * tokens' logits, torch's product with the row's calibrated transform and `_quantize_row`, in two
- * passes that keep the row in cache.
+/* int4's work on a stack of KV tensors before the entropy coder (kventropy._transformed_streams):
+ * what the numba and torch path does with `_prepare_rows`, `torch.mv` for the tokens' logits,
+ * `_exponents`, torch's product with each row's calibrated transform and `_quantize_row`, here in
+ * one call (transform_simd_rows) and two passes per row (layer, sequence, head) that keep it in cache.
  *
- * transform_simd_prepare undoes RoPE and makes the tokens finite, 16 tokens at a time, and stores
- * them transposed (16 tokens to a vector, channel-major), with each token's logit. Between the two
- * calls the caller turns the logits into per-token steps. transform_simd_quantize multiplies by the
- * matrix T f32 [d, d]: NB blocks of 16 tokens times CH coefficients accumulate in registers (a
- * broadcast of T[k][c] times the tokens' x[.][k]), so the codes int32 [d, n] = rint((x @ T)[t, c] *
- * (inv[c] * tinv[t])) land in the coder's layout (one stream per coefficient), rounded in registers.
- * AVX-512 kernels take 16 tokens to a vector, AVX2 ones 8 (Zen 1-3 GPU hosts); `native` says which
- * run. See transform_simd_fits for d.
+ * `prepare` undoes RoPE and makes the tokens finite, 16 tokens at a time, and stores them transposed
+ * (16 tokens to a vector, channel-major), with each token's logit against the profile's query. The
+ * logits become per-token exponents (`token_exponents`, kventropy._exponents' arithmetic). `quantize`
+ * multiplies by the matrix T f32 [d, d]: NB blocks of 16 tokens times CH coefficients accumulate in
+ * registers (a broadcast of T[k][c] times the tokens' x[.][k]), so the codes int32 [d, n] =
+ * rint((x @ T)[t, c] * (inv[c] * tinv[t])) land in the coder's layout (one stream per coefficient),
+ * rounded in registers. AVX-512 kernels take 16 tokens to a vector, AVX2 ones 8 (Zen 1-3 GPU hosts);
+ * `native` says which run. See transform_simd_fits for d.
  */
 #include <immintrin.h>
 #include <math.h>
