@@ -219,10 +219,11 @@ def _transformed_streams(parts: Sequence[torch.Tensor], steps: torch.Tensor, sin
     elif token_exp is not None:
         exps = np.ascontiguousarray(token_exp.reshape(p, b, h, n).numpy(), np.int32)
     out = np.empty((p * b * h, d, n), np.int32)
-    matrices = _per_row(transform, b).contiguous()
+    matrices = _per_row(transform, b)
     found = native.kernels()
     rope = cos.shape[0] > 0
     if found and found[0].transform_simd_fits(d, rope):
+        matrices = matrices.contiguous()  # held here: the kernel reads it by address
         srcs = np.array([part.data_ptr() for part in parts], np.int64)
         strides = np.array([part.stride() for part in parts], np.int64)  # [P, 4] in floats
         rope_tables = (cos.ctypes.data, nsin.ctypes.data) if rope else (None, None)

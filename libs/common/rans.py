@@ -775,18 +775,8 @@ def _entropy_bits(symbols) -> float:
 # ---------------------------------------------------------------- the vector data coder
 
 
-def _simd() -> tuple[ctypes.CDLL, int] | None:
-    """The vector kernels (`native.kernels()`), or None: the numba twins then code the same words."""
-    return native.kernels()
-
-
-def vector_coder() -> str | None:
-    """Which kernels code the data words: "avx512", "avx2", or None for the numba path (the same words)."""
-    return native.level_name()
-
-
 def _encode_rows_any(found: tuple[ctypes.CDLL, int] | None, sym, lo, k, v, esc, freq, cum, states, out, p: int) -> int:
-    """The data words by the vector kernels (`found`: `_simd()`'s library and level; they build the
+    """The data words by the vector kernels (`found`: `native.kernels()`; they build the
     tables from v and esc) or the numba twin (from freq and cum)."""
     if found is None:
         return int(_encode_rows(sym, lo, k, freq, cum, states, out, p))
@@ -838,7 +828,7 @@ def encode(symbols: np.ndarray, simd: bool = True) -> np.ndarray:
     kw = np.zeros(ns, np.int32)
     v = np.zeros((ns, 256), np.uint8)
     done = np.zeros(ns, np.uint8)
-    found = _simd() if simd else None
+    found = native.kernels() if simd else None
     if found is not None:  # the rows no wider than a window; the rest go through _row_stats
         lib, level = found
         lib.rans_simd_row_stats(level, a.ctypes.data, ns, n, lo.ctypes.data, kw.ctypes.data, v.ctypes.data,
@@ -875,7 +865,7 @@ def decode(buf: np.ndarray, streams: int, n: int, simd: bool = True) -> np.ndarr
     out = np.empty((streams, n), np.int32)
     if not err and streams and n:
         words = b[wbase : wbase + 2 * nwords]
-        p = _decode_rows_any(_simd() if simd else None, out, lo, kw, freq, cum, states, words, nwords)
+        p = _decode_rows_any(native.kernels() if simd else None, out, lo, kw, freq, cum, states, words, nwords)
         if p != nwords or (states != _RANS_L).any():
             err = _ERR_CHECK if p >= 0 else _ERR_DATA
         else:

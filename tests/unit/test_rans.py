@@ -29,7 +29,7 @@ def _roundtrip(a: np.ndarray) -> np.ndarray:
     out = rans.decode(buf, *a.shape)
     assert out.dtype == np.int32 and out.shape == a.shape
     np.testing.assert_array_equal(out, a)
-    if rans.vector_coder():
+    if native.level_name():
         np.testing.assert_array_equal(rans.encode(a, simd=False), buf)
         np.testing.assert_array_equal(rans.decode(buf, *a.shape, simd=False), a)
     return buf
@@ -161,7 +161,7 @@ def test_corrupt_buffers_raise() -> None:
         pos = rng.integers(0, len(bad), size=rng.integers(1, 4))
         bad[pos] ^= rng.integers(1, 256, size=len(pos)).astype(np.uint8)
         out = _decoded_or_error(bad, (10, 300), simd=True)
-        if rans.vector_coder():  # both data decoders read a damaged stream the same way
+        if native.level_name():  # both data decoders read a damaged stream the same way
             twin = _decoded_or_error(bad, (10, 300), simd=False)
             assert isinstance(twin, str) if isinstance(out, str) else np.array_equal(twin, out)
         if isinstance(out, str):
@@ -210,7 +210,7 @@ def test_each_vector_kernel_writes_the_numba_twins_bytes(level: str, monkeypatch
     monkeypatch.setenv("THUNDERSERVE_SIMD", "avx2" if level == "avx2" else "1")
     native.kernels.cache_clear()
     try:
-        if rans.vector_coder() != level:
+        if native.level_name() != level:
             pytest.skip(f"this CPU or machine does not run the {level} kernels")
         rng = np.random.default_rng(9)
         cases = [_laplace(3, n, seed=n) for n in (1, 7, 8, 9, 15, 16, 17, 63, 64, 65, 130, 1998)]
@@ -247,7 +247,7 @@ def test_the_library_builds_into_an_empty_cache_and_a_failed_build_falls_back(
     try:
         if shutil.which("cc") is None and shutil.which("gcc") is None:
             pytest.skip("no C compiler here")
-        level = rans.vector_coder()
+        level = native.level_name()
         built = list((tmp_path / "ok").glob("thunderserve_simd-*.so"))
         assert len(built) == 1 and not list((tmp_path / "ok").glob("*.tmp"))
         if level:
@@ -255,7 +255,7 @@ def test_the_library_builds_into_an_empty_cache_and_a_failed_build_falls_back(
         monkeypatch.setenv("THUNDERSERVE_CACHE_DIR", str(tmp_path / "broken"))
         monkeypatch.setenv("CC", shutil.which("false") or "false")
         native.kernels.cache_clear()
-        assert rans.vector_coder() is None
+        assert native.level_name() is None
         np.testing.assert_array_equal(rans.encode(a), expected)
         np.testing.assert_array_equal(rans.decode(expected, 5, 300), a)
     finally:
