@@ -102,6 +102,19 @@ AVX512 static void min_max_512(const int32_t *row, int64_t n, int32_t *lo, int32
     *hi = _mm512_reduce_max_epi32(mx);
 }
 
+AVX2 static inline int32_t reduce_256(__m256i x, int max) { /* the extreme of 8 lanes */
+    __m128i h = _mm_max_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
+    __m128i l = _mm_min_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
+    __m128i y = max ? h : l;
+    __m128i z = _mm_shuffle_epi32(y, 0x4E);
+    y = max ? _mm_max_epi32(y, z) : _mm_min_epi32(y, z);
+    z = _mm_shuffle_epi32(y, 0xB1);
+    y = max ? _mm_max_epi32(y, z) : _mm_min_epi32(y, z);
+    return _mm_cvtsi128_si32(y);
+}
+
+/* The reductions stay in registers: extracting them through arrays made the compiler keep the
+ * accumulators on the stack, a store-to-load chain per vector. */
 AVX2 static void min_max_256(const int32_t *row, int64_t n, int32_t *lo, int32_t *hi) {
     __m256i mn = _mm256_set1_epi32(INT32_MAX), mx = _mm256_set1_epi32(INT32_MIN);
     int64_t t = 0;
@@ -110,19 +123,13 @@ AVX2 static void min_max_256(const int32_t *row, int64_t n, int32_t *lo, int32_t
         mn = _mm256_min_epi32(mn, x);
         mx = _mm256_max_epi32(mx, x);
     }
-    int32_t a[8], b[8];
-    _mm256_storeu_si256((__m256i *)a, mn);
-    _mm256_storeu_si256((__m256i *)b, mx);
+    int32_t a = reduce_256(mn, 0), b = reduce_256(mx, 1);
     for (; t < n; t++) {
-        a[0] = row[t] < a[0] ? row[t] : a[0];
-        b[0] = row[t] > b[0] ? row[t] : b[0];
+        a = row[t] < a ? row[t] : a;
+        b = row[t] > b ? row[t] : b;
     }
-    for (int j = 1; j < 8; j++) {
-        a[0] = a[j] < a[0] ? a[j] : a[0];
-        b[0] = b[j] > b[0] ? b[j] : b[0];
-    }
-    *lo = a[0];
-    *hi = b[0];
+    *lo = a;
+    *hi = b;
 }
 
 /* rans._row_stats for the rows no wider than a window (the others, done[r] = 0, are left to it):
@@ -330,14 +337,40 @@ AVX2 static inline __m256i active_8(int64_t left) {
 
 AVX2 static inline int lanes_of(__m256i m) { return _mm256_movemask_ps(_mm256_castsi256_ps(m)); }
 
-AVX2 static inline __m256i encode_8(__m256i x, int64_t left, const int32_t *sym, __m256i lo, __m256i k,
-                                    const uint32_t *tab, uint16_t *out, int64_t *p) {
+/* tab[idx] for a row whose table has at most 8 * regs entries, held in regs vectors t: permutes
+ * merged on the index's bits 3 and 4 (a gather for wider tables: regs 0) */
+AVX2 static INLINE __m256i pick_8(__m256i a, __m256i b, __m256i idx, int bit) {
+    return _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(a), _mm256_castsi256_ps(b),
+                                                 _mm256_castsi256_ps(_mm256_slli_epi32(idx, 31 - bit))));
+}
+
+AVX2 static INLINE __m256i lookup_8(__m256i idx, const __m256i *t, int regs, const uint32_t *tab) {
+    if (regs == 1) return _mm256_permutevar8x32_epi32(t[0], idx);
+    if (regs == 2 || regs == 4) {
+        __m256i a = pick_8(_mm256_permutevar8x32_epi32(t[0], idx), _mm256_permutevar8x32_epi32(t[1], idx), idx, 3);
+        if (regs == 2) return a;
+        __m256i b = pick_8(_mm256_permutevar8x32_epi32(t[2], idx), _mm256_permutevar8x32_epi32(t[3], idx), idx, 3);
+        return pick_8(a, b, idx, 4);
+    }
+    if (regs == 8) {
+        __m256i a = pick_8(_mm256_permutevar8x32_epi32(t[0], idx), _mm256_permutevar8x32_epi32(t[1], idx), idx, 3);
+        __m256i b = pick_8(_mm256_permutevar8x32_epi32(t[2], idx), _mm256_permutevar8x32_epi32(t[3], idx), idx, 3);
+        __m256i c = pick_8(_mm256_permutevar8x32_epi32(t[4], idx), _mm256_permutevar8x32_epi32(t[5], idx), idx, 3);
+        __m256i d = pick_8(_mm256_permutevar8x32_epi32(t[6], idx), _mm256_permutevar8x32_epi32(t[7], idx), idx, 3);
+        return pick_8(pick_8(a, b, idx, 4), pick_8(c, d, idx, 4), idx, 5);
+    }
+    return _mm256_i32gather_epi32((const int *)tab, idx, 4);
+}
+
+AVX2 static INLINE __m256i encode_8(__m256i x, int64_t left, const int32_t *sym, __m256i lo, __m256i k,
+                                    const __m256i *trcp, const __m256i *te, int regs, const uint32_t *tab,
+                                    uint16_t *out, int64_t *p) {
     const __m256i m11 = _mm256_set1_epi32(0x7FF), m12 = _mm256_set1_epi32(0xFFF);
     __m256i act = active_8(left);
     __m256i s = left >= 8 ? _mm256_loadu_si256((const __m256i *)sym) : _mm256_maskload_epi32(sym, act);
     __m256i idx = _mm256_min_epu32(_mm256_sub_epi32(s, lo), k);
-    __m256i rcp = _mm256_i32gather_epi32((const int *)tab, idx, 4);
-    __m256i e = _mm256_i32gather_epi32((const int *)(tab + TAB), idx, 4);
+    __m256i rcp = lookup_8(idx, trcp, regs, tab);
+    __m256i e = lookup_8(idx, te, regs, tab + TAB);
     __m256i cmpl = _mm256_and_si256(_mm256_srli_epi32(e, 12), m11);
     __m256i xmax = _mm256_slli_epi32(_mm256_sub_epi32(_mm256_set1_epi32(PROB_SCALE), cmpl), 31 - PROB_BITS);
     /* x >= xmax as a signed compare: states are below 2^31, and xmax - 1 too (xmax reaches 2^31) */
@@ -358,15 +391,29 @@ AVX2 static inline __m256i encode_8(__m256i x, int64_t left, const int32_t *sym,
     return _mm256_blendv_epi8(x, nx, act);
 }
 
-AVX2 static int64_t encode_row_256(uint32_t *states, const int32_t *row, int64_t n, int32_t lo, int32_t k,
-                                   const uint32_t *tab, uint16_t *out, int64_t p) {
-    __m256i x[HALVES], vlo = _mm256_set1_epi32(lo), vk = _mm256_set1_epi32(k);
+AVX2 static INLINE int64_t encode_row_8(uint32_t *states, const int32_t *row, int64_t n, int32_t lo, int32_t k,
+                                        const uint32_t *tab, int regs, uint16_t *out, int64_t p) {
+    __m256i x[HALVES], vlo = _mm256_set1_epi32(lo), vk = _mm256_set1_epi32(k), trcp[8], te[8];
+    for (int j = 0; j < regs; j++) {
+        trcp[j] = _mm256_loadu_si256((const __m256i *)(tab + 8 * j));
+        te[j] = _mm256_loadu_si256((const __m256i *)(tab + TAB + 8 * j));
+    }
     for (int i = 0; i < HALVES; i++) x[i] = _mm256_loadu_si256((const __m256i *)(states + 8 * i));
     for (int64_t t0 = (n - 1) / LANES * LANES; t0 >= 0; t0 -= LANES)
         for (int i = HALVES - 1; i >= 0; i--)
-            x[i] = encode_8(x[i], n - t0 - 8 * i, row + t0 + 8 * i, vlo, vk, tab, out, &p);
+            x[i] = encode_8(x[i], n - t0 - 8 * i, row + t0 + 8 * i, vlo, vk, trcp, te, regs, tab, out, &p);
     for (int i = 0; i < HALVES; i++) _mm256_storeu_si256((__m256i *)(states + 8 * i), x[i]);
     return p;
+}
+
+/* One instance per table size, as for AVX-512. */
+AVX2 static int64_t encode_row_256(uint32_t *states, const int32_t *row, int64_t n, int32_t lo, int32_t k,
+                                   const uint32_t *tab, uint16_t *out, int64_t p) {
+    if (k < 8) return encode_row_8(states, row, n, lo, k, tab, 1, out, p);
+    if (k < 16) return encode_row_8(states, row, n, lo, k, tab, 2, out, p);
+    if (k < 32) return encode_row_8(states, row, n, lo, k, tab, 4, out, p);
+    if (k < 64) return encode_row_8(states, row, n, lo, k, tab, 8, out, p);
+    return encode_row_8(states, row, n, lo, k, tab, 0, out, p);
 }
 
 /* the plain fill, vectorized by the compiler: AMD microcodes the AVX2 masked store */

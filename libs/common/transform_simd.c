@@ -173,12 +173,6 @@ static void token_exponents(const float *logit, int64_t n, double alpha, int32_t
     }
 }
 
-/* Every row of a stack of p tensors [b, h, s, d], by the AVX-512 (level 2) or AVX2 (level 1) kernels (srcs: their f32 data; strides [p, 4] in floats, each
- * (sequence, head) holding its s tokens as contiguous rows of d) into codes int32
- * [p * b * h, d, n], the tokens after the first k (n = s - k): RoPE undone with cos / nsin [n, d / 2]
- * (or NULL), and per-token steps from a query [p, h, d] (exps [p, b, h, n] written), or from the
- * exponents given in exps (query NULL), or none (both NULL). matrices f32 [p * b * h, d, d], inv f32
- * [p, h, d]. Returns 0, -1 for a d it does not take, -2 when out of memory. */
 /* ------------------------------------------------------------------ AVX2: 8 tokens to a vector */
 
 /* out[8 i + j] = in[j * ld + i] for 8 x 8 floats (rows >= `rows` read as zeros). */
@@ -293,6 +287,13 @@ AVX2 __attribute__((noinline)) static void quantize_8(const float *tiles, int64_
 
 /* ------------------------------------------------------------------ the exported driver */
 
+/* Every row of a stack of p tensors [b, h, s, d], by the AVX-512 (level 2) or AVX2 (level 1)
+ * kernels (srcs: their f32 data; strides [p, 4] in floats, each (sequence, head) holding its s
+ * tokens as contiguous rows of d) into codes int32
+ * [p * b * h, d, n], the tokens after the first k (n = s - k): RoPE undone with cos / nsin [n, d / 2]
+ * (or NULL), and per-token steps from a query [p, h, d] (exps [p, b, h, n] written), or from the
+ * exponents given in exps (query NULL), or none (both NULL). matrices f32 [p * b * h, d, d], inv f32
+ * [p, h, d]. Returns 0, -1 for a d it does not take, -2 when out of memory. */
 int transform_simd_rows(int level, const int64_t *srcs, const int64_t *strides, int64_t p, int64_t b, int64_t h, int64_t s, int64_t k,
                                int64_t d, const float *cos, const float *nsin, const float *query, double alpha,
                                int32_t *exps, const float *matrices, const float *inv, int32_t *codes) {

@@ -205,8 +205,8 @@ def test_only_the_states_of_lanes_that_code_are_stored() -> None:
 def test_each_vector_kernel_writes_the_numba_twins_bytes(level: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The AVX-512 and the AVX2 kernels (THUNDERSERVE_SIMD=avx2 caps the level) each write the
     numba path's bytes and decode them, on tails of every length, single-symbol rows, escapes, rows
-    on each side of every table size the AVX-512 encoder holds in registers (16, 32, 64, 128
-    symbols) and wide rows, and read a damaged stream as the numba path does."""
+    on each side of every table size the encoders hold in registers (AVX-512: 16, 32, 64, 128
+    symbols; AVX2: 8, 16, 32, 64) and wide rows, and read a damaged stream as the numba path does."""
     monkeypatch.setenv("THUNDERSERVE_SIMD", "avx2" if level == "avx2" else "1")
     native.kernels.cache_clear()
     try:
@@ -215,7 +215,7 @@ def test_each_vector_kernel_writes_the_numba_twins_bytes(level: str, monkeypatch
         rng = np.random.default_rng(9)
         cases = [_laplace(3, n, seed=n) for n in (1, 7, 8, 9, 15, 16, 17, 63, 64, 65, 130, 1998)]
         cases.append(np.full((4, 100), 5, np.int32))  # one symbol: the whole probability range
-        spans = (15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129)  # windows and their escape index
+        spans = (7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129)  # windows and their escape index
         cases.append(np.stack([np.resize(np.arange(w), 200) - 40 for w in spans]).astype(np.int32))
         wide = np.round(rng.laplace(0, 400, size=(3, 300))).astype(np.int32)
         wide[1, 7] = I32_MIN
