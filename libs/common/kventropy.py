@@ -161,8 +161,8 @@ def encode_tensor(
         *_, h, _, d = parts[0].shape
         steps = _wire_steps(steps.reshape(len(parts), h, d))
         query = token_query if token_exp is None and token_alpha else None
-        sink, streams, token_exp = _transformed_streams(parts, steps, sink_tokens, rope_theta, rope_start, query,
-                                                        token_exp, token_alpha, transform, fine_bits)
+        sink, streams, token_exp, fine = _transformed_streams(parts, steps, sink_tokens, rope_theta, rope_start,
+                                                              query, token_exp, token_alpha, transform, fine_bits)
     else:
         sink, x = kvquant.first_pass(parts, sink_tokens, rope_theta, rope_start, rotate)  # [P, B, H, n, D]
         torch.nan_to_num(x, nan=0.0, posinf=_F16_MAX, neginf=-_F16_MAX, out=x)
@@ -176,13 +176,14 @@ def encode_tensor(
         inv = (steps.float().reciprocal() * (1 << fine_bits)).view(p, 1, h, d).expand(p, b, h, d).reshape(rows, d)
         token_inv = torch.ones(p, b, h, n) if token_exp is None else torch.exp2(token_exp.float() / -2)
         streams = _quantize(x.reshape(rows, n, d).numpy(), inv.numpy(), token_inv.reshape(rows, n).numpy())
+        fine = _split_fine(streams.reshape(-1)) if fine_bits else None
     buffers: dict[str, torch.Tensor] = {"steps": steps if stacked else steps[0]}
     if token_exp is not None:
         *lead, n = token_exp.shape
         buffers["tokens"] = torch.from_numpy(rans.encode(token_exp.reshape(math.prod(lead), n).numpy()))
     rows, d, n = streams.shape  # one stream per (layer, sequence, head, channel), its tokens in order
-    if fine_bits:
-        buffers["fine"] = torch.from_numpy(_split_fine(streams.reshape(-1)))
+    if fine is not None:
+        buffers["fine"] = torch.from_numpy(fine)
     buffers["codes"] = torch.from_numpy(rans.encode(streams.reshape(rows * d, n)))
     if sink is not None:
         buffers["sink"] = sink if stacked else sink[0]
@@ -194,14 +195,15 @@ def encode_tensor(
 def _transformed_streams(parts: Sequence[torch.Tensor], steps: torch.Tensor, sink_tokens: int, rope_theta: float,
                          rope_start: int, token_query: torch.Tensor | None, token_exp: torch.Tensor | None,
                          token_alpha: float, transform: torch.Tensor, fine_bits: int = 0,
-                         ) -> tuple[torch.Tensor | None, np.ndarray, torch.Tensor | None]:
+                         ) -> tuple[torch.Tensor | None, np.ndarray, torch.Tensor | None, np.ndarray | None]:
     """`encode_tensor`'s work with a transform, one row (layer, sequence, head) at a time, each
     through cache-resident tiles: the row's tokens after the sink, RoPE undone and made finite,
     then their per-token exponents (from `token_query`, or `token_exp` as given), their product
     with the row's matrix and the rounding. `transform_simd.c` does it all where it runs
     (`native.kernels()`: AVX-512 or AVX2, for the head sizes it takes); else `_rows_by_torch`. Returns the
-    fp16 sink tokens [P, B, H, k, D], the codes int32 [P * B * H, D, n] and the exponents
-    [P, B, H, n] (or None)."""
+    fp16 sink tokens [P, B, H, k, D], the codes int32 [P * B * H, D, n], the exponents
+    [P, B, H, n] (or None) and, with `fine_bits`, the low bits split off the codes (`_split_fine`; the C
+    kernels split each row while it is in cache)."""
     parts = [_token_rows(part.detach().float()) for part in parts]
     p = len(parts)
     b, h, s, d = parts[0].shape
@@ -227,15 +229,17 @@ def _transformed_streams(parts: Sequence[torch.Tensor], steps: torch.Tensor, sin
         srcs = np.array([part.data_ptr() for part in parts], np.int64)
         strides = np.array([part.stride() for part in parts], np.int64)  # [P, 4] in floats
         rope_tables = (cos.ctypes.data, nsin.ctypes.data) if rope else (None, None)
+        fine = np.empty(out.size // 2, np.uint8) if fine_bits else None  # d is even: rows split alone
         status = found[0].transform_simd_rows(
             found[1], srcs.ctypes.data, strides.ctypes.data, p, b, h, s, k, d, *rope_tables,
             None if query is None else query.data_ptr(), float(token_alpha), None if exps is None else exps.ctypes.data,
-            matrices.data_ptr(), inv.ctypes.data, out.ctypes.data)
+            matrices.data_ptr(), inv.ctypes.data, out.ctypes.data, None if fine is None else fine.ctypes.data)
         if status:
             raise MemoryError(f"transform_simd_rows failed ({status}) on a [{p}, {b}, {h}, {s}, {d}] stack")
     else:
         _rows_by_torch(parts, k, cos, nsin, query, token_alpha, exps, matrices, inv, out)
-    return sink, out, None if exps is None else torch.from_numpy(exps)
+        fine = _split_fine(out.reshape(-1)) if fine_bits else None
+    return sink, out, None if exps is None else torch.from_numpy(exps), fine
 
 
 def _token_rows(t: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ _SIGNATURES = {
     "rans_simd_row_stats": ([_INT, _P, _I64, _I64, _P, _P, _P, _P], _I64),
     "transform_simd_fits": ([_I64, _INT], _INT),
     "transform_simd_rows": ([_INT, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, ctypes.c_double, _P, _P,
-                             _P, _P], _INT),
+                             _P, _P, _P], _INT),
 }
 
 

@@ -285,6 +285,31 @@ AVX2 __attribute__((noinline)) static void quantize_8(const float *tiles, int64_
     }
 }
 
+/* kventropy._split_fine on one row's m codes (m a multiple of 16, as d is): their low 4 bits two to a
+ * byte (the even code's in the low nibble), the codes shifted down (arithmetic: floor for negatives).
+ * Done here while the row's codes are in cache, not in a pass over the whole stack. A pair of codes
+ * is one little-endian 64-bit lane: its bits 0-3 and 32-35 make the byte. */
+AVX512 static void split_fine(int32_t *codes, int64_t m, uint8_t *fine) {
+    const __m512i low = _mm512_set1_epi64(0x0000000F0000000Fll);
+    for (int64_t i = 0; i < m; i += 16) {
+        __m512i x = _mm512_loadu_si512(codes + i), v = _mm512_and_si512(x, low);
+        _mm_storel_epi64((__m128i *)(fine + i / 2), _mm512_cvtepi64_epi8(_mm512_or_si512(v, _mm512_srli_epi64(v, 28))));
+        _mm512_storeu_si512(codes + i, _mm512_srai_epi32(x, 4));
+    }
+}
+
+AVX2 static void split_fine_8(int32_t *codes, int64_t m, uint8_t *fine) {
+    const __m256i low = _mm256_set1_epi64x(0x0000000F0000000Fll), evens = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
+    const __m128i bytes = _mm_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+    for (int64_t i = 0; i < m; i += 8) {
+        __m256i x = _mm256_loadu_si256((const __m256i *)(codes + i)), v = _mm256_and_si256(x, low);
+        v = _mm256_permutevar8x32_epi32(_mm256_or_si256(v, _mm256_srli_epi64(v, 28)), evens);
+        int32_t four = _mm_cvtsi128_si32(_mm_shuffle_epi8(_mm256_castsi256_si128(v), bytes));
+        memcpy(fine + i / 2, &four, sizeof four);
+        _mm256_storeu_si256((__m256i *)(codes + i), _mm256_srai_epi32(x, 4));
+    }
+}
+
 /* ------------------------------------------------------------------ the exported driver */
 
 /* Every row of a stack of p tensors [b, h, s, d], by the AVX-512 (level 2) or AVX2 (level 1)
@@ -293,10 +318,12 @@ AVX2 __attribute__((noinline)) static void quantize_8(const float *tiles, int64_
  * [p * b * h, d, n], the tokens after the first k (n = s - k): RoPE undone with cos / nsin [n, d / 2]
  * (or NULL), and per-token steps from a query [p, h, d] (exps [p, b, h, n] written), or from the
  * exponents given in exps (query NULL), or none (both NULL). matrices f32 [p * b * h, d, d], inv f32
- * [p, h, d]. Returns 0, -1 for a d it does not take, -2 when out of memory. */
+ * [p, h, d]. fine (or NULL): the codes' low 4 bits split off into it, uint8 [p * b * h * d * n / 2]
+ * (kventropy's fine bits). Returns 0, -1 for a d it does not take, -2 when out of memory. */
 int transform_simd_rows(int level, const int64_t *srcs, const int64_t *strides, int64_t p, int64_t b, int64_t h, int64_t s, int64_t k,
                                int64_t d, const float *cos, const float *nsin, const float *query, double alpha,
-                               int32_t *exps, const float *matrices, const float *inv, int32_t *codes) {
+                               int32_t *exps, const float *matrices, const float *inv, int32_t *codes,
+                               uint8_t *fine) {
     if (!transform_simd_fits(d, cos != NULL)) return -1;
     int64_t n = s - k;
     if (n <= 0) return 0;
@@ -332,6 +359,10 @@ int transform_simd_rows(int level, const int64_t *srcs, const int64_t *strides, 
                     quantize(tiles, n, d, T, iv, tinv, codes + r * d * n);
                 else
                     quantize_8(tiles, n, d, T, iv, tinv, codes + r * d * n);
+                if (fine && wide)
+                    split_fine(codes + r * d * n, d * n, fine + r * d * n / 2);
+                else if (fine)
+                    split_fine_8(codes + r * d * n, d * n, fine + r * d * n / 2);
             }
     free(tiles), free(logit), free(tinv);
     return 0;

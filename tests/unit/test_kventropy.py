@@ -303,9 +303,9 @@ def test_the_c_kernels_and_the_torch_path_code_a_transformed_stack_alike(
     with THUNDERSERVE_SIMD=avx2, its AVX2 kernels) against the numba and torch path
     (THUNDERSERVE_SIMD=0), on a stack cut short along the tokens (so its rows are not one
     contiguous block), with two sequences, non-finite values, a token count that leaves partial
-    vectors, keys with per-token steps from a query and values with the keys' exponents: each
-    decodes within its bound, and the codes and exponents match but for a rare rounding tie (the
-    sums run in another order)."""
+    vectors, keys with per-token steps from a query and values with the keys' exponents and int8's
+    fine bits (split off in C row by row): each decodes within its bound, and the codes and exponents
+    match but for a rare rounding tie (the sums run in another order)."""
     setting = "1" if level == "avx512" else "avx2"
     monkeypatch.setenv("THUNDERSERVE_SIMD", setting)
     native.kernels.cache_clear()
@@ -335,10 +335,15 @@ def test_the_c_kernels_and_the_torch_path_code_a_transformed_stack_alike(
 
     inverse = transform.inverse()
     keys = both(rope_theta=1e4, token_query=query, token_alpha=0.15)
-    values = both(token_exp=kventropy.decoded_token_exponents(keys[0], shape, 1, 1))
-    for (kernel, torch_path), theta in ((keys, 1e4), (values, 0.0)):
+    values = both(token_exp=kventropy.decoded_token_exponents(keys[0], shape, 1, 1), fine_bits=kventropy.FINE_BITS)
+    for (kernel, torch_path), theta, fine_bits in ((keys, 1e4, 0), (values, 0.0, kventropy.FINE_BITS)):
         n = tokens - 2
         codes = [rans.decode(c["codes"].numpy(), 3 * 2 * 3 * head_dim, n) for c in (kernel, torch_path)]
+        assert np.abs(codes[0] - codes[1]).max() <= 1  # the coded part: the codes' high bits
+        for c, coded in zip(codes, (kernel, torch_path), strict=True):
+            assert ("fine" in coded) == bool(fine_bits)
+            if fine_bits:
+                kventropy._join_fine(c.reshape(-1), coded["fine"].numpy())
         differ = codes[0] != codes[1]
         assert differ.mean() < 1e-3 and np.abs(codes[0] - codes[1]).max() <= 1
         if "tokens" in kernel:
@@ -348,8 +353,10 @@ def test_the_c_kernels_and_the_torch_path_code_a_transformed_stack_alike(
         x = torch.stack(parts)
         finite = x.isfinite().all(-1, keepdim=True).expand_as(x)[..., 1:-1, :]  # a transform mixes a token's channels
         for coded in (kernel, torch_path):
-            y = kventropy.decode_tensor(coded, shape, 0, 1, theta, inverse=inverse, recent_tokens=1)
-            bound = kventropy.error_bound(coded, shape, 0, 1, theta, inverse=inverse, recent_tokens=1)
+            y = kventropy.decode_tensor(coded, shape, 0, 1, theta, inverse=inverse, recent_tokens=1,
+                                        fine_bits=fine_bits)
+            bound = kventropy.error_bound(coded, shape, 0, 1, theta, inverse=inverse, recent_tokens=1,
+                                          fine_bits=fine_bits)
             err = (y - x)[..., 1:-1, :].abs()
             assert bool((err <= bound[..., 1:-1, :] * (1 + 1e-4) + 1e-4)[finite].all())
             assert bool(y.isfinite().all())
