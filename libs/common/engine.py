@@ -9,6 +9,7 @@ token; sequences join and leave between steps. Not thread-safe: one thread drive
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -97,6 +98,24 @@ def first_layer_kv(model, token_ids: list[int]) -> tuple[torch.Tensor, torch.Ten
     raise RuntimeError("the model's forward pass never updated its cache")
 
 
+LayerHook = Callable[[int, torch.Tensor, torch.Tensor], None]  # (layer, key, value), as a pass computes it
+
+
+class _ReportingCache(DynamicCache):
+    """A cache that hands each layer's KV to `on_layer` as soon as the forward pass has stored it (a
+    prefill stores each layer once: what it hands over is final)."""
+
+    def __init__(self, on_layer: LayerHook, **kwargs):
+        super().__init__(**kwargs)
+        self.on_layer = on_layer
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        layer = self.layers[layer_idx]
+        self.on_layer(layer_idx, layer.keys, layer.values)
+        return out
+
+
 @dataclass
 class PrefillResult:
     kv: KVLayers
@@ -127,13 +146,20 @@ class Engine:
     def name(self) -> str:
         return self.info.name
 
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
     @torch.inference_mode()
-    def prefill(self, token_ids: list[int], prompt_logits: bool = False) -> PrefillResult:
-        """The prompt's KV and the logits for the token after it (`prompt_logits`: every position's too)."""
+    def prefill(self, token_ids: list[int], prompt_logits: bool = False,
+                on_layer: LayerHook | None = None) -> PrefillResult:
+        """The prompt's KV and the logits for the token after it (`prompt_logits`: every position's too).
+        `on_layer(i, key, value)` is called with each layer's KV as soon as the pass has it (before the
+        pass ends), on this thread: the same tensors the result holds."""
         if not token_ids:
             raise ValueError("empty prompt")
         input_ids = torch.tensor([token_ids], dtype=torch.long)
-        cache = DynamicCache(config=self.config)
+        cache = DynamicCache(config=self.config) if on_layer is None else _ReportingCache(on_layer, config=self.config)
         out = self.model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=0 if prompt_logits else 1)
         kv = [(layer.keys, layer.values) for layer in out.cache.layers]
         return PrefillResult(kv=kv, logits=out.logits[0, -1].float(),
@@ -351,11 +377,18 @@ class MockEngine:
     def logits_for(self, position: int) -> torch.Tensor:
         return self._logits[position % len(self._logits)]
 
-    def prefill(self, token_ids: list[int], prompt_logits: bool = False) -> PrefillResult:
+    @property
+    def num_layers(self) -> int:
+        return self.MOCK_LAYERS
+
+    def prefill(self, token_ids: list[int], prompt_logits: bool = False,
+                on_layer: LayerHook | None = None) -> PrefillResult:
         if not token_ids:
             raise ValueError("empty prompt")
         shape = (1, 1, len(token_ids), self.MOCK_HEAD_DIM)
         kv = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(self.MOCK_LAYERS)]
+        for i, (key, value) in enumerate(kv if on_layer is not None else ()):
+            on_layer(i, key, value)
         rows = torch.stack([self.logits_for(i) for i in range(1, len(token_ids))]) if prompt_logits else None
         return PrefillResult(kv=kv, logits=self.logits_for(len(token_ids)), prompt_logits=rows)
 

@@ -102,9 +102,14 @@ class ChannelPair:
         """Send a flat uint8 payload; returns once it is on its way (or raises ChannelError)."""
         raise NotImplementedError
 
-    def recv(self, nbytes: int, tag: int, device: str = "cpu", out: torch.Tensor | None = None) -> torch.Tensor:
-        """Receive the payload sent with `tag`; into `out` (a flat uint8 buffer of >= nbytes) when given."""
+    def recv(self, nbytes: int, tag: int, device: str = "cpu", out: torch.Tensor | None = None,
+             wait_s: float | None = None) -> torch.Tensor:
+        """Receive the payload sent with `tag`; into `out` (a flat uint8 buffer of >= nbytes) when given.
+        `wait_s`: how long to wait for it to start coming, where the transport allows more than the
+        pair's timeout (`waits_longer`)."""
         raise NotImplementedError
+
+    waits_longer = False  # whether recv's `wait_s` can exceed the pair's timeout
 
     def _check(self) -> None:
         if self.broken:
@@ -127,7 +132,8 @@ class DistPair(ChannelPair):
         self._run(lambda: [self.group.send([flat[a:b]], self.peer, (tag << TAG_BITS) | i)
                            for i, (a, b) in enumerate(split_points(flat.numel()))], "send")
 
-    def recv(self, nbytes: int, tag: int, device: str = "cpu", out: torch.Tensor | None = None) -> torch.Tensor:
+    def recv(self, nbytes: int, tag: int, device: str = "cpu", out: torch.Tensor | None = None,
+             wait_s: float | None = None) -> torch.Tensor:
         buf = torch.empty(nbytes, dtype=torch.uint8, device=device) if out is None else out[:nbytes]
         self._run(lambda: [self.group.recv([buf[a:b]], self.peer, (tag << TAG_BITS) | i)
                            for i, (a, b) in enumerate(split_points(nbytes))], "recv")
@@ -189,9 +195,13 @@ class SocketPair(ChannelPair):
         except OSError as exc:  # a partly written stream cannot be resumed
             raise self._break("send", exc) from None
 
-    def recv(self, nbytes: int, tag: int, device: str = "cpu", out: torch.Tensor | None = None) -> torch.Tensor:
+    waits_longer = True  # a wait that ends between payloads leaves the stream intact
+
+    def recv(self, nbytes: int, tag: int, device: str = "cpu", out: torch.Tensor | None = None,
+             wait_s: float | None = None) -> torch.Tensor:
         buf = torch.empty(nbytes, dtype=torch.uint8) if out is None else out[:nbytes]
-        deadline = time.monotonic() + self.timeout_s
+        wait_s = self.timeout_s if wait_s is None else max(wait_s, self.timeout_s)
+        deadline = time.monotonic() + wait_s
         with self._cv:
             self._check()
             self._waiting[tag] = buf
@@ -213,15 +223,15 @@ class SocketPair(ChannelPair):
                 left = deadline - time.monotonic()
                 if left <= 0 and tag not in self._filling:  # (a buffer being filled must not be let go)
                     self._waiting.pop(tag, None)
-                    raise ChannelError(f"recv on pair {self.pair_id} timed out after {self.timeout_s} s")
+                    raise ChannelError(f"recv on pair {self.pair_id} timed out after {wait_s} s")
                 self._cv.wait(max(left, 0.05))
-        return self._read_until(tag, buf, nbytes)
+        return self._read_until(tag, buf, nbytes, deadline)
 
-    def _read_until(self, tag: int, buf: torch.Tensor, nbytes: int) -> torch.Tensor:
+    def _read_until(self, tag: int, buf: torch.Tensor, nbytes: int, deadline: float) -> torch.Tensor:
         """As the reader: read payloads off the socket until `tag`'s has arrived."""
         try:
             while True:
-                got_tag, size = _HEADER.unpack(self._read_header())
+                got_tag, size = _HEADER.unpack(self._read_header(deadline))
                 with self._cv:
                     target = self._waiting.pop(got_tag, None)
                     if target is not None and target.numel() == size:
@@ -249,15 +259,17 @@ class SocketPair(ChannelPair):
                 return self._sized(self._early.pop(tag)[0], nbytes, buf, tag)
         return buf
 
-    def _read_header(self) -> bytes:
+    def _read_header(self, deadline: float) -> bytes:
         header = bytearray(_HEADER.size)
         view, got = memoryview(header), 0
         while got < len(header):
             try:
                 n = self._sock.recv_into(view[got:])
             except TimeoutError:
+                if got == 0 and time.monotonic() < deadline:  # a longer wait (recv's wait_s): read on
+                    continue
                 if got == 0:  # nothing half-read: the stream is intact, only this wait ends
-                    raise ChannelError(f"recv on pair {self.pair_id} timed out after {self.timeout_s} s") from None
+                    raise ChannelError(f"recv on pair {self.pair_id} timed out") from None
                 raise self._break("recv", TimeoutError("timed out inside a header")) from None
             except OSError as exc:
                 raise self._break("recv", exc) from None
@@ -325,12 +337,13 @@ def send_parts(pair: ChannelPair, tag: int, parts: Iterator[tuple[torch.Tensor, 
     return nbytes, making, sending
 
 
-def recv_parts(pair: ChannelPair, tag: int, count: int, buffers: BufferPool | None = None
-               ) -> Iterator[tuple[torch.Tensor, dict]]:
+def recv_parts(pair: ChannelPair, tag: int, count: int, buffers: BufferPool | None = None,
+               wait_s: float | None = None) -> Iterator[tuple[torch.Tensor, dict]]:
     """The `count` parts `send_parts` sends from tag `tag`, each as it arrives: (payload,
-    description). A payload lands in a buffer from `buffers` (give it back when done with it)."""
+    description). A payload lands in a buffer from `buffers` (give it back when done with it).
+    `wait_s`: how long each part may take to start coming (`ChannelPair.recv`)."""
     for ptag in range(tag, tag + PART_TAGS * count, PART_TAGS):
-        size, nbytes = _PART.unpack(pair.recv(_PART.size, ptag).numpy().tobytes())
+        size, nbytes = _PART.unpack(pair.recv(_PART.size, ptag, wait_s=wait_s).numpy().tobytes())
         description = msgpack.unpackb(pair.recv(size, ptag + 1).numpy().tobytes())
         out = buffers.take(nbytes) if buffers is not None else None
         yield pair.recv(nbytes, ptag + 2, out=out), description

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -553,7 +555,8 @@ def _encode_range(codec: KVCodec, layers: Sequence[tuple[torch.Tensor, torch.Ten
     `threads` threads."""
     total = len(layers)
     encode_layers = getattr(codec, "encode_layers", None)
-    shapes = {(tuple(k.shape), tuple(v.shape), k.dtype, v.dtype) for k, v in layers[rebuilt:]}
+    # (this range's layers only: from a `LayerFeed`, the later ones may not be computed yet)
+    shapes = {(tuple(k.shape), tuple(v.shape), k.dtype, v.dtype) for k, v in layers[max(start, rebuilt):end]}
     stacked = encode_layers is not None and len(shapes) == 1 and len(next(iter(shapes))[0]) == 4
 
     def encode_run(a: int, b: int) -> list[PackedTensor]:
@@ -625,6 +628,49 @@ def pack_cache(
     return payload, manifest
 
 
+class FeedClosed(RuntimeError):
+    """A `LayerFeed` was closed before the layer asked for came in."""
+
+
+class LayerFeed(Sequence[tuple[torch.Tensor, torch.Tensor]]):
+    """A cache's layers as a forward pass computes them (`Engine.prefill(on_layer=feed.put)`), so that
+    `pack_runs` can encode a run as soon as its layers are in while the pass goes on. Reading a layer
+    waits for it; once the feed is closed early (the pass failed, or its KV is not needed) reading a
+    missing layer raises `FeedClosed`. `waited_s`: the time readers spent waiting."""
+
+    def __init__(self, count: int):
+        self._layers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * count
+        self._closed: str | None = None
+        self._cv = threading.Condition()
+        self.waited_s = 0.0
+
+    def put(self, index: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        with self._cv:
+            self._layers[index] = (key, value)
+            self._cv.notify_all()
+
+    def close(self, reason: str) -> None:
+        with self._cv:
+            self._closed = reason
+            self._cv.notify_all()
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        index = range(len(self))[index]  # negative indices, and IndexError past the end
+        with self._cv:
+            t0 = time.perf_counter()
+            while (layer := self._layers[index]) is None:
+                if self._closed is not None:
+                    raise FeedClosed(f"layer {index} will not come: {self._closed}")
+                self._cv.wait()
+            self.waited_s += time.perf_counter() - t0
+            return layer
+
+
 def pack_runs(
     codec: KVCodec, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], model: str | None = None,
     rebuild: bool = False, runs: int = 4, threads: int = 1,
@@ -632,7 +678,8 @@ def pack_runs(
     """`pack_cache` in `runs` runs of consecutive layers, for a transfer that streams them: the
     receiver decodes a run while the sender encodes the next. Returns the transfer's head (codec,
     layer count, rebuilt layers and the number of runs: what the receiver needs before the first
-    run) and a generator that encodes each run only when asked, as (payload, manifest)."""
+    run) and a generator that encodes each run only when asked, as (payload, manifest). `layers`
+    may be a `LayerFeed`: a run is then encoded as soon as its layers are in."""
     rebuilt = _rebuilt(codec, layers, rebuild)
     bounds = _bounds(rebuilt, len(layers), runs)
     head: dict[str, Any] = {"codec": codec.name, "layers": len(layers), "runs": len(bounds)}

@@ -144,6 +144,22 @@ class KVHandoff:
     first_chunk_sent: bool = False  # the prefill replica already streamed the first token
     resume_token_ids: list[int] = field(default_factory=list)  # as in PrefillRequest: the KV covers them
     first_logprob: TokenLogprob | None = None  # when asked for: the first token's, for decode to send
+    # An early handoff, sent as the forward pass starts so the KV streams while it runs: the first
+    # token (and first_chunk_sent, first_logprob) comes on the channel after the KV, as a `FirstToken`.
+    first_token_later: bool = False
+
+
+@dataclass
+class FirstToken:
+    """prefill -> decode replica, on the channel after an early handoff's KV (`KVHandoff.first_token_later`):
+    the first token, or why none comes (the pass failed, or its first token ended the request; the prefill
+    replica has told the client, so the decode replica drops the request without a word)."""
+
+    request_id: str
+    token_id: int = -1
+    chunk_sent: bool = False
+    logprob: TokenLogprob | None = None
+    cancelled: str = ""
 
 
 @dataclass

@@ -78,6 +78,7 @@ class ReplicaHost:
         self.plan_kv_codec: str | None = None  # the current plan's codec, when a plan names one
         self.codec_threads = 1  # threads per KV cache encode/decode (set with the engine)
         self.kv_runs = max(1, args.kv_stream_runs)  # runs a compressed KV cache is streamed in
+        self.kv_stream_early = bool(args.kv_stream_early)  # send those runs during the forward pass
         self._plan_watcher: PlanWatcher | None = None
         self.connection = 0  # NATS (re)connections so far
         self.incarnation = uuid.uuid4().hex[:12]  # this process; with `connection`, the heartbeat's session
@@ -266,6 +267,12 @@ def build_parser(phase: str) -> argparse.ArgumentParser:
                        help="prefill: send a compressed KV cache in this many runs of layers, each encoded while "
                        "the decode replica decodes the one before (1 = one payload; `none` always goes as one) "
                        "(default 4)")
+    group.add_argument("--kv-stream-early", action=argparse.BooleanOptionalAction,
+                       default=config.env("KV_STREAM_EARLY", 1, int) != 0,
+                       help="prefill: hand a request off to its decode replica as the forward pass starts, and "
+                       "encode and send each run of a streamed KV cache as soon as the pass has computed its "
+                       "layers, the first token after them (tcp channel; default on; "
+                       "THUNDERSERVE_KV_STREAM_EARLY=0 turns it off)")
     group.add_argument("--max-batch", type=int, default=config.env("MAX_BATCH", 64, int),
                        help="decode: most sequences in the running batch (default 64)")
     group.add_argument("--channel-host", default=config.env("CHANNEL_HOST", "127.0.0.1"),

@@ -20,12 +20,27 @@ import torch
 from thunderserve.common import aio, protocol, tracing
 from thunderserve.common.kvchannel import BACKENDS, detach_from, recv_parts
 from thunderserve.common.kvcodec import unpack_cache, unpack_runs
-from thunderserve.common.protocol import ConnectReply, ConnectRequest, KVHandoff, TokenChunk, TokenLogprob, Usage
+from thunderserve.common.protocol import (
+    ConnectReply,
+    ConnectRequest,
+    FirstToken,
+    KVHandoff,
+    TokenChunk,
+    TokenLogprob,
+    Usage,
+)
 from thunderserve.common.sequence import OutputTracker, sample_token, token_logprob
 
 log = logging.getLogger(__name__)
 
 PAIR_WAIT_S = 15.0
+# How long an early handoff's KV may take to start coming, run by run: the prefill's forward pass
+# computes it while this replica waits (KVHandoff.first_token_later).
+EARLY_WAIT_S = 600.0
+
+
+class _DroppedByPrefill(Exception):
+    """An early handoff's prefill sends no KV after all, and has told the client why."""
 
 
 @dataclass
@@ -128,6 +143,8 @@ class DecodeRole:
         self._receiving += 1
         try:
             await self._receive(handoff, span)
+        except _DroppedByPrefill as exc:
+            span.end(cancelled=str(exc))
         except Exception as exc:
             log.warning("request %s: KV receive failed: %s", handoff.request_id, exc)
             span.end(error=f"KV receive failed: {exc}")
@@ -164,13 +181,24 @@ class DecodeRole:
 
         def receive_runs() -> list[torch.Tensor]:
             # Each run is decoded (kvcodec's run thread) while the next one is on its way; the two
-            # spans cover the whole overlapped stretch.
+            # spans cover the whole overlapped stretch. After an early handoff the first token
+            # follows the runs (or comes in place of one, if the prefill sends no KV after all).
             head = handoff.kv_manifest
             recv, unpack = span.child("kv.receive"), span.child("kv.decode", codec=head.get("codec"))
             received = []
+            later = handoff.first_token_later
+            count, wait_s = int(head["runs"]) + later, EARLY_WAIT_S if later else None
 
             def parts():
-                for payload, manifest in recv_parts(pair, handoff.tag, int(head["runs"]), self.channel.buffers):
+                for payload, manifest in recv_parts(pair, handoff.tag, count, self.channel.buffers, wait_s):
+                    if manifest.get("first_token"):
+                        first = protocol.decode(FirstToken, payload.numpy().tobytes())
+                        self.channel.buffers.give(payload)
+                        if first.cancelled:
+                            raise _DroppedByPrefill(first.cancelled)
+                        handoff.first_token_id, handoff.first_chunk_sent = first.token_id, first.chunk_sent
+                        handoff.first_logprob = first.logprob
+                        break
                     received.append(payload.numel())
                     yield payload, manifest
                 recv.end(bytes=sum(received), runs=len(received))

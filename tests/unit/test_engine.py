@@ -29,6 +29,29 @@ def test_prefill_returns_per_layer_kv(tiny):
     assert result.logits.shape == (cfg.vocab_size,)
 
 
+def test_prefill_hands_each_layer_over_as_the_pass_computes_it(tiny):
+    """`on_layer` gets every layer's KV in order, on the pass's own thread, and the very tensors the
+    result holds, equal to a plain prefill's."""
+    seen: list[int] = []
+    handed: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def on_layer(i, key, value):
+        assert torch.is_inference_mode_enabled()  # inside the pass, not after it
+        seen.append(i)
+        handed.append((key, value))
+
+    result = tiny.prefill([5, 6, 7, 8, 9], on_layer=on_layer)
+    plain = tiny.prefill([5, 6, 7, 8, 9])
+    assert seen == list(range(tiny.num_layers)) == list(range(len(result.kv)))
+    for (k, v), (k2, v2), (k3, v3) in zip(handed, result.kv, plain.kv, strict=True):
+        assert k is k2 and v is v2 and torch.equal(k, k3) and torch.equal(v, v3)
+    assert torch.equal(result.logits, plain.logits)
+    mock = MockEngine()
+    got = []
+    mock.prefill([1, 2, 3], on_layer=lambda i, k, v: got.append(i))
+    assert got == list(range(mock.num_layers))
+
+
 def test_prefill_rejects_empty_prompt(tiny):
     with pytest.raises(ValueError):
         tiny.prefill([])

@@ -169,6 +169,31 @@ def test_silent_peer_times_out_within_the_pair_timeout(backend):
     proc.join(10)
 
 
+def _late_side(endpoint: str, pair_id: str, delay_s: float, ready) -> None:
+    ready.set()
+    pair = ChannelClient(timeout_s=10, backend="tcp").connect(endpoint, pair_id)
+    time.sleep(delay_s)
+    pair.send(torch.frombuffer(bytearray(b"late"), dtype=torch.uint8), 5)
+    time.sleep(1.0)
+
+
+def test_a_socket_pair_waits_past_its_timeout_when_asked():
+    """An early KV handoff's decode replica waits for the KV as long as the prefill's forward pass
+    takes (`recv(..., wait_s)`): the socket pair reads on past its timeout, between payloads, and
+    the stream stays intact."""
+    host = ChannelHost(timeout_s=1)
+    ready = CTX.Event()
+    proc = CTX.Process(target=_late_side, args=(host.endpoint, "pair-late", 2.5, ready))
+    proc.start()
+    assert ready.wait(60), "the sender process did not start"
+    pair = host.accept("pair-late", "tcp")
+    assert pair.waits_longer
+    start = time.monotonic()
+    assert bytes(pair.recv(4, 5, wait_s=20).numpy()) == b"late"
+    assert 1.5 < time.monotonic() - start < 10 and not pair.broken
+    proc.join(10)
+
+
 def test_accepting_a_peer_that_never_comes_is_a_channel_error(backend):
     host = ChannelHost(timeout_s=1)
     start = time.monotonic()

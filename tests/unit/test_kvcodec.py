@@ -450,6 +450,49 @@ def test_runs_decode_to_the_one_payload_values(name: str) -> None:
         unpack_runs(head, iter(list(parts)[:3]), rebuild)
 
 
+def test_runs_encode_from_a_feed_as_its_layers_come_in() -> None:
+    """pack_runs over a LayerFeed (a forward pass putting its layers in from another thread) encodes
+    each run once its layers are in, into the bytes the finished cache gives; a feed closed early
+    fails the run still missing layers, after the runs that were complete."""
+    import threading
+
+    from thunderserve.common.kvcodec import FeedClosed, LayerFeed, pack_runs
+
+    codec = get_codec("int4")
+    layers = [(_kv((1, 3, 24, 64), i), _kv((1, 3, 24, 64), 100 + i)) for i in range(8)]
+    feed = LayerFeed(len(layers))
+    head, parts = pack_runs(codec, feed, rebuild=True, runs=4)
+    gate = threading.Event()
+
+    def forward() -> None:  # the first run's layers at once, the rest once the first run is encoded
+        for i, (k, v) in enumerate(layers):
+            if i == 3:
+                gate.wait(30)
+            feed.put(i, k, v)
+
+    thread = threading.Thread(target=forward)
+    thread.start()
+    first = next(parts)  # layers 1-2: layer 0 is rebuilt by the decoder
+    gate.set()
+    got = [first, *parts]
+    thread.join(30)
+    head2, expected = pack_runs(codec, layers, rebuild=True, runs=4)
+    assert head == head2 and len(got) == 4
+    for (payload, manifest), (payload2, manifest2) in zip(got, expected, strict=True):
+        assert manifest == manifest2 and torch.equal(payload, payload2)
+    assert feed.waited_s > 0  # the second run waited for its layers
+
+    feed = LayerFeed(len(layers))
+    for i in range(5):
+        feed.put(i, *layers[i])
+    _, parts = pack_runs(codec, feed, rebuild=True, runs=4)
+    assert len([next(parts), next(parts)]) == 2  # layers 1-4 are in
+    feed.close("the pass failed")
+    with pytest.raises(FeedClosed, match="the pass failed"):
+        next(parts)
+    assert len(feed) == 8 and feed[-4] is feed[4]
+
+
 def test_mixed_shapes_are_packed_tensor_by_tensor() -> None:
     layers = [(_kv((1, 3, 9, 64), 0), _kv((1, 3, 9, 64), 1)), (_kv((1, 3, 12, 64), 2), _kv((1, 3, 12, 64), 3))]
     payload, manifest = pack_cache(get_codec("int8-fixed"), layers)
