@@ -10,12 +10,15 @@ prompt length (greedy, `--max-tokens`), then reads the spans back. Per prompt le
 the median and p90 of each span: router.request (the whole request), prefill.request and its
 children prefill.forward, kv.encode, kv.send, decode.request and its children kv.receive and
 kv.decode, and "queue": prefill.request's start to prefill.forward's start (waiting for the model
-thread; the first request of a pair also sets up the KV channel). Requests go one at a time, so no
-span waits on another request. A compressed cache is streamed in runs by default (the replicas'
-`--kv-stream-runs`); then kv.encode and kv.send cover the same interleaved stretch, as do kv.receive
-and kv.decode, and the stacked bars count it twice: the default `--stream-runs 1` sends one payload,
-so each span is its own step. Prints JSON; writes docs/backbone_trace.png (a stacked bar per prompt length) unless
---no-plot.
+thread; the first request of a pair also sets up the KV channel), and "hop": the end of
+prefill.forward to the end of kv.decode, what the KV move adds before the second token. Requests go
+one at a time, so no span waits on another request. A compressed cache is streamed in runs by
+default (the replicas' `--kv-stream-runs`); then kv.encode and kv.send cover the same interleaved
+stretch, as do kv.receive and kv.decode, and the stacked bars count it twice: the default
+`--stream-runs 1` sends one payload, so each span is its own step. Streamed runs travel during the
+forward pass (the replicas' `--kv-stream-early`), so their spans overlap it too;
+THUNDERSERVE_KV_STREAM_EARLY=0 moves them after it. Prints JSON; writes docs/backbone_trace.png (a
+stacked bar per prompt length) unless --no-plot.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ def _breakdown(trees: list[dict[str, dict]]) -> dict[str, dict[str, float]]:
                 values.setdefault(name, []).append(by_name[name]["durationMs"])
         pre, fwd = by_name["prefill.request"], by_name["prefill.forward"]
         values.setdefault("queue", []).append((fwd["startTimeUnixNano"] - pre["startTimeUnixNano"]) / 1e6)
+        # the hop as the request sees it: from the end of the forward pass to the KV decoded
+        values.setdefault("hop", []).append((by_name["kv.decode"]["endTimeUnixNano"] - fwd["endTimeUnixNano"]) / 1e6)
     return {name: {"median_ms": r(median(v)), "p90_ms": r(percentile(v, 90))} for name, v in values.items()}
 
 
