@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 
+import nats
 import pytest
 
-from thunderserve.common import tracing
+from thunderserve.common import protocol, tracing
 from thunderserve.common.client import Client
+from thunderserve.common.protocol import Heartbeat, PrefillRequest, SamplingParams, Subjects, TokenChunk
 
 pytestmark = pytest.mark.slow
 
@@ -62,3 +64,52 @@ async def test_the_kv_streams_during_the_forward_pass_and_decodes_to_the_same_to
     late = make_cluster(model="tiny-random", threads_per_replica=1, kv_codec="int4",
                         extra_env={"THUNDERSERVE_KV_STREAM_EARLY": "0"})
     assert await _greedy(late) == got
+
+
+async def test_a_pass_that_fails_after_an_early_handoff_is_dropped_on_both_sides(make_cluster, tmp_path):
+    """A prefill request whose forward pass fails after the early handoff went out (a token id past
+    the vocabulary, sent straight to the prefill replica: the router would refuse it) ends with an
+    error to its caller; the decode replica, told on the channel, drops it without a word, and the
+    pair serves the next request."""
+    trace_dir = tmp_path / "spans"
+    cluster = make_cluster(model="tiny-random", threads_per_replica=1, kv_codec="int4",
+                           extra_env={"THUNDERSERVE_TRACE_DIR": str(trace_dir)})
+    async with Client(cluster.nats_url, timeout_s=60) as client:  # sets the channel pair up
+        before = await client.complete(PROMPTS[0], max_tokens=N, ignore_eos=True, temperature=0)
+    subjects = Subjects()
+    nc = await nats.connect(cluster.nats_url)
+    try:
+        beats: dict[str, Heartbeat] = {}
+
+        async def on_beat(msg):
+            beat = protocol.decode(Heartbeat, msg.data)
+            beats[beat.phase] = beat
+
+        await nc.subscribe(subjects.heartbeats, cb=on_beat)
+        for _ in range(100):
+            if {"prefill", "decode"} <= set(beats):
+                break
+            await asyncio.sleep(0.1)
+        chunks: asyncio.Queue = asyncio.Queue()
+
+        async def on_chunk(msg):
+            chunks.put_nowait(protocol.decode(TokenChunk, msg.data))
+
+        inbox = nc.new_inbox()
+        await nc.subscribe(inbox, cb=on_chunk)
+        decode = beats["decode"]
+        request = PrefillRequest("bad-1", [1, 2, 10**9], SamplingParams(max_tokens=4, temperature=0), inbox,
+                                 decode.replica_id, decode.endpoint, kv_codec="int4")
+        await nc.publish(subjects.prefill(beats["prefill"].replica_id), protocol.encode(request),
+                         headers=tracing.headers_for(None))
+        failure = await asyncio.wait_for(chunks.get(), 30)
+        assert failure.error and "prefill failed" in failure.error
+    finally:
+        await nc.close()
+    async with Client(cluster.nats_url, timeout_s=60) as client:
+        after = await client.complete(PROMPTS[0], max_tokens=N, ignore_eos=True, temperature=0)
+    assert after.token_ids == before.token_ids
+    await asyncio.sleep(0.5)
+    dropped = [sp for sp in tracing.read_spans(trace_dir)
+               if sp["name"] == "decode.request" and "cancelled" in sp.get("attributes", {})]
+    assert [sp["attributes"]["cancelled"] for sp in dropped] == ["the prefill failed"]
