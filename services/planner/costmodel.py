@@ -13,6 +13,7 @@ simulator and the baselines can share them. Times are seconds, sizes bytes, rate
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +46,11 @@ class Calibration:
     link_util_max: float = 0.6  # KV links are FIFO servers: the LP loads them at most this much, and TTFT
     # pays the M/G/1 mean wait at that load
     ttft_miss_share: float = 0.5  # share of the miss budget (1 - attainment) planned for TTFT; TPOT gets the rest
+    # How the replicas move a compressed KV cache (their --kv-stream-runs and --kv-stream-early defaults): in
+    # runs of consecutive layers, each sent as soon as the prefill's forward pass has computed it
+    # (`streamed_transfer_after`); `none` goes as one payload after the pass.
+    kv_runs: int = 4
+    kv_stream_early: bool = True
 
 
 DEFAULT_CALIBRATION = Calibration()
@@ -440,3 +446,33 @@ def kv_transfer_bytes(model: ModelSpec, tokens: float, layers: int, codec: str =
 def kv_transfer_time(model: ModelSpec, tokens: float, layers: int, gbps: float, codec: str = "none",
                      calib: Calibration = DEFAULT_CALIBRATION) -> float:
     return transfer_time(kv_transfer_bytes(model, tokens, layers, codec), gbps, calib)
+
+
+def run_layers(model: ModelSpec, ranges: Sequence[tuple[int, int]], codec: str,
+               calib: Calibration = DEFAULT_CALIBRATION) -> list[tuple[float, int]]:
+    """A link's share of a streamed KV transfer, run by run: (fraction of the forward pass done when the
+    run is ready, layers of `ranges` in it), for the runs the replicas cut the model's layers into. One
+    run, ready at the pass's end, when the KV moves after the pass (`none`, or early streaming off)."""
+    total = sum(b - a for a, b in ranges)
+    if codec == "none" or not calib.kv_stream_early or calib.kv_runs <= 1:
+        return [(1.0, total)]
+    n, runs = model.layers, min(calib.kv_runs, model.layers)
+    cuts = [n * i // runs for i in range(runs + 1)]
+    out = []
+    for lo, hi in zip(cuts, cuts[1:], strict=False):
+        k = sum(max(0, min(b, hi) - max(a, lo)) for a, b in ranges)
+        if k:
+            out.append((hi / n, k))  # ready once the pass has computed the run's last layer
+    return out
+
+
+def streamed_transfer_after(model: ModelSpec, tokens: float, runs: Sequence[tuple[float, int]], gbps: float,
+                            codec: str, latency: float, calib: Calibration = DEFAULT_CALIBRATION,
+                            link_free: float = -math.inf) -> float:
+    """When a streamed KV transfer has landed, relative to the end of its prefill's forward pass (of
+    `latency` s): each run (`run_layers`) goes once ready and once the link (free from `link_free`, on
+    the same clock) has sent the runs before it."""
+    t = link_free
+    for done, layers in runs:
+        t = max(t, latency * (done - 1.0)) + kv_transfer_time(model, tokens, layers, gbps, codec, calib)
+    return t

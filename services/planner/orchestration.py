@@ -21,6 +21,7 @@ and the prefill->decode routing matrix.
 from __future__ import annotations
 
 import bisect
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -110,34 +111,36 @@ def route_metrics(cluster: Cluster, model: ModelSpec, workload: Workload, p: Rep
         breaks (`transfer_miss`: short outputs behind a slow link) come out of the route's miss budget;
       * from the decode side once the KV has landed (`first_from_decode`): TTFT budget = SLO - latency
         - transfer (+ link wait), TPOT untouched - better when short outputs cross a slow link."""
-    layers: dict[tuple[str, str], int] = {}
+    ranges: dict[tuple[str, str], list[tuple[int, int]]] = {}
     for na, a0, a1 in p.layer_map:
         for nb, b0, b1 in d.layer_map:
-            ov = min(a1, b1) - max(a0, b0)
-            if ov > 0:
-                key = _pair(na, nb)
-                layers[key] = layers.get(key, 0) + ov
+            if min(a1, b1) > max(a0, b0):
+                ranges.setdefault(_pair(na, nb), []).append((max(a0, b0), min(a1, b1)))
     t = 0.0
     link_bytes = []
     pts = workload.prompt_points if p.latencies else ()
-    tx = [0.0] * len(pts)  # KV transfer time of each prompt point (node pairs in parallel)
-    t_wait = 0.0  # the link wait of the prompt_q transfer (no prompt points)
+    tx = [0.0] * len(pts)  # each prompt point's KV arrival after its prefill's end (node pairs in parallel)
+    t_wait = 0.0  # the same for the prompt_q transfer, link wait included (no prompt points)
     rho_l = calib.link_util_max
-    for (a, b), n in sorted(layers.items()):
+    for (a, b), spans in sorted(ranges.items()):
+        n = sum(hi - lo for lo, hi in spans)
         gbps = cluster.gbps(a, b)
-        tq = cm.kv_transfer_time(model, workload.prompt_q, n, gbps, codec, calib)
-        t = max(t, tq)
+        after = functools.partial(cm.streamed_transfer_after, model, runs=cm.run_layers(model, spans, codec, calib),
+                                  gbps=gbps, codec=codec, calib=calib)  # (tokens, latency=...): what is left
+        # of the transfer after the prefill (the runs stream during the pass)
+        tq = cm.kv_transfer_time(model, workload.prompt_q, n, gbps, codec, calib)  # the link's busy time
+        t = max(t, after(workload.prompt_q, latency=p.latency))
         times = [cm.kv_transfer_time(model, x, n, gbps, codec, calib) for x in pts]
         if times and rho_l < 1:  # queueing on the link (FIFO) at the LP's load cap: M/G/1 mean wait
             t1 = sum(times) / len(times)
             wait = cm.mg1_wait(rho_l / t1, t1, sum(x * x for x in times) / len(times))
-            for i, x in enumerate(times):
-                tx[i] = max(tx[i], x + wait)
+            for i, x in enumerate(pts):
+                tx[i] = max(tx[i], after(x, latency=p.latencies[i]) + wait)
         elif rho_l < 1:
-            t_wait = max(t_wait, tq + cm.mg1_wait(rho_l / tq, tq, tq * tq))
+            t_wait = max(t_wait, after(workload.prompt_q, latency=p.latency) + cm.mg1_wait(rho_l / tq, tq, tq * tq))
         link_bytes.append(((a, b), cm.kv_transfer_bytes(model, workload.prompt_mean, n, codec)))
     target = cm.split_attainment(workload.attainment, calib.ttft_miss_share)
-    miss = transfer_miss(tx if pts else ([t_wait or t] if layers else []), workload.tpot_slo, d.tpot,
+    miss = transfer_miss(tx if pts else ([t_wait or t] if ranges else []), workload.tpot_slo, d.tpot,
                          workload.output_points)
     s2 = p.service2 if p.service2 > 0 else p.service * p.service
     if target + miss >= 1.0:
@@ -147,7 +150,7 @@ def route_metrics(cluster: Cluster, model: ModelSpec, workload: Workload, p: Rep
                                        target + miss)
     else:
         cap = cm.prefill_capacity(p.latency, p.service, workload.ttft_slo, 0.0, target + miss, s2)
-    if miss > 0:  # the first token could instead wait for the KV: TTFT pays the transfer
+    if miss > 0:  # the first token could instead wait for the KV: TTFT pays what is left of the transfer
         if pts:
             hold = cm.prefill_capacity_dist([workload.ttft_slo - lat - x for lat, x in zip(p.latencies, tx,
                                                                                           strict=True)],

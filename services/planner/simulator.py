@@ -386,10 +386,10 @@ class _DecodeServer:
 
 
 class _PrefillServer:
-    """FIFO prefill queue; `done(batch, t_end)` receives each batch when its last stage finishes."""
+    """FIFO prefill queue; `done(batch, latency)` receives each batch when its last stage finishes."""
 
     def __init__(self, eng: _Engine, model: ModelSpec, hw: list[cm.StageHW], cfg: SimConfig, calib: cm.Calibration,
-                 done: Callable[[list[RequestResult]], None]):
+                 done: Callable[[list[RequestResult], float], None]):
         self.eng, self.model, self.hw, self.cfg, self.calib, self.done = eng, model, hw, cfg, calib, done
         self.queue: deque[RequestResult] = deque()
         self.busy = False
@@ -416,7 +416,7 @@ class _PrefillServer:
         batch = self._take()
         service, latency = prefill_batch_times(self.model, self.hw, [r.prompt for r in batch], self.calib)
         now = self.eng.now
-        self.eng.at(now + latency, lambda: self.done(batch))
+        self.eng.at(now + latency, lambda: self.done(batch, latency))
         self.eng.at(now + service, self._start)
 
 
@@ -550,7 +550,7 @@ class _ChunkedColocatedServer:
 
 @dataclass
 class _Route:
-    pieces: list[tuple[tuple[str, str], float]]  # node pair -> KV bytes per prompt token (after the codec)
+    pieces: list[tuple[tuple[str, str], list[tuple[float, int]]]]  # node pair -> its runs (`costmodel.run_layers`)
 
 
 class Simulator:
@@ -600,17 +600,16 @@ class Simulator:
         return {k: v / tot for k, v in w.items()}
 
     def _route(self, p: Replica, d: Replica) -> _Route:
-        per_layer = self.model.kv_bytes_per_token_layer * cm.CODEC_RATIO[self.codec]
-        layers: dict[tuple[str, str], int] = {}
+        ranges: dict[tuple[str, str], list[tuple[int, int]]] = {}
         for sa in p.stages:
             for sb in d.stages:
-                ov = min(sa.layer_end, sb.layer_end) - max(sa.layer_start, sb.layer_start)
-                if ov > 0:
+                lo, hi = max(sa.layer_start, sb.layer_start), min(sa.layer_end, sb.layer_end)
+                if hi > lo:
                     na = sa.node or sa.gpus[0].split(":", 1)[0]
                     nb = sb.node or sb.gpus[0].split(":", 1)[0]
-                    key = (na, nb) if na <= nb else (nb, na)
-                    layers[key] = layers.get(key, 0) + ov
-        return _Route([(k, n * per_layer) for k, n in sorted(layers.items())])
+                    ranges.setdefault((na, nb) if na <= nb else (nb, na), []).append((lo, hi))
+        return _Route([(k, cm.run_layers(self.model, spans, self.codec, self.calib))
+                       for k, spans in sorted(ranges.items())])
 
     # --- one run -----------------------------------------------------------------------------------
     def run(self, requests: Sequence[Request], seed: int = 0, progress: Progress | None = None) -> SimResult:
@@ -631,22 +630,25 @@ class Simulator:
                 entry[r.id] = colocated(eng, self.model, hw, _DecodeBatch(
                     self.model, hw, cap, self.kv_tokens[r.id], self.calib), self.cfg, self.calib)
 
-        def after_prefill(batch: list[RequestResult]) -> None:
+        def after_prefill(batch: list[RequestResult], latency: float) -> None:
             for r in batch:
-                transfer(r)
+                transfer(r, latency)
 
-        def transfer(r: RequestResult) -> None:
+        def transfer(r: RequestResult, latency: float) -> None:
             # the prefill replica streams the first token before the KV moves (services/prefill/role.py),
             # unless the plan has the route's first token wait for the KV; a request that its first token
-            # ends moves no KV
+            # ends moves no KV. A compressed KV streams run by run during the forward pass (of `latency`
+            # s, ending now): a run goes once computed and once its link is free. (A link idle since
+            # link_free can take a run from before now: nothing else was scheduled on it meanwhile.)
             r.first_token = eng.now
             if r.output <= 1:
                 r.finish = eng.now
                 return
             done = eng.now
-            for key, per_tok in self._routes[r.prefill][r.decode].pieces:
-                start = max(eng.now, link_free.get(key, 0.0))
-                end = start + cm.transfer_time(per_tok * r.prompt, self.cluster.gbps(*key), self.calib)
+            for key, runs in self._routes[r.prefill][r.decode].pieces:
+                free = link_free.get(key, 0.0) - eng.now  # on the clock of `streamed_transfer_after`
+                end = eng.now + cm.streamed_transfer_after(self.model, r.prompt, runs, self.cluster.gbps(*key),
+                                                           self.codec, latency, self.calib, free)
                 link_free[key] = end
                 done = max(done, end)
             r.kv_ready = done

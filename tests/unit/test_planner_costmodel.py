@@ -159,3 +159,26 @@ def test_feasible_layouts_fit_memory(gpu, count, model, phase):
     _check_fits(c, m, w, perf)
     assert sum(s.layers for s in perf.layout.stages) == m.layers
     assert all(s.tp == len(s.gpus) for s in perf.layout.stages)
+
+
+def test_a_streamed_transfer_leaves_only_its_tail_after_the_pass():
+    """The replicas stream a compressed KV in runs during the forward pass (`run_layers`,
+    `streamed_transfer_after`): run j of 4 is ready at j/4 of the pass and goes once the link has sent
+    the run before it. By hand, on TINY (4 layers, one per run) with an ideal link."""
+    early, late = IDEAL, cm.Calibration(**{**IDEAL.__dict__, "kv_stream_early": False})
+    assert cm.run_layers(TINY, [(0, 4)], "int4", early) == [(0.25, 1), (0.5, 1), (0.75, 1), (1.0, 1)]
+    assert cm.run_layers(TINY, [(1, 3)], "int4", early) == [(0.5, 1), (0.75, 1)]  # a link's share only
+    assert cm.run_layers(TINY, [(0, 4)], "none", early) == [(1.0, 4)]  # `none` goes after the pass
+    assert cm.run_layers(TINY, [(0, 4)], "int4", late) == [(1.0, 4)]
+    one = cm.kv_transfer_time(TINY, 1000, 1, 10, "int4", IDEAL)  # a run's time on the link
+    runs = cm.run_layers(TINY, [(0, 4)], "int4", early)
+    # a slow pass (each run waits for the pass): only the last run is left after it
+    assert cm.streamed_transfer_after(TINY, 1000, runs, 10, "int4", 100 * one, IDEAL) == pytest.approx(one)
+    # a pass too quick to matter: the whole chain, as if sent after it
+    assert cm.streamed_transfer_after(TINY, 1000, runs, 10, "int4", 0.0, IDEAL) == pytest.approx(4 * one)
+    # in between (pass = 2 runs' time): ready at -1.5, -1, -0.5, 0 runs' time, sent over -1.5 .. +2.5
+    assert cm.streamed_transfer_after(TINY, 1000, runs, 10, "int4", 2 * one, IDEAL) == pytest.approx(2.5 * one)
+    assert cm.streamed_transfer_after(TINY, 1000, runs, 10, "int4", 1 * one, IDEAL) == pytest.approx(3.25 * one)
+    # a link busy until 2 runs' time after the pass's end: everything waits for it
+    assert cm.streamed_transfer_after(TINY, 1000, runs, 10, "int4", 100 * one, IDEAL,
+                                      link_free=2 * one) == pytest.approx(6 * one)

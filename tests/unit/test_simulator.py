@@ -143,19 +143,32 @@ def test_overload_fails_slos_and_queue_drains():
     assert res.min_slo_scale() > 1
 
 
-def test_codec_shortens_kv_transfer_over_a_slow_link():
+@pytest.mark.parametrize("early", [False, True])
+def test_codec_shortens_kv_transfer_over_a_slow_link(early: bool):
     """Prefill on node a, decode on node b over 10 Gbit/s: int4 brings the KV (and every token after
-    the first) earlier by the saved transfer time; TTFT does not wait for the KV either way."""
+    the first) earlier; TTFT does not wait for the KV either way. Moved after the pass, by the saved
+    transfer time. Streamed during the pass (the replicas' default), in 4 runs of a quarter of the
+    layers each, a run leaving once the pass has computed it and the run before it has gone: only
+    what is left of the chain at the pass's end delays the second token."""
+    calib = cm.Calibration(kv_stream_early=early)
     out, ttft = {}, {}
     for codec in ("none", "int4"):
         # a loose TPOT SLO: a 1 s transfer ahead of 7 tokens must not make the route unservable
         plan, _ = _plan(8, cluster=TWO_NODES, groups=(["a:0"], ["b:0"]), codec=codec, ttft=5.0, tpot=1.0)
         assert plan.kv_codec == codec
-        sim = Simulator(plan, TWO_NODES, MODEL, SLO(5, 1.0), config=ONE)
+        sim = Simulator(plan, TWO_NODES, MODEL, SLO(5, 1.0), calib=calib, config=ONE)
         r = sim.run(trace_requests([0.0], [2048], [8])).requests[0]
         out[codec], ttft[codec] = r.finish, r.ttft
-    saved = (cm.kv_transfer_time(MODEL, 2048, MODEL.layers, 10, "none")
-             - cm.kv_transfer_time(MODEL, 2048, MODEL.layers, 10, "int4"))
+    left = cm.kv_transfer_time(MODEL, 2048, MODEL.layers, 10, "int4")  # after the pass
+    if early:
+        latency = ttft["int4"]  # the first token leaves at the pass's end
+        quarter = cm.kv_transfer_time(MODEL, 2048, MODEL.layers // 4, 10, "int4")
+        t = 0.0
+        for j in range(1, 5):
+            t = max(t, latency * j / 4) + quarter
+        left = t - latency
+        assert quarter <= left < cm.kv_transfer_time(MODEL, 2048, MODEL.layers, 10, "int4")
+    saved = cm.kv_transfer_time(MODEL, 2048, MODEL.layers, 10, "none") - left
     assert ttft["none"] == pytest.approx(ttft["int4"], rel=1e-12)
     assert out["none"] - out["int4"] == pytest.approx(saved, rel=1e-6)
 
