@@ -6,7 +6,8 @@ What it models, per replica phase:
     pipelined) and finishes after its latency (all stages + hand-offs) - the cost model's S and L;
   * KV transfer: layer l's KV goes from the node holding l on the prefill replica to the node holding it
     on the decode replica, compressed by the plan's codec; every node pair's link is a FIFO server, so
-    transfers queue behind each other (the LP only bounds their mean bandwidth);
+    transfers queue behind each other (the LP only bounds their mean bandwidth); a compressed KV goes in
+    runs during the prefill's forward pass, as the replicas send it (`costmodel.streamed_transfer_after`);
   * decode replicas: continuous batching; a sequence joins at a step boundary when the batch is below
     its cap (the plan's `max_sequences`) and its KV (prompt + output tokens) fits the free KV memory;
     one step costs `decode_step_time` at the batch's current mean context;
