@@ -92,15 +92,17 @@ async def _first_token_while_decode_paused(cluster, client: Client, pause_s: flo
     return early, tokens
 
 
-async def test_plan_decides_which_replica_streams_the_first_token(tiny_cluster, capsys):
+# int4: the KV streams during the prefill's pass (an early handoff), the first token after it on the channel
+@pytest.mark.parametrize("codec", ["none", "int4"])
+async def test_plan_decides_which_replica_streams_the_first_token(tiny_cluster, capsys, codec):
     replicas = [Replica("prefill-0", "prefill", ["h:0"]), Replica("decode-0", "decode", ["h:1"])]
     async with Client(tiny_cluster.nats_url, timeout_s=60) as client:
         await client.complete("warm up the channel pair", max_tokens=3)
-        await _publish_and_wait(tiny_cluster, Plan(replicas=replicas, epoch=11, kv_codec="none"), capsys)
+        await _publish_and_wait(tiny_cluster, Plan(replicas=replicas, epoch=11, kv_codec=codec), capsys)
         early, streamed = await _first_token_while_decode_paused(tiny_cluster, client)
         assert early  # the prefill replica streams it without waiting for decode
 
-        held_plan = Plan(replicas=replicas, epoch=12, kv_codec="none",
+        held_plan = Plan(replicas=replicas, epoch=12, kv_codec=codec,
                          first_token_from_decode=["prefill-0->decode-0"])
         await _publish_and_wait(tiny_cluster, held_plan, capsys)
         early, held = await _first_token_while_decode_paused(tiny_cluster, client)
