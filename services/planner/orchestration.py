@@ -129,7 +129,8 @@ def route_metrics(cluster: Cluster, model: ModelSpec, workload: Workload, p: Rep
                                   gbps=gbps, codec=codec, calib=calib)  # (tokens, latency=...): what is left
         # of the transfer after the prefill (the runs stream during the pass)
         tq = cm.kv_transfer_time(model, workload.prompt_q, n, gbps, codec, calib)  # the link's busy time
-        t = max(t, after(workload.prompt_q, latency=p.latency))
+        aq = after(workload.prompt_q, latency=p.latency)
+        t = max(t, aq)
         times = [cm.kv_transfer_time(model, x, n, gbps, codec, calib) for x in pts]
         if times and rho_l < 1:  # queueing on the link (FIFO) at the LP's load cap: M/G/1 mean wait
             t1 = sum(times) / len(times)
@@ -137,7 +138,7 @@ def route_metrics(cluster: Cluster, model: ModelSpec, workload: Workload, p: Rep
             for i, x in enumerate(pts):
                 tx[i] = max(tx[i], after(x, latency=p.latencies[i]) + wait)
         elif rho_l < 1:
-            t_wait = max(t_wait, after(workload.prompt_q, latency=p.latency) + cm.mg1_wait(rho_l / tq, tq, tq * tq))
+            t_wait = max(t_wait, aq + cm.mg1_wait(rho_l / tq, tq, tq * tq))
         link_bytes.append(((a, b), cm.kv_transfer_bytes(model, workload.prompt_mean, n, codec)))
     target = cm.split_attainment(workload.attainment, calib.ttft_miss_share)
     miss = transfer_miss(tx if pts else ([t_wait or t] if ranges else []), workload.tpot_slo, d.tpot,

@@ -245,31 +245,15 @@ class PrefillRole:
                 payload.finish(FirstToken(request.request_id, first_chunk.token_ids[0], first_here, first_logprob))
                 await sending
                 return
-            handoff = KVHandoff(
-                request_id=request.request_id,
-                prefill_replica=self.host.replica_id,
-                pair_id=pair.pair_id,
-                tag=pair.next_tag(PART_TAGS * manifest["runs"] if "runs" in manifest else 1),
-                prompt_token_ids=request.prompt_token_ids,
-                first_token_id=first_chunk.token_ids[0],
-                sampling=request.sampling,
-                reply_subject=request.reply_subject,
-                kv_manifest=manifest,
-                first_chunk_sent=first_here,
-                resume_token_ids=request.resume_token_ids,
-                first_logprob=first_logprob,
-            )
-            await self.host.nc.publish(
-                self.host.subjects.decode(request.decode_replica),
-                protocol.encode(handoff),
-                headers=span.headers,
-            )
+            tag = pair.next_tag(PART_TAGS * manifest["runs"] if "runs" in manifest else 1)
+            await self._publish_handoff(request, pair, tag, manifest, span, first_token_id=first_chunk.token_ids[0],
+                                        first_chunk_sent=first_here, first_logprob=first_logprob)
             if "runs" in manifest:
-                await loop.run_in_executor(self.host.channel_executor, self._stream, pair, payload, handoff.tag,
+                await loop.run_in_executor(self.host.channel_executor, self._stream, pair, payload, tag,
                                            manifest["codec"], span)
             else:
                 send = span.child("kv.send", bytes=int(payload.numel()))
-                await loop.run_in_executor(self.host.channel_executor, pair.send, payload, handoff.tag)
+                await loop.run_in_executor(self.host.channel_executor, pair.send, payload, tag)
                 send.end()
         except (ChannelError, Exception) as exc:
             span.attributes["error"] = str(exc)
@@ -288,23 +272,19 @@ class PrefillRole:
             started.cancel()
             return None
         tag = pair.next_tag(PART_TAGS * (int(early.head["runs"]) + 1))  # the runs, then the first token
-        handoff = KVHandoff(
-            request_id=request.request_id,
-            prefill_replica=self.host.replica_id,
-            pair_id=pair.pair_id,
-            tag=tag,
-            prompt_token_ids=request.prompt_token_ids,
-            first_token_id=-1,
-            sampling=request.sampling,
-            reply_subject=request.reply_subject,
-            kv_manifest=early.head,
-            resume_token_ids=request.resume_token_ids,
-            first_token_later=True,
-        )
-        await self.host.nc.publish(self.host.subjects.decode(request.decode_replica), protocol.encode(handoff),
-                                   headers=span.headers)
+        await self._publish_handoff(request, pair, tag, early.head, span, first_token_id=-1, first_token_later=True)
         loop.run_in_executor(self.host.channel_executor, early.encode)
         return loop.run_in_executor(self.host.channel_executor, early.send, pair, tag)
+
+    async def _publish_handoff(self, request: PrefillRequest, pair: ChannelPair, tag: int, manifest: dict,
+                               span: tracing.Span, **first) -> None:
+        """The `KVHandoff` to the request's decode replica; `first`: its first-token fields."""
+        handoff = KVHandoff(request_id=request.request_id, prefill_replica=self.host.replica_id, pair_id=pair.pair_id,
+                            tag=tag, prompt_token_ids=request.prompt_token_ids, sampling=request.sampling,
+                            reply_subject=request.reply_subject, kv_manifest=manifest,
+                            resume_token_ids=request.resume_token_ids, **first)
+        await self.host.nc.publish(self.host.subjects.decode(request.decode_replica), protocol.encode(handoff),
+                                   headers=span.headers)
 
     @staticmethod
     async def _quietly(sending: asyncio.Future | None) -> None:
@@ -330,9 +310,14 @@ class PrefillRole:
                 and request.request_id not in self._aborted):
             return None
         feed = LayerFeed(self.engine.num_layers)
-        head, runs = pack_runs(codec, feed, model=self.engine.name, rebuild=self.engine.rebuilds_first_layer,
-                               runs=self.host.kv_runs, threads=self.host.codec_threads)
+        head, runs = self._pack_runs(codec, feed)
         return _EarlyRuns(request.request_id, codec, feed, head, runs, span, asyncio.get_running_loop())
+
+    def _pack_runs(self, codec: KVCodec, layers):
+        """`pack_runs` with this replica's settings; the decode replica (same model) rebuilds the first
+        layer from the token ids, if the engine can."""
+        return pack_runs(codec, layers, model=self.engine.name, rebuild=self.engine.rebuilds_first_layer,
+                         runs=self.host.kv_runs, threads=self.host.codec_threads)
 
     def _compute(self, request: PrefillRequest, span: tracing.Span, early: _EarlyRuns | None = None):
         """Model thread: prefill, choose the first token, compress the KV (child spans of `span`).
@@ -379,16 +364,14 @@ class PrefillRole:
             if early is not None:
                 return early, early.head, first_chunk
             codec = self._codec_for(request)
-            # The decode replica (same model) rebuilds the first layer from the token ids, if the engine can.
-            rebuild, threads = self.engine.rebuilds_first_layer, self.host.codec_threads
             if self.host.kv_runs > 1 and codec.name != "none":
                 # streamed: the channel thread encodes each run and sends it while the decode replica
                 # decodes the one before (`_stream`); `none` has nothing to overlap
-                head, runs = pack_runs(codec, result.kv, model=self.engine.name, rebuild=rebuild,
-                                       runs=self.host.kv_runs, threads=threads)
+                head, runs = self._pack_runs(codec, result.kv)
                 return runs, head, first_chunk
             encode = span.child("kv.encode", codec=codec.name)
-            payload, manifest = pack_cache(codec, result.kv, model=self.engine.name, rebuild=rebuild, threads=threads)
+            payload, manifest = pack_cache(codec, result.kv, model=self.engine.name,
+                                           rebuild=self.engine.rebuilds_first_layer, threads=self.host.codec_threads)
             encode.end(bytes=int(payload.numel()))
             return payload, manifest, first_chunk
         finally:
