@@ -1,22 +1,24 @@
 """Where a request's time goes, hop by hop, from the spans the services record.
 
     python benchmarks/backbone_trace.py [--model smollm2] [--requests 12] [--prompt-tokens 32 512 1500]
-                                        [--max-tokens 32] [--kv-codec int4] [--stream-runs 1] [--no-plot]
+                                        [--max-tokens 32] [--kv-codec int4] [--stream-runs 1] [--prefill 1]
+                                        [--no-plot]
 
-A local deployment (1 prefill + 1 decode replica, one thread each) runs with THUNDERSERVE_TRACE_DIR
-set, so the router, the prefill replica and the decode replica record every request's spans
-(libs/common/tracing.py). The benchmark sends `--requests` requests one after another for each
-prompt length (greedy, `--max-tokens`), then reads the spans back. Per prompt length it reports
-the median and p90 of each span: router.request (the whole request), prefill.request and its
-children prefill.forward, kv.encode, kv.send, decode.request and its children kv.receive and
-kv.decode, and "queue": prefill.request's start to prefill.forward's start (waiting for the model
-thread; the first request of a pair also sets up the KV channel), and "hop": the end of
-prefill.forward to the end of kv.decode, what the KV move adds before the second token. Requests go
-one at a time, so no span waits on another request. A compressed cache is streamed in runs by
-default (the replicas' `--kv-stream-runs`); then kv.encode and kv.send cover the same interleaved
-stretch, as do kv.receive and kv.decode, and the stacked bars count it twice: the default
-`--stream-runs 1` sends one payload, so each span is its own step. Streamed runs travel during the
-forward pass (the replicas' `--kv-stream-early`), so their spans overlap it too;
+A local deployment (`--prefill` prefill replicas + 1 decode replica, one thread each) runs with
+THUNDERSERVE_TRACE_DIR set, so the router, the prefill replicas and the decode replica record every
+request's spans (libs/common/tracing.py). The benchmark sends `--requests` requests one after another
+for each prompt length (greedy, `--max-tokens`; with `--prefill N`, N at a time, so that each prefill
+replica has one and their KV caches come to the decode replica together), then reads the spans back.
+Per prompt length it reports the median and p90 of each span: router.request (the whole request),
+prefill.request and its children prefill.forward, kv.encode, kv.send, decode.request and its children
+kv.receive and kv.decode, and "queue": prefill.request's start to prefill.forward's start (waiting for
+the model thread; the first request of a pair also sets up the KV channel), and "hop": the end of
+prefill.forward to the end of kv.decode, what the KV move adds before the second token. With one
+prefill replica, requests go one at a time, so no span waits on another request. A compressed cache
+is streamed in runs by default (the replicas' `--kv-stream-runs`); then kv.encode and kv.send cover
+the same interleaved stretch, as do kv.receive and kv.decode, and the stacked bars count it twice:
+the default `--stream-runs 1` sends one payload, so each span is its own step. Streamed runs travel
+during the forward pass (the replicas' `--kv-stream-early`), so their spans overlap it too;
 THUNDERSERVE_KV_STREAM_EARLY=0 moves them after it. Prints JSON; writes docs/backbone_trace.png (a
 stacked bar per prompt length) unless --no-plot.
 """
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 from backbone_common import finish, host_info, median, percentile, progress, prompt_text, r, save_plot
@@ -55,18 +58,22 @@ def _breakdown(trees: list[dict[str, dict]]) -> dict[str, dict[str, float]]:
 
 def _run(cluster: LocalCluster, args, trace_dir: str, tokenizer) -> list[dict]:
     rows = []
-    with httpx.Client(timeout=300) as http:
+    with httpx.Client(timeout=300) as http, ThreadPoolExecutor(args.prefill) as pool:
+
+        def send(n: int, salt: int) -> str:
+            parent = tracing.new_traceparent()
+            body = {"prompt": prompt_text(tokenizer, n, salt=salt), "max_tokens": args.max_tokens,
+                    "temperature": 0, "ignore_eos": True}
+            resp = http.post(cluster.http_url + "/v1/completions", json=body, headers={"traceparent": parent})
+            resp.raise_for_status()
+            return tracing.trace_id(parent)
+
         for n in args.prompt_tokens:
             ids = []
-            for i in range(args.requests + 1):  # the first is a warm-up, not counted
-                parent = tracing.new_traceparent()
-                body = {"prompt": prompt_text(tokenizer, n, salt=i), "max_tokens": args.max_tokens,
-                        "temperature": 0, "ignore_eos": True}
-                resp = http.post(cluster.http_url + "/v1/completions", json=body,
-                                 headers={"traceparent": parent})
-                resp.raise_for_status()
+            for i in range(args.requests + 1):  # the first round is a warm-up, not counted
+                sent = list(pool.map(send, [n] * args.prefill, range(i * args.prefill, (i + 1) * args.prefill)))
                 if i:
-                    ids.append(tracing.trace_id(parent))
+                    ids += sent
             time.sleep(0.5)  # let the last spans reach their files
             spans = tracing.read_spans(trace_dir)
             trees = []
@@ -114,14 +121,17 @@ def main() -> None:
     p.add_argument("--kv-codec", default="int4", choices=codec_names(), help="KV codec (default int4)")
     p.add_argument("--stream-runs", type=int, default=1,
                    help="the replicas' --kv-stream-runs (default 1: one payload, each span its own step)")
+    p.add_argument("--prefill", type=int, default=1,
+                   help="prefill replicas (default 1); requests go this many at a time")
     p.add_argument("--no-plot", action="store_true", help="do not write docs/backbone_trace.png")
     args = p.parse_args()
-    if args.requests < 1 or args.max_tokens < 2 or min(args.prompt_tokens) < 1:
-        p.error("--requests >= 1, --max-tokens >= 2 and prompt lengths >= 1")
+    if args.requests < 1 or args.max_tokens < 2 or min(args.prompt_tokens) < 1 or args.prefill < 1:
+        p.error("--requests >= 1, --max-tokens >= 2, --prefill >= 1 and prompt lengths >= 1")
     info = host_info()
     trace_dir = tempfile.mkdtemp(prefix="thunderserve-spans-")
-    progress(f"starting {args.model}: 1 prefill + 1 decode replica, spans in {trace_dir}")
-    cluster = LocalCluster(model=args.model, kv_codec=args.kv_codec, threads_per_replica=1, log_level="WARNING",
+    progress(f"starting {args.model}: {args.prefill} prefill + 1 decode replica, spans in {trace_dir}")
+    cluster = LocalCluster(model=args.model, prefill=args.prefill, kv_codec=args.kv_codec, threads_per_replica=1,
+                           log_level="WARNING",
                            extra_env={tracing.TRACE_DIR_ENV: trace_dir,
                                       "THUNDERSERVE_KV_STREAM_RUNS": str(args.stream_runs)}).start()
     try:
@@ -129,7 +139,8 @@ def main() -> None:
     finally:
         cluster.stop()
     result = {"benchmark": "backbone_trace", "model": args.model, "host": info, "kv_codec": args.kv_codec,
-              "stream_runs": args.stream_runs, "max_tokens": args.max_tokens, "trace_dir": trace_dir, "rows": rows}
+              "stream_runs": args.stream_runs, "prefill_replicas": args.prefill, "max_tokens": args.max_tokens,
+              "trace_dir": trace_dir, "rows": rows}
     finish(result, "backbone_trace", plot, args.no_plot)
 
 

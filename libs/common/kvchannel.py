@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import select
 import socket
 import struct
 import threading
@@ -47,6 +48,7 @@ TAG_BITS = 3  # sub-tags per transfer: tag << TAG_BITS | part
 BACKENDS = ("tcp", "gloo", "nccl")
 DEFAULT_BACKEND = "tcp"
 _SOCKET_PORT_KEY = "kvsock/port"  # where the decode side's socket listener is, in its store
+CANCEL_POLL_S = 0.2  # how often a cancellable wait looks at its cancel event
 
 
 def split_points(nbytes: int) -> list[tuple[int, int]]:
@@ -58,6 +60,11 @@ def split_points(nbytes: int) -> list[tuple[int, int]]:
 
 class ChannelError(RuntimeError):
     """A transfer failed: the peer died, the pair broke, or a wait timed out."""
+
+
+class ChannelCancelled(ChannelError):
+    """A wait was called off (its `cancel` event was set) before its payload began to arrive; the
+    pair is intact."""
 
 
 def _make_group(store: dist.Store, pair_id: str, rank: int, host: str, timeout_s: float, backend: str):
@@ -103,10 +110,11 @@ class ChannelPair:
         raise NotImplementedError
 
     def recv(self, nbytes: int, tag: int, device: str = "cpu", out: torch.Tensor | None = None,
-             wait_s: float | None = None) -> torch.Tensor:
+             wait_s: float | None = None, cancel: threading.Event | None = None) -> torch.Tensor:
         """Receive the payload sent with `tag`; into `out` (a flat uint8 buffer of >= nbytes) when given.
         `wait_s`: how long to wait for it to start coming, where the transport allows more than the
-        pair's timeout (`waits_longer`)."""
+        pair's timeout (`waits_longer`). `cancel`: once set, a wait that has not begun receiving ends
+        with `ChannelCancelled` (where the transport can stop between payloads: `waits_longer`)."""
         raise NotImplementedError
 
     waits_longer = False  # whether recv's `wait_s` can exceed the pair's timeout
@@ -133,7 +141,7 @@ class DistPair(ChannelPair):
                            for i, (a, b) in enumerate(split_points(flat.numel()))], "send")
 
     def recv(self, nbytes: int, tag: int, device: str = "cpu", out: torch.Tensor | None = None,
-             wait_s: float | None = None) -> torch.Tensor:
+             wait_s: float | None = None, cancel: threading.Event | None = None) -> torch.Tensor:
         buf = torch.empty(nbytes, dtype=torch.uint8, device=device) if out is None else out[:nbytes]
         self._run(lambda: [self.group.recv([buf[a:b]], self.peer, (tag << TAG_BITS) | i)
                            for i, (a, b) in enumerate(split_points(nbytes))], "recv")
@@ -198,7 +206,7 @@ class SocketPair(ChannelPair):
     waits_longer = True  # a wait that ends between payloads leaves the stream intact
 
     def recv(self, nbytes: int, tag: int, device: str = "cpu", out: torch.Tensor | None = None,
-             wait_s: float | None = None) -> torch.Tensor:
+             wait_s: float | None = None, cancel: threading.Event | None = None) -> torch.Tensor:
         buf = torch.empty(nbytes, dtype=torch.uint8) if out is None else out[:nbytes]
         wait_s = self.timeout_s if wait_s is None else max(wait_s, self.timeout_s)
         deadline = time.monotonic() + wait_s
@@ -217,20 +225,27 @@ class SocketPair(ChannelPair):
                 if self.broken:
                     self._waiting.pop(tag, None)
                     self._check()
+                filling = tag in self._filling  # (a buffer being filled must not be let go)
+                if cancel is not None and cancel.is_set() and not filling:
+                    self._waiting.pop(tag, None)
+                    raise ChannelCancelled(f"recv on pair {self.pair_id} called off")
                 if not self._reader:
                     self._reader = True
                     break
                 left = deadline - time.monotonic()
-                if left <= 0 and tag not in self._filling:  # (a buffer being filled must not be let go)
+                if left <= 0 and not filling:
                     self._waiting.pop(tag, None)
                     raise ChannelError(f"recv on pair {self.pair_id} timed out after {wait_s} s")
-                self._cv.wait(max(left, 0.05))
-        return self._read_until(tag, buf, nbytes, deadline)
+                self._cv.wait(max(left, 0.05) if cancel is None else min(max(left, 0.05), CANCEL_POLL_S))
+        return self._read_until(tag, buf, nbytes, deadline, cancel)
 
-    def _read_until(self, tag: int, buf: torch.Tensor, nbytes: int, deadline: float) -> torch.Tensor:
+    def _read_until(self, tag: int, buf: torch.Tensor, nbytes: int, deadline: float,
+                    cancel: threading.Event | None) -> torch.Tensor:
         """As the reader: read payloads off the socket until `tag`'s has arrived."""
         try:
             while True:
+                if cancel is not None:
+                    self._await_header(deadline, cancel)
                 got_tag, size = _HEADER.unpack(self._read_header(deadline))
                 with self._cv:
                     target = self._waiting.pop(got_tag, None)
@@ -258,6 +273,15 @@ class SocketPair(ChannelPair):
             if tag in self._early:  # it came in a size other than expected
                 return self._sized(self._early.pop(tag)[0], nbytes, buf, tag)
         return buf
+
+    def _await_header(self, deadline: float, cancel: threading.Event) -> None:
+        """Between payloads, as the reader: wait for the next header to begin arriving, looking at
+        `cancel` as it waits (a blocked socket read would not)."""
+        while not select.select([self._sock], [], [], CANCEL_POLL_S)[0]:
+            if cancel.is_set():
+                raise ChannelCancelled(f"recv on pair {self.pair_id} called off")
+            if time.monotonic() >= deadline:
+                raise ChannelError(f"recv on pair {self.pair_id} timed out")
 
     def _read_header(self, deadline: float) -> bytes:
         header = bytearray(_HEADER.size)
@@ -338,12 +362,14 @@ def send_parts(pair: ChannelPair, tag: int, parts: Iterator[tuple[torch.Tensor, 
 
 
 def recv_parts(pair: ChannelPair, tag: int, count: int, buffers: BufferPool | None = None,
-               wait_s: float | None = None) -> Iterator[tuple[torch.Tensor, dict]]:
+               wait_s: float | None = None, cancel: threading.Event | None = None,
+               ) -> Iterator[tuple[torch.Tensor, dict]]:
     """The `count` parts `send_parts` sends from tag `tag`, each as it arrives: (payload,
     description). A payload lands in a buffer from `buffers` (give it back when done with it).
-    `wait_s`: how long each part may take to start coming (`ChannelPair.recv`)."""
+    `wait_s` and `cancel`: how long each part may take to start coming, and what calls the wait off
+    (`ChannelPair.recv`)."""
     for ptag in range(tag, tag + PART_TAGS * count, PART_TAGS):
-        size, nbytes = _PART.unpack(pair.recv(_PART.size, ptag, wait_s=wait_s).numpy().tobytes())
+        size, nbytes = _PART.unpack(pair.recv(_PART.size, ptag, wait_s=wait_s, cancel=cancel).numpy().tobytes())
         description = msgpack.unpackb(pair.recv(size, ptag + 1).numpy().tobytes())
         out = buffers.take(nbytes) if buffers is not None else None
         yield pair.recv(nbytes, ptag + 2, out=out), description

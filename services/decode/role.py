@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from thunderserve.common import aio, protocol, tracing
-from thunderserve.common.kvchannel import BACKENDS, detach_from, recv_parts
+from thunderserve.common.kvchannel import BACKENDS, ChannelCancelled, detach_from, recv_parts
 from thunderserve.common.kvcodec import unpack_cache, unpack_runs
 from thunderserve.common.protocol import (
     ConnectReply,
@@ -71,8 +71,12 @@ class DecodeRole:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._receiving = 0
+        self._takes: set[asyncio.Task] = set()  # handoffs being received (drain waits on `_receiving`)
         self._active: dict[str, _Sequence] = {}
         self._aborted: dict[str, None] = {}  # aborted before they joined (ordered, bounded)
+        # Requests whose KV is awaited -> what calls the wait off: an abort (the router gave up on
+        # the prefill, e.g. a frozen one) frees the channel thread instead of holding it for EARLY_WAIT_S.
+        self._awaited: dict[str, threading.Event] = {}
         self._accepting = False
 
     async def start(self) -> None:
@@ -102,6 +106,9 @@ class DecodeRole:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 5)
 
     def abort(self, request_id: str) -> None:
+        awaited = self._awaited.get(request_id)
+        if awaited is not None:
+            awaited.set()
         self._aborts.put(request_id)
         self._wake.set()
 
@@ -138,21 +145,33 @@ class DecodeRole:
         handoff = protocol.decode_or_warn(KVHandoff, msg.data, log)
         if handoff is None:
             return
-        span = tracing.start_span("decode.request", tracing.traceparent_of(msg), request_id=handoff.request_id,
-                                  prefill_replica=handoff.prefill_replica)
+        # Each handoff in a task of its own: NATS runs a subscription's callbacks one at a time, and
+        # an early handoff's KV comes over a whole forward pass, which must not hold up the next one.
         self._receiving += 1
+        task = asyncio.create_task(self._take(handoff, tracing.traceparent_of(msg)))
+        self._takes.add(task)
+        task.add_done_callback(self._takes.discard)
+
+    async def _take(self, handoff: KVHandoff, parent: str | None) -> None:
+        span = tracing.start_span("decode.request", parent, request_id=handoff.request_id,
+                                  prefill_replica=handoff.prefill_replica)
+        cancel = self._awaited[handoff.request_id] = threading.Event()
         try:
-            await self._receive(handoff, span)
+            await self._receive(handoff, span, cancel)
         except _DroppedByPrefill as exc:
             span.end(cancelled=str(exc))
+        except ChannelCancelled:
+            log.info("request %s: aborted while its KV was awaited", handoff.request_id)
+            span.end(cancelled="aborted while its KV was awaited")
         except Exception as exc:
             log.warning("request %s: KV receive failed: %s", handoff.request_id, exc)
             span.end(error=f"KV receive failed: {exc}")
             self._publish_error(handoff, f"KV receive failed: {exc}", span.headers, retryable=True)
         finally:
             self._receiving -= 1
+            self._awaited.pop(handoff.request_id, None)
 
-    async def _receive(self, handoff: KVHandoff, span: tracing.Span) -> None:
+    async def _receive(self, handoff: KVHandoff, span: tracing.Span, cancel: threading.Event) -> None:
         future = self._pairs.get(handoff.pair_id)
         if future is None:
             raise RuntimeError(f"unknown channel pair {handoff.pair_id}")
@@ -169,7 +188,7 @@ class DecodeRole:
             buf = self.channel.buffers.take(nbytes)
             try:
                 recv = span.child("kv.receive", bytes=nbytes)
-                payload = pair.recv(nbytes, handoff.tag, out=buf)
+                payload = pair.recv(nbytes, handoff.tag, out=buf, cancel=cancel)
                 recv.end()
                 unpack = span.child("kv.decode", codec=handoff.kv_manifest.get("codec"))
                 layers = unpack_cache(payload, handoff.kv_manifest, rebuild, threads=self.host.codec_threads)
@@ -190,7 +209,7 @@ class DecodeRole:
             count, wait_s = int(head["runs"]) + later, EARLY_WAIT_S if later else None
 
             def parts():
-                for payload, manifest in recv_parts(pair, handoff.tag, count, self.channel.buffers, wait_s):
+                for payload, manifest in recv_parts(pair, handoff.tag, count, self.channel.buffers, wait_s, cancel):
                     if manifest.get("first_token"):
                         first = protocol.decode(FirstToken, payload.numpy().tobytes())
                         self.channel.buffers.give(payload)

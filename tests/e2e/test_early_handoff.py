@@ -6,13 +6,16 @@ the KV on the channel (`FirstToken`). The decode replica decodes the KV while th
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import time
 
 import nats
 import pytest
 
 from thunderserve.common import protocol, tracing
 from thunderserve.common.client import Client
-from thunderserve.common.protocol import Heartbeat, PrefillRequest, SamplingParams, Subjects, TokenChunk
+from thunderserve.common.protocol import Heartbeat, KVHandoff, PrefillRequest, SamplingParams, Subjects, TokenChunk
 
 pytestmark = pytest.mark.slow
 
@@ -113,3 +116,68 @@ async def test_a_pass_that_fails_after_an_early_handoff_is_dropped_on_both_sides
     dropped = [sp for sp in tracing.read_spans(trace_dir)
                if sp["name"] == "decode.request" and "cancelled" in sp.get("attributes", {})]
     assert [sp["attributes"]["cancelled"] for sp in dropped] == ["the prefill failed"]
+
+
+async def test_handoffs_are_taken_at_once_and_an_abort_frees_the_wait_for_a_frozen_prefill(make_cluster, tmp_path):
+    """Two prefill replicas hand off to one decode replica during their forward passes: it waits for
+    both KV caches at once (NATS runs a subscription's callbacks one at a time, so the second had
+    waited for the first pass to end). Then a prefill replica freezes (SIGSTOP: no heartbeats, no KV)
+    after its early handoff: the router resumes the request on the other replica and aborts the
+    first attempt, and the decode replica stops waiting for the frozen replica's KV at once, where it
+    would otherwise hold a channel thread (and its drain) for EARLY_WAIT_S."""
+    trace_dir = tmp_path / "spans"
+    cluster = make_cluster(model="smollm2", prefill=2, threads_per_replica=1, kv_codec="int4",
+                           extra_env={"THUNDERSERVE_TRACE_DIR": str(trace_dir)})
+    long_prompts = ["Once upon a time " * 250, "The quick brown fox " * 200]  # passes of seconds
+    subjects = Subjects()
+    nc = await nats.connect(cluster.nats_url)
+    frozen = None
+    try:
+        beats: dict[str, Heartbeat] = {}
+
+        async def on_beat(msg):
+            beat = protocol.decode(Heartbeat, msg.data)
+            beats[beat.replica_id] = beat
+
+        await nc.subscribe(subjects.heartbeats, cb=on_beat)
+        for _ in range(100):
+            if sum(b.state == "ready" for b in beats.values()) == 3:
+                break
+            await asyncio.sleep(0.1)
+        decode = next(b.replica_id for b in beats.values() if b.phase == "decode")
+        handoffs: asyncio.Queue = asyncio.Queue()
+
+        async def on_handoff(msg):
+            handoffs.put_nowait(protocol.decode(KVHandoff, msg.data))
+
+        await nc.subscribe(subjects.decode(decode), cb=on_handoff)
+        async with Client(cluster.nats_url, timeout_s=120) as client:
+            both = await asyncio.gather(*(client.complete(p, max_tokens=4, ignore_eos=True, temperature=0)
+                                          for p in long_prompts))
+            assert all(len(done.token_ids) == 4 for done in both)
+            pair = [handoffs.get_nowait() for _ in long_prompts]
+            assert len({h.prefill_replica for h in pair}) == 2 and all(h.first_token_later for h in pair)
+
+            task = asyncio.create_task(client.complete(long_prompts[0], max_tokens=4, ignore_eos=True,
+                                                       temperature=0))
+            first = await asyncio.wait_for(handoffs.get(), 60)
+            assert first.first_token_later
+            frozen = first.prefill_replica
+            os.kill(cluster.procs[frozen].pid, signal.SIGSTOP)  # before its KV is all out
+            done = await asyncio.wait_for(task, 120)
+        assert done.token_ids == both[0].token_ids
+        deadline = time.monotonic() + 10
+        while beats[decode].waiting and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert beats[decode].waiting == 0, "the decode replica still waits for the frozen replica's KV"
+    finally:
+        await nc.close()
+        if frozen is not None:
+            cluster.kill(frozen)  # SIGKILL ends a stopped process too
+    recorded = tracing.read_spans(trace_dir)
+    spans = {sp["attributes"].get("request_id"): sp for sp in recorded if sp["name"] == "decode.request"}
+    receives = {sp["parentSpanId"]: sp for sp in recorded if sp["name"] == "kv.receive"}
+    a, b = (receives[spans[h.request_id]["spanId"]] for h in pair)  # each from its handoff to its last run
+    assert int(a["startTimeUnixNano"]) < int(b["endTimeUnixNano"]) and \
+        int(b["startTimeUnixNano"]) < int(a["endTimeUnixNano"]), "the two KV caches were received one after the other"
+    assert spans[first.request_id]["attributes"].get("cancelled") == "aborted while its KV was awaited"

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
-from thunderserve.common.kvchannel import ChannelClient, ChannelError, ChannelHost, split_points
+from thunderserve.common.kvchannel import ChannelCancelled, ChannelClient, ChannelError, ChannelHost, split_points
 from thunderserve.common.kvcodec import get_codec, pack_cache, unpack_cache
 
 CTX = mp.get_context("spawn")
@@ -191,6 +193,37 @@ def test_a_socket_pair_waits_past_its_timeout_when_asked():
     start = time.monotonic()
     assert bytes(pair.recv(4, 5, wait_s=20).numpy()) == b"late"
     assert 1.5 < time.monotonic() - start < 10 and not pair.broken
+    proc.join(10)
+
+
+def test_a_called_off_wait_ends_at_once_and_leaves_the_stream_intact():
+    """An abort frees a decode replica's channel thread that waits for a frozen prefill's KV: a long
+    wait (`wait_s`) ends soon after its `cancel` is set, whether its thread is the one reading the
+    socket or one waiting its turn, and the pair goes on carrying the next payload."""
+    host = ChannelHost(timeout_s=1)
+    ready = CTX.Event()
+    proc = CTX.Process(target=_late_side, args=(host.endpoint, "pair-off", 3.0, ready))
+    proc.start()
+    assert ready.wait(60), "the sender process did not start"
+    pair = host.accept("pair-off", "tcp")
+    cancels = [threading.Event(), threading.Event()]
+    ended: list[float] = [0.0, 0.0]
+
+    def wait(i: int) -> None:
+        with pytest.raises(ChannelCancelled):
+            pair.recv(4, 9 + i, wait_s=60, cancel=cancels[i])
+        ended[i] = time.monotonic()
+
+    with ThreadPoolExecutor(2) as pool:
+        waits = [pool.submit(wait, i) for i in range(2)]
+        time.sleep(0.5)  # both wait now: one reads the socket, the other waits its turn
+        for i, cancel in enumerate(cancels):
+            called_off = time.monotonic()
+            cancel.set()
+            waits[i].result(timeout=10)
+            assert ended[i] - called_off < 1.0
+    assert not pair.broken
+    assert bytes(pair.recv(4, 5, wait_s=20).numpy()) == b"late"
     proc.join(10)
 
 
