@@ -328,10 +328,16 @@ class SocketPair(ChannelPair):
         return buf
 
     def close(self) -> None:
-        try:
-            self._sock.close()
-        except OSError:
-            pass
+        """End the pair: every transfer waiting on it ends with a ChannelError (a shutdown wakes a blocked
+        read, where a close alone would not)."""
+        with self._cv:
+            self.broken = self.broken or "closed"
+            self._cv.notify_all()
+        for end in (lambda: self._sock.shutdown(socket.SHUT_RDWR), self._sock.close):
+            try:
+                end()
+            except OSError:
+                pass
 
 
 # A streamed transfer sends its parts one after another: per part, a small header (the sizes), the
@@ -418,6 +424,7 @@ class ChannelHost:
         self.buffers = BufferPool()
         self._lock = threading.Condition()
         self._arrived: dict[str, socket.socket] = {}  # pair id -> connection not yet accepted
+        self._closed = False
         self._listener = socket.create_server((self.host, 0))
         self.store.set(_SOCKET_PORT_KEY, str(self._listener.getsockname()[1]))
         threading.Thread(target=self._take_connections, name="kvchannel-listen", daemon=True).start()
@@ -432,8 +439,10 @@ class ChannelHost:
             raise ChannelError(f"unknown channel backend {backend!r} (one of {', '.join(BACKENDS)})")
         if backend == "tcp":
             with self._lock:
-                if not self._lock.wait_for(lambda: pair_id in self._arrived, self.timeout_s):
+                if not self._lock.wait_for(lambda: pair_id in self._arrived or self._closed, self.timeout_s):
                     raise ChannelError(f"pair {pair_id}: the prefill side did not connect within {self.timeout_s} s")
+                if self._closed:
+                    raise ChannelError(f"pair {pair_id}: the channel host closed")
                 sock = self._arrived.pop(pair_id)
             pair: ChannelPair = SocketPair(pair_id, sock, DECODE_RANK, self.timeout_s)
         else:
@@ -452,8 +461,11 @@ class ChannelHost:
             return self.pairs.get(pair_id)
 
     def close(self) -> None:
+        """Stop taking pairs and end those there are; waits for either end at once."""
         self._listener.close()
         with self._lock:
+            self._closed = True
+            self._lock.notify_all()
             for pair in self.pairs.values():
                 if isinstance(pair, SocketPair):
                     pair.close()

@@ -132,12 +132,17 @@ class DecodeRole:
                                       request.backend)
         self._pairs[request.pair_id] = future
         await aio.respond(self.host.nc, msg, protocol.encode(ConnectReply(True)))
-        try:
-            await future
-            log.info("channel pair %s with %s is up", request.pair_id, request.prefill_replica)
-        except Exception as exc:
-            log.warning("channel pair %s failed: %s", request.pair_id, exc)
-            self._pairs.pop(request.pair_id, None)
+
+        def accepted(done: asyncio.Future) -> None:  # (not awaited here: the next connect must not wait on it)
+            if done.cancelled() or done.exception() is not None:
+                log.warning("channel pair %s failed: %s", request.pair_id, "cancelled" if done.cancelled()
+                            else done.exception())
+                if self._pairs.get(request.pair_id) is done:
+                    self._pairs.pop(request.pair_id)
+            else:
+                log.info("channel pair %s with %s is up", request.pair_id, request.prefill_replica)
+
+        future.add_done_callback(accepted)
 
     # --- receiving --------------------------------------------------------------------------
 

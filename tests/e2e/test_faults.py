@@ -222,3 +222,30 @@ async def test_a_dead_replica_is_found_by_a_probe_before_its_heartbeat_timeout(m
         results = await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)
     assert all(r.finish_reason == "length" and len(r.token_ids) == n for r in results)
     assert _resumed(cluster) >= 1
+
+
+async def test_a_peer_that_never_joins_its_channel_pair_holds_up_no_other(tiny_cluster):
+    """A prefill replica asks the decode replica for a channel pair and dies before it connects. The
+    decode replica waits out its channel timeout on that pair (30 s), but the next prefill replica's
+    pair is set up at once: a fresh deployment's first request, which needs one, is served in seconds.
+    Nor does the wait hold up the decode replica's shutdown."""
+    import nats
+
+    from thunderserve.common import protocol
+    from thunderserve.common.protocol import ConnectReply, ConnectRequest, Subjects
+
+    nc = await nats.connect(tiny_cluster.nats_url)
+    try:
+        reply = await nc.request(Subjects().connect("decode-0"),
+                                 protocol.encode(ConnectRequest("prefill-gone", "prefill-gone-0", "tcp")), timeout=10)
+        assert protocol.decode(ConnectReply, reply.data).ok
+    finally:
+        await nc.close()
+    start = time.monotonic()
+    async with Client(tiny_cluster.nats_url, timeout_s=60) as client:
+        done = await client.complete("Prompt 0", max_tokens=4, temperature=0)
+    assert len(done.token_ids) == 4
+    assert time.monotonic() - start < 15, "the new pair waited for the one that never joined"
+    decode, start = tiny_cluster.procs["decode-0"], time.monotonic()
+    tiny_cluster.kill("decode-0", signal.SIGTERM)  # (waits for the process to end)
+    assert decode.returncode == 0 and time.monotonic() - start < 10
