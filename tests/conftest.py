@@ -11,6 +11,13 @@ from thunderserve.common.natsserver import NatsServer
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Slow test files first (in their own order). scripts/test hands each xdist worker one file at a
+    time in this order (`--no-loadscope-reorder`), so the long files start early and the many short
+    ones fill in at the end, where one long file would otherwise run alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def nats_server():
     with NatsServer() as server:

@@ -30,6 +30,22 @@ async def _greedy(cluster, **params) -> list[list[int]]:
     return [d.token_ids for d in done]
 
 
+async def _heartbeats(nc, replicas: int) -> dict[str, Heartbeat]:
+    """Each replica's latest heartbeat by replica id, kept current; returns once `replicas` are ready."""
+    beats: dict[str, Heartbeat] = {}
+
+    async def on_beat(msg):
+        beat = protocol.decode(Heartbeat, msg.data)
+        beats[beat.replica_id] = beat
+
+    await nc.subscribe(Subjects().heartbeats, cb=on_beat)
+    for _ in range(100):
+        if sum(b.state == "ready" for b in beats.values()) == replicas:
+            break
+        await asyncio.sleep(0.1)
+    return beats
+
+
 def _traces(trace_dir) -> dict[str, dict[str, dict]]:
     """Each trace's spans by name (a request's own spans occur once each)."""
     out: dict[str, dict[str, dict]] = {}
@@ -82,17 +98,7 @@ async def test_a_pass_that_fails_after_an_early_handoff_is_dropped_on_both_sides
     subjects = Subjects()
     nc = await nats.connect(cluster.nats_url)
     try:
-        beats: dict[str, Heartbeat] = {}
-
-        async def on_beat(msg):
-            beat = protocol.decode(Heartbeat, msg.data)
-            beats[beat.phase] = beat
-
-        await nc.subscribe(subjects.heartbeats, cb=on_beat)
-        for _ in range(100):
-            if {"prefill", "decode"} <= set(beats):
-                break
-            await asyncio.sleep(0.1)
+        beats = {b.phase: b for b in (await _heartbeats(nc, 2)).values()}
         chunks: asyncio.Queue = asyncio.Queue()
 
         async def on_chunk(msg):
@@ -133,17 +139,7 @@ async def test_handoffs_are_taken_at_once_and_an_abort_frees_the_wait_for_a_froz
     nc = await nats.connect(cluster.nats_url)
     frozen = None
     try:
-        beats: dict[str, Heartbeat] = {}
-
-        async def on_beat(msg):
-            beat = protocol.decode(Heartbeat, msg.data)
-            beats[beat.replica_id] = beat
-
-        await nc.subscribe(subjects.heartbeats, cb=on_beat)
-        for _ in range(100):
-            if sum(b.state == "ready" for b in beats.values()) == 3:
-                break
-            await asyncio.sleep(0.1)
+        beats = await _heartbeats(nc, 3)
         decode = next(b.replica_id for b in beats.values() if b.phase == "decode")
         handoffs: asyncio.Queue = asyncio.Queue()
 

@@ -179,16 +179,21 @@ def _late_side(endpoint: str, pair_id: str, delay_s: float, ready) -> None:
     time.sleep(1.0)
 
 
+def _late_pair(pair_id: str, delay_s: float):
+    """(the decode side's socket pair, the sender process): the sender sends b"late" on tag 5 after `delay_s`."""
+    host = ChannelHost(timeout_s=1)
+    ready = CTX.Event()
+    proc = CTX.Process(target=_late_side, args=(host.endpoint, pair_id, delay_s, ready))
+    proc.start()
+    assert ready.wait(60), "the sender process did not start"
+    return host.accept(pair_id, "tcp"), proc
+
+
 def test_a_socket_pair_waits_past_its_timeout_when_asked():
     """An early KV handoff's decode replica waits for the KV as long as the prefill's forward pass
     takes (`recv(..., wait_s)`): the socket pair reads on past its timeout, between payloads, and
     the stream stays intact."""
-    host = ChannelHost(timeout_s=1)
-    ready = CTX.Event()
-    proc = CTX.Process(target=_late_side, args=(host.endpoint, "pair-late", 2.5, ready))
-    proc.start()
-    assert ready.wait(60), "the sender process did not start"
-    pair = host.accept("pair-late", "tcp")
+    pair, proc = _late_pair("pair-late", 2.5)
     assert pair.waits_longer
     start = time.monotonic()
     assert bytes(pair.recv(4, 5, wait_s=20).numpy()) == b"late"
@@ -200,12 +205,7 @@ def test_a_called_off_wait_ends_at_once_and_leaves_the_stream_intact():
     """An abort frees a decode replica's channel thread that waits for a frozen prefill's KV: a long
     wait (`wait_s`) ends soon after its `cancel` is set, whether its thread is the one reading the
     socket or one waiting its turn, and the pair goes on carrying the next payload."""
-    host = ChannelHost(timeout_s=1)
-    ready = CTX.Event()
-    proc = CTX.Process(target=_late_side, args=(host.endpoint, "pair-off", 3.0, ready))
-    proc.start()
-    assert ready.wait(60), "the sender process did not start"
-    pair = host.accept("pair-off", "tcp")
+    pair, proc = _late_pair("pair-off", 3.0)
     cancels = [threading.Event(), threading.Event()]
     ended: list[float] = [0.0, 0.0]
 
