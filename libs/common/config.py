@@ -7,6 +7,8 @@ the same variable and the same default everywhere.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import os
 import sys
 from pathlib import Path
@@ -44,6 +46,19 @@ def cache_root() -> Path:
     if root:
         return Path(root)
     return Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")) / "thunderserve"
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """Hold an exclusive lock on `path` (created if need be): processes that start together (a
+    deployment's router and replicas, test workers) build a shared thing once, the others wait for it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def add_nats_args(parser: argparse.ArgumentParser) -> None:

@@ -34,7 +34,7 @@ import numba
 import numpy as np
 import torch
 
-from thunderserve.common import kvquant, native, rans
+from thunderserve.common import config, kvquant, native, rans
 
 _F16_TINY = float(torch.finfo(torch.float16).tiny)
 _F16_MAX = float(torch.finfo(torch.float16).max)
@@ -512,12 +512,15 @@ def _join_fine(codes: np.ndarray, fine: np.ndarray) -> None:
 
 def warm_up() -> None:
     """Compile the coder and the fused kernels now (or load them from numba's cache), not on
-    the first transfer: a cold compile takes ~30 s, a cached load about a second."""
+    the first transfer: a cold compile takes ~30 s, a cached load about a second. One process at a
+    time: the first to come compiles, and the ones that started with it then load its cache."""
     x = torch.zeros(1, 1, 3, 4)
-    for rope_theta in (0.0, 1e4):
-        for transform in (None, torch.eye(4).expand(1, 4, 4)):
-            steps = torch.ones(1, 4) if transform is not None else None
-            for fine_bits in (0, 4):
-                buffers = encode_tensor(x, steps, 0, 1, rope_theta, transform=transform, fine_bits=fine_bits,
-                                        token_exp=torch.zeros(1, 1, 1, 2, dtype=torch.int32)).buffers
-                decode_tensor(buffers, tuple(x.shape), 0, 1, rope_theta, inverse=transform, fine_bits=fine_bits)
+    with config.file_lock(config.cache_root() / "kernels-warm-up.lock"):
+        for rope_theta in (0.0, 1e4):
+            for transform in (None, torch.eye(4).expand(1, 4, 4)):
+                steps = torch.ones(1, 4) if transform is not None else None
+                for fine_bits in (0, 4):
+                    buffers = encode_tensor(x, steps, 0, 1, rope_theta, transform=transform, fine_bits=fine_bits,
+                                            token_exp=torch.zeros(1, 1, 1, 2, dtype=torch.int32)).buffers
+                    decode_tensor(buffers, tuple(x.shape), 0, 1, rope_theta, inverse=transform,
+                                  fine_bits=fine_bits)

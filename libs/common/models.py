@@ -16,8 +16,6 @@ A model is named by one of:
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import importlib.util
 import json
 import logging
@@ -26,7 +24,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from thunderserve.common.config import cache_root
+from thunderserve.common.config import cache_root, file_lock
 
 log = logging.getLogger(__name__)
 
@@ -76,23 +74,11 @@ def smollm2_package_dir() -> Path:
     return Path(spec.origin).parent
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    # Several processes (router, replicas) may resolve the same model at once: convert once.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _write_folder(target: Path, build) -> Path:
     """Build a model folder in a temp dir and move it into place, so a crash never leaves half of one."""
     if (target / "config.json").exists():
         return target
-    with _file_lock(target.with_suffix(".lock")):
+    with file_lock(target.with_suffix(".lock")):
         if (target / "config.json").exists():
             return target
         tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
