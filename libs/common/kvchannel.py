@@ -277,7 +277,12 @@ class SocketPair(ChannelPair):
     def _await_header(self, deadline: float, cancel: threading.Event) -> None:
         """Between payloads, as the reader: wait for the next header to begin arriving, looking at
         `cancel` as it waits (a blocked socket read would not)."""
-        while not select.select([self._sock], [], [], CANCEL_POLL_S)[0]:
+        while True:
+            try:
+                if select.select([self._sock], [], [], CANCEL_POLL_S)[0]:
+                    return
+            except (OSError, ValueError) as exc:  # (ValueError: the socket was closed under the wait)
+                raise self._break("recv", exc) from None
             if cancel.is_set():
                 raise ChannelCancelled(f"recv on pair {self.pair_id} called off")
             if time.monotonic() >= deadline:

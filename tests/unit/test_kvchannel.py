@@ -179,9 +179,9 @@ def _late_side(endpoint: str, pair_id: str, delay_s: float, ready) -> None:
     time.sleep(1.0)
 
 
-def _late_pair(pair_id: str, delay_s: float):
+def _late_pair(pair_id: str, delay_s: float, timeout_s: float = 1, host: ChannelHost | None = None):
     """(the decode side's socket pair, the sender process): the sender sends b"late" on tag 5 after `delay_s`."""
-    host = ChannelHost(timeout_s=1)
+    host = host or ChannelHost(timeout_s=timeout_s)
     ready = CTX.Event()
     proc = CTX.Process(target=_late_side, args=(host.endpoint, pair_id, delay_s, ready))
     proc.start()
@@ -224,6 +224,25 @@ def test_a_called_off_wait_ends_at_once_and_leaves_the_stream_intact():
             assert ended[i] - called_off < 1.0
     assert not pair.broken
     assert bytes(pair.recv(4, 5, wait_s=20).numpy()) == b"late"
+    proc.join(10)
+
+
+def test_closing_the_host_ends_every_wait_on_it_at_once():
+    """A decode replica shutting down closes its channel host: an accept whose peer never comes and a
+    read blocked on a quiet pair both end with a ChannelError at once, not at the 30 s timeout."""
+    host = ChannelHost(timeout_s=30)
+    pair, proc = _late_pair("pair-quiet", 20.0, host=host)
+    with ThreadPoolExecutor(2) as pool:
+        accept = pool.submit(host.accept, "pair-nobody", "tcp")
+        read = pool.submit(pair.recv, 4, 9, wait_s=60)
+        time.sleep(0.5)
+        closed = time.monotonic()
+        host.close()
+        for wait in (accept, read):
+            with pytest.raises(ChannelError):
+                wait.result(timeout=20)
+        assert time.monotonic() - closed < 2
+    proc.kill()
     proc.join(10)
 
 
