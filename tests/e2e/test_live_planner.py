@@ -90,6 +90,11 @@ async def test_the_routers_traffic_shifts_and_a_prefill_replica_becomes_a_decode
             after = [asyncio.create_task(client.complete("And now?", max_tokens=n, ignore_eos=True))
                      for _ in range(2)]
             results = await asyncio.wait_for(asyncio.gather(*tasks, *after), timeout=120)
+        # the router reports every 0.25 s: give the last requests' report time to come (a loaded host
+        # finishes many long outputs at once)
+        deadline = time.monotonic() + 5
+        while sum(len(rep.prompt_lens) for rep in reports) < len(results) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
     finally:
         await live.stop()
         await nc.close()
@@ -105,6 +110,6 @@ async def test_the_routers_traffic_shifts_and_a_prefill_replica_becomes_a_decode
     served = sorted((r.usage.prompt_tokens, r.usage.completion_tokens) for r in results)
     reported = sorted(pair for rep in reports for pair in zip(rep.prompt_lens, rep.output_lens, strict=True))
     assert sum(rep.sampled_of for rep in reports) >= len(reported)
-    assert set(reported) <= set(served) and len(reported) >= len(results) - 4  # the last period may be unsent
-    assert sum(rep.arrivals for rep in reports) >= len(results) - 4
+    assert set(reported) <= set(served) and len(reported) == len(results)
+    assert sum(rep.arrivals for rep in reports) >= len(results)
     assert last["workload"]["output_mean"] == pytest.approx(n)
