@@ -70,8 +70,7 @@ class DecodeRole:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._receiving = 0
-        self._takes: set[asyncio.Task] = set()  # handoffs being received (drain waits on `_receiving`)
+        self._takes: set[asyncio.Task] = set()  # handoffs being received
         self._active: dict[str, _Sequence] = {}
         self._aborted: dict[str, None] = {}  # aborted before they joined (ordered, bounded)
         # Requests whose KV is awaited -> what calls the wait off: an abort (the router gave up on
@@ -95,7 +94,7 @@ class DecodeRole:
         for sub in self._subs:
             await sub.unsubscribe()
         self._subs = []
-        while self._receiving or self._active or not self._joins.empty():
+        while self._takes or self._active or not self._joins.empty():
             await asyncio.sleep(0.05)
 
     async def stop(self) -> None:
@@ -113,7 +112,7 @@ class DecodeRole:
         self._wake.set()
 
     def load(self) -> tuple[int, int, int]:
-        return len(self._active), self._joins.qsize() + self._receiving, self.max_batch
+        return len(self._active), self._joins.qsize() + len(self._takes), self.max_batch
 
     # --- channel set-up ---------------------------------------------------------------------
 
@@ -152,7 +151,6 @@ class DecodeRole:
             return
         # Each handoff in a task of its own: NATS runs a subscription's callbacks one at a time, and
         # an early handoff's KV comes over a whole forward pass, which must not hold up the next one.
-        self._receiving += 1
         task = asyncio.create_task(self._take(handoff, tracing.traceparent_of(msg)))
         self._takes.add(task)
         task.add_done_callback(self._takes.discard)
@@ -173,7 +171,6 @@ class DecodeRole:
             span.end(error=f"KV receive failed: {exc}")
             self._publish_error(handoff, f"KV receive failed: {exc}", span.headers, retryable=True)
         finally:
-            self._receiving -= 1
             self._awaited.pop(handoff.request_id, None)
 
     async def _receive(self, handoff: KVHandoff, span: tracing.Span, cancel: threading.Event) -> None:
