@@ -6,8 +6,8 @@ request; the same client code for every server. Reported per server: output toke
 output tokens / wall time from the first request sent to the last token received), TTFT
 p50/p90 (request sent -> first content chunk), and the CPU each process used.
 
-ThunderServe configurations are `PxD:dtype:threads[:codec]` (P prefill and D decode replicas, model
-dtype, torch threads per replica, KV codec if not the default), each started as a whole deployment
+ThunderServe configurations are `PxD[+C]:dtype:threads[:codec]` (P prefill and D decode replicas, C
+colocated ones, model dtype, torch threads per replica, KV codec if not the default), each started as a whole deployment
 (`LocalCluster`). Output length is forced with `ignore_eos` + `min_tokens`. The baseline is
 `transformers serve --continuous-batching` on the same model folder, forced to the same length with
 a per-request `generation_config` (`min_new_tokens` = `max_new_tokens`), run once per
@@ -124,13 +124,15 @@ def thunderserve_config(spec: str, bodies, warm, args) -> dict[str, Any]:
     from thunderserve.launcher.cluster import LocalCluster
 
     parts = spec.split(":")
-    p, d = (int(x) for x in parts[0].split("x"))
+    pairs, _, colocated = parts[0].partition("+")  # "1x1", "0x0+1": C colocated replicas beside them
+    p, d = (int(x) for x in pairs.split("x"))
     dtype, threads = parts[1], int(parts[2])
     codec = (parts[3] or None) if len(parts) > 3 else args.kv_codec
     decode_nice = int(parts[4]) if len(parts) > 4 else 0
     log_dir = tempfile.mkdtemp(prefix="bb-serving-")
-    cluster = LocalCluster(model=args.model, prefill=p, decode=d, dtype=dtype, threads_per_replica=threads,
-                           kv_codec=codec, decode_nice=decode_nice, log_dir=log_dir, log_level="WARNING")
+    cluster = LocalCluster(model=args.model, prefill=p, decode=d, colocated=int(colocated or 0), dtype=dtype,
+                           threads_per_replica=threads, kv_codec=codec, decode_nice=decode_nice, log_dir=log_dir,
+                           log_level="WARNING")
     progress(f"ThunderServe {spec}: starting")
     t0 = time.perf_counter()
     cluster.start(timeout=240)
@@ -272,7 +274,8 @@ def plot(result: dict[str, Any], path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", nargs="*", default=DEFAULT_CONFIGS,
-                   help="ThunderServe configurations PxD:dtype:threads[:kv_codec[:decode_nice]] "
+                   help="ThunderServe configurations PxD[+C]:dtype:threads[:kv_codec[:decode_nice]] (C colocated "
+                        "replicas: 0x0+1 is one colocated replica alone) "
                         f"(default {' '.join(DEFAULT_CONFIGS)})")
     p.add_argument("--model", default="smollm2", help="model (default smollm2)")
     p.add_argument("--kv-codec", default=None, help="ThunderServe KV codec (default: the product default)")

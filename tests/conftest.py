@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -92,6 +93,12 @@ def start_cluster(tmp_path_factory, **kwargs):
 
 
 @pytest.fixture(scope="session")
+def cluster_starter(tmp_path_factory):
+    """`start_cluster` for fixtures of a wider scope than `make_cluster`'s; the caller stops what it starts."""
+    return lambda **kwargs: start_cluster(tmp_path_factory, **kwargs)
+
+
+@pytest.fixture(scope="session")
 def smollm2_cluster(tmp_path_factory):
     """The default model served as in production (no KV compression, so outputs are exact). Its
     replicas code a compressed KV cache on two threads (one run of layers each), so the tests that
@@ -150,13 +157,32 @@ def three_replica_plan(tmp_path):
     return planner, plan
 
 
+class Reference(NamedTuple):
+    """An in-process model (`model, tokenizer = reference` unpacks it) and what tests ask of it."""
+
+    model: Any
+    tokenizer: Any
+
+    def chat_ids(self, text: str) -> list[int]:
+        """The token ids of a one-message chat, as the router builds them."""
+        return list(self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                       tokenize=True, return_dict=True)["input_ids"])
+
+    def generate(self, ids: list[int], n: int) -> list[int]:
+        """model.generate's greedy continuation of `ids`, at most `n` tokens (it stops at EOS)."""
+        import torch
+
+        with torch.inference_mode():
+            out = self.model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
+        return out[0, len(ids):].tolist()
+
+
 @pytest.fixture(scope="session")
-def smollm2_reference():
+def smollm2_reference() -> Reference:
     """The in-process model the served outputs are compared against."""
     import torch
 
     from thunderserve.common.models import load_model
 
     torch.set_num_threads(1)
-    model, tokenizer = load_model("smollm2")
-    return model, tokenizer
+    return Reference(*load_model("smollm2"))

@@ -150,20 +150,20 @@ class Engine:
     def num_layers(self) -> int:
         return int(self.config.num_hidden_layers)
 
-    @torch.inference_mode()
     def prefill(self, token_ids: list[int], prompt_logits: bool = False,
                 on_layer: LayerHook | None = None) -> PrefillResult:
         """The prompt's KV and the logits for the token after it (`prompt_logits`: every position's too).
         `on_layer(i, key, value)` is called with each layer's KV as soon as the pass has it (before the
         pass ends), on this thread: the same tensors the result holds."""
-        if not token_ids:
-            raise ValueError("empty prompt")
-        input_ids = torch.tensor([token_ids], dtype=torch.long)
-        cache = DynamicCache(config=self.config) if on_layer is None else _ReportingCache(on_layer, config=self.config)
-        out = self.model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=0 if prompt_logits else 1)
-        kv = [(layer.keys, layer.values) for layer in out.cache.layers]
-        return PrefillResult(kv=kv, logits=out.logits[0, -1].float(),
-                             prompt_logits=out.logits[0, :-1] if prompt_logits else None)
+        cache = None if on_layer is None else _ReportingCache(on_layer, config=self.config)
+        result = self.start_prefill(token_ids, prompt_logits, cache).advance(len(token_ids))
+        assert result is not None  # one pass over the whole prompt
+        return result
+
+    def start_prefill(self, token_ids: list[int], prompt_logits: bool = False,
+                      cache: DynamicCache | None = None) -> ChunkedPrefill:
+        """A prefill to run a chunk at a time (`ChunkedPrefill.advance`)."""
+        return ChunkedPrefill(self, token_ids, prompt_logits, cache)
 
     rebuilds_first_layer = True  # `first_layer_kv` works for any model that fills a transformers cache
 
@@ -174,6 +174,50 @@ class Engine:
 
     def new_batch(self) -> DecodeBatch:
         return DecodeBatch(self)
+
+
+class ChunkedPrefill:
+    """A prompt's prefill, run a chunk of tokens at a time into one cache.
+
+    A colocated replica runs decode steps between the chunks, so a long prompt delays the running
+    sequences by one chunk's pass rather than its whole prefill (vLLM's chunked prefill, without
+    fusing a chunk and a decode step into one pass). Each chunk attends to the cache of the ones
+    before it; positions follow on from the cache's length.
+    """
+
+    def __init__(self, engine: Engine, token_ids: list[int], prompt_logits: bool = False,
+                 cache: DynamicCache | None = None):
+        if not token_ids:
+            raise ValueError("empty prompt")
+        self.engine, self.token_ids, self.prompt_logits = engine, list(token_ids), prompt_logits
+        self.done = 0  # tokens whose KV is in the cache
+        self._cache = cache if cache is not None else DynamicCache(config=engine.config)
+        self._rows: list[torch.Tensor] = []  # each chunk's logits, if every position's are asked for
+
+    @property
+    def remaining(self) -> int:
+        return len(self.token_ids) - self.done
+
+    @torch.inference_mode()
+    def advance(self, max_tokens: int) -> PrefillResult | None:
+        """Run the next chunk of at most `max_tokens` (at least one) tokens; the result once the last is in."""
+        if not self.remaining:
+            raise RuntimeError("the prefill is already done")
+        n = min(max(1, max_tokens), self.remaining)
+        chunk = torch.tensor([self.token_ids[self.done:self.done + n]], dtype=torch.long)
+        out = self.engine.model(input_ids=chunk, cache=self._cache, use_cache=True,
+                                logits_to_keep=0 if self.prompt_logits else 1)
+        self._cache = out.cache
+        self.done += n
+        if self.prompt_logits:
+            self._rows.append(out.logits[0])
+        if self.remaining:
+            return None
+        kv = [(layer.keys, layer.values) for layer in self._cache.layers]
+        if not self.prompt_logits:
+            return PrefillResult(kv=kv, logits=out.logits[0, -1].float())
+        rows = torch.cat(self._rows)
+        return PrefillResult(kv=kv, logits=rows[-1].float(), prompt_logits=rows[:-1])
 
 
 @dataclass
@@ -392,6 +436,9 @@ class MockEngine:
         rows = torch.stack([self.logits_for(i) for i in range(1, len(token_ids))]) if prompt_logits else None
         return PrefillResult(kv=kv, logits=self.logits_for(len(token_ids)), prompt_logits=rows)
 
+    def start_prefill(self, token_ids: list[int], prompt_logits: bool = False, cache=None) -> MockChunkedPrefill:
+        return MockChunkedPrefill(self, token_ids, prompt_logits)
+
     rebuilds_first_layer = False  # its KV is not a function of the tokens
 
     def first_layer_kv(self, token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -399,6 +446,25 @@ class MockEngine:
 
     def new_batch(self) -> MockBatch:
         return MockBatch(self)
+
+
+class MockChunkedPrefill:
+    """`ChunkedPrefill` for the mock engine: counts the chunks, computes nothing."""
+
+    def __init__(self, engine: MockEngine, token_ids: list[int], prompt_logits: bool = False):
+        if not token_ids:
+            raise ValueError("empty prompt")
+        self.engine, self.token_ids, self.prompt_logits, self.done = engine, list(token_ids), prompt_logits, 0
+
+    @property
+    def remaining(self) -> int:
+        return len(self.token_ids) - self.done
+
+    def advance(self, max_tokens: int) -> PrefillResult | None:
+        if not self.remaining:
+            raise RuntimeError("the prefill is already done")
+        self.done += min(max(1, max_tokens), self.remaining)
+        return None if self.remaining else self.engine.prefill(self.token_ids, self.prompt_logits)
 
 
 class MockBatch:

@@ -1,7 +1,7 @@
 """The replica process: one engine (the weights, loaded once) hosting a swappable phase role.
 
-`python -m thunderserve.prefill` and `python -m thunderserve.decode` both run `ReplicaHost`;
-they differ only in the role it starts with. A role is found by name (`ROLE_MODULES`), so
+`python -m thunderserve.prefill`, `.decode` and `.colocated` all run `ReplicaHost`; they differ
+only in the role it starts with. A role is found by name (`ROLE_MODULES`), so
 this shared library never imports a service statically, and a plan can flip a running
 replica's phase: the host drains the old role and starts the other, the engine stays.
 
@@ -36,7 +36,8 @@ from thunderserve.common.protocol import Abort, ControlCommand, Heartbeat, Subje
 
 log = logging.getLogger(__name__)
 
-ROLE_MODULES = {"prefill": "thunderserve.prefill.role", "decode": "thunderserve.decode.role"}
+ROLE_MODULES = {"prefill": "thunderserve.prefill.role", "decode": "thunderserve.decode.role",
+                "colocated": "thunderserve.colocated.role"}
 
 
 class PhaseRole(Protocol):
@@ -86,6 +87,7 @@ class ReplicaHost:
         self.model_executor = ThreadPoolExecutor(1, thread_name_prefix="model")
         self.channel_executor = ThreadPoolExecutor(8, thread_name_prefix="kvchannel")
         self._channel_host: ChannelHost | None = None
+        self.channel_pairs: dict[str, asyncio.Future] = {}  # pair id -> its accept, for the roles that receive KV
         self.channel_client = ChannelClient(timeout_s=args.channel_timeout, backend=args.channel_backend)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -250,8 +252,8 @@ def build_parser(phase: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"python -m thunderserve.{phase}",
         description=f"A ThunderServe replica that starts in the {phase} phase. It loads the model "
-        "once, serves its phase over NATS, and can be flipped to the other phase by a plan "
-        "without reloading weights.",
+        "once, serves its phase over NATS, and can be flipped to another phase (prefill, decode, or "
+        "colocated: both in one replica) by a plan without reloading weights.",
     )
     config.add_nats_args(parser)
     config.add_model_args(parser)
@@ -275,6 +277,9 @@ def build_parser(phase: str) -> argparse.ArgumentParser:
                        "THUNDERSERVE_KV_STREAM_EARLY=0 turns it off)")
     group.add_argument("--max-batch", type=int, default=config.env("MAX_BATCH", 64, int),
                        help="decode: most sequences in the running batch (default 64)")
+    group.add_argument("--token-budget", type=int, default=config.env("TOKEN_BUDGET", 512, int),
+                       help="colocated: tokens per iteration, one per running sequence plus prompt chunks; a plan's "
+                       "meta.token_budget overrides it (default 512)")
     group.add_argument("--channel-host", default=config.env("CHANNEL_HOST", "127.0.0.1"),
                        help="decode: address the KV channel rendezvous listens on and advertises")
     group.add_argument("--channel-port", type=int, default=config.env("CHANNEL_PORT", 0, int),

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from thunderserve.common.protocol import SamplingParams, TokenLogprob
+from thunderserve.common.protocol import PrefillRequest, SamplingParams, TokenChunk, TokenLogprob, Usage
 
 MAX_LOGPROBS = 20  # alternatives per token at most (OpenAI's limit)
 MAX_PENALTY = 2.0  # presence/frequency penalties lie in [-MAX_PENALTY, MAX_PENALTY] (OpenAI's range)
@@ -196,3 +196,35 @@ def _pending_stop_prefix(text: str, stops: list[str]) -> int:
                 best = max(best, n)
                 break
     return best
+
+
+def scores_prompt(request: PrefillRequest) -> bool:
+    """Whether the prefill must keep every position's logits: the prompt's own log-probabilities are asked
+    for, on the first attempt only (a resumed request's router has them already)."""
+    return request.sampling.prompt_logprobs is not None and not request.resume_token_ids
+
+
+def first_token_chunk(request: PrefillRequest, logits: torch.Tensor, prompt_logits: torch.Tensor | None,
+                      engine) -> TokenChunk:
+    """The chunk a finished prefill sends: the first token chosen from `logits` (the position after the
+    prompt), with the prompt's log-probabilities when `scores_prompt`. Its `finish_reason` is set when it
+    ends the request (EOS, a stop, max_tokens=1; max_tokens=0 scores the prompt and generates nothing).
+    `engine` gives max_context, eos_token_ids and tokenizer."""
+    resumed = request.resume_token_ids  # a request taken over from a dead replica: go on after these
+    prompt_lps = prompt_token_logprobs(prompt_logits, request.prompt_token_ids,
+                                       request.sampling.prompt_logprobs) if scores_prompt(request) else []
+    if request.sampling.max_tokens == 0:  # scoring only: nothing to generate
+        return TokenChunk(request.request_id, 0, [], "", "length", usage=Usage(len(request.prompt_token_ids), 0),
+                          prompt_logprobs=prompt_lps)
+    tracker = OutputTracker(request.sampling, len(request.prompt_token_ids), engine.max_context,
+                            engine.eos_token_ids, engine.tokenizer)
+    tracker.resume(resumed)
+    step = tracker.completion_tokens  # also the chunk index: one token per chunk
+    token = sample_token(logits, request.sampling, step, engine.eos_token_ids, resumed)
+    out = tracker.add(token)
+    chunk = TokenChunk(request.request_id, step, [token], out.text, out.finish_reason, prompt_logprobs=prompt_lps)
+    if request.sampling.logprobs is not None:
+        chunk.logprobs = [token_logprob(logits, token, request.sampling.logprobs)]
+    if out.finish_reason is not None:
+        chunk.usage = Usage(tracker.prompt_len, tracker.completion_tokens)
+    return chunk

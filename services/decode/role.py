@@ -64,7 +64,9 @@ class DecodeRole:
         self.channel = host.channel_host  # created on first use; outlives the role
         self.max_batch = host.args.max_batch
         self._subs = []
-        self._pairs: dict[str, asyncio.Future] = {}
+        # Channel pairs prefill replicas set up with this replica, by pair id: the host keeps them, so they
+        # outlive this role (a flip to another phase and back finds its pairs, as its prefill peers do).
+        self._pairs: dict[str, asyncio.Future] = host.channel_pairs
         self._joins: queue.Queue = queue.Queue()
         self._aborts: queue.Queue = queue.Queue()
         self._wake = threading.Event()
@@ -94,8 +96,12 @@ class DecodeRole:
         for sub in self._subs:
             await sub.unsubscribe()
         self._subs = []
-        while self._takes or self._active or not self._joins.empty():
+        while self._busy():
             await asyncio.sleep(0.05)
+
+    def _busy(self) -> bool:
+        """Work taken and not finished (what `drain` waits out)."""
+        return bool(self._takes or self._active or not self._joins.empty())
 
     async def stop(self) -> None:
         await self.drain()
@@ -232,19 +238,22 @@ class DecodeRole:
             # Received, unpacked and queued for the step thread here, in the channel thread:
             # no round trip through the event loop between the payload and the batch.
             flat = receive_runs() if "runs" in handoff.kv_manifest else receive_one()
-            tracker = OutputTracker(
-                params=handoff.sampling,
-                prompt_len=len(handoff.prompt_token_ids),
-                max_context=self.engine.max_context,
-                eos_token_ids=self.engine.eos_token_ids,
-                tokenizer=self.engine.tokenizer,
-            )
-            tracker.resume(handoff.resume_token_ids)
-            kv = [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
-            self._joins.put((_Sequence(handoff, tracker, span, index=len(handoff.resume_token_ids)), kv))
-            self._wake.set()
+            self._join(handoff, span, [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)])
 
         await loop.run_in_executor(self.host.channel_executor, receive)
+
+    def _join(self, handoff: KVHandoff, span: tracing.Span, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Queue a prefilled request, its KV in hand, for the step thread to admit to the batch."""
+        tracker = OutputTracker(
+            params=handoff.sampling,
+            prompt_len=len(handoff.prompt_token_ids),
+            max_context=self.engine.max_context,
+            eos_token_ids=self.engine.eos_token_ids,
+            tokenizer=self.engine.tokenizer,
+        )
+        tracker.resume(handoff.resume_token_ids)
+        self._joins.put((_Sequence(handoff, tracker, span, index=len(handoff.resume_token_ids)), kv))
+        self._wake.set()
 
     # --- the step thread --------------------------------------------------------------------
 
@@ -253,9 +262,11 @@ class DecodeRole:
         while not self._stopping.is_set():
             self._apply_aborts(batch)
             self._admit(batch)
+            more = self._between_steps(batch)
             if not len(batch):
-                self._wake.wait(0.5)
-                self._wake.clear()
+                if not more:
+                    self._wake.wait(0.5)
+                    self._wake.clear()
                 continue
             try:
                 logits = batch.step()
@@ -278,6 +289,11 @@ class DecodeRole:
                     del self._active[seq_id]
                 else:
                     batch.set_next_token(seq_id, token)
+
+    def _between_steps(self, batch) -> bool:
+        """Step thread, before each step: other model work to interleave with the steps (a colocated
+        replica's prefill chunks). True while some is left."""
+        return False
 
     def _admit(self, batch) -> None:
         while len(batch) < self.max_batch:

@@ -12,7 +12,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="thunderserve up",
         description="Serve a model locally: starts an embedded nats-server (unless --nats is given), "
-        "one router with an OpenAI-compatible HTTP API, and prefill and decode replica processes. "
+        "one router with an OpenAI-compatible HTTP API, and prefill and decode replica processes (or "
+        "colocated ones, which run both phases). "
         "Prints the URL once everything is ready; Ctrl-C stops it all.",
     )
     parser.add_argument("--nats", default=config.env("NATS_URL", None), metavar="URL",
@@ -26,11 +27,18 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=["float32", "bfloat16", "float16"], help="model compute dtype (default float32)")
     parser.add_argument("--prefill", type=int, default=None, metavar="N", help="prefill replicas (default 1)")
     parser.add_argument("--decode", type=int, default=None, metavar="M", help="decode replicas (default 1)")
+    parser.add_argument("--colocated", type=int, default=None, metavar="C",
+                        help="colocated replicas: each prefills and decodes its own requests, prompts in chunks "
+                        "between decode steps, no KV transfer (default 0; given alone, no prefill/decode pair "
+                        "starts unless --prefill/--decode ask for it)")
+    parser.add_argument("--token-budget", type=int, default=0, metavar="T",
+                        help="colocated replicas: tokens per iteration, one per running sequence plus prompt "
+                        "chunks (default 0: the replica's default, 512; a plan's meta.token_budget wins)")
     parser.add_argument("--plan", metavar="PLAN.json",
                         help="serve this plan (from `thunderserve plan ... --json`): one replica process per plan "
                         "replica, under its id and in its phase, and a live planner that re-plans when a replica "
                         "dies or the traffic shifts (phases and routing; no weights move). The local processes "
-                        "stand in for the plan's GPUs. Replaces --prefill and --decode")
+                        "stand in for the plan's GPUs. Replaces --prefill, --decode and --colocated")
     parser.add_argument("--kv-codec", default=config.env("KV_CODEC", None), choices=codec_names(),
                         help=f"KV-cache codec on the prefill->decode hop (default {DEFAULT_CODEC}: entropy-coded, the "
                         "most accurate at ~4.5 bits/value; int8: the same with 16x finer steps, ~8.5 bits/value; "

@@ -21,12 +21,20 @@ def _service_env(args) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s up %(levelname)s %(message)s")
-    if args.plan and (args.prefill is not None or args.decode is not None):
-        print("error: --plan gives the replicas; drop --prefill and --decode", file=sys.stderr)
+    counts = {"prefill": args.prefill, "decode": args.decode, "colocated": args.colocated}
+    if args.plan and any(n is not None for n in counts.values()):
+        print("error: --plan gives the replicas; drop --prefill, --decode and --colocated", file=sys.stderr)
         return 2
-    prefill, decode = args.prefill or 1, args.decode or 1
-    if (args.prefill is not None and args.prefill < 1) or (args.decode is not None and args.decode < 1):
-        print("error: --prefill and --decode need at least 1 replica each", file=sys.stderr)
+    if bad := [f"--{phase}" for phase, n in counts.items() if n is not None and n < 0]:
+        print(f"error: {' and '.join(bad)} cannot be negative", file=sys.stderr)
+        return 2
+    colocated = args.colocated or 0
+    pairs = colocated == 0 or args.prefill is not None or args.decode is not None  # default: one of each
+    prefill, decode = (1 if args.prefill is None else args.prefill, 1 if args.decode is None else args.decode) \
+        if pairs else (0, 0)
+    if pairs and (prefill < 1 or decode < 1):
+        print("error: prefill and decode replicas serve in pairs: give at least 1 of each (or only --colocated)",
+              file=sys.stderr)
         return 2
     if args.restart_limit < 0:
         print("error: --restart-limit cannot be negative", file=sys.stderr)
@@ -36,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         cluster = LocalCluster(
-            model=args.model, prefill=prefill, decode=decode, kv_codec=args.kv_codec, dtype=args.dtype,
+            model=args.model, prefill=prefill, decode=decode, colocated=colocated, token_budget=args.token_budget,
+            kv_codec=args.kv_codec, dtype=args.dtype,
             http_host=args.host, http_port=args.http_port, nats_url=args.nats, subject_prefix=args.subject_prefix,
             threads_per_replica=args.threads_per_replica, max_batch=args.max_batch, log_level=args.log_level,
             decode_nice=args.decode_nice, plan_file=args.plan,

@@ -1,4 +1,4 @@
-"""A whole ThunderServe deployment as local processes: NATS, a router, prefill and decode replicas.
+"""A whole ThunderServe deployment as local processes: NATS, a router, prefill, decode and colocated replicas.
 
 `thunderserve up` runs one; the end-to-end tests and benchmarks run the same class, so the
 tested path is the one users start. Children get SIGTERM on stop (they drain and exit) and
@@ -62,6 +62,8 @@ class LocalCluster:
     model: str = "smollm2"
     prefill: int = 1
     decode: int = 1
+    colocated: int = 0  # replicas that run both phases (no KV transfer)
+    token_budget: int = 0  # colocated replicas' tokens per iteration (0 = the replica's default)
     kv_codec: str | None = None
     dtype: str = "float32"
     http_host: str = "127.0.0.1"
@@ -90,26 +92,29 @@ class LocalCluster:
             bad = [r.id for r in self.plan.replicas if not r.id or not all(c.isalnum() or c in "-_" for c in r.id)]
             if bad:  # ids end NATS subjects and log file names
                 raise ValueError(f"replica ids may hold only letters, digits, '-' and '_': {', '.join(bad)}")
-            missing = [ph for ph in ("prefill", "decode") if not self.plan.ids(ph)]
-            if missing:
-                raise ValueError(f"{self.plan_file}: the plan has no {' and no '.join(missing)} replica")
             self.prefill, self.decode = len(self.plan.ids("prefill")), len(self.plan.ids("decode"))
+            self.colocated = len(self.plan.ids("colocated"))
+        missing = [ph for ph, n in (("prefill", self.prefill), ("decode", self.decode)) if not n]
+        if (self.prefill or self.decode or not self.colocated) and missing:
+            where = f"{self.plan_file}: the plan" if self.plan is not None else "the deployment"
+            raise ValueError(f"{where} has no {' and no '.join(missing)} replica (prefill and decode replicas "
+                             "serve in pairs; colocated replicas alone serve too)")
 
     @property
     def http_url(self) -> str:
         return f"http://{self.http_host}:{self.http_port}"
 
     def replica_specs(self) -> list[tuple[str, str]]:
-        """(name, phase) of every replica process: the plan's, or prefill-i and decode-j."""
+        """(name, phase) of every replica process: the plan's, or prefill-i, decode-j and colocated-k."""
         if self.plan is not None:
             return [(r.id, r.phase) for r in self.plan.replicas]
-        return [(f"prefill-{i}", "prefill") for i in range(self.prefill)] + \
-               [(f"decode-{i}", "decode") for i in range(self.decode)]
+        counts = (("prefill", self.prefill), ("decode", self.decode), ("colocated", self.colocated))
+        return [(f"{phase}-{i}", phase) for phase, n in counts for i in range(n)]
 
     def _threads(self) -> int:
         if self.threads_per_replica > 0:
             return self.threads_per_replica
-        return max(1, (os.cpu_count() or 1) // max(1, self.prefill + self.decode))
+        return max(1, (os.cpu_count() or 1) // max(1, self.prefill + self.decode + self.colocated))
 
     def _spawn(self, name: str, module: str, args: list[str]) -> subprocess.Popen:
         cmd = [sys.executable, "-m", module, *args]
@@ -139,6 +144,8 @@ class LocalCluster:
             args += ["--kv-codec", self.kv_codec]
         if phase == "decode" and self.decode_nice:
             args += ["--nice", str(self.decode_nice)]
+        if phase == "colocated" and self.token_budget:
+            args += ["--token-budget", str(self.token_budget)]
         return self._spawn(name, f"thunderserve.{phase}", args)
 
     def start_router(self) -> subprocess.Popen:
@@ -243,12 +250,14 @@ class LocalCluster:
         except (OSError, ValueError):
             return None
 
-    def wait_ready(self, timeout: float = 300.0, prefill: int | None = None, decode: int | None = None) -> dict:
+    def wait_ready(self, timeout: float = 300.0, prefill: int | None = None, decode: int | None = None,
+                   colocated: int | None = None) -> dict:
         """Block until the router sees the wanted number of ready replicas of each phase."""
-        want_p = self.prefill if prefill is None else prefill
-        want_d = self.decode if decode is None else decode
-        return self.wait_for(lambda body: body.get("prefill_replicas", 0) >= want_p
-                             and body.get("decode_replicas", 0) >= want_d, timeout, "services to be ready")
+        want = {"prefill_replicas": self.prefill if prefill is None else prefill,
+                "decode_replicas": self.decode if decode is None else decode,
+                "colocated_replicas": self.colocated if colocated is None else colocated}
+        return self.wait_for(lambda body: all(body.get(key, 0) >= n for key, n in want.items()), timeout,
+                             "services to be ready")
 
     def wait_for(self, ready: Callable[[dict], bool], timeout: float, what: str) -> dict:
         """Block until the router's /health body passes `ready`; a service that exits meanwhile is an error."""

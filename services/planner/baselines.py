@@ -19,101 +19,28 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from thunderserve.common.plan import Plan, Replica, Stage
 
 from . import costmodel as cm
 from .cluster import Cluster
+from .colocated import ColocatedPerf, best_colocated_layout, colocated_perf
 from .model import ModelSpec
-from .parallel import PHASES, Layout, best_layout
+from .parallel import PHASES, Layout
 from .planner import Planner, Signature
 from .workload import Workload
 
-
-# --- colocated replicas: analytic capacity ------------------------------------------------------------
-@dataclass(frozen=True)
-class ColocatedPerf:
-    capacity: float  # req/s within both SLOs (at the attainment quantile, approximately)
-    sequences: int  # decode batch cap (the largest batch whose step meets the TPOT SLO and fits KV memory)
-    latency: float  # prefill latency of the attainment-quantile prompt, s
-    service: float  # prefill service time of the mean prompt, s
-    tpot: float  # predicted TPOT at capacity, s
+# the colocated capacity model lives in colocated.py (the planner uses it too); re-exported for callers
+__all__ = ["ColocatedPerf", "best_colocated_layout", "colocated_perf", "colocated_plan", "distserve_plans",
+           "hexgen_plans", "same_budget_gpus", "uniform_groups", "vllm_plans"]
 
 
-ZERO = ColocatedPerf(0.0, 0, 0.0, 0.0, 0.0)
-
-
-def colocated_perf(model: ModelSpec, hws: list[cm.StageHW], w: Workload,
-                   calib: cm.Calibration = cm.DEFAULT_CALIBRATION) -> ColocatedPerf:
-    """Capacity of a replica that runs both phases with prefill-first iteration scheduling.
-
-    At rate lam the replica spends u = lam*S on prefill; decode steps fill the rest, so a sequence's
-    TPOT is T(B)/(1-u), and Little's law gives the batch B = lam*(o-1)*TPOT (fixed point). TTFT is
-    the prefill latency + an M/D/1 wait at utilisation u (quantile ~ f * mean, as the planner's prefill
-    model) + one decode step in progress. Capacity is the largest lam meeting both SLOs and memory.
-    """
-    if not cm.prefill_fits(model, hws, w.prompt_q, calib):
-        return ZERO
-    dec = cm.decode_perf(model, hws, w.prompt_mean, w.output_mean, w.tpot_slo, calib,
-                         ctx_mem=w.decode_hold_tokens, ctx_read=w.decode_read_tokens)
-    if dec.sequences <= 0:
-        return ZERO
-    pp = len(hws)
-    svc = cm.prefill_service_time(model, hws, w.prompt_mean, calib)
-    lat = cm.prefill_latency(model, hws, w.prompt_q, calib)
-    ctx = w.decode_read_tokens
-    f = cm.queue_wait_factor(w.attainment)
-    decode_tokens = max(w.output_mean - 1, 0.0)
-
-    def check(lam: float) -> tuple[bool, float]:
-        u = lam * svc
-        if u >= 1:
-            return False, math.inf
-        b, tpot = 1.0, 0.0
-        for _ in range(60):
-            tpot = cm.decode_step_time(model, hws, max(1.0, b / pp), ctx, calib) / (1 - u)
-            nb = max(1.0, lam * decode_tokens * tpot)
-            if nb > dec.sequences:
-                return False, tpot
-            if abs(nb - b) < 1e-3:
-                break
-            b = nb
-        step = tpot * (1 - u)
-        ttft = lat + f * u * svc / (2 * (1 - u)) + step
-        return tpot <= w.tpot_slo and ttft <= w.ttft_slo, tpot
-
-    if not check(1e-9)[0]:
-        return ZERO
-    lo, hi = 0.0, 1.0 / svc
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        if check(mid)[0]:
-            lo = mid
-        else:
-            hi = mid
-    return ColocatedPerf(lo, dec.sequences, lat, svc, check(lo)[1])
-
-
-def best_colocated_layout(cluster: Cluster, model: ModelSpec, w: Workload, gpus: Sequence[str],
-                          calib: cm.Calibration = cm.DEFAULT_CALIBRATION,
-                          max_pp: int = 4) -> tuple[Layout, ColocatedPerf] | None:
-    """The planner's best prefill and best decode layouts of a group, whichever serves more colocated."""
-    best: tuple[Layout, ColocatedPerf] | None = None
-    for phase in PHASES:
-        g = best_layout(cluster, model, w, list(gpus), phase, calib, max_pp)
-        if g is None:
-            continue
-        perf = colocated_perf(model, g.layout.hw(cluster), w, calib)
-        if perf.capacity > 0 and (best is None or perf.capacity > best[1].capacity):
-            best = (g.layout, perf)
-    return best
-
-
+# --- colocated replicas ------------------------------------------------------------------------------
 def colocated_plan(cluster: Cluster, model: ModelSpec, w: Workload, groups: Sequence[Sequence[str]], name: str,
                    calib: cm.Calibration = cm.DEFAULT_CALIBRATION, max_pp: int = 4,
-                   cache: dict | None = None) -> Plan:
-    """A plan of colocated replicas, one per group that can serve (the others stay unused)."""
+                   cache: dict | None = None, token_budget: int | None = None) -> Plan:
+    """A plan of colocated replicas, one per group that can serve (the others stay unused); capacities by
+    the stall model, or the chunked one with `token_budget` (recorded as `meta["token_budget"]`)."""
     replicas: list[Replica] = []
     for g in groups:
         key = _sig(g)
@@ -122,14 +49,17 @@ def colocated_plan(cluster: Cluster, model: ModelSpec, w: Workload, groups: Sequ
             if found is not None:
                 found = (found[0].remap(_by_node(g)), found[1])
         else:
-            found = best_colocated_layout(cluster, model, w, g, calib, max_pp)
+            found = best_colocated_layout(cluster, model, w, g, calib, max_pp, token_budget)
             if cache is not None:
                 cache[key] = found
         if found is None:
             continue
         layout, perf = found
         replicas.append(_replica(cluster, f"c{len(replicas)}", layout, perf))
-    return _plan(cluster, model, w, replicas, name, {r.id: r.capacity for r in replicas})
+    plan = _plan(cluster, model, w, replicas, name, {r.id: r.capacity for r in replicas})
+    if token_budget is not None:
+        plan.meta["token_budget"] = token_budget
+    return plan
 
 
 def _replica(cluster: Cluster, rid: str, layout: Layout, perf: ColocatedPerf) -> Replica:
@@ -197,11 +127,12 @@ def group_sizes(cluster: Cluster) -> list[int]:
 
 # --- the baselines ------------------------------------------------------------------------------------
 def vllm_plans(cluster: Cluster, model: ModelSpec, w: Workload, calib: cm.Calibration = cm.DEFAULT_CALIBRATION,
-               name: str = "vllm") -> list[Plan]:
-    """Colocated, uniform replicas (every size that splits the cluster evenly), best objective first."""
+               name: str = "vllm", token_budget: int | None = None) -> list[Plan]:
+    """Colocated, uniform replicas (every size that splits the cluster evenly), best objective first
+    (stall capacities, or chunked ones with `token_budget`)."""
     cache: dict = {}
     plans = [colocated_plan(cluster, model, w, uniform_groups(cluster, s), f"{name} (uniform {s}-GPU replicas)",
-                            calib, cache=cache) for s in group_sizes(cluster)]
+                            calib, cache=cache, token_budget=token_budget) for s in group_sizes(cluster)]
     plans = [p for p in plans if p.objective > 0]
     return sorted(plans, key=lambda p: -p.objective)
 
@@ -258,22 +189,25 @@ def _two_size_designations(cluster: Cluster, sp: int, sd: int, max_groups: int):
 
 class _ColocatedPlanner(Planner):
     """The ThunderServe planner's search machinery with a colocated objective (HexGen-style):
-    phases are ignored, a group's value is its colocated capacity, a grouping's the sum."""
+    phases are ignored, a group's value is its colocated capacity (stall, or chunked with the planner's
+    `token_budget` when `chunked`), a grouping's the sum."""
 
-    def __init__(self, *args, **kw):
+    def __init__(self, *args, chunked: bool = False, **kw):
         super().__init__(*args, **kw)
+        self.chunked = chunked
         self._colo: dict[Signature, tuple[Layout, ColocatedPerf] | None] = {}
 
-    def colocated(self, group: Sequence[str]) -> tuple[Layout, ColocatedPerf] | None:
+    def colocated_group(self, group: Sequence[str]) -> tuple[Layout, ColocatedPerf] | None:
         sig = self.signature(tuple(group) if not isinstance(group, tuple) else group)
         if sig not in self._colo:
             ids = [f"{n}:{i}" for n, c in sig for i in range(c)]
             self._colo[sig] = best_colocated_layout(self.cluster, self.model, self.workload, ids, self.calib,
-                                                    self.max_pp)
+                                                    self.max_pp, self.token_budget if self.chunked else None,
+                                                    self._fits)
         return self._colo[sig]
 
     def capacity(self, group, phase: str) -> float:  # noqa: ARG002 - same for both phases
-        found = self.colocated(group)
+        found = self.colocated_group(group)
         return found[1].capacity if found else 0.0
 
     def bound(self, groups, phases) -> float:
@@ -284,14 +218,16 @@ class _ColocatedPlanner(Planner):
 
 
 def hexgen_plans(cluster: Cluster, model: ModelSpec, w: Workload, calib: cm.Calibration = cm.DEFAULT_CALIBRATION,
-                 time_limit_s: float | None = None, seed: int = 0) -> list[Plan]:
-    """Heterogeneous grouping searched by tabu (ThunderServe's moves), every replica colocated."""
+                 time_limit_s: float | None = None, seed: int = 0, token_budget: int | None = None) -> list[Plan]:
+    """Heterogeneous grouping searched by tabu (ThunderServe's moves), every replica colocated; the search
+    maximises stall capacities, or chunked ones with `token_budget`."""
     from .search import tabu_search
 
-    planner = _ColocatedPlanner(cluster, model, w, calibration=calib, seed=seed)
+    planner = _ColocatedPlanner(cluster, model, w, calibration=calib, seed=seed, chunked=token_budget is not None,
+                                token_budget=token_budget or 512)
     res = tabu_search(planner, time_limit_s=time_limit_s, seed=seed)
     cache: dict = {}
-    plan = colocated_plan(cluster, model, w, res.groups, "hexgen", calib, cache=cache)
+    plan = colocated_plan(cluster, model, w, res.groups, "hexgen", calib, cache=cache, token_budget=token_budget)
     plan.meta["iterations"] = res.iterations
     return [plan] if plan.objective > 0 else []
 

@@ -36,8 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = CliParser(
         prog=PROG,
         description="Plan a heterogeneous GPU cluster for disaggregated LLM serving: group GPUs into "
-                    "replicas, give each a phase (prefill/decode) and a parallel layout, and route "
-                    "requests between them so the SLO-meeting request rate is as high as possible.",
+                    "replicas, give each a phase (prefill/decode, or colocated with chunked prefill) and a "
+                    "parallel layout, and route requests between them so the SLO-meeting request rate is as "
+                    "high as possible.",
         epilog="example: thunderserve plan --cluster deploy/clusters/cloud-32.yaml --model llama-30b "
                "--workload code --rate 2 --json plan.json",
     )
@@ -63,6 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="stop the search after S seconds (default: iteration cap / no-improvement stop)")
     ap.add_argument("--max-pp", type=int, default=4, metavar="N", dest="max_pp",
                     help="deepest pipeline a replica may have (default 4)")
+    ap.add_argument("--colocated", action=argparse.BooleanOptionalAction, default=False,
+                    help="let the search also make a group a colocated replica, which runs both phases with chunked "
+                         "prefill (vLLM V1-style; `python -m thunderserve.colocated`), where its model says that "
+                         "serves more. Off by default: that model is optimistic for short outputs, and simulated "
+                         "plans with colocated groups tied or lost against disaggregated ones on the paper's cloud "
+                         "cluster (docs/benchmarks.md)")
+    ap.add_argument("--token-budget", type=int, default=512, metavar="N", dest="token_budget",
+                    help="colocated replicas: prompt and decode tokens per iteration and pipeline micro-batch "
+                         "(chunked prefill; written to the plan as meta.token_budget; default 512)")
     ap.add_argument("--calibration", metavar="PROFILE.json",
                     help="cost-model efficiencies measured by `thunderserve profile --gpu TYPE --json PROFILE.json` "
                          "(default: the built-in guesses)")
@@ -183,13 +193,15 @@ def format_plan(plan: Plan) -> str:
     line = "  ".join(h.ljust(w[i]) for i, h in enumerate(head))
     out = [line, "-" * len(line)]
     out += ["  ".join(c.ljust(w[i]) if i < 5 else c.rjust(w[i]) for i, c in enumerate(row)) for row in rows]
-    n_pre, n_dec = len(plan.prefill_ids), len(plan.decode_ids)
+    n_pre, n_dec, n_colo = len(plan.prefill_ids), len(plan.decode_ids), len(plan.ids("colocated"))
     wl = plan.workload
     per_dollar = plan.objective / plan.price_per_hour if plan.price_per_hour else 0.0
     out += [
         "",
         f"plan epoch {plan.epoch}: {plan.model} on {plan.cluster}: {len(plan.replicas)} replicas "
-        f"({n_pre} prefill, {n_dec} decode), KV codec {plan.kv_codec}",
+        f"({n_pre} prefill, {n_dec} decode"
+        + (f", {n_colo} colocated with chunked prefill at {plan.meta.get('token_budget')} tokens per iteration"
+           if n_colo else "") + f"), KV codec {plan.kv_codec}",
         f"workload {wl.get('name')}: rate {wl.get('rate', 0):.3g} req/s, prompt {wl.get('prompt_mean', 0):.0f} / "
         f"output {wl.get('output_mean', 0):.0f} tokens (mean), TTFT SLO {wl.get('ttft_slo')} s, "
         f"TPOT SLO {wl.get('tpot_slo')} s, attainment {wl.get('attainment')}",
@@ -222,8 +234,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("--max-pp must be >= 1")
             if args.time_limit is not None and args.time_limit <= 0:
                 raise ValueError("--time-limit must be > 0")
+            if args.token_budget < 1:
+                raise ValueError("--token-budget must be >= 1")
             planner = Planner(Cluster.from_yaml(args.cluster), ModelSpec.load(args.model), _workload(args),
-                              codec=args.codec, seed=args.seed, max_pp=args.max_pp,
+                              codec=args.codec, seed=args.seed, max_pp=args.max_pp, colocated=args.colocated,
+                              token_budget=args.token_budget,
                               calibration=_calibration(args.calibration) if args.calibration else None)
     except INPUT_ERRORS as exc:
         return fail(PROG, input_error(exc, args.cluster))

@@ -282,7 +282,7 @@ def decode_stage_time(model: ModelSpec, st: StageHW, batch: float, context: floa
 
 def pipeline_pass_time(model: ModelSpec, stages: list[StageHW], tokens: float, attn_pairs: float,
                        kv_tokens: float, logits: float, calib: Calibration = DEFAULT_CALIBRATION,
-                       micro_batches: int | None = None) -> float:
+                       micro_batches: float | None = None) -> float:
     """One iteration of a pipelined replica with `micro_batches` (default: one per stage) micro-batches in
     flight (arguments as `stage_pass_time`, per micro-batch): each must pass every stage before its next
     iteration, and the slowest stage serves all of them in turn: max(sum of stages + hand-offs, m * slowest)."""
@@ -295,6 +295,25 @@ def pipeline_pass_time(model: ModelSpec, stages: list[StageHW], tokens: float, a
         if not st.last:
             chain += handoff_time(model, tokens, st.next_gbps, calib)
     return max(chain, (len(stages) if micro_batches is None else micro_batches) * worst)
+
+
+def chunked_iteration_time(model: ModelSpec, stages: list[StageHW], decode: float, context: float,
+                           chunk_tokens: float = 0.0, chunk_attn: float = 0.0, chunk_kv: float = 0.0,
+                           chunks: float = 0.0, calib: Calibration = DEFAULT_CALIBRATION) -> float:
+    """One chunked-prefill iteration of a colocated replica: `decode` sequences at mean `context` advance one
+    token each, beside `chunks` prefill chunks of `chunk_tokens` tokens in all that score `chunk_attn`
+    attention pairs and read or write `chunk_kv` KV tokens (their prefixes). The work is spread evenly over
+    min(pp, items) micro-batches (a request sits in one micro-batch) and costed by `pipeline_pass_time`. The
+    simulator passes whole counts; the colocated capacity model (`colocated.py`) passes steady-state means,
+    so both cost an iteration alike."""
+    n_mb = min(len(stages), decode + chunks)
+    if n_mb <= 0:
+        return 0.0
+    n_mb = max(1.0, n_mb)  # fractional means below one item still run one pass
+    attn = decode * context + chunk_attn
+    kv = decode * context + chunk_kv
+    return pipeline_pass_time(model, stages, (decode + chunk_tokens) / n_mb, attn / n_mb, kv / n_mb,
+                              (decode + chunks) / n_mb, calib, n_mb)
 
 
 def decode_step_time(model: ModelSpec, stages: list[StageHW], micro_batch: float, context: float,

@@ -5,8 +5,10 @@ Every system proposes candidate plans under its own rules (its own analytic obje
 model); the simulator judges each candidate on the same request stream (same seed) and the system keeps
 its best one - ThunderServe included, so no system is handicapped by the cost model's blind spots.
 Colocated systems appear twice: with vLLM V0's scheduling (each prefill batch stalls decode) and with
-vLLM V1's chunked prefill, the latter at its best token budget of `Settings.token_budgets` (candidate
-plans x budgets, judged the same way).
+vLLM V1's chunked prefill, the latter at its best token budget of `Settings.token_budgets`: per budget, the
+candidates its own search ranks by the chunked capacity model at that budget, simulated at that budget.
+ThunderServe's planner may designate colocated (chunked-prefill) groups too; its plans that have any are
+judged under every chunked budget as well as stall (the policy only changes colocated replicas).
 Goodput is compared per $/h, since the 8xA100 server costs a little less than the cloud cluster.
 """
 
@@ -15,7 +17,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +45,9 @@ class Settings:
     n_requests: int = 1500  # per simulation
     seed: int = 0
     plan_time_limit: float | None = None  # s per ThunderServe planner run (None: the planner's own stop)
+    # ThunderServe's first planning target is also planned with colocated (chunked-prefill) groups allowed;
+    # the simulator then picks between those plans and the disaggregated ones
+    colocated: bool = True
     hexgen_time_limit: float | None = None
     ts_variants: tuple[tuple[float, float], ...] = ((0.9, 1.0), (0.95, 1.0), (0.9, 0.8))  # (attainment, SLO x)
     keep: int = 3  # candidates per baseline that get simulated
@@ -100,60 +105,91 @@ def load_cluster(name: str) -> Cluster:
 # --- candidates ----------------------------------------------------------------------------------------
 def thunderserve_candidates(cluster: Cluster, model: ModelSpec, w: Workload, s: Settings, log: Log) -> list[Plan]:
     """The planner under a few planning targets: the target attainment itself and stricter ones (the
-    planner checks TTFT and TPOT separately at the quantile; both must hold at once in the simulator)."""
+    planner checks TTFT and TPOT separately at the quantile; both must hold at once in the simulator),
+    disaggregated; and the first target with colocated groups allowed (`Settings.colocated`): the chunked
+    capacity model is optimistic for short outputs, so the simulator decides whether they pay."""
     out = []
-    for att, scale in s.ts_variants:
+    variants = [(att, scale, False) for att, scale in s.ts_variants]
+    variants += [(*s.ts_variants[0], True)] if s.colocated else []
+    for att, scale, colocated in variants:
         wv = Workload(w.rate, w.prompt_lens, w.output_lens, w.ttft_slo * scale, w.tpot_slo * scale, att, w.name)
         t0 = time.monotonic()
-        plan = Planner(cluster, model, wv, seed=s.seed).solve(time_limit_s=s.plan_time_limit)
-        plan.meta["variant"] = {"attainment": att, "slo_scale": scale}
-        log(f"  thunderserve plan (attainment {att}, SLO x{scale}): objective {plan.objective:.2f} req/s, "
-            f"{time.monotonic() - t0:.1f} s")
+        plan = Planner(cluster, model, wv, seed=s.seed, colocated=colocated).solve(time_limit_s=s.plan_time_limit)
+        plan.meta["variant"] = {"attainment": att, "slo_scale": scale, "colocated": colocated}
+        log(f"  thunderserve plan (attainment {att}, SLO x{scale}{', colocated allowed' if colocated else ''}): "
+            f"objective {plan.objective:.2f} req/s, {time.monotonic() - t0:.1f} s")
         if plan.objective > 0:
             out.append(plan)
     return out
 
 
-System = tuple[str, Cluster, Callable[[], list[Plan]], tuple[SimConfig, ...]]
+Candidate = tuple[Plan, SimConfig]  # a plan and the simulator config to judge it under
+System = tuple[str, Cluster, Callable[[], list[Candidate]]]
+STALL = SimConfig()
+
+
+def _chunked(b: int) -> SimConfig:
+    return SimConfig(colocated_policy="chunked", token_budget=b)
+
+
+def _stall(plans: list[Plan]) -> list[Candidate]:
+    return [(p, STALL) for p in plans]
+
+
+def _per_budget(make: Callable[[int | None], list[Plan]], s: Settings) -> list[Candidate]:
+    """Chunked rows: per token budget, the plans ranked by the chunked capacity at that budget and those the
+    V0 row ranks by its own capacity, judged at it (the chunked model mis-ranks some groupings with short
+    outputs: a row keeps its best either way)."""
+    return [(p, _chunked(b)) for b in s.token_budgets for p in make(b) + make(None)]
+
+
+def _thunderserve(cloud: Cluster, model: ModelSpec, w: Workload, s: Settings, log: Log) -> list[Candidate]:
+    """Every plan under stall; a plan with colocated replicas under every chunked budget too."""
+    out: list[Candidate] = []
+    for p in thunderserve_candidates(cloud, model, w, s, log):
+        out.append((p, STALL))
+        if any(r.phase == "colocated" for r in p.replicas):
+            out += [(p, _chunked(b)) for b in s.token_budgets]
+    return out
 
 
 def systems(cloud: Cluster, server: Cluster, model: ModelSpec, w: Workload, s: Settings, log: Log) -> list[System]:
-    """(name, cluster, candidate plans, simulator configs to judge them under) per system."""
-    stall = (SimConfig(),)
-    chunked = tuple(SimConfig(colocated_policy="chunked", token_budget=b) for b in s.token_budgets)
-    vllm = functools.cache(lambda: bl.vllm_plans(server, model, w)[: s.keep])
-    uniform = functools.cache(lambda: bl.vllm_plans(cloud, model, w, name="uniform")[: s.keep])
-    hexgen = functools.cache(lambda: bl.hexgen_plans(cloud, model, w, time_limit_s=s.hexgen_time_limit, seed=s.seed))
+    """(name, cluster, candidates: (plan, simulator config) pairs) per system."""
+    vllm = functools.cache(lambda b=None: bl.vllm_plans(server, model, w, token_budget=b)[: s.keep])
+    uniform = functools.cache(lambda b=None: bl.vllm_plans(cloud, model, w, name="uniform", token_budget=b)[: s.keep])
+    hexgen = functools.cache(lambda b=None: bl.hexgen_plans(cloud, model, w, time_limit_s=s.hexgen_time_limit,
+                                                            seed=s.seed, token_budget=b))
     return [
-        ("ThunderServe", cloud, lambda: thunderserve_candidates(cloud, model, w, s, log), stall),
-        ("vLLM V0-style (colocated, homogeneous)", server, vllm, stall),
-        ("vLLM V1-style (colocated, chunked prefill, homogeneous)", server, vllm, chunked),
-        ("DistServe (disaggregated, homogeneous)", server, lambda: bl.distserve_plans(server, model, w)[: s.keep],
-         stall),
-        ("colocated, uniform groups", cloud, uniform, stall),
-        ("colocated, uniform groups, chunked prefill", cloud, uniform, chunked),
-        ("DistServe-style placement", cloud, lambda: bl.distserve_plans(cloud, model, w)[: s.keep], stall),
-        ("HexGen-style (hetero, colocated)", cloud, hexgen, stall),
-        ("HexGen-style (hetero, colocated, chunked prefill)", cloud, hexgen, chunked),
+        ("ThunderServe", cloud, lambda: _thunderserve(cloud, model, w, s, log)),
+        ("vLLM V0-style (colocated, homogeneous)", server, lambda: _stall(vllm())),
+        ("vLLM V1-style (colocated, chunked prefill, homogeneous)", server, lambda: _per_budget(vllm, s)),
+        ("DistServe (disaggregated, homogeneous)", server,
+         lambda: _stall(bl.distserve_plans(server, model, w)[: s.keep])),
+        ("colocated, uniform groups", cloud, lambda: _stall(uniform())),
+        ("colocated, uniform groups, chunked prefill", cloud, lambda: _per_budget(uniform, s)),
+        ("DistServe-style placement", cloud, lambda: _stall(bl.distserve_plans(cloud, model, w)[: s.keep])),
+        ("HexGen-style (hetero, colocated)", cloud, lambda: _stall(hexgen())),
+        ("HexGen-style (hetero, colocated, chunked prefill)", cloud, lambda: _per_budget(hexgen, s)),
     ]
 
 
 # --- judging -------------------------------------------------------------------------------------------
-def best_by_simulation(plans: list[Plan], cluster: Cluster, model: ModelSpec, w: Workload, slo: SLO,
-                       s: Settings, configs: tuple[SimConfig, ...] = (SimConfig(),)
+def best_by_simulation(cands: Sequence[Plan | Candidate], cluster: Cluster, model: ModelSpec, w: Workload,
+                       slo: SLO, s: Settings, configs: tuple[SimConfig, ...] = (STALL,)
                        ) -> tuple[Plan, GoodputResult, SimConfig] | None:
-    """The (plan, simulator config) pair with the highest simulated goodput."""
+    """The (plan, simulator config) candidate with the highest simulated goodput; a bare plan is judged
+    under each of `configs`."""
+    pairs = [c for x in cands for c in ([(x, cfg) for cfg in configs] if isinstance(x, Plan) else [x])]
     best: tuple[Plan, GoodputResult, SimConfig] | None = None
-    for plan in plans:
-        for cfg in configs:
-            try:
-                sim = Simulator(plan, cluster, model, slo, config=cfg)
-            except ValueError:
-                break  # a plan that serves nothing
-            g = find_goodput(sim, w.prompt_lens, w.output_lens, n=s.n_requests, seed=s.seed,
-                             hint=max(0.05, 0.7 * plan.objective))
-            if best is None or g.goodput > best[1].goodput:
-                best = (plan, g, cfg)
+    for plan, cfg in pairs:
+        try:
+            sim = Simulator(plan, cluster, model, slo, config=cfg)
+        except ValueError:
+            continue  # a plan that serves nothing
+        g = find_goodput(sim, w.prompt_lens, w.output_lens, n=s.n_requests, seed=s.seed,
+                         hint=max(0.05, 0.7 * plan.objective))
+        if best is None or g.goodput > best[1].goodput:
+            best = (plan, g, cfg)
     return best
 
 
@@ -163,10 +199,10 @@ def run_workload(shape: str, s: Settings, log: Log = print) -> dict:
     w = Workload.from_name(shape, rate=1.0)
     slo = SLO(w.ttft_slo, w.tpot_slo, w.attainment)
     results: list[SystemResult] = []
-    for name, cluster, make, configs in systems(cloud, server, model, w, s, log):
+    for name, cluster, make in systems(cloud, server, model, w, s, log):
         t0 = time.monotonic()
-        plans = make()
-        found = best_by_simulation(plans, cluster, model, w, slo, s, configs)
+        cands = make()
+        found = best_by_simulation(cands, cluster, model, w, slo, s)
         if found is None:
             log(f"  {name}: no servable plan")
             continue
@@ -175,10 +211,10 @@ def run_workload(shape: str, s: Settings, log: Log = print) -> dict:
         results.append(SystemResult(
             name, cluster.name, cluster.price_per_hour(), plan, g.goodput,
             res.tokens_per_s() if res else 0.0, res.percentile("ttft", 90) if res else math.inf,
-            res.percentile("tpot", 90) if res else math.inf, len(plans) * len(configs), g.probes, config=cfg))
+            res.percentile("tpot", 90) if res else math.inf, len(cands), g.probes, config=cfg))
         budget = f", token budget {cfg.token_budget}" if cfg.colocated_policy == "chunked" else ""
         log(f"  {name} on {cluster.name}: goodput {g.goodput:.2f} req/s ({plan_shape(plan)}{budget}), "
-            f"{len(plans)} candidates x {len(configs)} configs, {time.monotonic() - t0:.1f} s")
+            f"{len(cands)} (plan, config) candidates, analytic {plan.objective:.2f}, {time.monotonic() - t0:.1f} s")
     _latency_curves(results, cloud, server, model, w, slo, s)
     return summarise(shape, w, results)
 

@@ -151,7 +151,7 @@ class LivePlanner:
             plan = self._copy(self.base)
         took = time.monotonic() - t0
         missing = [phase for phase, ids in (("prefill", plan.prefill_ids), ("decode", plan.decode_ids)) if not ids]
-        if missing:  # e.g. no replica left for a phase: keep the current plan
+        if missing and not plan.ids("colocated"):  # e.g. no replica left for a phase: keep the current plan
             log.error("%s, and no plan can serve without them (no replica left for %s); keeping epoch %d",
                       why, " and ".join(missing), self.epoch)
             self.dead = dead

@@ -16,10 +16,13 @@ from thunderserve.common.plan import Plan, Replica, Stage
 from . import costmodel as cm
 from . import orchestration as orch
 from .cluster import Cluster
+from .colocated import best_colocated_layout, colocated_perf
 from .model import ModelSpec
 from .parallel import PHASES, GroupPerf, Layout, StageSpec, best_layout, evaluate_layout
 from .workload import Workload
 
+COLOCATED = "colocated"  # a group that runs both phases with chunked prefill (vLLM V1-style)
+ALL_PHASES = (*PHASES, COLOCATED)
 Signature = tuple[tuple[str, int], ...]  # (node, GPU count) per node: GPUs of a node are interchangeable
 Progress = Callable[[int, float, float], None]  # (iteration, best score, elapsed s)
 
@@ -33,9 +36,11 @@ def plan_calibration(plan: Plan) -> cm.Calibration:
 class Planner:
     def __init__(self, cluster: Cluster, model: ModelSpec, workload: Workload, codec: str = "auto",
                  calibration: cm.Calibration | None = None, seed: int = 0, codec_tolerance: float = 0.01,
-                 max_pp: int = 4, **search_opts: int):
+                 max_pp: int = 4, colocated: bool = False, token_budget: int = 512, **search_opts: int):
         if codec != "auto" and codec not in cm.CODECS:
             raise ValueError(f"codec must be auto or one of {', '.join(cm.CODECS)}")
+        if token_budget < 1:
+            raise ValueError("token_budget must be >= 1")
         self.cluster = cluster
         self.model = model
         self.workload = workload
@@ -44,6 +49,11 @@ class Planner:
         self.seed = seed
         self.codec_tolerance = codec_tolerance  # "auto" accepts this fraction of goodput for less loss
         self.max_pp = max_pp
+        # colocated: the search may also designate a group "colocated" (chunked prefill at `token_budget`
+        # tokens per iteration and micro-batch); score() accepts the phase either way
+        self.colocated = colocated
+        self.token_budget = token_budget
+        self.phases: tuple[str, ...] = ALL_PHASES if colocated else PHASES
         self.search_opts = search_opts
         self._node_rank = {n.name: i for i, n in enumerate(cluster.nodes)}
         self._groups: dict[tuple[Signature, str], GroupPerf | None] = {}
@@ -65,7 +75,8 @@ class Planner:
         return cls(Cluster.from_dict(meta["cluster_spec"]), ModelSpec(**meta["model_spec"]),
                    Workload.from_summary(plan.workload, meta["workload_sample"]), codec=settings.get("codec", "auto"),
                    seed=settings.get("seed", 0), max_pp=settings.get("max_pp", 4),
-                   calibration=plan_calibration(plan))
+                   calibration=plan_calibration(plan), colocated=settings.get("colocated", False),
+                   token_budget=settings.get("token_budget", meta.get("token_budget", 512)))
 
     # --- lower level: groups ---------------------------------------------------------------------
     def signature(self, group: Iterable[str]) -> Signature:
@@ -87,10 +98,24 @@ class Planner:
         key = (sig, phase)
         if key not in self._groups:
             ids = [f"{n}:{i}" for n, c in sig for i in range(c)]
-            perf = best_layout(self.cluster, self.model, self.workload, ids, phase, self.calib, self.max_pp,
-                               cache=self._fits)
+            if phase == COLOCATED:
+                found = best_colocated_layout(self.cluster, self.model, self.workload, ids, self.calib, self.max_pp,
+                                              self.token_budget, self._fits)
+                perf = self._colocated_group(found[0], found[1]) if found else None
+            else:
+                perf = best_layout(self.cluster, self.model, self.workload, ids, phase, self.calib, self.max_pp,
+                                   cache=self._fits)
             self._groups[key] = perf if perf is not None and perf.capacity > 0 else None
         return self._groups[key]
+
+    def _colocated_group(self, layout: Layout, c) -> GroupPerf:  # c: colocated.ColocatedPerf
+        return GroupPerf(layout, COLOCATED, c.capacity, c.capacity * self.workload.output_mean, latency=c.latency,
+                         service=c.service, tpot=c.tpot, sequences=c.sequences)
+
+    def colocated_layout_perf(self, layout: Layout) -> GroupPerf:
+        """A fixed layout's colocated (chunked) performance, as `evaluate_layout` for the other phases."""
+        c = colocated_perf(self.model, layout.hw(self.cluster), self.workload, self.calib, self.token_budget)
+        return self._colocated_group(layout, c)
 
     def capacity(self, group: Iterable[str], phase: str) -> float:
         perf = self._sig_perf(self.signature(group), phase)
@@ -121,6 +146,8 @@ class Planner:
     def _loads(items: Sequence[tuple[str, GroupPerf]]) -> tuple[list[orch.ReplicaLoad], list[orch.ReplicaLoad]]:
         pre, dec = [], []
         for rid, perf in items:
+            if perf.phase == COLOCATED:  # outside the LP: takes its own requests
+                continue
             load = orch.ReplicaLoad(rid, perf.capacity, perf.layout.layer_map(), perf.latency, perf.service,
                                     perf.service2, perf.latencies, perf.tpot)
             (pre if perf.phase == "prefill" else dec).append(load)
@@ -186,7 +213,8 @@ class Planner:
         key, parts = self._key(groups, phases)
         if key in self._scores:
             return self._scores[key]
-        return self.items_bound([(f"g{i}", self._sig_perf(sig, ph)) for i, (sig, ph) in enumerate(parts)])  # type: ignore[misc]
+        items = [(f"g{i}", self._sig_perf(sig, ph)) for i, (sig, ph) in enumerate(parts)]
+        return self.items_bound(items) + _colocated_rate(items)  # type: ignore[arg-type]
 
     # --- the objective -----------------------------------------------------------------------------
     def _key(self, groups: Sequence[Sequence[str]], phases: Sequence[str]) -> tuple[tuple, list]:
@@ -194,7 +222,7 @@ class Planner:
             raise ValueError("groups and phases differ in length")
         parts = []
         for g, ph in zip(groups, phases, strict=True):
-            if ph not in PHASES:
+            if ph not in ALL_PHASES:
                 raise ValueError(f"unknown phase {ph!r}")
             sig = self.signature(g)
             if self._sig_perf(sig, ph) is not None:  # groups that cannot serve their phase are idle
@@ -202,23 +230,28 @@ class Planner:
         return tuple(sorted(parts)), parts
 
     def bound(self, groups: Sequence[Sequence[str]], phases: Sequence[str]) -> float:
-        """Upper bound on score(): min(total prefill capacity, total decode capacity)."""
-        pre = dec = 0.0
+        """Upper bound on score(): min(total prefill capacity, total decode capacity) + colocated capacity."""
+        pre = dec = colo = 0.0
         for g, ph in zip(groups, phases, strict=True):
             c = self.capacity(g, ph)
             if ph == "prefill":
                 pre += c
-            else:
+            elif ph == "decode":
                 dec += c
-        return min(pre, dec)
+            else:
+                colo += c
+        return min(pre, dec) + colo
 
     def score(self, groups: Sequence[Sequence[str]], phases: Sequence[str]) -> float:
-        """SLO-meeting request rate (req/s) this grouping and phase designation sustains; 0 if infeasible."""
+        """SLO-meeting request rate (req/s) this grouping and phase designation sustains; 0 if infeasible:
+        the LP's disaggregated rate plus the colocated groups' capacities (they take requests directly)."""
         key, parts = self._key(groups, phases)
         if key in self._scores:
             return self._scores[key]
         items = [(f"g{i}", self._sig_perf(sig, ph)) for i, (sig, ph) in enumerate(parts)]
-        val = self.choose_codec(items)[1].rate  # type: ignore[arg-type]
+        colo = _colocated_rate(items)  # type: ignore[arg-type]
+        disagg = [it for it in items if it[1].phase != COLOCATED]  # type: ignore[union-attr]
+        val = (self.choose_codec(disagg)[1].rate if disagg else 0.0) + colo  # type: ignore[arg-type]
         self._scores[key] = val
         return val
 
@@ -246,7 +279,8 @@ class Planner:
             n = iter(range(len(perfs)))
             ids = [f"r{next(n)}" if p is not None and p.capacity > 0 else "" for p in perfs]
         items = [(rid, p) for rid, p in zip(ids, perfs, strict=True) if p is not None and p.capacity > 0]
-        best_codec, result = solved if solved is not None else self.choose_codec(items)
+        disagg = [it for it in items if it[1].phase != COLOCATED]
+        best_codec, result = solved if solved is not None else self.choose_codec(disagg)
         replicas: list[Replica] = []
         used: set[str] = set()
         for rid, perf in items:
@@ -256,17 +290,24 @@ class Planner:
         unused = [g for g in self.cluster.gpu_ids() if g not in used]
         pre_ids = [r.id for r in replicas if r.phase == "prefill"]
         dec_ids = [r.id for r in replicas if r.phase == "decode"]
-        goodput = min(self.workload.rate, result.rate)
+        colo = {r.id: r.capacity for r in replicas if r.phase == COLOCATED}
+        objective = result.rate + sum(colo.values())
+        dispatch = result.dispatch(pre_ids)
+        if colo:  # one dispatch over both kinds: the LP's flow and each colocated replica's capacity
+            dispatch = {k: v / objective for k, v in
+                        ({p: x * result.rate for p, x in dispatch.items()} | colo).items()}
+        goodput = min(self.workload.rate, objective)
+        extra = {"token_budget": self.token_budget} if colo else {}  # the colocated replicas' chunk budget
         return Plan(
             replicas=replicas,
-            dispatch=result.dispatch(pre_ids),
+            dispatch=dispatch,
             routing=result.routing(pre_ids, dec_ids),
             kv_codec=best_codec,
             epoch=epoch,
             model=self.model.name,
             model_layers=self.model.layers,
             cluster=self.cluster.name,
-            objective=result.rate,
+            objective=objective,
             predicted_goodput=goodput,
             predicted_tokens_per_s=goodput * self.workload.output_mean,
             price_per_hour=round(sum(r.price_per_hour for r in replicas), 4),
@@ -280,8 +321,10 @@ class Planner:
                   "model_spec": dataclasses.asdict(self.model),
                   "workload_sample": self.workload.sample(),
                   "planner": {"codec": self.codec, "max_pp": self.max_pp, "seed": self.seed,
+                              "colocated": self.colocated, "token_budget": self.token_budget,
                               **({"calibration": dataclasses.asdict(self.calib)}
                                  if self.calib != cm.DEFAULT_CALIBRATION else {})},
+                  **extra,
                   "kv_transfer_s": {f"{p}->{d}": round(r.transfer_s, 4) for (p, d), r in result.routes.items()
                                     if (p, d) in result.flows}},
         )
@@ -301,28 +344,36 @@ class Planner:
         """
         if workload is not None and workload is not self.workload:
             other = Planner(self.cluster, self.model, workload, self.codec, self.calib, self.seed,
-                            self.codec_tolerance, self.max_pp, **self.search_opts)
+                            self.codec_tolerance, self.max_pp, self.colocated, self.token_budget,
+                            **self.search_opts)
             return other.reschedule(plan, None, failed)
         failed = set(failed)
         keep = [r for r in plan.replicas if r.id not in failed and not (set(r.gpus) & failed)]
-        layouts = [layout_of(r) for r in keep]
+        # colocated replicas stay colocated (re-evaluated for the workload); the others may flip
+        colo = [r for r in keep if r.phase == COLOCATED]
+        flex = [r for r in keep if r.phase != COLOCATED]
         # a fixed layout's capacity in either phase (cheap: no layout search)
-        perf = {(r.id, ph): evaluate_layout(self.cluster, self.model, self.workload, lay, ph, self.calib)
-                for r, lay in zip(keep, layouts, strict=True) for ph in PHASES}
+        perf = {(r.id, ph): evaluate_layout(self.cluster, self.model, self.workload, layout_of(r), ph, self.calib)
+                for r in flex for ph in PHASES}
         from .search import phase_search
 
         memo: dict[tuple[str, ...], tuple[str, orch.Orchestration]] = {}
-        phases = phase_search(self, [r.id for r in keep], perf, [r.phase for r in keep], memo=memo)
-        # the final designation's LP is in the memo: phase_search's items are build_plan's (same
-        # replicas, same order, capacity > 0)
-        new = self.build_plan([list(r.gpus) for r in keep], phases, epoch=plan.epoch + 1,
-                              ids=[r.id for r in keep], perfs=[perf[(r.id, ph)] for r, ph in
-                                                               zip(keep, phases, strict=True)],
+        phases = phase_search(self, [r.id for r in flex], perf, [r.phase for r in flex], memo=memo)
+        # the final designation's LP is in the memo: phase_search's items are build_plan's disaggregated
+        # ones (same replicas, same order, capacity > 0)
+        chosen = {r.id: perf[(r.id, ph)] for r, ph in zip(flex, phases, strict=True)}
+        chosen |= {r.id: self.colocated_layout_perf(layout_of(r)) for r in colo}
+        new = self.build_plan([list(r.gpus) for r in keep], [chosen[r.id].phase for r in keep],
+                              epoch=plan.epoch + 1, ids=[r.id for r in keep], perfs=[chosen[r.id] for r in keep],
                               solved=memo.get(tuple(phases)))
         # replicas that serve neither phase stay out of the plan but keep their (unchanged) layout
         new.meta["rescheduled_from"] = plan.epoch
         new.meta["failed"] = sorted(failed)
         return new
+
+
+def _colocated_rate(items: Sequence[tuple[str, GroupPerf]]) -> float:
+    return sum(p.capacity for _, p in items if p.phase == COLOCATED)
 
 
 def _with_layout(perf: GroupPerf, layout: Layout) -> GroupPerf:

@@ -23,10 +23,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .parallel import PHASES, GroupPerf
-from .planner import Planner, Progress, Signature
+from .planner import COLOCATED, Planner, Progress, Signature
 
 Group = tuple[str, ...]
 OTHER = {"prefill": "decode", "decode": "prefill"}
+
+
+def _others(phase: str, phases: Sequence[str]) -> list[str]:
+    """The phases a group of `phase` can flip to (prefill <-> decode first, so the disaggregated
+    moves keep their order)."""
+    return [q for q in dict.fromkeys(([OTHER[phase]] if phase in OTHER else []) + list(phases)) if q != phase]
 
 
 @dataclass(frozen=True)
@@ -72,7 +78,7 @@ def initial_state(planner: Planner, granularity: str = "min") -> State:
         return [g for n in nodes for g in cl.node(n).gpu_ids()]
 
     def ok(group: Sequence[str]) -> bool:
-        return any(planner.capacity(group, ph) > 0 for ph in PHASES)
+        return any(planner.capacity(group, ph) > 0 for ph in planner.phases)
 
     def smallest(members: list[str]) -> int | None:
         return next((m for m in range(1, len(members) + 1) if ok(members[:m])), None)
@@ -171,6 +177,8 @@ def _cuts(ids: list[str], planner: Planner, max_groups: int, cands: list[tuple[l
         for sd in sizes:
             if sp == sd:  # one uniform cut: every designation when few groups, else by capacity ratio
                 groups = [tuple(ids[i:i + sp]) for i in range(0, n - sp + 1, sp)]
+                if COLOCATED in planner.phases and len(groups) <= max_groups:  # and all colocated (no LP)
+                    cands.append((groups, [COLOCATED] * len(groups)))
                 if len(groups) <= 6:
                     cands += [(groups, list(ph)) for ph in itertools.product(PHASES, repeat=len(groups))
                               if "prefill" in ph and "decode" in ph]
@@ -189,18 +197,20 @@ def _cuts(ids: list[str], planner: Planner, max_groups: int, cands: list[tuple[l
                 cands.append((dec + pre, ["decode"] * n_d + ["prefill"] * n_p))
 
 
-def _ratio_phases(planner: Planner, groups: Sequence[Group]) -> list[str]:
-    """Prefill to the groups best at it (by capacity ratio), as many as balance the two sides."""
+def _ratio_phases(planner: Planner, groups: Sequence[Group], keep: Sequence[str] = ()) -> list[str]:
+    """Prefill to the groups best at it (by capacity ratio), as many as balance the two sides. Groups
+    whose phase in `keep` is colocated stay colocated."""
+    fixed = {i for i, p in enumerate(keep) if p == COLOCATED}
     caps = [(planner.capacity(g, "prefill"), planner.capacity(g, "decode")) for g in groups]
-    order = sorted(range(len(groups)), key=lambda i: -(caps[i][0] / (caps[i][1] + 1e-9)))
+    order = sorted((i for i in range(len(groups)) if i not in fixed), key=lambda i: -(caps[i][0] / (caps[i][1] + 1e-9)))
     best_n, best_b = 0, -1.0
-    for n in range(len(groups) + 1):
+    for n in range(len(order) + 1):
         pre = sum(caps[i][0] for i in order[:n])
         dec = sum(caps[i][1] for i in order[n:])
         if min(pre, dec) > best_b:
             best_n, best_b = n, min(pre, dec)
     chosen = set(order[:best_n])
-    return ["prefill" if i in chosen else "decode" for i in range(len(groups))]
+    return [COLOCATED if i in fixed else "prefill" if i in chosen else "decode" for i in range(len(groups))]
 
 
 # --- neighbourhood -----------------------------------------------------------------------------------
@@ -219,8 +229,10 @@ def _take(group: Group, node: str) -> tuple[str, Group]:
 Move = tuple[tuple[int, ...], list[Group], list[str]]  # (groups removed, groups added, their phases)
 
 
-def moves(state: State) -> list[Move]:
-    """Every move from a state, cheaply described (flips first); `apply` builds the states."""
+def moves(state: State, phases: Sequence[str] = PHASES) -> list[Move]:
+    """Every move from a state, cheaply described (flips first); `apply` builds the states. `phases`: the
+    phases a group may take (the planner's `phases`: with colocated, a flip or a new group may also be
+    colocated)."""
     G, P = list(state.groups), list(state.phases)
     k = len(G)
     out: list[Move] = []
@@ -228,8 +240,9 @@ def moves(state: State) -> list[Move]:
     def replace(idx: Sequence[int], new_groups: list[Group], new_phases: list[str]) -> None:
         out.append((tuple(idx), new_groups, new_phases))
 
-    for i in range(k):  # flip
-        replace([i], [G[i]], [OTHER[P[i]]])
+    for i in range(k):  # flip (to each other phase)
+        for q in _others(P[i], phases):
+            replace([i], [G[i]], [q])
     for i, j in itertools.combinations(range(k), 2):  # swap the phases of a prefill and a decode group
         if P[i] != P[j]:
             replace([i, j], [G[i], G[j]], [P[j], P[i]])
@@ -246,13 +259,13 @@ def moves(state: State) -> list[Move]:
             s = _gkey(G[i])
             parts.append((s[: len(s) // 2], s[len(s) // 2:]))
         for a, b in parts:
-            for pb in (P[i], OTHER[P[i]]):
+            for pb in (P[i], *_others(P[i], phases)):
                 replace([i], [a, b], [P[i], pb])
     for i in range(k):  # detach one GPU of a node into a group of its own
         if len(G[i]) > 1:
             for n in sorted({_node(g) for g in G[i]}):
                 g, rest = _take(G[i], n)
-                for ph in PHASES:
+                for ph in phases:
                     replace([i], [rest, (g,)], [P[i], ph])
     for i in range(k):  # move one GPU of a node from group i to group j
         for n in sorted({_node(g) for g in G[i]}):
@@ -281,14 +294,16 @@ def apply(state: State, move: Move, planner: Planner | None = None) -> list[Stat
     ps = [p for i, p in enumerate(state.phases) if i not in idx] + new_phases
     out = [_make(gs, ps)]
     if planner is not None and len(idx) + len(new_groups) > 1:
-        live = [g for g in gs if g]
-        out.append(_make(live, _ratio_phases(planner, live)))
+        live = [(g, p) for g, p in zip(gs, ps, strict=True) if g]
+        groups = [g for g, _ in live]
+        out.append(_make(groups, _ratio_phases(planner, groups, [p for _, p in live])))
     return out
 
 
 def neighbours(state: State, planner: Planner | None = None) -> list[State]:
     """Every state one move away."""
-    return list(dict.fromkeys(s for m in moves(state) for s in apply(state, m, planner)))
+    ms = moves(state, planner.phases if planner is not None else PHASES)
+    return list(dict.fromkeys(s for m in ms for s in apply(state, m, planner)))
 
 
 def _attrs(planner: Planner, s: State) -> set[tuple[Signature, str]]:
@@ -380,8 +395,8 @@ def _tabu(planner: Planner, start: State, o: dict[str, int], rng: random.Random,
         if time_limit_s is not None and time.monotonic() - t_start > time_limit_s:
             break
         it += 1
-        ms = moves(cur)
-        n_flip = len(cur.groups)  # always look at every phase flip, sample the other moves
+        ms = moves(cur, planner.phases)
+        n_flip = len(cur.groups) * (len(planner.phases) - 1)  # always look at every phase flip, sample the rest
         if len(ms) - n_flip > o["max_neighbours"] // 2:
             ms = ms[:n_flip] + rng.sample(ms[n_flip:], o["max_neighbours"] // 2)
         cands = candidates(planner, cur, ms)
@@ -481,24 +496,25 @@ def exhaustive_search(planner: Planner) -> SearchResult:
         if not any(vec):
             continue
         ids = [f"{names[i]}:{j}" for i, c in enumerate(vec) for j in range(c)]
-        for ph in PHASES:
+        for ph in planner.phases:
             cap = planner.capacity(ids, ph)
             if cap > 0:
                 types.append((vec, ph, cap))
     combos: list[tuple[float, list[int]]] = []
 
-    def rec(start: int, remaining: list[int], chosen: list[int], pre: float, dec: float) -> None:
-        if pre > 0 and dec > 0:
-            combos.append((min(pre, dec), list(chosen)))
+    def rec(start: int, remaining: list[int], chosen: list[int], pre: float, dec: float, colo: float) -> None:
+        if (pre > 0 and dec > 0) or colo > 0:
+            combos.append((min(pre, dec) + colo, list(chosen)))  # planner.bound
         for t in range(start, len(types)):
             vec, ph, cap = types[t]
             if all(v <= r for v, r in zip(vec, remaining, strict=True)):
                 chosen.append(t)
                 rec(t, [r - v for r, v in zip(remaining, vec, strict=True)], chosen,
-                    pre + (cap if ph == "prefill" else 0), dec + (cap if ph == "decode" else 0))
+                    pre + (cap if ph == "prefill" else 0), dec + (cap if ph == "decode" else 0),
+                    colo + (cap if ph == COLOCATED else 0))
                 chosen.pop()
 
-    rec(0, counts, [], 0.0, 0.0)
+    rec(0, counts, [], 0.0, 0.0, 0.0)
     combos.sort(key=lambda x: -x[0])
     best_score, best_state = 0.0, ([], [])
     for b, chosen in combos:

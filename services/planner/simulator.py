@@ -237,16 +237,11 @@ def iteration_time(model: ModelSpec, stages: Sequence[cm.StageHW], decode: int, 
     `context` plus prefill chunks (prompt tokens already done, chunk length), each chunk attending causally
     to itself and its prefix (whose KV it reads). The work is spread evenly over min(pp, items) micro-batches
     (a request sits in one micro-batch, as `decode_step_time`'s max(1, b / pp)) and costed by
-    `costmodel.pipeline_pass_time`: decode only with b >= pp, it is `decode_step_time`; one chunk of a fresh
-    prompt alone, `prefill_latency`."""
-    n_mb = min(len(stages), decode + len(chunks))
-    if n_mb < 1:
-        return 0.0
-    tokens = decode + sum(c for _, c in chunks)
-    attn = decode * context + sum(c * done + c * c / 2 for done, c in chunks)
-    kv = decode * context + sum(done + c for done, c in chunks)
-    return cm.pipeline_pass_time(model, list(stages), tokens / n_mb, attn / n_mb, kv / n_mb,
-                                 (decode + len(chunks)) / n_mb, calib, n_mb)
+    `costmodel.chunked_iteration_time`, which the planner's colocated capacity model uses too: decode only
+    with b >= pp, it is `decode_step_time`; one chunk of a fresh prompt alone, `prefill_latency`."""
+    return cm.chunked_iteration_time(model, list(stages), decode, context, float(sum(c for _, c in chunks)),
+                                     float(sum(c * done + c * c / 2 for done, c in chunks)),
+                                     float(sum(done + c for done, c in chunks)), len(chunks), calib)
 
 
 def prefill_batch_times(model: ModelSpec, stages: Sequence[cm.StageHW], prompts: Sequence[int],
@@ -572,18 +567,20 @@ class Simulator:
 
     # --- static structure ---------------------------------------------------------------------------
     def _entry_weights(self) -> dict[str, float]:
-        """Where new requests go: prefill replicas by dispatch, colocated ones by predicted capacity."""
+        """Where new requests go: by the dispatch weights when they name colocated replicas too (the
+        planner's plans); else prefill replicas by dispatch, colocated ones by predicted capacity."""
         w: dict[str, float] = {}
         pre = self.plan.prefill_ids
-        if pre:
+        colo = [r for r in self.plan.replicas if r.phase == "colocated"]
+        mixed = any(r.id in self.plan.dispatch for r in colo)
+        if pre or mixed:
             if not self.plan.dispatch:
                 raise ValueError("plan has prefill replicas but no dispatch weights")
             w.update({p: v for p, v in self.plan.dispatch.items() if v > 0})
             for p in w:
-                if not self.plan.routing.get(p):
+                if p in pre and not self.plan.routing.get(p):
                     raise ValueError(f"plan routes nothing from prefill replica {p}")
-        colo = [r for r in self.plan.replicas if r.phase == "colocated"]
-        if colo:
+        if colo and not mixed:
             weights = self.plan.meta.get("colocated_dispatch") or {r.id: max(r.capacity, 0.0) for r in colo}
             tot = sum(weights.values())
             share = 1.0 if not w else float(self.plan.meta.get("colocated_share", 0.5))

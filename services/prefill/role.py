@@ -37,9 +37,8 @@ from thunderserve.common.protocol import (
     KVHandoff,
     PrefillRequest,
     TokenChunk,
-    Usage,
 )
-from thunderserve.common.sequence import OutputTracker, prompt_token_logprobs, sample_token, token_logprob
+from thunderserve.common.sequence import first_token_chunk, scores_prompt
 
 log = logging.getLogger(__name__)
 
@@ -332,34 +331,16 @@ class PrefillRole:
         self._running += 1
         try:
             resumed = request.resume_token_ids  # a request taken over from a dead replica: go on after these
-            # The prompt's own log-probabilities, if asked: on the first attempt only (a resumed one's
-            # router has them already).
-            scored = request.sampling.prompt_logprobs is not None and not resumed
             forward = span.child("prefill.forward", tokens=len(request.prompt_token_ids) + len(resumed))
             if early is not None:
                 early.begin()
             try:
-                result = self.engine.prefill(request.prompt_token_ids + resumed, prompt_logits=scored,
+                result = self.engine.prefill(request.prompt_token_ids + resumed, prompt_logits=scores_prompt(request),
                                              on_layer=early.feed.put if early is not None else None)
             finally:
                 forward.end()
-            prompt_lps = prompt_token_logprobs(result.prompt_logits, request.prompt_token_ids,
-                                               request.sampling.prompt_logprobs) if scored else []
-            if request.sampling.max_tokens == 0:  # scoring only: nothing to generate
-                return TokenChunk(request.request_id, 0, [], "", "length",
-                                  usage=Usage(len(request.prompt_token_ids), 0), prompt_logprobs=prompt_lps)
-            tracker = OutputTracker(request.sampling, len(request.prompt_token_ids), self.engine.max_context,
-                                    self.engine.eos_token_ids, self.engine.tokenizer)
-            tracker.resume(resumed)
-            step = tracker.completion_tokens  # also the chunk index: one token per chunk
-            first = sample_token(result.logits, request.sampling, step, self.engine.eos_token_ids, resumed)
-            out = tracker.add(first)
-            first_chunk = TokenChunk(request.request_id, step, [first], out.text, out.finish_reason,
-                                     prompt_logprobs=prompt_lps)
-            if request.sampling.logprobs is not None:
-                first_chunk.logprobs = [token_logprob(result.logits, first, request.sampling.logprobs)]
-            if out.finish_reason is not None:  # the first token ends it: nothing to hand off
-                first_chunk.usage = Usage(tracker.prompt_len, tracker.completion_tokens)
+            first_chunk = first_token_chunk(request, result.logits, result.prompt_logits, self.engine)
+            if first_chunk.finish_reason is not None:  # the first token ends it: nothing to hand off
                 return first_chunk
             if early is not None:
                 return early, early.head, first_chunk

@@ -139,7 +139,7 @@ def create_app(core: RouterCore, drain_timeout_s: float = 0.0, api_key: str | No
             "# TYPE thunderserve_requests_in_flight gauge",
             f"thunderserve_requests_in_flight {len(core.inflight)}",
         ]
-        for phase in ("prefill", "decode"):
+        for phase in ("prefill", "decode", "colocated"):
             lines.append(f'thunderserve_replicas_ready{{phase="{phase}"}} {len(core.replicas.ready(phase))}')
         lines += core.latency.render()
         return PlainTextResponse("\n".join(lines) + "\n")

@@ -306,11 +306,18 @@ class RouterCore:
         return flight
 
     def _choose_pair(self, avoid: frozenset[str] = frozenset(), seen_after: float = 0.0):
-        """A prefill replica by the plan's dispatch weights, then a decode replica by its routes;
-        replicas in `avoid` (those a failed attempt used) only if there is no other, and only
-        replicas heard from after `seen_after`."""
+        """A prefill (or colocated) replica by the plan's dispatch weights, then a decode replica by its
+        routes (a colocated replica decodes what it prefills); replicas in `avoid` (those a failed attempt
+        used) only if there is no other, and only replicas heard from after `seen_after`."""
         plan = self.plan
-        prefill = self.replicas.choose("prefill", plan.dispatch if plan else None, avoid, seen_after)
+        entry: tuple[str, ...] = ("prefill", "colocated")
+        if not self.replicas.ready("decode", seen_after):  # a prefill replica could hand its KV to no one
+            if not self.replicas.ready("colocated", seen_after):
+                raise NoReplicaError("no decode replica is available")
+            entry = ("colocated",)
+        prefill = self.replicas.choose(entry, plan.dispatch if plan else None, avoid, seen_after)
+        if prefill.beat.phase == "colocated":  # it decodes what it prefills
+            return prefill, prefill
         routes = plan.routing.get(prefill.beat.replica_id) if plan else None
         return prefill, self.replicas.choose("decode", routes, avoid, seen_after)
 
@@ -318,7 +325,7 @@ class RouterCore:
         """Send the flight's current attempt to this prefill/decode pair."""
         flight.prefill_id, flight.decode_id = prefill.beat.replica_id, decode.beat.replica_id
         self.inflight[flight.wire_id] = flight
-        for view in (prefill, decode):
+        for view in {id(v): v for v in (prefill, decode)}.values():  # (once for a colocated replica)
             view.assigned += 1
             view.dispatched += 1
         message = PrefillRequest(
@@ -404,7 +411,7 @@ class RouterCore:
     def _release_attempt(self, flight: InFlight) -> None:
         """The flight's current attempt no longer occupies its replicas (prefill's share ends
         once decode's tokens flow)."""
-        for rid in (flight.decode_id,) if flight.in_decode else (flight.prefill_id, flight.decode_id):
+        for rid in (flight.decode_id,) if flight.in_decode else dict.fromkeys((flight.prefill_id, flight.decode_id)):
             self._release(rid)
         flight.prefill_id = flight.decode_id = ""
 
@@ -475,7 +482,8 @@ class RouterCore:
             # The prefill replica streams index 0 itself; it is done once decode's tokens flow.
             if not flight.in_decode and (ready.index >= 1 or ready.finish_reason is not None):
                 flight.in_decode = True
-                self._release(flight.prefill_id)
+                if flight.prefill_id != flight.decode_id:  # (a colocated replica goes on decoding it)
+                    self._release(flight.prefill_id)
             self.stats.completion_tokens += len(ready.token_ids)
             if ready.finish_reason is not None:
                 flight.span.attributes["finish_reason"] = ready.finish_reason
@@ -547,11 +555,13 @@ class RouterCore:
 
     def health(self) -> dict:
         prefill, decode = self.replicas.ready("prefill"), self.replicas.ready("decode")
+        colocated = self.replicas.ready("colocated")
         return {
-            "status": "ok" if prefill and decode else "unavailable",
+            "status": "ok" if (prefill and decode) or colocated else "unavailable",
             "model": self.model_name,
             "prefill_replicas": len(prefill),
             "decode_replicas": len(decode),
+            "colocated_replicas": len(colocated),
             "in_flight": len(self.inflight),
             "plan_epoch": self.plan.epoch if self.plan else 0,
             "replicas": self.replicas.snapshot(),

@@ -72,27 +72,29 @@ class ReplicaTable:
             del self.replicas[rid]
         return gone
 
-    def ready(self, phase: str, seen_after: float = 0.0) -> list[ReplicaView]:
-        """Replicas of `phase` taking work, heard from within the timeout (and after `seen_after`)."""
+    def ready(self, phase: str | tuple[str, ...], seen_after: float = 0.0) -> list[ReplicaView]:
+        """Replicas of `phase` (or of any of several) taking work, heard from within the timeout (and after
+        `seen_after`)."""
+        phases = (phase,) if isinstance(phase, str) else phase
         now = time.monotonic()
         return [
             v
             for v in self.replicas.values()
-            if v.beat.phase == phase and v.beat.state == "ready" and now - v.last_seen <= self.timeout_s
+            if v.beat.phase in phases and v.beat.state == "ready" and now - v.last_seen <= self.timeout_s
             and v.last_seen > seen_after
         ]
 
-    def choose(self, phase: str, weights: dict[str, float] | None = None,
+    def choose(self, phase: str | tuple[str, ...], weights: dict[str, float] | None = None,
                avoid: frozenset[str] = frozenset(), seen_after: float = 0.0) -> ReplicaView:
-        """The least-loaded ready replica of `phase`; plan weights scale its share when given.
-        Replicas in `avoid` only if there is no other; only those heard from after `seen_after`."""
+        """The least-loaded ready replica of `phase` (or of any of several); plan weights scale its share when
+        given. Replicas in `avoid` only if there is no other; only those heard from after `seen_after`."""
         candidates = self.ready(phase, seen_after)
         candidates = [v for v in candidates if v.beat.replica_id not in avoid] or candidates
         if weights:
             weighted = [v for v in candidates if weights.get(v.beat.replica_id, 0.0) > 0]
             candidates = weighted or candidates
         if not candidates:
-            raise NoReplicaError(f"no {phase} replica is available")
+            raise NoReplicaError(f"no {phase if isinstance(phase, str) else ' or '.join(phase)} replica is available")
 
         def key(v: ReplicaView):
             w = weights.get(v.beat.replica_id, 1.0) if weights else 1.0

@@ -25,24 +25,20 @@ PROMPTS = [
 N = 32
 
 
-def _chat_ids(tokenizer, text: str) -> list[int]:
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                         tokenize=True, return_dict=True)["input_ids"]
-
-
 _REFERENCE: dict[str, tuple] = {}  # prompt -> (ids, full-precision cache, first token, reference tokens)
 
 
-def _offline(model, tokenizer, text: str, codec: str) -> tuple[list[int], list[int]]:
+def _offline(reference, text: str, codec: str) -> tuple[list[int], list[int]]:
     """(reference, codec path) tokens computed in this process on the served hop: the whole prompt
     prefilled in full precision, its first token chosen there, the cache through `codec`. The
     reference does not depend on the codec: it is computed once per prompt."""
     from thunderserve.common import kvaccuracy as ka
     from thunderserve.common.kvcodec import get_codec
 
+    model, tokenizer = reference
     eos = tokenizer.eos_token_id
     if text not in _REFERENCE:
-        ids = _chat_ids(tokenizer, text)
+        ids = reference.chat_ids(text)
         layers, first = ka.prefill(model, ids)
         ref = [first, *ka.greedy(model, layers, first, N - 1, eos)] if first != eos else [first]
         _REFERENCE[text] = (ids, layers, first, ref)
@@ -61,7 +57,7 @@ async def _agreement(cluster, reference, codec: str) -> tuple[list[float], list[
     model, tokenizer = reference
     loop = asyncio.get_running_loop()
     with ThreadPoolExecutor(1) as worker:
-        pending = [loop.run_in_executor(worker, _offline, model, tokenizer, text, codec) for text in PROMPTS]
+        pending = [loop.run_in_executor(worker, _offline, reference, text, codec) for text in PROMPTS]
         served_ids, texts = [], {}
         async with Client(cluster.nats_url) as client:
             for text in PROMPTS:

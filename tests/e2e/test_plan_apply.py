@@ -33,7 +33,7 @@ async def _publish_and_wait(cluster, plan: Plan, capsys, also=lambda replicas: T
     /health once the router has applied it too (and `also`)."""
     code, out, err = await asyncio.to_thread(_apply, cluster, plan, 30, capsys)
     assert code == 0, err
-    acked = set(re.findall(r"^  (\S+) \((?:prefill|decode)\) applied it after [0-9.]+ s$", out, re.M))
+    acked = set(re.findall(r"^  (\S+) \((?:prefill|decode|colocated)\) applied it after [0-9.]+ s$", out, re.M))
     assert sorted(acked) == sorted(r.id for r in plan.replicas), out
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -73,6 +73,31 @@ async def test_plan_flips_a_replica_and_steers_routing(tiny_cluster, capsys):
     assert after["prefill-0"] - before["prefill-0"] == 6
     assert after["prefill-1"] - before["prefill-1"] == 6
     assert after["decode-0"] - before["decode-0"] == 0
+
+
+async def test_a_plan_makes_a_replica_colocated_and_dispatches_to_it(tiny_cluster, capsys):
+    """A plan turns prefill-1 colocated and dispatches every request to it: it prefills and decodes them itself,
+    and no request touches the prefill/decode pair the plan leaves idle."""
+    tiny_cluster.start_replica("prefill", 1)
+    tiny_cluster.wait_ready(timeout=120, prefill=2, decode=1)
+    plan = Plan(
+        replicas=[Replica("prefill-0", "prefill", ["h:0"]), Replica("prefill-1", "colocated", ["h:1"]),
+                  Replica("decode-0", "decode", ["h:2"])],
+        dispatch={"prefill-0": 0.0, "prefill-1": 1.0},
+        routing={"prefill-0": {"decode-0": 1.0}},
+        epoch=3, meta={"token_budget": 8},
+    )
+    health = await _publish_and_wait(
+        tiny_cluster, plan, capsys, also=lambda replicas: replicas.get("prefill-1", {}).get("phase") == "colocated")
+    assert health["colocated_replicas"] == 1
+    before = {r["id"]: r["dispatched"] for r in health["replicas"]}
+    async with Client(tiny_cluster.nats_url) as client:
+        results = await asyncio.gather(*(client.complete(f"Colocated plan {i} " * 4, max_tokens=6, ignore_eos=True)
+                                         for i in range(6)))
+    assert all(len(r.token_ids) == 6 for r in results)
+    after = {r["id"]: r["dispatched"] for r in tiny_cluster.health()["replicas"]}
+    assert after["prefill-1"] - before["prefill-1"] == 6
+    assert after["prefill-0"] == before["prefill-0"] and after["decode-0"] == before["decode-0"]
 
 
 async def _first_token_while_decode_paused(cluster, client: Client, pause_s: float = 1.0):

@@ -24,17 +24,6 @@ PROMPTS = [
 ]
 
 
-def _chat_ids(tokenizer, text: str) -> list[int]:
-    return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                              tokenize=True, return_dict=True)["input_ids"])
-
-
-def _generate(model, ids: list[int], max_new: int) -> list[int]:
-    with torch.inference_mode():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=max_new, do_sample=False)
-    return out[0, len(ids):].tolist()
-
-
 def _trim_eos(tokens: list[int], eos: int) -> list[int]:
     return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
 
@@ -45,7 +34,7 @@ async def test_greedy_matches_generate(smollm2_cluster, smollm2_reference):
     eos = tokenizer.eos_token_id
     async with Client(smollm2_cluster.nats_url) as client:
         for text, n in PROMPTS:
-            expected = _trim_eos(_generate(model, _chat_ids(tokenizer, text), n), eos)
+            expected = _trim_eos(smollm2_reference.generate(smollm2_reference.chat_ids(text), n), eos)
             got = await client.complete(messages=[{"role": "user", "content": text}], max_tokens=n, temperature=0)
             assert got.token_ids == expected, text
             assert got.finish_reason == ("stop" if expected[-1] == eos else "length")
@@ -53,7 +42,7 @@ async def test_greedy_matches_generate(smollm2_cluster, smollm2_reference):
             assert got.text == tokenizer.decode(expected, skip_special_tokens=True)
         # a raw completion prompt too (no chat template)
         ids = tokenizer.encode("The three primary colors are", add_special_tokens=False)
-        expected = _trim_eos(_generate(model, ids, 20), eos)
+        expected = _trim_eos(smollm2_reference.generate(ids, 20), eos)
         got = await client.complete("The three primary colors are", max_tokens=20, temperature=0)
         assert got.token_ids == expected
 
@@ -66,7 +55,7 @@ async def test_penalties_match_an_in_process_greedy_loop(smollm2_cluster, smollm
 
     model, tokenizer = smollm2_reference
     text, n = "List the days of the week, then list them again.", 24
-    ids = _chat_ids(tokenizer, text)
+    ids = smollm2_reference.chat_ids(text)
     params = SamplingParams(max_tokens=n, temperature=0, frequency_penalty=2.0, presence_penalty=2.0)
     expected: list[int] = []
     with torch.inference_mode():
@@ -88,7 +77,7 @@ async def test_logprobs_are_the_models(smollm2_cluster, smollm2_reference):
     model, tokenizer = smollm2_reference
     prompt, n = "The capital of France is", 6
     ids = tokenizer.encode(prompt, add_special_tokens=False)
-    expected = _generate(model, ids, n)
+    expected = smollm2_reference.generate(ids, n)
     with torch.inference_mode():
         logits = model(torch.tensor([ids + expected])).logits[0, len(ids) - 1:-1]
     ref = torch.log_softmax(logits.float(), dim=-1)
@@ -138,7 +127,7 @@ def test_openai_sdk(smollm2_cluster, smollm2_reference):
         max_tokens=12, temperature=0)
     assert "Paris" in chat.choices[0].message.content
     assert chat.usage.completion_tokens >= 1
-    assert chat.usage.prompt_tokens == len(_chat_ids(tokenizer, "What is the capital of France?"))
+    assert chat.usage.prompt_tokens == len(smollm2_reference.chat_ids("What is the capital of France?"))
 
     stream = client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": "What is the capital of France?"}],
@@ -173,8 +162,8 @@ async def test_concurrent_streams_are_independent(smollm2_cluster, smollm2_refer
         ("Who wrote Hamlet?", 9), ("Give me a synonym for happy.", 14), ("Describe the moon.", 22),
         ("What is Python?", 18), ("Say hello in Spanish.", 5),
     ]
-    expected = {text: tokenizer.decode(_generate(model, _chat_ids(tokenizer, text), n), skip_special_tokens=True)
-                for text, n in cases}
+    generate, chat_ids = smollm2_reference.generate, smollm2_reference.chat_ids
+    expected = {text: tokenizer.decode(generate(chat_ids(text), n), skip_special_tokens=True) for text, n in cases}
     client = openai.AsyncOpenAI(base_url=smollm2_cluster.http_url + "/v1", api_key="unused")
 
     async def one(text: str, n: int) -> str:
@@ -294,7 +283,7 @@ async def test_top_k_and_stop_token_ids_reach_both_phases(smollm2_cluster, smoll
     first token and decode's after it. A stop token id ends the request where it is generated."""
     model, tokenizer = smollm2_reference
     prompt = "The three primary colours are"
-    expected = _generate(model, tokenizer.encode(prompt, add_special_tokens=False), 12)
+    expected = smollm2_reference.generate(tokenizer.encode(prompt, add_special_tokens=False), 12)
     async with Client(smollm2_cluster.nats_url) as client:
         sampled = await client.complete(prompt, max_tokens=12, temperature=1.5, top_k=1, seed=1, ignore_eos=True)
         assert sampled.token_ids == expected
@@ -308,7 +297,7 @@ async def test_requests_that_end_on_their_first_token(smollm2_cluster, smollm2_r
     model, tokenizer = smollm2_reference
     async with Client(smollm2_cluster.nats_url) as client:
         one = await client.complete("The capital of France is", max_tokens=1, temperature=0)
-        expected = _generate(model, tokenizer.encode("The capital of France is", add_special_tokens=False), 1)
+        expected = smollm2_reference.generate(tokenizer.encode("The capital of France is", add_special_tokens=False), 1)
         assert one.token_ids == expected and one.finish_reason == "length"
         eos = await client.complete("Hello", max_tokens=10, logit_bias={tokenizer.eos_token_id: 100.0})
         assert eos.finish_reason == "stop" and eos.text == "" and eos.usage.completion_tokens == 1

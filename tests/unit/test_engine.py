@@ -57,6 +57,36 @@ def test_prefill_rejects_empty_prompt(tiny):
         tiny.prefill([])
 
 
+@pytest.mark.parametrize("engine_name", ["tiny", "mock"])
+def test_a_prefill_in_chunks_gives_the_whole_prefills_kv_and_logits(tiny, engine_name):
+    """Chunks of any size (the last a single token) attend to the cache of the ones before: the KV, the next
+    token's logits and every prompt position's logits are the one-pass prefill's (to float rounding), and the
+    decode batch continues from them as from a whole prefill."""
+    engine = tiny if engine_name == "tiny" else MockEngine()
+    ids = list(range(5, 45))
+    whole = engine.prefill(ids, prompt_logits=True)
+    work = engine.start_prefill(ids, prompt_logits=True)
+    results = [work.advance(n) for n in (7, 16, 0, 15, 1)]  # 0 still runs a token: every call makes progress
+    assert [r is None for r in results] == [True, True, True, True, False] and work.remaining == 0
+    chunked = results[-1]
+    assert torch.allclose(chunked.logits, whole.logits, atol=1e-5)
+    assert torch.allclose(chunked.prompt_logits, whole.prompt_logits, atol=1e-5)
+    for (k, v), (k2, v2) in zip(chunked.kv, whole.kv, strict=True):
+        assert k.shape == k2.shape and torch.allclose(k, k2, atol=1e-5) and torch.allclose(v, v2, atol=1e-5)
+    with pytest.raises(RuntimeError, match="already done"):
+        work.advance(4)
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine.start_prefill([])
+    if engine_name == "tiny":  # decoding on from the chunked cache gives generate()'s tokens
+        batch = engine.new_batch()
+        batch.add("s", chunked.kv, int(chunked.logits.argmax()))
+        tokens = [int(chunked.logits.argmax())]
+        for _ in range(5):
+            tokens.append(int(batch.step()["s"].argmax()))
+            batch.set_next_token("s", tokens[-1])
+        assert tokens == _reference(engine, ids, 6)
+
+
 @pytest.mark.parametrize("headroom", [64, 2])  # 2: the preallocated cache regrows every other step
 def test_batch_with_joins_and_leaves_matches_single_sequence_decoding(tiny, headroom):
     prompts = {"a": [11, 12, 13, 14, 15, 16, 17], "b": [200, 201], "c": list(range(300, 320)), "d": [7] * 5}

@@ -22,8 +22,12 @@ def _plan(tmp_path, phases: list[str], ids: list[str] | None = None) -> str:
     (lambda t: ["--plan", str(t / "missing.json")], "No such file"),
     (lambda t: ["--plan", _plan(t, ["prefill", "prefill"])], "no decode replica"),
     (lambda t: ["--plan", _plan(t, ["prefill", "decode"], ids=["p.0", "d 1"])], "replica ids may hold only"),
-    (lambda t: ["--plan", _plan(t, ["prefill", "decode"]), "--decode", "2"], "drop --prefill and --decode"),
-    (lambda t: ["--prefill", "0"], "at least 1 replica"),
+    (lambda t: ["--plan", _plan(t, ["prefill", "colocated"])], "no decode replica"),
+    (lambda t: ["--plan", _plan(t, ["prefill", "decode"]), "--decode", "2"], "drop --prefill, --decode"),
+    (lambda t: ["--plan", _plan(t, ["colocated"]), "--colocated", "1"], "drop --prefill, --decode"),
+    (lambda t: ["--prefill", "0"], "at least 1 of each"),
+    (lambda t: ["--colocated", "1", "--decode", "0"], "at least 1 of each"),
+    (lambda t: ["--colocated", "-1"], "cannot be negative"),
     (lambda t: ["--restart-limit", "-1"], "cannot be negative"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, make_args, needle):
@@ -37,3 +41,16 @@ def test_a_file_that_is_not_a_plan_is_refused(tmp_path, capsys):
     bad.write_text("{not json")
     assert main(["--plan", str(bad)]) == 2
     assert "--plan" in capsys.readouterr().err
+
+
+def test_colocated_replicas_serve_alone_or_beside_pairs(tmp_path):
+    """A plan of colocated replicas alone is servable, and `--colocated` names its processes like the others."""
+    from thunderserve.launcher.cluster import LocalCluster
+
+    alone = LocalCluster(plan_file=_plan(tmp_path, ["colocated", "colocated"], ids=["c0", "c1"]))
+    assert alone.replica_specs() == [("c0", "colocated"), ("c1", "colocated")]
+    assert (alone.prefill, alone.decode, alone.colocated) == (0, 0, 2)
+    mixed = LocalCluster(prefill=1, decode=1, colocated=1)
+    assert mixed.replica_specs() == [("prefill-0", "prefill"), ("decode-0", "decode"), ("colocated-0", "colocated")]
+    with pytest.raises(ValueError, match="no decode replica"):
+        LocalCluster(prefill=1, decode=0, colocated=1)
