@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 import torch
 
-from thunderserve.common import kventropy, kvprofiles, kvquant
+from thunderserve.common import config, kventropy, kvprofiles, kvquant
 
 KVLayers = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -500,15 +500,12 @@ class FineEntropyCodec(EntropyCodec):
 
 _CODECS: dict[str, type] = {"none": NoneCodec, "int8": FineEntropyCodec, "int8-fixed": Int8Codec,
                             "int4": EntropyCodec, "int4-fixed": Int4Codec}
-DEFAULT_CODEC = "int4"
-
-
-def register_codec(name: str, cls: type) -> None:
-    _CODECS[name] = cls
+assert sorted(_CODECS) == sorted(config.KV_CODECS), "config.KV_CODECS names the codecs"
+DEFAULT_CODEC = config.DEFAULT_KV_CODEC
 
 
 def codec_names() -> list[str]:
-    return sorted(_CODECS)
+    return sorted(config.KV_CODECS)
 
 
 def get_codec(name: str) -> KVCodec:

@@ -84,6 +84,10 @@ class Subjects:
 # --- messages ------------------------------------------------------------------------------
 
 
+MAX_LOGPROBS = 20  # SamplingParams: alternatives per token at most (OpenAI's limit)
+MAX_PENALTY = 2.0  # SamplingParams: presence/frequency penalties lie in [-MAX_PENALTY, MAX_PENALTY] (OpenAI's range)
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 16

@@ -14,10 +14,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from thunderserve.common.protocol import PrefillRequest, SamplingParams, TokenChunk, TokenLogprob, Usage
-
-MAX_LOGPROBS = 20  # alternatives per token at most (OpenAI's limit)
-MAX_PENALTY = 2.0  # presence/frequency penalties lie in [-MAX_PENALTY, MAX_PENALTY] (OpenAI's range)
+from thunderserve.common.protocol import (
+    MAX_LOGPROBS,
+    PrefillRequest,
+    SamplingParams,
+    TokenChunk,
+    TokenLogprob,
+    Usage,
+)
 
 
 def _generator(seed: int, step: int) -> torch.Generator:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from thunderserve.common import config
-from thunderserve.common.kvcodec import DEFAULT_CODEC, codec_names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,8 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "replica, under its id and in its phase, and a live planner that re-plans when a replica "
                         "dies or the traffic shifts (phases and routing; no weights move). The local processes "
                         "stand in for the plan's GPUs. Replaces --prefill, --decode and --colocated")
-    parser.add_argument("--kv-codec", default=config.env("KV_CODEC", None), choices=codec_names(),
-                        help=f"KV-cache codec on the prefill->decode hop (default {DEFAULT_CODEC}: entropy-coded, the "
+    parser.add_argument("--kv-codec", default=config.env("KV_CODEC", None), choices=sorted(config.KV_CODECS),
+                        help=f"KV-cache codec on the prefill->decode hop (default {config.DEFAULT_KV_CODEC}: "
+                        "entropy-coded, the "
                         "most accurate at ~4.5 bits/value; int8: the same with 16x finer steps, ~8.5 bits/value; "
                         "int4-fixed / int8-fixed: fixed-rate, less accurate, 2-10x as fast on the CPU; a plan or a "
                         "request that names a codec wins)")

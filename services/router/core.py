@@ -31,11 +31,12 @@ from dataclasses import dataclass, field
 
 import nats
 
-from thunderserve.common import aio, protocol, tracing
-from thunderserve.common.kvcodec import codec_names
+from thunderserve.common import aio, config, protocol, tracing
 from thunderserve.common.plan import Plan
 from thunderserve.common.planstore import PlanWatcher
 from thunderserve.common.protocol import (
+    MAX_LOGPROBS,
+    MAX_PENALTY,
     Abort,
     Heartbeat,
     PrefillRequest,
@@ -43,7 +44,6 @@ from thunderserve.common.protocol import (
     Subjects,
     TokenChunk,
 )
-from thunderserve.common.sequence import MAX_LOGPROBS, MAX_PENALTY
 from thunderserve.router.metrics import LatencyMetrics
 from thunderserve.router.replicas import NoReplicaError, ReplicaTable
 from thunderserve.router.workload import WorkloadRecorder
@@ -283,9 +283,9 @@ class RouterCore:
             raise RequestError(503, "this router is shutting down; send the request to another router",
                                code="shutting_down")
         self.check_request(prompt_ids, sampling)
-        if kv_codec is not None and kv_codec not in codec_names():
-            raise RequestError(400, f"unknown kv_codec {kv_codec!r}; choose one of {', '.join(codec_names())}",
-                               param="kv_codec")
+        if kv_codec is not None and kv_codec not in config.KV_CODECS:
+            choices = ", ".join(sorted(config.KV_CODECS))
+            raise RequestError(400, f"unknown kv_codec {kv_codec!r}; choose one of {choices}", param="kv_codec")
         self.workload.arrived()  # demand, whether or not a replica takes it
         if 0 < self.max_inflight <= len(self.inflight):
             self.stats.rejected += 1

@@ -17,8 +17,7 @@ from pydantic import (
     model_validator,
 )
 
-from thunderserve.common.protocol import SamplingParams, TokenLogprob, Usage
-from thunderserve.common.sequence import MAX_LOGPROBS, MAX_PENALTY
+from thunderserve.common.protocol import MAX_LOGPROBS, MAX_PENALTY, SamplingParams, TokenLogprob, Usage
 
 
 class StreamOptions(BaseModel):

@@ -6,10 +6,9 @@ import argparse
 import logging
 
 import uvicorn
-from transformers import AutoConfig
 
 from thunderserve.common import tracing
-from thunderserve.common.models import ALIASES, load_tokenizer, resolve_model
+from thunderserve.common.models import ALIASES, load_tokenizer, max_context, resolve_model
 from thunderserve.common.protocol import Subjects
 from thunderserve.router.app import create_app
 from thunderserve.router.core import RouterCore
@@ -18,7 +17,6 @@ from thunderserve.router.core import RouterCore
 def build_core(args: argparse.Namespace) -> RouterCore:
     info = resolve_model(args.model)
     tokenizer = load_tokenizer(str(info.path))
-    max_context = int(getattr(AutoConfig.from_pretrained(info.path), "max_position_embeddings", 2048))
     aliases = {args.model} | {k for k, v in ALIASES.items() if v == info.name}
     return RouterCore(
         nats_url=args.nats,
@@ -26,7 +24,7 @@ def build_core(args: argparse.Namespace) -> RouterCore:
         tokenizer=tokenizer,
         model_name=info.name,
         model_aliases=aliases,
-        max_context=max_context,
+        max_context=max_context(str(info.path)),
         kv_codec=args.kv_codec,
         replica_timeout_s=args.replica_timeout,
         request_timeout_s=args.request_timeout,
