@@ -36,6 +36,8 @@ from thunderserve.common.protocol import Abort, ControlCommand, Heartbeat, Subje
 
 log = logging.getLogger(__name__)
 
+CHANNEL_THREADS = 32  # threads that accept pairs and send, receive, encode and decode KV
+
 ROLE_MODULES = {"prefill": "thunderserve.prefill.role", "decode": "thunderserve.decode.role",
                 "colocated": "thunderserve.colocated.role"}
 
@@ -85,7 +87,9 @@ class ReplicaHost:
         self.incarnation = uuid.uuid4().hex[:12]  # this process; with `connection`, the heartbeat's session
         # One thread runs the model (torch work is serial per replica); others move KV.
         self.model_executor = ThreadPoolExecutor(1, thread_name_prefix="model")
-        self.channel_executor = ThreadPoolExecutor(8, thread_name_prefix="kvchannel")
+        # Mostly waiting on sockets: a decode replica holds one for each early handoff whose prefill pass is still
+        # running (one per prefill replica sending to it), so a small pool would hold the next one's KV back.
+        self.channel_executor = ThreadPoolExecutor(CHANNEL_THREADS, thread_name_prefix="kvchannel")
         self._channel_host: ChannelHost | None = None
         self.channel_pairs: dict[str, asyncio.Future] = {}  # pair id -> its accept, for the roles that receive KV
         self.channel_client = ChannelClient(timeout_s=args.channel_timeout, backend=args.channel_backend)

@@ -313,7 +313,7 @@ class RouterCore:
         entry: tuple[str, ...] = ("prefill", "colocated")
         if not self.replicas.ready("decode", seen_after):  # a prefill replica could hand its KV to no one
             if not self.replicas.ready("colocated", seen_after):
-                raise NoReplicaError("no decode replica is available")
+                raise NoReplicaError("no decode (or colocated) replica is available")
             entry = ("colocated",)
         prefill = self.replicas.choose(entry, plan.dispatch if plan else None, avoid, seen_after)
         if prefill.beat.phase == "colocated":  # it decodes what it prefills

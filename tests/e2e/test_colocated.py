@@ -18,9 +18,8 @@ from thunderserve.common.client import Client
 pytestmark = pytest.mark.slow
 
 BUDGET = 16  # tokens per iteration: every chat prompt here takes several chunks, interleaved with decode steps
-CASES = [("What is the capital of France?", 12), ("Write a haiku about the sea.", 24),
-         ("Explain gravity to a child in two sentences.", 30), ("def fibonacci(n):", 16),
-         ("Name a color.", 6), ("Who wrote Hamlet?", 9), ("Describe the moon.", 22), ("Say hello in Spanish.", 5)]
+CASES = [("What is the capital of France?", 12), ("Write a haiku about the sea.", 16), ("def fibonacci(n):", 16),
+         ("Name a color.", 6), ("Who wrote Hamlet?", 9), ("Say hello in Spanish.", 5)]
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +38,14 @@ def _running(cluster) -> int:
 
 
 async def test_a_colocated_replica_alone_serves_generates_tokens(colocated, smollm2_reference):
-    """Greedy tokens equal model.generate's, one request at a time and eight at once (each prompt's chunks
+    """Greedy tokens equal model.generate's, one request at a time and six at once (each prompt's chunks
     then run between the other requests' decode steps); the prompts were prefilled in several chunks."""
     model, tokenizer = smollm2_reference
     health = colocated.health()
     assert (health["status"], health["prefill_replicas"], health["decode_replicas"]) == ("ok", 0, 0)
     expected = {text: smollm2_reference.generate(smollm2_reference.chat_ids(text), n) for text, n in CASES}
     async with Client(colocated.nats_url) as client:
-        for text, n in CASES[:3]:
+        for text, n in CASES[:2]:
             got = await client.complete(messages=[{"role": "user", "content": text}], max_tokens=n, temperature=0)
             assert got.token_ids == expected[text], text
     api = openai.AsyncOpenAI(base_url=colocated.http_url + "/v1", api_key="unused")
@@ -61,7 +60,7 @@ async def test_a_colocated_replica_alone_serves_generates_tokens(colocated, smol
         assert got == tokenizer.decode(expected[text], skip_special_tokens=True), text
     await asyncio.sleep(0.5)  # the replica writes a span once its request ends
     spans = [s for s in tracing.read_spans(colocated.trace_dir) if s["name"] == "colocated.request"]
-    assert len(spans) >= len(CASES) + 3
+    assert len(spans) >= len(CASES) + 2
     chunks = [s["attributes"]["prefill_chunks"] for s in spans]
     assert min(chunks) >= 2, chunks  # (the shortest chat prompt has more than 16 tokens)
 
