@@ -328,6 +328,7 @@ class RouterCore:
         for view in {id(v): v for v in (prefill, decode)}.values():  # (once for a colocated replica)
             view.assigned += 1
             view.dispatched += 1
+        prefill.prompts += 1
         message = PrefillRequest(
             request_id=flight.wire_id,
             prompt_token_ids=flight.prompt_ids,
@@ -413,12 +414,19 @@ class RouterCore:
         once decode's tokens flow)."""
         for rid in (flight.decode_id,) if flight.in_decode else dict.fromkeys((flight.prefill_id, flight.decode_id)):
             self._release(rid)
+        if not flight.in_decode:
+            self._release(flight.prefill_id, prompt_only=True)
         flight.prefill_id = flight.decode_id = ""
 
-    def _release(self, replica_id: str) -> None:
-        """A request no longer occupies this replica (for load-aware choice)."""
+    def _release(self, replica_id: str, prompt_only: bool = False) -> None:
+        """A request no longer occupies this replica (for load-aware choice); `prompt_only`: its prompt is done
+        (its first token came), the request may go on there."""
         view = self.replicas.replicas.get(replica_id)
-        if view is not None and view.assigned > 0:
+        if view is None:
+            return
+        if prompt_only:
+            view.prompts = max(0, view.prompts - 1)
+        elif view.assigned > 0:
             view.assigned -= 1
 
     def _fail(self, flight: InFlight, error: str) -> None:
@@ -482,6 +490,7 @@ class RouterCore:
             # The prefill replica streams index 0 itself; it is done once decode's tokens flow.
             if not flight.in_decode and (ready.index >= 1 or ready.finish_reason is not None):
                 flight.in_decode = True
+                self._release(flight.prefill_id, prompt_only=True)
                 if flight.prefill_id != flight.decode_id:  # (a colocated replica goes on decoding it)
                     self._release(flight.prefill_id)
             self.stats.completion_tokens += len(ready.token_ids)

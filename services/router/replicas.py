@@ -19,12 +19,22 @@ class ReplicaView:
     last_seen: float
     assigned: int = 0  # requests this router sent there that have not finished
     dispatched: int = 0  # requests this router ever sent there
+    prompts: int = 0  # requests this router sent there whose first token has not come
 
     @property
     def load(self) -> float:
         capacity = max(self.beat.capacity, 1)
         # The router's own count reacts at once; the heartbeat's catches other routers' work.
         return max(self.assigned, self.beat.running + self.beat.waiting) / capacity
+
+    @property
+    def entry_load(self) -> float:
+        """How long one more prompt would wait here. A colocated replica prefills one prompt at a time beside its
+        decode batch, which costs its prompts little until it is full (then they wait: the heartbeat's
+        `waiting`), so it counts the prompts it holds, as a prefill replica does; any other replica, `load`."""
+        if self.beat.phase == "colocated":
+            return float(max(self.prompts, self.beat.waiting))
+        return self.load
 
 
 class ReplicaTable:
@@ -98,7 +108,7 @@ class ReplicaTable:
 
         def key(v: ReplicaView):
             w = weights.get(v.beat.replica_id, 1.0) if weights else 1.0
-            return (v.load / max(w, 1e-9), v.assigned, next(self._tiebreak))
+            return (v.entry_load / max(w, 1e-9), v.assigned, next(self._tiebreak))
 
         return min(candidates, key=key)
 

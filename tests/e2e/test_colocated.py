@@ -104,3 +104,18 @@ def test_a_dropped_client_frees_its_place_in_the_colocated_batch(colocated):
     while _running(colocated) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _running(colocated) == 0
+
+
+async def test_without_a_plan_requests_spread_over_a_pair_and_a_colocated_replica(make_cluster):
+    """Beside a prefill/decode pair and with no plan, a colocated replica takes a share of the requests by the
+    prompts each entry holds (not its decode batch, which would make it look idle), and both paths give the
+    same tokens (KV uncompressed)."""
+    cluster = make_cluster(model="tiny-random", prefill=1, decode=1, colocated=1, kv_codec="none",
+                           threads_per_replica=1)
+    async with Client(cluster.nats_url) as client:
+        results = await asyncio.gather(*(client.complete("The same prompt, every time:", max_tokens=24,
+                                                         ignore_eos=True, temperature=0) for _ in range(12)))
+    assert {tuple(r.token_ids) for r in results} == {tuple(results[0].token_ids)} and len(results[0].token_ids) == 24
+    dispatched = {r["id"]: r["dispatched"] for r in cluster.health()["replicas"]}
+    assert dispatched["colocated-0"] >= 3 and dispatched["prefill-0"] >= 3, dispatched
+    assert dispatched["colocated-0"] + dispatched["prefill-0"] == 12

@@ -56,10 +56,15 @@ def test_a_new_session_is_reported_and_seen_after_filters_stale_replicas():
 
 def test_a_request_enters_at_a_prefill_or_a_colocated_replica() -> None:
     table = _table(Heartbeat("p0", "prefill", "m", capacity=1, running=1),
-                   Heartbeat("c0", "colocated", "m", capacity=64, running=4),
+                   Heartbeat("c0", "colocated", "m", capacity=64, running=40),
                    Heartbeat("d0", "decode", "m", capacity=64))
-    assert table.choose(("prefill", "colocated")).beat.replica_id == "c0"  # 4/64 against 1/1
+    # a colocated replica is as busy as the prompts it holds: none here (its 40 decoding sequences do not count)
+    assert table.choose(("prefill", "colocated")).beat.replica_id == "c0"
     assert table.choose(("prefill", "colocated"), {"p0": 1.0}).beat.replica_id == "p0"  # the plan's dispatch
+    table.update(Heartbeat("c0", "colocated", "m", capacity=64, running=40, waiting=3))
+    assert table.choose(("prefill", "colocated")).beat.replica_id == "p0"  # 1 prompt against 3
+    table.replicas["p0"].assigned = 4  # this router's own count reacts before the heartbeats do
+    assert table.choose(("prefill", "colocated")).beat.replica_id == "c0"
     assert table.choose("prefill").beat.replica_id == "p0"
     with pytest.raises(NoReplicaError, match="no decode or colocated replica"):
         _table(Heartbeat("p0", "prefill", "m")).choose(("decode", "colocated"))
