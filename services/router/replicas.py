@@ -107,8 +107,10 @@ class ReplicaTable:
             raise NoReplicaError(f"no {phase if isinstance(phase, str) else ' or '.join(phase)} replica is available")
 
         def key(v: ReplicaView):
-            w = weights.get(v.beat.replica_id, 1.0) if weights else 1.0
-            return (v.entry_load / max(w, 1e-9), v.assigned, next(self._tiebreak))
+            w = max(weights.get(v.beat.replica_id, 1.0) if weights else 1.0, 1e-9)
+            # Equal loads (light traffic, all idle): the one sent the least for its weight, so the split over
+            # time follows the plan's weights (round robin without them) rather than the table's order.
+            return (v.entry_load / w, v.assigned, v.dispatched / w, next(self._tiebreak))
 
         return min(candidates, key=key)
 

@@ -68,3 +68,20 @@ def test_a_request_enters_at_a_prefill_or_a_colocated_replica() -> None:
     assert table.choose("prefill").beat.replica_id == "p0"
     with pytest.raises(NoReplicaError, match="no decode or colocated replica"):
         _table(Heartbeat("p0", "prefill", "m")).choose(("decode", "colocated"))
+
+
+def test_idle_replicas_share_requests_by_the_plans_weights() -> None:
+    """Light traffic (every replica idle at each choice): the split follows the weights, not the table's order."""
+    table = _table(Heartbeat("p0", "prefill", "m", capacity=1), Heartbeat("p1", "prefill", "m", capacity=1),
+                   Heartbeat("c0", "colocated", "m", capacity=64))
+    counts = {"p0": 0, "p1": 0, "c0": 0}
+    for _ in range(60):
+        view = table.choose(("prefill", "colocated"), {"p0": 1.0, "p1": 2.0, "c0": 3.0})
+        view.dispatched += 1  # (the router counts it; the request ends before the next one comes)
+        counts[view.beat.replica_id] += 1
+    assert counts == {"p0": 10, "p1": 20, "c0": 30}
+    for _ in range(6):
+        view = table.choose("prefill")
+        view.dispatched += 1
+    # no weights: the one sent the fewest catches up
+    assert (table.replicas["p0"].dispatched, table.replicas["p1"].dispatched) == (16, 20)
