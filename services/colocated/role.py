@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import queue
-from collections import deque
 from dataclasses import dataclass
 
 from thunderserve.common import protocol, tracing
@@ -51,7 +50,7 @@ class ColocatedRole(DecodeRole):
     def __init__(self, host):
         super().__init__(host)
         self._arrivals: queue.Queue[_Prefill] = queue.Queue()  # from the event loop
-        self._prefilling: deque[_Prefill] = deque()  # step thread: started, in arrival order
+        self._current: _Prefill | None = None  # step thread: the prompt being prefilled (one at a time, in order)
         self._prefill_sub = None
 
     async def start(self) -> None:
@@ -66,11 +65,11 @@ class ColocatedRole(DecodeRole):
         await super().drain()
 
     def _busy(self) -> bool:
-        return super()._busy() or bool(self._prefilling) or not self._arrivals.empty()
+        return super()._busy() or self._current is not None or not self._arrivals.empty()
 
     def load(self) -> tuple[int, int, int]:
         running, waiting, capacity = super().load()
-        return running, waiting + self._arrivals.qsize() + len(self._prefilling), capacity
+        return running, waiting + self._arrivals.qsize() + (self._current is not None), capacity
 
     @property
     def token_budget(self) -> int:
@@ -108,21 +107,21 @@ class ColocatedRole(DecodeRole):
             n = min(budget, job.work.remaining)
             budget -= n
             self._advance(job, n)
-        return bool(self._prefilling) or (not self._arrivals.empty() and self._has_room(batch))
+        return self._current is not None or (not self._arrivals.empty() and self._has_room(batch))
 
     def _has_room(self, batch) -> bool:
-        return len(batch) + self._joins.qsize() + len(self._prefilling) < self.max_batch
+        return len(batch) + self._joins.qsize() + (self._current is not None) < self.max_batch
 
     def _next_prefill(self, batch) -> _Prefill | None:
         """The prefill in progress, else the next arrival (aborted ones dropped), if the batch has room."""
-        while self._prefilling or (self._has_room(batch) and not self._arrivals.empty()):
-            if not self._prefilling:
-                self._prefilling.append(self._arrivals.get_nowait())
-            job = self._prefilling[0]
+        while self._current is not None or (self._has_room(batch) and not self._arrivals.empty()):
+            if self._current is None:
+                self._current = self._arrivals.get_nowait()
+            job = self._current
             request_id = job.request.request_id
             if request_id in self._aborted:
                 del self._aborted[request_id]
-                self._prefilling.popleft()
+                self._current = None
                 job.span.end(aborted=True)
                 continue
             if job.work is None:
@@ -130,7 +129,7 @@ class ColocatedRole(DecodeRole):
                     tokens = job.request.prompt_token_ids + job.request.resume_token_ids
                     job.work = self.engine.start_prefill(tokens, prompt_logits=scores_prompt(job.request))
                 except Exception as exc:
-                    self._prefilling.popleft()
+                    self._current = None
                     self._prefill_failed(job, exc)
                     continue
                 job.span.attributes["prefill_started_batch"] = len(batch)
@@ -145,11 +144,10 @@ class ColocatedRole(DecodeRole):
             job.chunks += 1
             if result is None:
                 return
-            self._prefilling.popleft()
+            self._current = None
             chunk = first_token_chunk(job.request, result.logits, result.prompt_logits, self.engine)
         except Exception as exc:
-            if self._prefilling and self._prefilling[0] is job:
-                self._prefilling.popleft()
+            self._current = None
             self._prefill_failed(job, exc)
             return
         self.host.publish_soon(job.request.reply_subject, chunk, job.span.headers)

@@ -85,6 +85,37 @@ def test_first_token_endings_logprobs_and_prompt_scoring(colocated, smollm2_refe
     assert lp["token_logprobs"][0] is None and lp["token_logprobs"][1:] == pytest.approx(want, abs=2e-4)
 
 
+async def test_a_prompt_that_fails_fails_alone(colocated):
+    """A prompt whose prefill fails (a token id past the vocabulary, sent straight to the replica: the router
+    would refuse it) ends with an error to its caller, while a request decoding beside it goes on to its end."""
+    import nats
+
+    from thunderserve.common import protocol
+    from thunderserve.common.protocol import PrefillRequest, SamplingParams, Subjects, TokenChunk
+
+    nc = await nats.connect(colocated.nats_url)
+    try:
+        chunks: asyncio.Queue = asyncio.Queue()
+        inbox = nc.new_inbox()
+
+        async def on_chunk(msg) -> None:
+            chunks.put_nowait(protocol.decode(TokenChunk, msg.data))
+
+        await nc.subscribe(inbox, cb=on_chunk)
+        async with Client(colocated.nats_url, timeout_s=60) as client:
+            beside = asyncio.create_task(client.complete("Count to ten:", max_tokens=24, ignore_eos=True))
+            await asyncio.sleep(0.3)
+            bad = PrefillRequest("bad-1", [1, 2, 10**9], SamplingParams(max_tokens=4), inbox, "colocated-0", "")
+            await nc.publish(Subjects().prefill("colocated-0"), protocol.encode(bad),
+                             headers=tracing.headers_for(None))
+            failure = await asyncio.wait_for(chunks.get(), 30)
+            assert failure.finish_reason == "error" and "prefill failed" in failure.error
+            assert len((await beside).token_ids) == 24
+            assert len((await client.complete("And now?", max_tokens=4, ignore_eos=True)).token_ids) == 4
+    finally:
+        await nc.close()
+
+
 def test_a_dropped_client_frees_its_place_in_the_colocated_batch(colocated):
     body = {"prompt": "Count from one to one thousand:", "max_tokens": 2000, "ignore_eos": True, "stream": True}
     with httpx.Client(timeout=60) as http, http.stream("POST", colocated.http_url + "/v1/completions",
