@@ -67,9 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--colocated", action=argparse.BooleanOptionalAction, default=False,
                     help="let the search also make a group a colocated replica, which runs both phases with chunked "
                          "prefill (vLLM V1-style; `python -m thunderserve.colocated`), where its model says that "
-                         "serves more. Off by default: that model is optimistic for short outputs, and simulated "
-                         "plans with colocated groups tied or lost against disaggregated ones on the paper's cloud "
-                         "cluster (docs/benchmarks.md)")
+                         "serves more. Off by default: its model and the disaggregated one err differently (by up to "
+                         "43%% against simulations), and simulated plans with colocated groups tied or lost against "
+                         "disaggregated ones on the paper's cloud cluster (docs/benchmarks.md)")
     ap.add_argument("--token-budget", type=int, default=512, metavar="N", dest="token_budget",
                     help="colocated replicas: prompt and decode tokens per iteration and pipeline micro-batch "
                          "(chunked prefill; written to the plan as meta.token_budget; default 512)")

@@ -107,7 +107,7 @@ def thunderserve_candidates(cluster: Cluster, model: ModelSpec, w: Workload, s: 
     """The planner under a few planning targets: the target attainment itself and stricter ones (the
     planner checks TTFT and TPOT separately at the quantile; both must hold at once in the simulator),
     disaggregated; and the first target with colocated groups allowed (`Settings.colocated`): the chunked
-    capacity model is optimistic for short outputs, so the simulator decides whether they pay."""
+    capacity model and the disaggregated one err differently, so the simulator decides whether they pay."""
     out = []
     variants = [(att, scale, False) for att, scale in s.ts_variants]
     variants += [(*s.ts_variants[0], True)] if s.colocated else []
