@@ -55,13 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also search the highest Poisson rate with attainment >= target (named shapes and traces)")
     ap.add_argument("--prefill-batch-tokens", type=int, default=SimConfig.prefill_batch_tokens, metavar="N",
                     dest="prefill_batch_tokens", help="prompt tokens per prefill batch (default %(default)s)")
-    ap.add_argument("--colocated", choices=COLOCATED_POLICIES, default=SimConfig.colocated_policy,
+    ap.add_argument("--colocated", choices=COLOCATED_POLICIES, default=None,
                     help="scheduling of colocated replicas: 'stall' (vLLM V0: a prefill batch runs alone and stalls "
                          "the decode batch) or 'chunked' (vLLM V1's chunked prefill: decode tokens plus prompt "
-                         "chunks up to --token-budget per iteration) (default %(default)s)")
-    ap.add_argument("--token-budget", type=int, default=SimConfig.token_budget, metavar="N", dest="token_budget",
+                         "chunks up to --token-budget per iteration). Default: chunked for a plan that sets "
+                         "meta.token_budget (the planner's colocated groups, served by thunderserve.colocated, "
+                         f"which chunks), else {SimConfig.colocated_policy}")
+    ap.add_argument("--token-budget", type=int, default=None, metavar="N", dest="token_budget",
                     help="with --colocated chunked: tokens per iteration and micro-batch, vLLM's "
-                         "max_num_batched_tokens (default %(default)s)")
+                         "max_num_batched_tokens (default: the plan's meta.token_budget, else "
+                         f"{SimConfig.token_budget})")
     ap.add_argument("--json", metavar="OUT", help="write the results as JSON to this file ('-' for stdout only)")
     ap.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return ap
@@ -99,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--duration must be > 0")
         if args.prefill_batch_tokens < 1:
             raise ValueError("--prefill-batch-tokens must be >= 1")
-        if args.token_budget < 1:
+        if args.token_budget is not None and args.token_budget < 1:
             raise ValueError("--token-budget must be >= 1")
         try:
             plan = Plan.from_json(Path(args.plan).read_text())
@@ -123,8 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         if not reqs:
             raise ValueError("no request arrives within --duration")
         slo = _slo(args, plan, shape)
-        cfg = SimConfig(prefill_batch_tokens=args.prefill_batch_tokens, colocated_policy=args.colocated,
-                        token_budget=args.token_budget)
+        planned_budget = plan.meta.get("token_budget")  # the plan's colocated replicas chunk their prompts
+        policy = args.colocated or ("chunked" if planned_budget else SimConfig.colocated_policy)
+        budget = args.token_budget or int(planned_budget or SimConfig.token_budget)
+        cfg = SimConfig(prefill_batch_tokens=args.prefill_batch_tokens, colocated_policy=policy, token_budget=budget)
         sim = Simulator(plan, cluster, model, slo, calib=plan_calibration(plan), config=cfg)
     except INPUT_ERRORS as exc:
         return fail(PROG, input_error(exc, args.cluster))
@@ -145,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
     res = sim.run(reqs, seed=args.seed, progress=progress)
     out = {"plan": args.plan, "cluster": cluster.name, "model": model.name, "workload": args.workload,
-           "colocated": args.colocated, **({"token_budget": args.token_budget} if args.colocated == "chunked" else {}),
+           "colocated": cfg.colocated_policy,
+           **({"token_budget": cfg.token_budget} if cfg.colocated_policy == "chunked" else {}),
            **res.summary()}
     if args.goodput:
         if not args.quiet:

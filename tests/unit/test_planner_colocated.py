@@ -1,6 +1,7 @@
 """Colocated (chunked-prefill) replicas in the planner: the analytic capacity against closed forms and the
 simulator, the search designating them, plans that carry them, and re-scheduling around them."""
 
+import json
 import math
 from pathlib import Path
 
@@ -181,3 +182,13 @@ def test_plan_cli_colocated_is_opt_in(tmp_path, capsys):
     assert cli.main([*args, str(tmp_path / "b.json")]) == 0
     assert {r.phase for r in Plan.from_json((tmp_path / "b.json").read_text()).replicas} == {"prefill", "decode"}
     assert cli.main([*args, str(tmp_path / "c.json"), "--colocated", "--token-budget", "0"]) == 2
+    # `simulate` runs the plan's colocated replicas as they are served: chunked, at the plan's budget
+    from thunderserve.planner.simulate_cli import main as simulate_main
+
+    sim = ["--plan", str(tmp_path / "a.json"), "--workload", "conversation", "--rate", "1", "--duration", "20",
+           "--quiet", "--json"]
+    assert simulate_main([*sim, str(tmp_path / "s1.json")]) == 0
+    got = json.loads((tmp_path / "s1.json").read_text())
+    assert (got["colocated"], got["token_budget"]) == ("chunked", 512)
+    assert simulate_main([*sim, str(tmp_path / "s2.json"), "--colocated", "stall"]) == 0
+    assert json.loads((tmp_path / "s2.json").read_text())["colocated"] == "stall"
