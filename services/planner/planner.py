@@ -349,12 +349,14 @@ class Planner:
             return other.reschedule(plan, None, failed)
         failed = set(failed)
         keep = [r for r in plan.replicas if r.id not in failed and not (set(r.gpus) & failed)]
-        # colocated replicas stay colocated (re-evaluated for the workload); the others may flip
-        colo = [r for r in keep if r.phase == COLOCATED]
-        flex = [r for r in keep if r.phase != COLOCATED]
-        # a fixed layout's capacity in either phase (cheap: no layout search)
+        # Every replica may flip between the planner's phases (colocated too, when it allows colocated groups);
+        # a colocated replica in a plan made without them stays colocated (re-evaluated for the workload).
+        colo = [r for r in keep if r.phase == COLOCATED and not self.colocated]
+        flex = [r for r in keep if r not in colo]
+        # a fixed layout's capacity in each phase (cheap: no layout search)
         perf = {(r.id, ph): evaluate_layout(self.cluster, self.model, self.workload, layout_of(r), ph, self.calib)
                 for r in flex for ph in PHASES}
+        perf |= {(r.id, COLOCATED): self.colocated_layout_perf(layout_of(r)) for r in flex if self.colocated}
         from .search import phase_search
 
         memo: dict[tuple[str, ...], tuple[str, orch.Orchestration]] = {}

@@ -443,35 +443,43 @@ def phase_search(planner: Planner, ids: list[str], perf: dict[tuple[str, str], G
     """Best-improvement phase flips from the current designation (layouts fixed), bound-pruned.
     A flip must gain more than a hair: needless flips cost a drain on the replica.
 
-    Each round ranks the flips by min(prefill, decode) capacity and stops at the first that cannot
-    beat the best so far; before its LP, a flip must also pass the route-capacity bound (KV transfer
-    time counted). Both bounds only skip flips that could not win, so the result is the same as
-    scoring every flip. `memo` (phases -> (codec, Orchestration)) receives every solved designation,
-    so the caller can reuse the final one's LP."""
+    The phases are prefill and decode, and colocated when the planner allows it (`perf` then holds each
+    replica's colocated performance too): a designation scores the LP's rate over its prefill and decode
+    replicas plus its colocated replicas' capacities, as `Planner.score` does. Each round ranks the flips by
+    min(prefill, decode) capacity (+ colocated) and stops at the first that cannot beat the best so far;
+    before its LP, a flip must also pass the route-capacity bound (KV transfer time counted). Both bounds
+    only skip flips that could not win, so the result is the same as scoring every flip. `memo` (phases ->
+    (codec, Orchestration) of the prefill and decode replicas) receives every solved designation, so the
+    caller can reuse the final one's LP."""
     solved: dict[tuple[str, ...], tuple] = {} if memo is None else memo
+    phases = planner.phases
 
     def items(ph: tuple[str, ...]) -> list[tuple[str, GroupPerf]]:
-        return [(r, perf[(r, p)]) for r, p in zip(ids, ph, strict=True) if perf[(r, p)].capacity > 0]
+        return [(r, perf[(r, p)]) for r, p in zip(ids, ph, strict=True)
+                if p != COLOCATED and perf[(r, p)].capacity > 0]
+
+    def colocated(ph: tuple[str, ...]) -> float:
+        return sum(perf[(r, p)].capacity for r, p in zip(ids, ph, strict=True) if p == COLOCATED)
 
     def score(ph: tuple[str, ...]) -> float:
         if ph not in solved:
             solved[ph] = planner.choose_codec(items(ph))
-        return solved[ph][1].rate
+        return solved[ph][1].rate + colocated(ph)
 
     def bound(ph: tuple[str, ...]) -> float:
         pre = sum(perf[(r, p)].capacity for r, p in zip(ids, ph, strict=True) if p == "prefill")
         dec = sum(perf[(r, p)].capacity for r, p in zip(ids, ph, strict=True) if p == "decode")
-        return min(pre, dec)
+        return min(pre, dec) + colocated(ph)
 
-    cur = tuple(p if p in OTHER else "decode" for p in start)
+    cur = tuple(p if p in phases else "decode" for p in start)
     cur_score = score(cur)
     for _ in range(max_rounds):
-        cands = [cur[:i] + (OTHER[cur[i]],) + cur[i + 1:] for i in range(len(cur))]
+        cands = [cur[:i] + (q,) + cur[i + 1:] for i in range(len(cur)) for q in phases if q != cur[i]]
         best, best_score = None, cur_score * (1 + 1e-6)
         for b, c in sorted(((bound(c), c) for c in cands), reverse=True):
             if b <= best_score:
                 break
-            if c not in solved and planner.items_bound(items(c)) * (1 + 1e-7) <= best_score:
+            if c not in solved and (planner.items_bound(items(c)) + colocated(c)) * (1 + 1e-7) <= best_score:
                 continue  # its LP could not beat best_score
             sc = score(c)
             if sc > best_score:

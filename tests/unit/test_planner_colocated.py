@@ -156,21 +156,29 @@ def test_mixed_plan_round_trips_and_simulates():
     assert all(math.isfinite(r.finish) for r in res.requests)
 
 
-def test_reschedule_keeps_colocated_replicas():
+def test_reschedule_redecides_colocated_replicas_too():
+    """With colocated groups allowed, re-scheduling may flip any replica to or from colocated (layouts stay);
+    without, a plan's colocated replicas stay as they are."""
     w = Workload.from_name("conversation", rate=1.0)
     planner = Planner(SERVER, MODEL, w, colocated=True)
     plan = _mixed(planner)
-    colo = plan.ids("colocated")[0]
-    layout = plan.replica(colo).stages
-    for new in (planner.reschedule(plan, failed=[plan.decode_ids[0]]),
+    colo, dead = plan.ids("colocated")[0], plan.decode_ids[0]
+    for new in (planner.reschedule(plan, failed=[dead]),
                 planner.reschedule(plan, workload=Workload.from_name("code", rate=3.0))):
         new.validate()
         assert new.epoch == plan.epoch + 1
-        assert new.replica(colo).phase == "colocated" and new.replica(colo).stages == layout
-        assert new.dispatch.get(colo, 0) > 0 and new.meta["token_budget"] == plan.meta["token_budget"]
-    # the decode replica gone: the prefill replica flips to decode or idles; the colocated one still serves
-    gone = planner.reschedule(plan, failed=[plan.decode_ids[0]])
-    assert gone.objective >= gone.replica(colo).capacity > 0
+        assert all(r.stages == plan.replica(r.id).stages for r in new.replicas)
+        if new.ids("colocated"):
+            assert new.meta["token_budget"] == plan.meta["token_budget"]
+    fixed = Planner(SERVER, MODEL, w).reschedule(plan, failed=[dead])
+    assert fixed.replica(colo).phase == "colocated" and fixed.dispatch.get(colo, 0) > 0
+    assert planner.reschedule(plan, failed=[dead]).objective >= fixed.objective * (1 - 1e-9)
+    # a disaggregated plan: the replicas that serve more colocated flip to it
+    disagg = planner.build_plan([["n:0"], ["n:1"], ["n:2", "n:3"]], ["prefill", "decode", "decode"])
+    kept = Planner(SERVER, MODEL, w).reschedule(disagg)
+    moved = planner.reschedule(disagg)
+    assert moved.ids("colocated") and moved.objective > kept.objective
+    assert not kept.ids("colocated")
 
 
 def test_plan_cli_colocated_is_opt_in(tmp_path, capsys):
