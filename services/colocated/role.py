@@ -150,12 +150,12 @@ class ColocatedRole(DecodeRole):
             self._current = None
             self._prefill_failed(job, exc)
             return
-        self.host.publish_soon(job.request.reply_subject, chunk, job.span.headers)
         job.span.attributes["prefill_chunks"] = job.chunks
-        if chunk.finish_reason is not None:
+        if chunk.finish_reason is not None:  # (ended before its last chunk goes, as the decode role's)
             job.span.end(completion_tokens=len(chunk.token_ids), finish_reason=chunk.finish_reason)
-            return
-        self._join(job.handoff(chunk.token_ids[0]), job.span, result.kv)
+        self.host.publish_soon(job.request.reply_subject, chunk, job.span.headers)
+        if chunk.finish_reason is None:
+            self._join(job.handoff(chunk.token_ids[0]), job.span, result.kv)
 
     def _prefill_failed(self, job: _Prefill, exc: Exception) -> None:
         log.warning("request %s: prefill failed: %s", job.request.request_id, exc)

@@ -348,9 +348,9 @@ class DecodeRole:
             logprobs=[logprob] if logprob is not None else [],
         )
         seq.index += 1
-        self.host.publish_soon(seq.handoff.reply_subject, chunk, seq.headers)
-        if out.finish_reason is not None:
+        if out.finish_reason is not None:  # ended before the last chunk goes: the router's span outlasts it
             seq.span.end(completion_tokens=seq.tracker.completion_tokens, finish_reason=out.finish_reason)
+        self.host.publish_soon(seq.handoff.reply_subject, chunk, seq.headers)
         return out.finish_reason is not None
 
     def _publish_error(self, handoff: KVHandoff, error: str, headers: dict[str, str], retryable: bool = False) -> None:
