@@ -20,7 +20,7 @@ DEFAULT_SUBJECT_PREFIX = "ts"
 DEFAULT_MODEL = "smollm2"
 # The KV codecs (`kvcodec.get_codec`), named here so that services that only check or pass a name on (the router,
 # the launcher) need not import the codecs, and with them torch and numba.
-KV_CODECS = ("int4", "int4-fixed", "int8", "int8-fixed", "none")
+KV_CODECS = ("int4", "int4-fixed", "int8", "int8-fixed", "none")  # sorted
 DEFAULT_KV_CODEC = "int4"
 
 

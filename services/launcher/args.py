@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "replica, under its id and in its phase, and a live planner that re-plans when a replica "
                         "dies or the traffic shifts (phases and routing; no weights move). The local processes "
                         "stand in for the plan's GPUs. Replaces --prefill, --decode and --colocated")
-    parser.add_argument("--kv-codec", default=config.env("KV_CODEC", None), choices=sorted(config.KV_CODECS),
+    parser.add_argument("--kv-codec", default=config.env("KV_CODEC", None), choices=config.KV_CODECS,
                         help=f"KV-cache codec on the prefill->decode hop (default {config.DEFAULT_KV_CODEC}: "
                         "entropy-coded, the "
                         "most accurate at ~4.5 bits/value; int8: the same with 16x finer steps, ~8.5 bits/value; "

@@ -32,10 +32,6 @@ def main(argv: list[str] | None = None) -> int:
     pairs = colocated == 0 or args.prefill is not None or args.decode is not None  # default: one of each
     prefill, decode = (1 if args.prefill is None else args.prefill, 1 if args.decode is None else args.decode) \
         if pairs else (0, 0)
-    if pairs and (prefill < 1 or decode < 1):
-        print("error: prefill and decode replicas serve in pairs: give at least 1 of each (or only --colocated)",
-              file=sys.stderr)
-        return 2
     if args.restart_limit < 0:
         print("error: --restart-limit cannot be negative", file=sys.stderr)
         return 2
@@ -51,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
             decode_nice=args.decode_nice, plan_file=args.plan,
             extra_env=_service_env(args),
         )
-    except (OSError, ValueError, KeyError, TypeError) as exc:  # the plan file: missing, not a plan, not servable
-        print(f"error: --plan: {exc}", file=sys.stderr)
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # replicas that cannot serve; the plan file: missing,
+        print(f"error: {'--plan: ' if args.plan else ''}{exc}", file=sys.stderr)  # not a plan, not servable
         return 2
     replicas = ", ".join(f"{name} {phase}" for name, phase in cluster.replica_specs())
     print(f"starting ThunderServe: model {args.model}, replicas {replicas}"

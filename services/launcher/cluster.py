@@ -97,8 +97,8 @@ class LocalCluster:
         missing = [ph for ph, n in (("prefill", self.prefill), ("decode", self.decode)) if not n]
         if (self.prefill or self.decode or not self.colocated) and missing:
             where = f"{self.plan_file}: the plan" if self.plan is not None else "the deployment"
-            raise ValueError(f"{where} has no {' and no '.join(missing)} replica (prefill and decode replicas "
-                             "serve in pairs; colocated replicas alone serve too)")
+            raise ValueError(f"{where} has no {' and no '.join(missing)} replica: prefill and decode replicas "
+                             "serve in pairs, give at least 1 of each (or only colocated replicas)")
 
     @property
     def http_url(self) -> str:

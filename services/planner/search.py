@@ -474,7 +474,7 @@ def phase_search(planner: Planner, ids: list[str], perf: dict[tuple[str, str], G
     cur = tuple(p if p in phases else "decode" for p in start)
     cur_score = score(cur)
     for _ in range(max_rounds):
-        cands = [cur[:i] + (q,) + cur[i + 1:] for i in range(len(cur)) for q in phases if q != cur[i]]
+        cands = [cur[:i] + (q,) + cur[i + 1:] for i in range(len(cur)) for q in _others(cur[i], phases)]
         best, best_score = None, cur_score * (1 + 1e-6)
         for b, c in sorted(((bound(c), c) for c in cands), reverse=True):
             if b <= best_score:

@@ -284,8 +284,8 @@ class RouterCore:
                                code="shutting_down")
         self.check_request(prompt_ids, sampling)
         if kv_codec is not None and kv_codec not in config.KV_CODECS:
-            choices = ", ".join(sorted(config.KV_CODECS))
-            raise RequestError(400, f"unknown kv_codec {kv_codec!r}; choose one of {choices}", param="kv_codec")
+            raise RequestError(400, f"unknown kv_codec {kv_codec!r}; choose one of {', '.join(config.KV_CODECS)}",
+                               param="kv_codec")
         self.workload.arrived()  # demand, whether or not a replica takes it
         if 0 < self.max_inflight <= len(self.inflight):
             self.stats.rejected += 1
@@ -415,19 +415,20 @@ class RouterCore:
         for rid in (flight.decode_id,) if flight.in_decode else dict.fromkeys((flight.prefill_id, flight.decode_id)):
             self._release(rid)
         if not flight.in_decode:
-            self._release(flight.prefill_id, prompt_only=True)
+            self._prompt_done(flight.prefill_id)
         flight.prefill_id = flight.decode_id = ""
 
-    def _release(self, replica_id: str, prompt_only: bool = False) -> None:
-        """A request no longer occupies this replica (for load-aware choice); `prompt_only`: its prompt is done
-        (its first token came), the request may go on there."""
+    def _release(self, replica_id: str) -> None:
+        """A request no longer occupies this replica (for load-aware choice)."""
         view = self.replicas.replicas.get(replica_id)
-        if view is None:
-            return
-        if prompt_only:
-            view.prompts = max(0, view.prompts - 1)
-        elif view.assigned > 0:
+        if view is not None and view.assigned > 0:
             view.assigned -= 1
+
+    def _prompt_done(self, replica_id: str) -> None:
+        """A request's prompt no longer waits on this entry replica (its first token came, or it left)."""
+        view = self.replicas.replicas.get(replica_id)
+        if view is not None and view.prompts > 0:
+            view.prompts -= 1
 
     def _fail(self, flight: InFlight, error: str) -> None:
         if flight.finished:
@@ -490,7 +491,7 @@ class RouterCore:
             # The prefill replica streams index 0 itself; it is done once decode's tokens flow.
             if not flight.in_decode and (ready.index >= 1 or ready.finish_reason is not None):
                 flight.in_decode = True
-                self._release(flight.prefill_id, prompt_only=True)
+                self._prompt_done(flight.prefill_id)
                 if flight.prefill_id != flight.decode_id:  # (a colocated replica goes on decoding it)
                     self._release(flight.prefill_id)
             self.stats.completion_tokens += len(ready.token_ids)
