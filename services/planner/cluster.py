@@ -1,7 +1,14 @@
-"""Cluster spec: nodes of identical GPUs, the intra-node link, and the inter-node bandwidth matrix."""
+"""Cluster spec: nodes of identical GPUs, the intra-node link, each node's NIC, and the inter-node
+bandwidth matrix.
+
+A pair's bandwidth is what one transfer between the two nodes gets (the path's limit). A node's NIC is
+shared by every transfer into it (and, separately, out of it: full duplex), so a node receiving from four
+peers at once gets at most its NIC's rate in all. Without `nic_gbps`, a node's NIC is its fastest
+inter-node link: the least that agrees with the matrix."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +25,7 @@ class Node:
     count: int
     intra_gbps: float  # link between this node's GPUs, Gbit/s
     price_per_gpu_hour: float
+    nic_gbps: float | None = None  # Gbit/s each way through the node's NIC (None: its fastest link)
 
     def gpu_ids(self) -> list[str]:
         return [f"{self.name}:{i}" for i in range(self.count)]
@@ -57,7 +65,10 @@ class Cluster:
                 raise ValueError(f"node {name}: count must be >= 1")
             intra = float(nd.get("intra_gbps", 128.0))
             price = float(nd.get("price_per_gpu_hour", gpu.price))
-            nodes.append(Node(name, gpu, count, intra, price))
+            nic = nd.get("nic_gbps")
+            if nic is not None and not float(nic) > 0:
+                raise ValueError(f"node {name}: nic_gbps must be > 0")
+            nodes.append(Node(name, gpu, count, intra, price, None if nic is None else float(nic)))
         net = d.get("network") or {}
         default = float(net.get("default_gbps", 10.0))
         links: dict[tuple[str, str], float] = {}
@@ -82,7 +93,8 @@ class Cluster:
             "name": self.name,
             "nodes": [
                 {"name": n.name, "gpu": n.gpu.name, "count": n.count, "intra_gbps": n.intra_gbps,
-                 "price_per_gpu_hour": n.price_per_gpu_hour}
+                 "price_per_gpu_hour": n.price_per_gpu_hour,
+                 **({} if n.nic_gbps is None else {"nic_gbps": n.nic_gbps})}
                 for n in self.nodes
             ],
             "network": {"default_gbps": self.default_gbps,
@@ -105,8 +117,28 @@ class Cluster:
             return self._by_name[a].intra_gbps
         return self.links.get(_pair(a, b), self.default_gbps)
 
-    def bytes_per_s(self, a: str, b: str) -> float:
-        return self.gbps(a, b) * 1e9 / 8
+    def nic_gbps(self, name: str) -> float:
+        """The rate of node `name`'s NIC, each way, Gbit/s: its `nic_gbps`, or else its fastest link
+        to another node (infinite for a cluster of one node, which has no inter-node transfers)."""
+        node = self._by_name[name]
+        if node.nic_gbps is not None:
+            return node.nic_gbps
+        return max((self.gbps(name, o.name) for o in self.nodes if o.name != name), default=math.inf)
+
+    def path_gbps(self, a: str, b: str) -> float:
+        """What one transfer from node a to node b gets alone: the pair's link, or a slower NIC."""
+        if a == b:
+            return self.gbps(a, a)
+        return min(self.gbps(a, b), self.nic_gbps(a), self.nic_gbps(b))
+
+    def transfer_resources(self, a: str, b: str) -> list[tuple[tuple[str, ...], float]]:
+        """What a transfer from node a to node b occupies, each with its Gbit/s: the pair's link
+        (`("link", a, b)`, names in order) and, between two nodes, a's NIC out (`("out", a)`) and b's NIC
+        in (`("in", b)`), which all of a node's transfers that way share."""
+        out: list[tuple[tuple[str, ...], float]] = [(("link", *_pair(a, b)), self.gbps(a, b))]
+        if a != b:
+            out += [(("out", a), self.nic_gbps(a)), (("in", b), self.nic_gbps(b))]
+        return out
 
     def price_per_hour(self, gpu_ids: list[str] | None = None) -> float:
         ids = self.gpu_ids() if gpu_ids is None else gpu_ids

@@ -6,12 +6,14 @@ between them twice over:
   * in latency: the first token leaves the prefill replica before its KV moves, so the transfer
     delays the second token; the requests whose TPOT that breaks use up part of p's miss budget on
     that route, so p's capacity on route (p, d) is cap[p, d];
-  * in bandwidth: every node pair's link carries at most its bandwidth of KV bytes per second.
+  * in bandwidth: every node pair's link carries at most its bandwidth of KV bytes per second, and
+    every node's NIC at most its rate out of the node and, separately, into it.
 
     maximise  sum x[p, d]
     s.t.      sum_d x[p, d] / cap[p, d]            <= 1    for each prefill replica p (its time)
               sum_p x[p, d]                        <= C_d  for each decode replica d
               sum_{p,d} x[p, d] * bytes_ab[p, d]   <= B_ab for each node pair / node (a, b)
+              sum_{p,d} x[p, d] * bytes_a.[p, d]   <= N_a  for each node a's NIC, out (and likewise in)
               x >= 0
 
 The optimum is the SLO-meeting request rate the plan sustains; the flows give the dispatch weights
@@ -53,7 +55,7 @@ class ReplicaLoad:
 class Route:
     cap: float  # req/s the prefill replica can send on this route within the TTFT SLO
     transfer_s: float  # KV transfer time of an attainment-quantile prompt
-    link_bytes: tuple[tuple[tuple[str, str], float], ...]  # node pair -> KV bytes per (mean) request
+    link_bytes: tuple[tuple[tuple[str, str], float], ...]  # (from node, to node) -> KV bytes per (mean) request
     first_from_decode: bool = False  # the first token waits for the KV and leaves from the decode side
 
 
@@ -80,10 +82,6 @@ class Orchestration:
                 cands = [(r.cap, d) for (pp, d), r in self.routes.items() if pp == p and r.cap > 0]
                 table[p] = {max(cands)[1]: 1.0} if cands else {}
         return table
-
-
-def _pair(a: str, b: str) -> tuple[str, str]:
-    return (a, b) if a <= b else (b, a)
 
 
 def transfer_miss(tx: tuple[float, ...] | list[float], tpot_slo: float, tpot: float,
@@ -115,7 +113,7 @@ def route_metrics(cluster: Cluster, model: ModelSpec, workload: Workload, p: Rep
     for na, a0, a1 in p.layer_map:
         for nb, b0, b1 in d.layer_map:
             if min(a1, b1) > max(a0, b0):
-                ranges.setdefault(_pair(na, nb), []).append((max(a0, b0), min(a1, b1)))
+                ranges.setdefault((na, nb), []).append((max(a0, b0), min(a1, b1)))
     t = 0.0
     link_bytes = []
     pts = workload.prompt_points if p.latencies else ()
@@ -124,7 +122,7 @@ def route_metrics(cluster: Cluster, model: ModelSpec, workload: Workload, p: Rep
     rho_l = calib.link_util_max
     for (a, b), spans in sorted(ranges.items()):
         n = sum(hi - lo for lo, hi in spans)
-        gbps = cluster.gbps(a, b)
+        gbps = cluster.path_gbps(a, b)
         after = functools.partial(cm.streamed_transfer_after, model, runs=cm.run_layers(model, spans, codec, calib),
                                   gbps=gbps, codec=codec, calib=calib)  # (tokens, latency=...): what is left
         # of the transfer after the prefill (the runs stream during the pass)
@@ -185,20 +183,24 @@ def solve(cluster: Cluster, prefills: list[ReplicaLoad], decodes: list[ReplicaLo
                 cols.append((i, j))
     if not cols:
         return Orchestration(0.0, routes=routes)
-    links: dict[tuple[str, str], int] = {}
+    # one row per link (node pair) and per NIC direction a transfer uses: ("link", a, b), ("out", a), ("in", b)
+    rows: dict[tuple[str, ...], float] = {}  # resource -> Gbit/s
     for i, j in cols:
-        for key, _ in routes[(prefills[i].id, decodes[j].id)].link_bytes:
-            links.setdefault(key, len(links))
+        for (a, b), _ in routes[(prefills[i].id, decodes[j].id)].link_bytes:
+            for key, gbps in cluster.transfer_resources(a, b):
+                rows.setdefault(key, gbps)
+    index = {key: k for k, key in enumerate(rows)}
     n_p, n_d = len(prefills), len(decodes)
-    A = np.zeros((n_p + n_d + len(links), len(cols)))
+    A = np.zeros((n_p + n_d + len(rows), len(cols)))
     b = np.ones(A.shape[0])
-    b[n_p + n_d:] = calib.link_util_max  # links are FIFO servers: keep their queues short
+    b[n_p + n_d:] = calib.link_util_max  # links and NICs are FIFO servers: keep their queues short
     for c, (i, j) in enumerate(cols):
         r = routes[(prefills[i].id, decodes[j].id)]
         A[i, c] = 1.0 / r.cap
         A[n_p + j, c] = 1.0 / decodes[j].capacity  # rows scaled to "fraction of capacity used"
-        for key, nbytes in r.link_bytes:
-            A[n_p + n_d + links[key], c] += nbytes / cm.gbps_to_Bps(cluster.gbps(*key), calib)
+        for (a, b_), nbytes in r.link_bytes:
+            for key, gbps in cluster.transfer_resources(a, b_):
+                A[n_p + n_d + index[key], c] += nbytes / cm.gbps_to_Bps(gbps, calib)
     res = linprog(-np.ones(len(cols)), A_ub=A, b_ub=b, bounds=(0, None), method="highs")
     if res.status != 0:
         return Orchestration(0.0, routes=routes)

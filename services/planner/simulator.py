@@ -5,8 +5,10 @@ What it models, per replica phase:
     replica for its steady-state service time (the slowest pipeline stage or hand-off, since batches are
     pipelined) and finishes after its latency (all stages + hand-offs) - the cost model's S and L;
   * KV transfer: layer l's KV goes from the node holding l on the prefill replica to the node holding it
-    on the decode replica, compressed by the plan's codec; every node pair's link is a FIFO server, so
-    transfers queue behind each other (the LP only bounds their mean bandwidth); a compressed KV goes in
+    on the decode replica, compressed by the plan's codec; every node pair's link is a FIFO server, and
+    so is each node's NIC, out and in: a transfer is done once the link and both NICs have each sent it
+    at their own rate, so transfers queue behind each other (the LP only bounds their mean bandwidth), and
+    four peers sending to one node at once share its NIC; a compressed KV goes in
     runs during the prefill's forward pass, as the replicas send it (`costmodel.streamed_transfer_after`);
   * decode replicas: continuous batching; a sequence joins at a step boundary when the batch is below
     its cap (the plan's `max_sequences`) and its KV (prompt + output tokens) fits the free KV memory;
@@ -546,7 +548,8 @@ class _ChunkedColocatedServer:
 
 @dataclass
 class _Route:
-    pieces: list[tuple[tuple[str, str], list[tuple[float, int]]]]  # node pair -> its runs (`costmodel.run_layers`)
+    # (from node, to node)'s links and NICs (`Cluster.transfer_resources`) -> its runs (`costmodel.run_layers`)
+    pieces: list[tuple[list[tuple[tuple[str, ...], float]], list[tuple[float, int]]]]
 
 
 class Simulator:
@@ -605,8 +608,8 @@ class Simulator:
                 if hi > lo:
                     na = sa.node or sa.gpus[0].split(":", 1)[0]
                     nb = sb.node or sb.gpus[0].split(":", 1)[0]
-                    ranges.setdefault((na, nb) if na <= nb else (nb, na), []).append((lo, hi))
-        return _Route([(k, cm.run_layers(self.model, spans, self.codec, self.calib))
+                    ranges.setdefault((na, nb), []).append((lo, hi))
+        return _Route([(self.cluster.transfer_resources(*k), cm.run_layers(self.model, spans, self.codec, self.calib))
                        for k, spans in sorted(ranges.items())])
 
     # --- one run -----------------------------------------------------------------------------------
@@ -614,7 +617,7 @@ class Simulator:
         eng = _Engine()
         rng = np.random.default_rng(seed + 7919)
         results = [RequestResult(q.id, q.arrival, q.prompt, q.output) for q in requests]
-        link_free: dict[tuple[str, str], float] = {}
+        busy_until: dict[tuple[str, ...], float] = {}  # link or NIC -> when it has sent what it was given
         decoders: dict[str, _DecodeServer] = {}
         entry: dict[str, _PrefillServer | _ColocatedServer | _ChunkedColocatedServer] = {}
         colocated = _ChunkedColocatedServer if self.cfg.colocated_policy == "chunked" else _ColocatedServer
@@ -637,18 +640,19 @@ class Simulator:
             # unless the plan has the route's first token wait for the KV; a request that its first token
             # ends moves no KV. A compressed KV streams run by run during the forward pass (of `latency`
             # s, ending now): a run goes once computed and once its link is free. (A link idle since
-            # link_free can take a run from before now: nothing else was scheduled on it meanwhile.)
+            # busy_until can take a run from before now: nothing else was scheduled on it meanwhile.)
             r.first_token = eng.now
             if r.output <= 1:
                 r.finish = eng.now
                 return
             done = eng.now
-            for key, runs in self._routes[r.prefill][r.decode].pieces:
-                free = link_free.get(key, 0.0) - eng.now  # on the clock of `streamed_transfer_after`
-                end = eng.now + cm.streamed_transfer_after(self.model, r.prompt, runs, self.cluster.gbps(*key),
-                                                           self.codec, latency, self.calib, free)
-                link_free[key] = end
-                done = max(done, end)
+            for resources, runs in self._routes[r.prefill][r.decode].pieces:
+                for key, gbps in resources:  # a piece has gone once its link and both NICs have sent it
+                    free = busy_until.get(key, 0.0) - eng.now  # on the clock of `streamed_transfer_after`
+                    end = eng.now + cm.streamed_transfer_after(self.model, r.prompt, runs, gbps, self.codec,
+                                                               latency, self.calib, free)
+                    busy_until[key] = end
+                    done = max(done, end)
             r.kv_ready = done
             if (r.prefill, r.decode) in self._first_from_decode:
                 r.first_token = done

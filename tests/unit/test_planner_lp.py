@@ -72,6 +72,29 @@ def test_route_metrics_kv_link_bound_by_hand():
     assert res4.rate == pytest.approx(1e9 / (kv * 0.28))
 
 
+def test_a_shared_nic_bounds_the_kv_into_one_node():
+    # two prefill replicas (nodes a, b) send to one decode replica on node c; every link carries 1 GB/s
+    # (8 Gbit/s at net_eff 1). With c's NIC as fast as a link, the two routes share it: half the rate
+    # of a NIC fast enough for both.
+    m = ModelSpec.from_name("llama-7b")
+    w = Workload(rate=1.0, prompt_lens=[1000], output_lens=[100], ttft_slo=10.0, tpot_slo=0.1)
+    calib = cm.Calibration(net_eff=1.0, hop_latency=0.0, link_util_max=1.0)
+    pre = [orch.ReplicaLoad(n, 100.0, ((n, 0, 32),), latency=0.5, service=0.01) for n in ("a", "b")]
+    dec = [orch.ReplicaLoad("d", 100.0, (("c", 0, 32),))]
+    kv = 1000 * m.kv_bytes_per_token
+
+    def rate(nic_c):
+        cl = Cluster.from_dict({"nodes": [{"name": n, "gpu": "A40"} for n in "ab"]
+                                + [{"name": "c", "gpu": "A40", "nic_gbps": nic_c}], "network": {"default_gbps": 8}})
+        return orch.solve(cl, pre, dec, lambda p, d: orch.route_metrics(cl, m, w, p, d, "none", calib), calib)
+
+    assert rate(8).rate == pytest.approx(1e9 / kv)
+    assert rate(16).rate == pytest.approx(2e9 / kv)
+    assert rate(16).flows[("a", "d")] == pytest.approx(1e9 / kv)
+    # a NIC slower than the link also slows the one transfer down
+    assert rate(4).routes[("a", "d")].transfer_s == pytest.approx(2 * kv / 1e9)
+
+
 def test_lp_needs_both_phases():
     assert orch.solve(CL, [_load("p", 1.0)], [], lambda p, d: None).rate == 0.0
     assert orch.solve(CL, [], [_load("d", 1.0)], lambda p, d: None).rate == 0.0

@@ -36,6 +36,23 @@ def test_shipped_clusters_load():
     assert a100.n_gpus == 8 and {n.gpu.name for n in a100.nodes} == {"A100-80G"}
 
 
+def test_a_nodes_nic_is_its_fastest_link_unless_given():
+    c = Cluster.from_yaml(CLUSTERS / "cloud-32.yaml")
+    assert c.nic_gbps("a40a") == 40 and c.nic_gbps("a5k") == 10 and c.nic_gbps("r3090a") == 25
+    spec = {"nodes": [{"name": "a", "gpu": "A40"}, {"name": "b", "gpu": "A40", "nic_gbps": 4}],
+            "network": {"default_gbps": 10}}
+    two = Cluster.from_dict(spec)
+    assert two.nic_gbps("a") == 10 and two.nic_gbps("b") == 4
+    assert two.path_gbps("a", "b") == 4 and two.gbps("a", "b") == 10  # one transfer: the slower NIC
+    assert [k for k, _ in two.transfer_resources("a", "b")] == [("link", "a", "b"), ("out", "a"), ("in", "b")]
+    assert [k for k, _ in two.transfer_resources("b", "a")] == [("link", "a", "b"), ("out", "b"), ("in", "a")]
+    assert two.transfer_resources("a", "a") == [(("link", "a", "a"), two.node("a").intra_gbps)]
+    assert Cluster.from_dict(two.to_dict()).nic_gbps("b") == 4
+    assert "nic_gbps" not in Cluster.from_dict(two.to_dict()).to_dict()["nodes"][0]
+    with pytest.raises(ValueError, match="nic_gbps must be > 0"):
+        Cluster.from_dict({"nodes": [{"name": "a", "gpu": "A40", "nic_gbps": 0}]})
+
+
 CASES = [(_paper(40), "llama-13b", "code"), (_paper(40), "llama-30b", "conversation"),
          (_paper(5), "llama-13b", "conversation"), (_paper(5), "llama-30b", "code")]
 CASES += [(random_cluster(s), ["llama-7b", "llama-13b"][s % 2], ["code", "conversation"][(s // 2) % 2])

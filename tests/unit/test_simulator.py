@@ -180,20 +180,37 @@ def test_one_token_output_moves_no_kv():
     assert r.finish == r.first_token and math.isnan(r.kv_ready)
 
 
-def test_link_is_shared_fifo():
-    """Two prompts prefilled at once on two replicas both send over the a-b link: the second queues."""
+def _two_prompts_at_once(cluster, prefill_gpus, decode_gpu):
+    """Two 2,048-token prompts arrive together, one on each prefill replica, for one decode replica:
+    when each one's KV has landed, in order."""
     w = Workload(rate=1, prompt_lens=[2048], output_lens=[8], ttft_slo=5, tpot_slo=0.05)
-    plan = Planner(TWO_NODES, MODEL, w, codec="none").build_plan([["a:0"], ["a:1"], ["b:0"]],
-                                                                 ["prefill", "prefill", "decode"])
+    plan = Planner(cluster, MODEL, w, codec="none").build_plan([[g] for g in (*prefill_gpus, decode_gpu)],
+                                                               ["prefill", "prefill", "decode"])
     plan.dispatch = {"r0": 0.5, "r1": 0.5}
     plan.routing = {"r0": {"r2": 1.0}, "r1": {"r2": 1.0}}
-    sim = Simulator(plan, TWO_NODES, MODEL, SLO(5, 0.05), config=ONE)
+    sim = Simulator(plan, cluster, MODEL, SLO(5, 0.05), config=ONE)
     reqs = trace_requests([0.0, 0.0], [2048, 2048], [8, 8])
     res = next(r for r in (sim.run(reqs, seed=s) for s in range(50))  # both prefill replicas in use
                if r.requests[0].prefill != r.requests[1].prefill)
+    return sorted(r.kv_ready for r in res.requests)
+
+
+def test_link_is_shared_fifo():
+    """Two prompts prefilled at once on two replicas both send over the a-b link: the second queues."""
+    t = _two_prompts_at_once(TWO_NODES, ["a:0", "a:1"], "b:0")
+    assert t[1] - t[0] == pytest.approx(cm.kv_transfer_time(MODEL, 2048, MODEL.layers, 10, "none"), rel=1e-6)
+
+
+@pytest.mark.parametrize("nic_c", [None, 20])
+def test_a_nodes_nic_is_shared_by_the_links_into_it(nic_c):
+    """Two prompts prefilled at once on nodes a and b go over two links to node c. c's NIC, as fast as
+    one link (its default), takes them one after the other; one twice as fast takes both at once."""
+    cl = Cluster.from_dict({"name": "t3", "nodes": [
+        {"name": n, "gpu": "A100-80G", "count": 1, **({"nic_gbps": nic_c} if n == "c" and nic_c else {})}
+        for n in "abc"], "network": {"default_gbps": 10}})
+    t = _two_prompts_at_once(cl, ["a:0", "b:0"], "c:0")
     x = cm.kv_transfer_time(MODEL, 2048, MODEL.layers, 10, "none")
-    t = sorted(r.kv_ready for r in res.requests)
-    assert t[1] - t[0] == pytest.approx(x, rel=1e-6)
+    assert t[1] - t[0] == pytest.approx(x if nic_c is None else 0.0, abs=1e-3)  # (hop latencies apart)
 
 
 def test_request_too_large_for_kv_memory_fails():
