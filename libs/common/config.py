@@ -103,6 +103,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         default=env("THREADS", 0, int),
         help=f"torch threads for this process, 0 = torch's default (env {ENV_PREFIX}THREADS)",
     )
+    group.add_argument(
+        "--device",
+        default=env("DEVICE", "cpu"),
+        help="where the model runs: 'cpu', or 'cuda' / 'cuda:N' on a GPU host with a CUDA build of torch "
+        f"(env {ENV_PREFIX}DEVICE; default cpu)",
+    )
 
 
 def add_logging_args(parser: argparse.ArgumentParser) -> None:

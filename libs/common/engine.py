@@ -4,6 +4,11 @@ One `Engine` per replica process holds the weights once. `prefill` runs a prompt
 its per-layer KV cache and the last position's logits. `DecodeBatch` keeps the KV of many
 sequences in one left-padded cache so a single forward pass advances all of them by one
 token; sequences join and leave between steps. Not thread-safe: one thread drives it.
+
+The weights, the caches and the forward passes live on the engine's `device` (`--device`: `cpu`, or
+`cuda` on a GPU host); what leaves the engine for the host's code is on the CPU: logits (sampling runs
+there) and the rebuilt first layer (the KV codec runs there). The same lines run on both, so the CPU
+tests exercise the GPU path's logic.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from thunderserve.common.models import load_model, resolve_model
+from thunderserve.common.models import check_device, load_model, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +96,8 @@ def first_layer_kv(model, token_ids: list[int]) -> tuple[torch.Tensor, torch.Ten
     if not token_ids:
         raise ValueError("empty prompt")
     try:
-        model(input_ids=torch.tensor([list(token_ids)], dtype=torch.long), cache=_FirstLayerCache(config=model.config),
-              use_cache=True, logits_to_keep=1)
+        model(input_ids=torch.tensor([list(token_ids)], dtype=torch.long, device=model.device),
+              cache=_FirstLayerCache(config=model.config), use_cache=True, logits_to_keep=1)
     except _FirstLayerDone as done:
         return done.kv
     raise RuntimeError("the model's forward pass never updated its cache")
@@ -118,18 +123,19 @@ class _ReportingCache(DynamicCache):
 
 @dataclass
 class PrefillResult:
-    kv: KVLayers
-    logits: torch.Tensor  # [vocab], fp32, for the token after the prompt
-    prompt_logits: torch.Tensor | None = None  # [n - 1, vocab]: row i scores prompt token i + 1 (if asked)
+    kv: KVLayers  # on the engine's device
+    logits: torch.Tensor  # [vocab], fp32, on the CPU, for the token after the prompt
+    prompt_logits: torch.Tensor | None = None  # [n - 1, vocab], CPU: row i scores prompt token i + 1 (if asked)
 
 
 class Engine:
     """A HuggingFace causal LM, loaded once, with the two operations the phases need."""
 
-    def __init__(self, model: str = "smollm2", dtype: str = "float32", threads: int = 0):
+    def __init__(self, model: str = "smollm2", dtype: str = "float32", threads: int = 0, device: str = "cpu"):
         self.info = resolve_model(model)
+        self.device = check_device(device)
         _register_attention()
-        self.model, self.tokenizer = load_model(model, dtype=dtype, attn_implementation=ATTENTION)
+        self.model, self.tokenizer = load_model(model, dtype=dtype, attn_implementation=ATTENTION, device=self.device)
         self.config = self.model.config
         self.dtype = getattr(torch, dtype)
         # The decode batch's KV is fp32, as attention computes (no per-step cast of the cache).
@@ -168,9 +174,10 @@ class Engine:
     rebuilds_first_layer = True  # `first_layer_kv` works for any model that fills a transformers cache
 
     def first_layer_kv(self, token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first layer's KV of `token_ids`, in the cache's dtype (see `first_layer_kv`)."""
+        """The first layer's KV of `token_ids`, in the cache's dtype, on the CPU for the KV codec (see
+        `first_layer_kv`)."""
         key, value = first_layer_kv(self.model, token_ids)
-        return key.to(self.kv_dtype), value.to(self.kv_dtype)
+        return key.to("cpu", self.kv_dtype), value.to("cpu", self.kv_dtype)
 
     def new_batch(self) -> DecodeBatch:
         return DecodeBatch(self)
@@ -204,18 +211,18 @@ class ChunkedPrefill:
         if not self.remaining:
             raise RuntimeError("the prefill is already done")
         n = min(max(1, max_tokens), self.remaining)
-        chunk = torch.tensor([self.token_ids[self.done:self.done + n]], dtype=torch.long)
+        chunk = torch.tensor([self.token_ids[self.done:self.done + n]], dtype=torch.long, device=self.engine.device)
         out = self.engine.model(input_ids=chunk, cache=self._cache, use_cache=True,
                                 logits_to_keep=0 if self.prompt_logits else 1)
         self._cache = out.cache
         self.done += n
         if self.prompt_logits:
-            self._rows.append(out.logits[0])
+            self._rows.append(out.logits[0].cpu())
         if self.remaining:
             return None
         kv = [(layer.keys, layer.values) for layer in self._cache.layers]
         if not self.prompt_logits:
-            return PrefillResult(kv=kv, logits=out.logits[0, -1].float())
+            return PrefillResult(kv=kv, logits=out.logits[0, -1].float().cpu())
         rows = torch.cat(self._rows)
         return PrefillResult(kv=kv, logits=rows[-1].float(), prompt_logits=rows[:-1])
 
@@ -243,7 +250,8 @@ class DecodeBatch:
         self.slots: list[_Slot] = []
         self.keys: list[torch.Tensor] = []  # per layer [B, H, T, D]
         self.values: list[torch.Tensor] = []
-        self.mask = torch.zeros(0, 0, dtype=torch.long)  # [B, T]: 1 = real position
+        self.device = engine.device
+        self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)  # [B, T]: 1 = real position
         # Preallocated storage that self.keys/values are views of, while `_slabs_valid`.
         self._slab_k: list[torch.Tensor] = []
         self._slab_v: list[torch.Tensor] = []
@@ -261,22 +269,23 @@ class DecodeBatch:
         return self.mask.shape[1]
 
     def add(self, seq_id: str, kv: KVLayers, next_token: int) -> None:
-        """Join a sequence whose KV covers its prompt; `next_token` is fed at the next step."""
+        """Join a sequence whose KV covers its prompt (on any device: a received one is on the CPU);
+        `next_token` is fed at the next step."""
         if any(s.seq_id == seq_id for s in self.slots):
             raise ValueError(f"sequence {seq_id} is already in the batch")
         length = kv[0][0].shape[2]
-        dtype = self.engine.kv_dtype
+        dtype, device = self.engine.kv_dtype, self.device
         if not self.slots:
-            self.keys = [k.to(dtype) for k, _ in kv]
-            self.values = [v.to(dtype) for _, v in kv]
-            self.mask = torch.ones(1, length, dtype=torch.long)
+            self.keys = [k.to(device, dtype) for k, _ in kv]
+            self.values = [v.to(device, dtype) for _, v in kv]
+            self.mask = torch.ones(1, length, dtype=torch.long, device=device)
         else:
             width = max(self.width, length)
             self._pad_left(width - self.width)
             pad = width - length
-            self.keys = [torch.cat([k, _left_pad(nk.to(dtype), pad)]) for k, (nk, _) in zip(self.keys, kv)]
-            self.values = [torch.cat([v, _left_pad(nv.to(dtype), pad)]) for v, (_, nv) in zip(self.values, kv)]
-            row = torch.cat([torch.zeros(pad, dtype=torch.long), torch.ones(length, dtype=torch.long)])
+            self.keys = [torch.cat([k, _left_pad(nk.to(device, dtype), pad)]) for k, (nk, _) in zip(self.keys, kv)]
+            self.values = [torch.cat([v, _left_pad(nv.to(device, dtype), pad)]) for v, (_, nv) in zip(self.values, kv)]
+            row = F.pad(torch.ones(length, dtype=torch.long, device=device), (pad, 0))
             self.mask = torch.cat([self.mask, row[None]])
         self.slots.append(_Slot(seq_id, length, next_token))
         self._slabs_valid = False
@@ -287,10 +296,10 @@ class DecodeBatch:
             return False
         del self.slots[idx]
         self._slabs_valid = False
-        keep = torch.tensor([i for i in range(self.mask.shape[0]) if i != idx], dtype=torch.long)
+        keep = torch.tensor([i for i in range(self.mask.shape[0]) if i != idx], dtype=torch.long, device=self.device)
         if not self.slots:
             self.keys, self.values = [], []
-            self.mask = torch.zeros(0, 0, dtype=torch.long)
+            self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)
             return True
         self.keys = [k.index_select(0, keep) for k in self.keys]
         self.values = [v.index_select(0, keep) for v in self.values]
@@ -327,8 +336,8 @@ class DecodeBatch:
         batch, heads, _, dim = self.keys[0].shape
         self._slab_k, self._slab_v = [], []
         for k, v in zip(self.keys, self.values):
-            slab_k = torch.empty(batch, heads, capacity, dim, dtype=k.dtype)
-            slab_v = torch.empty(batch, heads, capacity, dim, dtype=v.dtype)
+            slab_k = torch.empty(batch, heads, capacity, dim, dtype=k.dtype, device=k.device)
+            slab_v = torch.empty(batch, heads, capacity, dim, dtype=v.dtype, device=v.device)
             slab_k[:, :, :width] = k
             slab_v[:, :, :width] = v
             self._slab_k.append(slab_k)
@@ -343,8 +352,8 @@ class DecodeBatch:
         if not self.slots:
             return {}
         model = self.engine.model
-        input_ids = torch.tensor([[s.next_token] for s in self.slots], dtype=torch.long)
-        position_ids = torch.tensor([[s.length] for s in self.slots], dtype=torch.long)
+        input_ids = torch.tensor([[s.next_token] for s in self.slots], dtype=torch.long, device=self.device)
+        position_ids = torch.tensor([[s.length] for s in self.slots], dtype=torch.long, device=self.device)
         self._ensure_room()
         cache = DynamicCache(config=self.engine.config)
         cache.layers = [_SlabLayer(k, v, self.width) for k, v in zip(self._slab_k, self._slab_v)]
@@ -361,7 +370,7 @@ class DecodeBatch:
         self.mask = mask
         for s in self.slots:
             s.length += 1
-        logits = out.logits[:, -1].float()
+        logits = out.logits[:, -1].float().cpu()  # one copy per step; sampling runs on the host
         return {s.seq_id: logits[i] for i, s in enumerate(self.slots)}
 
 
@@ -396,10 +405,11 @@ class MockEngine:
 
     MOCK_LAYERS, MOCK_HEAD_DIM = 2, 8
 
-    def __init__(self, model: str = "mocker", dtype: str = "float32", threads: int = 0):
+    def __init__(self, model: str = "mocker", dtype: str = "float32", threads: int = 0, device: str = "cpu"):
         from thunderserve.common.models import load_tokenizer
 
         self.info = resolve_model(model)
+        self.device = torch.device("cpu")  # no model: nothing to place (`device` is taken and ignored)
         self.tokenizer = load_tokenizer(str(self.info.path))
         self.dtype = torch.float32
         self.max_context = 8192
@@ -499,15 +509,15 @@ class MockBatch:
         return out
 
 
-def create_engine(model: str, dtype: str = "float32", threads: int = 0) -> Engine | MockEngine:
-    """The engine for `model`: the mock one for "mocker", a real model otherwise."""
+def create_engine(model: str, dtype: str = "float32", threads: int = 0, device: str = "cpu") -> Engine | MockEngine:
+    """The engine for `model` on `device`: the mock one for "mocker", a real model otherwise."""
     if threads > 0:
         # Replicas share a host's cores: more torch threads than cores makes OpenMP spin
         # against other processes and turns millisecond ops into tens of milliseconds.
         torch.set_num_threads(threads)
     if model.lower() == "mocker":
-        return MockEngine(model, dtype, threads)
-    return Engine(model, dtype, threads)
+        return MockEngine(model, dtype, threads, device)
+    return Engine(model, dtype, threads, device)
 
 
 def _left_pad(t: torch.Tensor, pad: int) -> torch.Tensor:

@@ -67,6 +67,11 @@ class ChannelCancelled(ChannelError):
     pair is intact."""
 
 
+def _wire_device(backend: str) -> str:
+    """Where a backend's tensors must be: NCCL's on this process's current GPU, gloo's on the host."""
+    return f"cuda:{torch.cuda.current_device()}" if backend == "nccl" else "cpu"
+
+
 def _make_group(store: dist.Store, pair_id: str, rank: int, host: str, timeout_s: float, backend: str):
     prefix = dist.PrefixStore(f"kvpair/{pair_id}", store)
     timeout = timedelta(seconds=timeout_s)
@@ -129,23 +134,33 @@ class ChannelPair:
 
 
 class DistPair(ChannelPair):
-    """A two-rank torch.distributed group (gloo or NCCL)."""
+    """A two-rank torch.distributed group (gloo or NCCL).
 
-    def __init__(self, pair_id: str, group, rank: int, timeout_s: float):
+    NCCL moves CUDA tensors only: a payload from the host goes through the GPU (`wire_device`), and what
+    arrives there is copied to where the caller asked. The codec works on the host, so on GPUs this
+    costs a copy each way beside the transfer: the price of NCCL's links between GPUs of different
+    hosts. Gloo sends host tensors as they are."""
+
+    def __init__(self, pair_id: str, group, rank: int, timeout_s: float, wire_device: str = "cpu"):
         super().__init__(pair_id, rank, timeout_s)
         self.group = group
+        self.wire_device = torch.device(wire_device)
 
     def send(self, payload: torch.Tensor, tag: int) -> None:
-        flat = payload.contiguous().reshape(-1)
+        flat = payload.contiguous().reshape(-1).to(self.wire_device)
         self._run(lambda: [self.group.send([flat[a:b]], self.peer, (tag << TAG_BITS) | i)
                            for i, (a, b) in enumerate(split_points(flat.numel()))], "send")
 
     def recv(self, nbytes: int, tag: int, device: str = "cpu", out: torch.Tensor | None = None,
              wait_s: float | None = None, cancel: threading.Event | None = None) -> torch.Tensor:
-        buf = torch.empty(nbytes, dtype=torch.uint8, device=device) if out is None else out[:nbytes]
+        target = torch.empty(nbytes, dtype=torch.uint8, device=device) if out is None else out[:nbytes]
+        buf = target if target.device == self.wire_device else torch.empty(nbytes, dtype=torch.uint8,
+                                                                             device=self.wire_device)
         self._run(lambda: [self.group.recv([buf[a:b]], self.peer, (tag << TAG_BITS) | i)
                            for i, (a, b) in enumerate(split_points(nbytes))], "recv")
-        return buf
+        if buf is not target:
+            target.copy_(buf)
+        return target
 
     def _run(self, start, what: str) -> None:
         self._check()
@@ -456,7 +471,7 @@ class ChannelHost:
             except RuntimeError as exc:  # torch.distributed errors (DistStoreError: the wait timed out)
                 raise ChannelError(f"pair {pair_id}: the prefill side did not connect within {self.timeout_s} s"
                                    f" ({str(exc).splitlines()[0]})") from None
-            pair = DistPair(pair_id, group, DECODE_RANK, self.timeout_s)
+            pair = DistPair(pair_id, group, DECODE_RANK, self.timeout_s, _wire_device(backend))
         with self._lock:
             self.pairs[pair_id] = pair
         return pair
@@ -537,7 +552,7 @@ class ChannelClient:
                 pair: ChannelPair = SocketPair(pair_id, sock, PREFILL_RANK, self.timeout_s)
             else:
                 group = _make_group(store, pair_id, PREFILL_RANK, _route_to(host), self.timeout_s, backend)
-                pair = DistPair(pair_id, group, PREFILL_RANK, self.timeout_s)
+                pair = DistPair(pair_id, group, PREFILL_RANK, self.timeout_s, _wire_device(backend))
         except Exception as exc:
             raise ChannelError(f"cannot connect channel to {endpoint}: {str(exc).splitlines()[0]}") from None
         self.pairs[endpoint] = pair

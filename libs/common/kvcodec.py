@@ -556,12 +556,16 @@ def _encode_range(codec: KVCodec, layers: Sequence[tuple[torch.Tensor, torch.Ten
     shapes = {(tuple(k.shape), tuple(v.shape), k.dtype, v.dtype) for k, v in layers[max(start, rebuilt):end]}
     stacked = encode_layers is not None and len(shapes) == 1 and len(next(iter(shapes))[0]) == 4
 
+    def on_host(index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key, value = layers[index]  # the codecs run on the host: a cache on a GPU comes over layer by layer
+        return key.cpu(), value.cpu()  # (on the CPU already: no copy)
+
     def encode_run(a: int, b: int) -> list[PackedTensor]:
         if stacked:
-            return encode_layers(layers[a:b], model, a, total)
+            return encode_layers([on_host(i) for i in range(a, b)], model, a, total)
         packed = []
         for index in range(a, b):
-            key, value = layers[index]
+            key, value = on_host(index)
             # A codec may choose per layer (e.g. more bits for sensitive layers); params say which.
             for_layer = getattr(codec, "for_layer", None)
             layer_codec = for_layer(index, total, tuple(key.shape), model) if for_layer else codec

@@ -204,13 +204,33 @@ def max_context(model: str, default: int = 2048) -> int:
     return int(value or default)
 
 
-def load_model(model: str, dtype: str = "float32", attn_implementation: str | None = None):
-    """Load (model, tokenizer) for inference: eval mode, no grad needed by callers."""
+def check_device(device: str):
+    """`device` as a torch device this host has, or a ValueError that says what it has."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N'")
+    if dev.type == "cpu":
+        return dev
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: this torch build or host has no CUDA GPU "
+                         f"(torch {torch.__version__}; cuda {torch.version.cuda or 'not built in'})")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this host has {torch.cuda.device_count()} CUDA GPU(s)")
+    return dev
+
+
+def load_model(model: str, dtype: str = "float32", attn_implementation: str | None = None, device="cpu"):
+    """Load (model, tokenizer) for inference on `device`: eval mode, no grad needed by callers."""
     import torch
     from transformers import AutoModelForCausalLM
 
     info = resolve_model(model)
     torch_dtype = getattr(torch, dtype)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    hf_model = AutoModelForCausalLM.from_pretrained(info.path, dtype=torch_dtype, **extra).eval()
+    hf_model = AutoModelForCausalLM.from_pretrained(info.path, dtype=torch_dtype, **extra).eval().to(device)
     return hf_model, load_tokenizer(str(info.path))

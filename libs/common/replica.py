@@ -30,6 +30,7 @@ from thunderserve.common import aio, config, kventropy, protocol, tracing
 from thunderserve.common.engine import Engine, MockEngine, create_engine
 from thunderserve.common.kvchannel import BACKENDS, DEFAULT_BACKEND, ChannelClient, ChannelHost
 from thunderserve.common.memory import keep_freed_memory
+from thunderserve.common.models import ModelNotFoundError, check_device, resolve_model
 from thunderserve.common.plan import Plan
 from thunderserve.common.planstore import PlanWatcher
 from thunderserve.common.protocol import Abort, ControlCommand, Heartbeat, Subjects
@@ -141,7 +142,7 @@ class ReplicaHost:
         await self.shutdown()
 
     def _load_engine(self) -> Engine:
-        engine = create_engine(self.args.model, self.args.dtype, self.args.threads)
+        engine = create_engine(self.args.model, self.args.dtype, self.args.threads, self.args.device)
         # the int4 codec's compiled parts, so the first transfer does not wait
         log.info("%s: loading the KV codec's kernels (compiled once, ~25 s, on a first start)", self.replica_id)
         kventropy.warm_up()
@@ -303,7 +304,16 @@ def build_parser(phase: str) -> argparse.ArgumentParser:
 
 
 def main(phase: str, argv: list[str] | None = None) -> int:
-    args = build_parser(phase).parse_args(argv)
+    parser = build_parser(phase)
+    args = parser.parse_args(argv)
+    try:  # a wrong model or device is the user's to fix: say so in one line, before connecting anywhere
+        resolve_model(args.model)
+        if args.model.lower() != "mocker":
+            check_device(args.device)
+        if args.channel_backend == "nccl" and check_device(args.device).type != "cuda":
+            raise ValueError("--channel-backend nccl moves KV between GPUs: it needs --device cuda")
+    except (ValueError, ModelNotFoundError) as exc:
+        parser.error(str(exc))
     logging.basicConfig(level=args.log_level, format=f"%(asctime)s {phase} %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.nice:

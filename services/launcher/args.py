@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "answer at once, to try the system without the compute), or a local HuggingFace model folder")
     parser.add_argument("--dtype", default=config.env("DTYPE", "float32"),
                         choices=["float32", "bfloat16", "float16"], help="model compute dtype (default float32)")
+    parser.add_argument("--device", default=config.env("DEVICE", "cpu"),
+                        help="where the replicas run the model: cpu (default), cuda:N, or cuda: each replica on a "
+                        "GPU of its own, round the host's GPUs (env THUNDERSERVE_DEVICE)")
     parser.add_argument("--prefill", type=int, default=None, metavar="N", help="prefill replicas (default 1)")
     parser.add_argument("--decode", type=int, default=None, metavar="M", help="decode replicas (default 1)")
     parser.add_argument("--colocated", type=int, default=None, metavar="C",

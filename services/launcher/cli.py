@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cluster = LocalCluster(
             model=args.model, prefill=prefill, decode=decode, colocated=colocated, token_budget=args.token_budget,
-            kv_codec=args.kv_codec, dtype=args.dtype,
+            kv_codec=args.kv_codec, dtype=args.dtype, device=args.device,
             http_host=args.host, http_port=args.http_port, nats_url=args.nats, subject_prefix=args.subject_prefix,
             threads_per_replica=args.threads_per_replica, max_batch=args.max_batch, log_level=args.log_level,
             decode_nice=args.decode_nice, plan_file=args.plan,

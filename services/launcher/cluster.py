@@ -66,6 +66,9 @@ class LocalCluster:
     token_budget: int = 0  # colocated replicas' tokens per iteration (0 = the replica's default)
     kv_codec: str | None = None
     dtype: str = "float32"
+    # where the replicas run their models: "cpu", "cuda:N", or "cuda": each replica on a GPU of its own
+    # as far as they go (the k-th replica started on GPU k mod the host's GPU count)
+    device: str = "cpu"
     http_host: str = "127.0.0.1"
     http_port: int = 0  # 0 = a free port
     nats_url: str | None = None  # None = start an embedded nats-server
@@ -84,6 +87,7 @@ class LocalCluster:
     nats: NatsServer | None = field(default=None, init=False)
     _expected_dead: set[str] = field(default_factory=set, init=False)  # killed on purpose
     _phases: dict[str, str] = field(default_factory=dict, init=False)  # replica name -> the phase it started in
+    _devices: dict[str, str] = field(default_factory=dict, init=False)  # replica name -> its device, kept on restarts
 
     def __post_init__(self) -> None:
         self.plan = Plan.from_json(Path(self.plan_file).read_text()) if self.plan_file else None
@@ -94,6 +98,10 @@ class LocalCluster:
                 raise ValueError(f"replica ids may hold only letters, digits, '-' and '_': {', '.join(bad)}")
             self.prefill, self.decode = len(self.plan.ids("prefill")), len(self.plan.ids("decode"))
             self.colocated = len(self.plan.ids("colocated"))
+        if self.device != "cpu" and self.model.lower() != "mocker":
+            from thunderserve.common.models import check_device
+
+            check_device(self.device)  # a ValueError that says what this host has
         missing = [ph for ph, n in (("prefill", self.prefill), ("decode", self.decode)) if not n]
         if (self.prefill or self.decode or not self.colocated) and missing:
             where = f"{self.plan_file}: the plan" if self.plan is not None else "the deployment"
@@ -139,7 +147,8 @@ class LocalCluster:
         name = index if isinstance(index, str) else f"{phase}-{index}"
         self._phases[name] = phase
         args = [*self._common(), "--model", self.model, "--dtype", self.dtype, "--replica-id", name,
-                "--threads", str(self._threads()), "--max-batch", str(self.max_batch)]
+                "--threads", str(self._threads()), "--max-batch", str(self.max_batch),
+                "--device", self._device_of(name)]
         if self.kv_codec:
             args += ["--kv-codec", self.kv_codec]
         if phase == "decode" and self.decode_nice:
@@ -147,6 +156,16 @@ class LocalCluster:
         if phase == "colocated" and self.token_budget:
             args += ["--token-budget", str(self.token_budget)]
         return self._spawn(name, f"thunderserve.{phase}", args)
+
+    def _device_of(self, name: str) -> str:
+        if name not in self._devices:
+            device = self.device
+            if device == "cuda":  # spread the replicas over the host's GPUs
+                import torch
+
+                device = f"cuda:{len(self._devices) % max(1, torch.cuda.device_count())}"
+            self._devices[name] = device
+        return self._devices[name]
 
     def start_router(self) -> subprocess.Popen:
         args = [*self._common(), "--model", self.model, "--host", self.http_host, "--http-port", str(self.http_port)]

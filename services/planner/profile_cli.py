@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the cost model's view of it (default: built from the loaded model's config)")
     ap.add_argument("--dtype", choices=ENGINE_DTYPES, default="float32", help="weights (default %(default)s)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default %(default)s)")
+    ap.add_argument("--device", default="cpu",
+                    help="where the engine runs: cpu (default) or cuda[:N], to profile one of this host's GPUs")
     ap.add_argument("--prompts", type=int, nargs="+", default=[32, 128, 512], metavar="N",
                     help="prompt lengths to time a prefill of (default: 32 128 512)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16], metavar="B",
@@ -59,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.gpu else None
         from thunderserve.common.engine import create_engine
 
-        print(f"loading {args.model} ({args.dtype}, {args.threads} thread(s))...", file=sys.stderr)
-        engine = create_engine(args.model, args.dtype, threads=args.threads)
+        print(f"loading {args.model} ({args.dtype}, {args.threads} thread(s), {args.device})...", file=sys.stderr)
+        engine = create_engine(args.model, args.dtype, threads=args.threads, device=args.device)
         if not hasattr(engine, "config"):
             raise ValueError(f"{args.model} has no real engine to profile")
         spec = ModelSpec.load(args.model_spec) if args.model_spec else \

@@ -29,6 +29,30 @@ def test_prefill_returns_per_layer_kv(tiny):
     assert result.logits.shape == (cfg.vocab_size,)
 
 
+def test_the_engine_runs_on_its_device_and_hands_the_host_cpu_tensors(tiny):
+    """Weights and the batch's cache on the engine's device; logits and the rebuilt first layer (what
+    sampling and the KV codec take) on the CPU; a batch takes KV from anywhere, in any dtype."""
+    assert tiny.device == torch.device("cpu") and tiny.model.device == tiny.device
+    result = tiny.prefill([5, 6, 7, 8])
+    assert result.logits.device.type == "cpu" and result.logits.dtype == torch.float32
+    key, _ = tiny.first_layer_kv([5, 6, 7, 8])
+    assert key.device.type == "cpu" and torch.equal(key, result.kv[0][0].to(tiny.kv_dtype))
+    batch = tiny.new_batch()
+    batch.add("a", [(k.to(torch.bfloat16), v.to(torch.bfloat16)) for k, v in result.kv], 9)
+    assert batch.keys[0].device == tiny.device and batch.keys[0].dtype == tiny.kv_dtype
+    assert batch.step()["a"].device.type == "cpu"
+
+
+@pytest.mark.parametrize("device,needle", [("tpu", "unknown device"), ("meta", "use 'cpu', 'cuda'"),
+                                           ("cuda:99", "CUDA GPU")])
+def test_a_device_the_host_lacks_is_a_clear_error(device, needle):
+    from thunderserve.common.models import check_device
+
+    with pytest.raises(ValueError, match=needle):
+        check_device(device)
+    assert check_device("cpu") == torch.device("cpu")
+
+
 def test_prefill_hands_each_layer_over_as_the_pass_computes_it(tiny):
     """`on_layer` gets every layer's KV in order, on the pass's own thread, and the very tensors the
     result holds, equal to a plain prefill's."""
