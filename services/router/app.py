@@ -49,6 +49,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return "the request body is not valid JSON", None
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = ".".join(loc) or None
+    if param is None and first.get("type") in ("model_attributes_type", "dict_type"):  # JSON, but no object
+        return "the request body must be a JSON object", None
     msg = first.get("msg", "invalid value").removeprefix("Value error, ")
     if first.get("type") == "missing":
         if param is None:  # the body itself is missing

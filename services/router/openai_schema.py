@@ -58,7 +58,7 @@ class _Common(BaseModel):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     stop: StrictStr | list[StrictStr] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=-(1 << 63), lt=1 << 63)] | None = None  # a 64-bit integer (choice i: seed + i)
     stop_token_ids: list[int] | None = None  # extension (vLLM's)
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
     ignore_eos: StrictBool = False
@@ -167,9 +167,21 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: StrictStr | list[dict] | None = None
 
+    @field_validator("content")
+    @classmethod
+    def _text_parts_only(cls, content):
+        # the models served take text: an image or audio part dropped in silence would be answered blind
+        for part in content if isinstance(content, list) else ():
+            if part.get("type") != "text":
+                raise ValueError(f"content part of type {part.get('type')!r} is not supported: this server's models "
+                                 "take text only")
+            if not isinstance(part.get("text"), str):
+                raise ValueError("a text content part needs its 'text', a string")
+        return content
+
     def text(self) -> str:
-        if isinstance(self.content, list):  # content parts: keep the text ones
-            return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+        if isinstance(self.content, list):  # text parts (the validator refuses any other)
+            return "".join(p["text"] for p in self.content)
         return self.content or ""
 
 

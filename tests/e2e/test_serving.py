@@ -180,6 +180,7 @@ async def test_concurrent_streams_are_independent(smollm2_cluster, smollm2_refer
 BAD_REQUESTS = [
     ("/v1/completions", b"{not json", "JSON"),
     ("/v1/completions", b"", "no body"),
+    ("/v1/completions", b"[1, 2]", "JSON object"),
     ("/v1/completions", {"max_tokens": 4}, "prompt"),
     ("/v1/completions", {"prompt": 42}, "prompt"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": "many"}, "max_tokens"),
@@ -202,6 +203,9 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "hi", "top_k": -2}, "top_k"),
     ("/v1/completions", {"prompt": "hi", "min_p": 1.5}, "min_p"),
     ("/v1/completions", {"prompt": "hi", "stop_token_ids": [10**9]}, "stop_token_ids"),
+    ("/v1/completions", {"prompt": "hi", "seed": 2**64}, "seed"),  # past 64 bits (was a 500)
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}]}, "image_url"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
                               "response_format": {"type": "json_object"}}, "response_format"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
