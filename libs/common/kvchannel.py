@@ -67,9 +67,13 @@ class ChannelCancelled(ChannelError):
     pair is intact."""
 
 
-def _wire_device(backend: str) -> str:
-    """Where a backend's tensors must be: NCCL's on this process's current GPU, gloo's on the host."""
-    return f"cuda:{torch.cuda.current_device()}" if backend == "nccl" else "cpu"
+def _wire_device(backend: str, gpu: str | None) -> str:
+    """Where a backend's tensors must be: NCCL's on the replica's GPU, gloo's on the host."""
+    if backend != "nccl":
+        return "cpu"
+    if gpu is None or torch.device(gpu).type != "cuda":
+        raise ChannelError("the nccl channel backend moves KV between GPUs: the replica needs --device cuda")
+    return gpu
 
 
 def _make_group(store: dist.Store, pair_id: str, rank: int, host: str, timeout_s: float, backend: str):
@@ -136,10 +140,9 @@ class ChannelPair:
 class DistPair(ChannelPair):
     """A two-rank torch.distributed group (gloo or NCCL).
 
-    NCCL moves CUDA tensors only: a payload from the host goes through the GPU (`wire_device`), and what
-    arrives there is copied to where the caller asked. The codec works on the host, so on GPUs this
-    costs a copy each way beside the transfer: the price of NCCL's links between GPUs of different
-    hosts. Gloo sends host tensors as they are."""
+    NCCL moves CUDA tensors only: a payload from the host is staged through the replica's GPU
+    (`wire_device`), and what arrives there is copied to where the caller asked. The codec works on the
+    host, so NCCL costs a copy each way beside the transfer. Gloo sends host tensors as they are."""
 
     def __init__(self, pair_id: str, group, rank: int, timeout_s: float, wire_device: str = "cpu"):
         super().__init__(pair_id, rank, timeout_s)
@@ -433,9 +436,11 @@ def detach_from(buf: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Te
 class ChannelHost:
     """Decode side: hosts the rendezvous store (and the socket listener) and accepts pairs."""
 
-    def __init__(self, host: str | None = None, port: int = 0, timeout_s: float = DEFAULT_TIMEOUT_S):
+    def __init__(self, host: str | None = None, port: int = 0, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 gpu: str | None = None):
         self.host = host or "127.0.0.1"
         self.timeout_s = timeout_s
+        self.gpu = gpu  # the replica's CUDA device, which nccl pairs move KV through (None: no GPU)
         self.store = dist.TCPStore(
             self.host, port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout_s)
         )
@@ -466,12 +471,13 @@ class ChannelHost:
                 sock = self._arrived.pop(pair_id)
             pair: ChannelPair = SocketPair(pair_id, sock, DECODE_RANK, self.timeout_s)
         else:
+            wire = _wire_device(backend, self.gpu)
             try:
                 group = _make_group(self.store, pair_id, DECODE_RANK, self.host, self.timeout_s, backend)
             except RuntimeError as exc:  # torch.distributed errors (DistStoreError: the wait timed out)
                 raise ChannelError(f"pair {pair_id}: the prefill side did not connect within {self.timeout_s} s"
                                    f" ({str(exc).splitlines()[0]})") from None
-            pair = DistPair(pair_id, group, DECODE_RANK, self.timeout_s, _wire_device(backend))
+            pair = DistPair(pair_id, group, DECODE_RANK, self.timeout_s, wire)
         with self._lock:
             self.pairs[pair_id] = pair
         return pair
@@ -530,11 +536,12 @@ def _recv_name(sock: socket.socket) -> str:
 class ChannelClient:
     """Prefill side: one pair per decode endpoint, rebuilt when it breaks."""
 
-    def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S, backend: str = DEFAULT_BACKEND):
+    def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S, backend: str = DEFAULT_BACKEND, gpu: str | None = None):
         if backend not in BACKENDS:
             raise ValueError(f"unknown channel backend {backend!r} (one of {', '.join(BACKENDS)})")
         self.timeout_s = timeout_s
         self.backend = backend
+        self.gpu = gpu  # as ChannelHost's
         self.pairs: dict[str, ChannelPair] = {}  # endpoint -> pair
         self._stores: dict[str, dist.TCPStore] = {}
 
@@ -551,8 +558,9 @@ class ChannelClient:
                 _send_name(sock, pair_id)
                 pair: ChannelPair = SocketPair(pair_id, sock, PREFILL_RANK, self.timeout_s)
             else:
+                wire = _wire_device(backend, self.gpu)
                 group = _make_group(store, pair_id, PREFILL_RANK, _route_to(host), self.timeout_s, backend)
-                pair = DistPair(pair_id, group, PREFILL_RANK, self.timeout_s, _wire_device(backend))
+                pair = DistPair(pair_id, group, PREFILL_RANK, self.timeout_s, wire)
         except Exception as exc:
             raise ChannelError(f"cannot connect channel to {endpoint}: {str(exc).splitlines()[0]}") from None
         self.pairs[endpoint] = pair

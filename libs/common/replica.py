@@ -93,7 +93,9 @@ class ReplicaHost:
         self.channel_executor = ThreadPoolExecutor(CHANNEL_THREADS, thread_name_prefix="kvchannel")
         self._channel_host: ChannelHost | None = None
         self.channel_pairs: dict[str, asyncio.Future] = {}  # pair id -> its accept, for the roles that receive KV
-        self.channel_client = ChannelClient(timeout_s=args.channel_timeout, backend=args.channel_backend)
+        self.gpu = args.device if args.device.startswith("cuda") else None  # nccl pairs move KV through it
+        self.channel_client = ChannelClient(timeout_s=args.channel_timeout, backend=args.channel_backend,
+                                            gpu=self.gpu)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
 
@@ -102,9 +104,8 @@ class ReplicaHost:
     @property
     def channel_host(self) -> ChannelHost:
         if self._channel_host is None:
-            self._channel_host = ChannelHost(
-                host=self.args.channel_host, port=self.args.channel_port, timeout_s=self.args.channel_timeout
-            )
+            self._channel_host = ChannelHost(host=self.args.channel_host, port=self.args.channel_port,
+                                             timeout_s=self.args.channel_timeout, gpu=self.gpu)
         return self._channel_host
 
     def publish_soon(self, subject: str, message, headers: dict | None = None) -> None:

@@ -283,3 +283,18 @@ def test_buffer_pool_recycles_and_detach_copies_only_views():
     pool.give(torch.empty(10, dtype=torch.uint8))
     pool.give(torch.empty(1000, dtype=torch.uint8))  # over max_buffers: the smallest is dropped
     assert pool.take(500).numel() == 1000
+
+
+def test_nccl_pairs_need_the_replicas_gpu():
+    """Without a CUDA device to stage KV through, an nccl pair fails at once on either side, saying why,
+    instead of waiting for a peer or failing inside NCCL."""
+    host = ChannelHost(timeout_s=5)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(ChannelError, match="needs --device cuda"):
+            host.accept("pair-nccl", "nccl")
+        with pytest.raises(ChannelError, match="needs --device cuda"):
+            ChannelClient(timeout_s=5, backend="nccl").connect(host.endpoint, "pair-nccl")
+        assert time.monotonic() - t0 < 2  # neither waited out its timeout
+    finally:
+        host.close()
