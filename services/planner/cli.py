@@ -211,6 +211,9 @@ def format_plan(plan: Plan) -> str:
         f"price: ${plan.price_per_hour:.2f}/h for the GPUs used "
         f"(cluster ${plan.meta.get('cluster_price_per_hour', 0):.2f}/h), {per_dollar:.3f} req/s per $/h",
     ]
+    if load := plan.meta.get("network_load"):
+        busiest = ", ".join(f"{k} {v:.0%}" for k, v in list(load.items())[:4])
+        out.append(f"KV traffic at the objective rate, busiest first (share of bandwidth): {busiest}")
     if plan.unused_gpus:
         out.append(f"unused GPUs: {_gpus(plan.unused_gpus)}")
     return "\n".join(out)

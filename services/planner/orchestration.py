@@ -64,6 +64,8 @@ class Orchestration:
     rate: float  # req/s sustained within SLOs (the objective)
     flows: dict[tuple[str, str], float] = field(default_factory=dict)
     routes: dict[tuple[str, str], Route] = field(default_factory=dict)
+    # share of each link's and NIC's bandwidth the flows' KV takes ("link a-b", "a out", "b in")
+    network_load: dict[str, float] = field(default_factory=dict)
 
     def dispatch(self, prefill_ids: list[str]) -> dict[str, float]:
         out = {p: sum(f for (pp, _), f in self.flows.items() if pp == p) for p in prefill_ids}
@@ -206,4 +208,7 @@ def solve(cluster: Cluster, prefills: list[ReplicaLoad], decodes: list[ReplicaLo
         return Orchestration(0.0, routes=routes)
     flows = {(prefills[i].id, decodes[j].id): float(x) for (i, j), x in zip(cols, res.x, strict=True)
              if x > 1e-12}
-    return Orchestration(float(-res.fun), flows, routes)
+    used = A[n_p + n_d:] @ res.x
+    load = {(f"link {key[1]}-{key[2]}" if key[0] == "link" else f"{key[1]} {key[0]}"): float(u)
+            for key, u in zip(rows, used, strict=True)}
+    return Orchestration(float(-res.fun), flows, routes, load)

@@ -326,7 +326,10 @@ class Planner:
                                  if self.calib != cm.DEFAULT_CALIBRATION else {})},
                   **extra,
                   "kv_transfer_s": {f"{p}->{d}": round(r.transfer_s, 4) for (p, d), r in result.routes.items()
-                                    if (p, d) in result.flows}},
+                                    if (p, d) in result.flows},
+                  # at the objective rate, the most loaded first (the LP keeps each at most link_util_max)
+                  "network_load": {k: round(v, 3) for k, v in sorted(result.network_load.items(), key=lambda kv: -kv[1])
+                                   if v >= 0.005}},
         )
 
     def _replica(self, rid: str, perf: GroupPerf, gpus: list[str]) -> Replica:

@@ -26,6 +26,11 @@ def test_plan_prints_table_and_writes_json(tmp_path, capsys):
     plan.validate()
     assert plan.replicas and plan.objective > 0 and plan.epoch == 1
     assert plan.model == "llama-13b" and plan.workload["rate"] == 3
+    # the KV traffic the plan puts on the network, busiest first, on the screen and in the plan
+    load = plan.meta["network_load"]
+    assert list(load.values()) == sorted(load.values(), reverse=True) and max(load.values()) <= 0.6 + 1e-6
+    busiest = next(iter(load))
+    assert f"busiest first (share of bandwidth): {busiest} {load[busiest]:.0%}" in cap.out
 
 
 def test_trace_workload_and_hf_config(tmp_path, capsys):

@@ -89,6 +89,9 @@ def test_a_shared_nic_bounds_the_kv_into_one_node():
         return orch.solve(cl, pre, dec, lambda p, d: orch.route_metrics(cl, m, w, p, d, "none", calib), calib)
 
     assert rate(8).rate == pytest.approx(1e9 / kv)
+    shared = rate(8).network_load  # c's NIC full, each link half used (the LP may split the flow either way)
+    assert shared["c in"] == pytest.approx(1.0) and shared["a out"] + shared["b out"] == pytest.approx(1.0)
+    assert shared["link a-c"] == pytest.approx(shared["a out"]) and "c out" not in shared
     assert rate(16).rate == pytest.approx(2e9 / kv)
     assert rate(16).flows[("a", "d")] == pytest.approx(1e9 / kv)
     # a NIC slower than the link also slows the one transfer down
