@@ -32,16 +32,19 @@ ATTENTION = "thunderserve"
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
-    """Attention for both phases, always computed in float32.
+    """Attention for both phases: on the CPU computed in float32, on a GPU by torch's SDPA as it is.
 
-    Prefill (many query positions) runs torch's SDPA. A decode step (one query position per
+    On the CPU, prefill (many query positions) runs torch's SDPA. A decode step (one query position per
     sequence) is two small batched matmuls: SDPA's CPU flash kernel is tiled for long queries and
     took ~2x as long here. Reduced-precision models keep their matmuls in bf16/fp16 and their
     attention in fp32: on CPUs torch's bf16 attention kernel is ~2.5x slower than its fp32 one.
+    On a GPU, SDPA's fused kernels take both phases in the model's own dtype.
     """
-    if query.shape[2] != 1:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if query.is_cuda:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    if query.shape[2] != 1:
         out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
                                               scaling=scaling, **kwargs)
         return out.to(query.dtype), weights
@@ -138,8 +141,9 @@ class Engine:
         self.model, self.tokenizer = load_model(model, dtype=dtype, attn_implementation=ATTENTION, device=self.device)
         self.config = self.model.config
         self.dtype = getattr(torch, dtype)
-        # The decode batch's KV is fp32, as attention computes (no per-step cast of the cache).
-        self.kv_dtype = torch.float32
+        # The decode batch's KV is in the dtype attention computes in (no per-step cast of the cache): fp32
+        # on the CPU, the model's own on a GPU (`_attention`).
+        self.kv_dtype = self.dtype if self.device.type == "cuda" else torch.float32
         self.max_context = int(getattr(self.config, "max_position_embeddings", 2048))
         eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
         eos = eos if eos is not None else self.config.eos_token_id
