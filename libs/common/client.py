@@ -139,6 +139,8 @@ class Client:
             sampling = SamplingParams(**params)
         except TypeError as exc:
             raise ValueError(f"unknown sampling parameter: {exc}") from None
+        if sampling.seed is not None and not protocol.SEED_RANGE[0] <= sampling.seed < protocol.SEED_RANGE[1]:
+            raise ValueError("seed must be a 64-bit integer")  # (msgpack could not carry it to the router)
         inbox = self.nc.new_inbox()
         events: asyncio.Queue[CompletionEvent | None] = asyncio.Queue()  # None: ask for a replay
 

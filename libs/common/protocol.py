@@ -86,6 +86,8 @@ class Subjects:
 
 MAX_LOGPROBS = 20  # SamplingParams: alternatives per token at most (OpenAI's limit)
 MAX_PENALTY = 2.0  # SamplingParams: presence/frequency penalties lie in [-MAX_PENALTY, MAX_PENALTY] (OpenAI's range)
+MAX_STOPS = 4  # SamplingParams: stop strings at most (OpenAI's limit)
+SEED_RANGE = (-(1 << 63), 1 << 63)  # SamplingParams: a seed is a signed 64-bit integer, [lo, hi)
 
 
 @dataclass

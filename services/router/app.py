@@ -232,7 +232,9 @@ async def _submit_choices(core: RouterCore, prompt_ids: list[list[int]], samplin
     try:
         for ids in prompt_ids:
             for i in range(n):
-                seed = sampling.seed + i if sampling.seed is not None else None
+                seed = sampling.seed
+                if seed is not None and i:  # wrapped into the 64 bits a seed has (core checks the first as sent)
+                    seed = (seed + i + (1 << 63)) % (1 << 64) - (1 << 63)
                 flights.append(await core.submit(ids, dataclasses.replace(sampling, seed=seed), parent,
                                                  kv_codec=kv_codec))
     except BaseException:

@@ -37,6 +37,8 @@ from thunderserve.common.planstore import PlanWatcher
 from thunderserve.common.protocol import (
     MAX_LOGPROBS,
     MAX_PENALTY,
+    MAX_STOPS,
+    SEED_RANGE,
     Abort,
     Heartbeat,
     PrefillRequest,
@@ -262,6 +264,12 @@ class RouterCore:
                 raise RequestError(400, f"{name} must be between -{MAX_PENALTY:g} and {MAX_PENALTY:g}", param=name)
         if sampling.logprobs is not None and not 0 <= sampling.logprobs <= MAX_LOGPROBS:
             raise RequestError(400, f"logprobs must be between 0 and {MAX_LOGPROBS}", param="logprobs")
+        if len(sampling.stop) > MAX_STOPS:
+            raise RequestError(400, f"at most {MAX_STOPS} stop sequences", param="stop")
+        if any(s == "" for s in sampling.stop):
+            raise RequestError(400, "stop sequences must not be empty", param="stop")
+        if sampling.seed is not None and not SEED_RANGE[0] <= sampling.seed < SEED_RANGE[1]:
+            raise RequestError(400, "seed must be a 64-bit integer", param="seed")
         vocab = len(self.tokenizer)
         if any(not 0 <= t < vocab for t in sampling.logit_bias):
             raise RequestError(400, f"logit_bias keys must be token ids in [0, {vocab})", param="logit_bias")

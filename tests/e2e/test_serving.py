@@ -204,6 +204,9 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "hi", "min_p": 1.5}, "min_p"),
     ("/v1/completions", {"prompt": "hi", "stop_token_ids": [10**9]}, "stop_token_ids"),
     ("/v1/completions", {"prompt": "hi", "seed": 2**64}, "seed"),  # past 64 bits (was a 500)
+    ("/v1/completions", {"prompt": "hi", "seed": 2**64, "n": 2}, "seed"),
+    ("/v1/completions", {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ("/v1/completions", {"prompt": "hi", "stop": ""}, "stop"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}]}, "image_url"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
@@ -274,10 +277,13 @@ async def test_sdk_reports_bad_input(smollm2_cluster):
         with pytest.raises(ThunderServeError) as err:
             await client.complete("hi", model="not-a-model")
         assert err.value.status == 404
-        for bad in ({"temperature": -1.0}, {"top_k": -1}, {"min_p": 2.0}):
+        # the same checks as over HTTP (RouterCore.check_request): five stop strings were once taken here
+        for bad in ({"temperature": -1.0}, {"top_k": -1}, {"min_p": 2.0}, {"stop": list("abcde")}):
             with pytest.raises(ThunderServeError) as err:
                 await client.complete("hi", max_tokens=2, **bad)
             assert err.value.status == 400 and next(iter(bad)) in str(err.value)
+        with pytest.raises(ValueError, match="seed must be a 64-bit integer"):  # msgpack could not carry it
+            await client.complete("hi", max_tokens=2, seed=1 << 64)
         chunks = [c async for c in client.stream("Once upon a time", max_tokens=5, temperature=0)]
         assert chunks[-1].finish_reason == "length" and sum(len(c.token_ids) for c in chunks) == 5
 
@@ -344,6 +350,10 @@ def test_n_choices_are_the_seeded_requests_one_by_one(smollm2_cluster):
         prompt_tokens = alone[0]["usage"]["prompt_tokens"]
         assert whole["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 18,
                                   "total_tokens": prompt_tokens + 18}
+        # the largest seed's next choice wraps round to the smallest seed, still a 64-bit integer
+        top = http.post(url + "/v1/completions", json={**body, "seed": 2**63 - 1, "n": 2}).json()
+        bottom = http.post(url + "/v1/completions", json={**body, "seed": -2**63}).json()
+        assert top["choices"][1]["text"] == bottom["choices"][0]["text"]
 
         chat = {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 5, "temperature": 1.0,
                 "seed": 9, "n": 2, "stream": True, "stream_options": {"include_usage": True}}
