@@ -11,16 +11,34 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Annotated
+
+from pydantic import Field, TypeAdapter, ValidationError
 
 from thunderserve.common import aio, protocol, tracing
 from thunderserve.common.protocol import CompletionEvent, CompletionRequest, ReplayReply, ReplayRequest
 from thunderserve.router.core import RequestError, RouterCore
+from thunderserve.router.openai_schema import ChatMessage, chat_messages
 
 log = logging.getLogger(__name__)
 
 QUEUE_GROUP = "routers"
 KEEP_S = 60.0  # how long a finished request's events stay available for replay
 MAX_REPLAY = 4096  # events per replay reply (the SDK asks again for the rest); ~50 bytes each
+
+
+_MESSAGES = TypeAdapter(Annotated[list[ChatMessage], Field(min_length=1)])
+
+
+def _sdk_messages(messages: list) -> list[ChatMessage]:
+    """The SDK's chat messages under the HTTP API's rules (roles, text-only content parts), or the 400."""
+    try:
+        return _MESSAGES.validate_python(messages)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in ("messages", *first["loc"]))
+        raise RequestError(400, f"invalid '{where}': {first['msg'].removeprefix('Value error, ')}",
+                           param="messages") from None
 
 
 class NatsEntry:
@@ -52,8 +70,8 @@ class NatsEntry:
             if not request.reply_subject:
                 raise RequestError(400, "reply_subject is required")
             core.check_model(request.model)
-            if request.messages is not None:
-                prompt_ids = core.tokenize_chat(request.messages)
+            if request.messages is not None:  # checked and templated as the HTTP API's chat messages are
+                prompt_ids = core.tokenize_chat(chat_messages(_sdk_messages(request.messages)))
             elif request.prompt is not None:
                 prompt_ids = core.tokenize_prompt(request.prompt)
             else:

@@ -284,6 +284,18 @@ async def test_sdk_reports_bad_input(smollm2_cluster):
             assert err.value.status == 400 and next(iter(bad)) in str(err.value)
         with pytest.raises(ValueError, match="seed must be a 64-bit integer"):  # msgpack could not carry it
             await client.complete("hi", max_tokens=2, seed=1 << 64)
+        # chat messages under the HTTP API's rules, so one conversation is one prompt whichever way it comes:
+        # before, the SDK's took any role, failed on text parts and kept "developer" out of the system turn
+        for bad in ([{"role": "wizard", "content": "hi"}], [{"role": "user", "content": [{"type": "image_url"}]}]):
+            with pytest.raises(ThunderServeError) as err:
+                await client.complete(messages=bad, max_tokens=2)
+            assert err.value.status == 400 and "messages.0" in str(err.value)
+        chat = [{"role": "developer", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Hi!"}]}]
+        sdk = await client.complete(messages=chat, max_tokens=1)
+        http = httpx.post(smollm2_cluster.http_url + "/v1/chat/completions", timeout=60,
+                          json={"messages": chat, "max_tokens": 1}).json()
+        assert sdk.usage.prompt_tokens == http["usage"]["prompt_tokens"]
         chunks = [c async for c in client.stream("Once upon a time", max_tokens=5, temperature=0)]
         assert chunks[-1].finish_reason == "length" and sum(len(c.token_ids) for c in chunks) == 5
 
