@@ -60,23 +60,22 @@ class Cluster:
                 gpu = catalog.get(str(nd["gpu"]))
             except KeyError as exc:
                 raise ValueError(f"node {name}: {exc.args[0]}") from None
-            count = int(nd.get("count", 1))
-            if count < 1:
-                raise ValueError(f"node {name}: count must be >= 1")
-            intra = float(nd.get("intra_gbps", 128.0))
-            price = float(nd.get("price_per_gpu_hour", gpu.price))
+            count = int(_number(nd.get("count", 1), f"node {name}: count", 1, integer=True))
+            intra = _number(nd.get("intra_gbps", 128.0), f"node {name}: intra_gbps")
+            price = _number(nd.get("price_per_gpu_hour", gpu.price), f"node {name}: price_per_gpu_hour", 0.0)
             nic = nd.get("nic_gbps")
-            if nic is not None and not float(nic) > 0:
-                raise ValueError(f"node {name}: nic_gbps must be > 0")
-            nodes.append(Node(name, gpu, count, intra, price, None if nic is None else float(nic)))
+            nodes.append(Node(name, gpu, count, intra, price,
+                              None if nic is None else _number(nic, f"node {name}: nic_gbps")))
         net = d.get("network") or {}
-        default = float(net.get("default_gbps", 10.0))
+        if not isinstance(net, dict):
+            raise ValueError("cluster spec: 'network' must be a mapping (default_gbps, links)")
+        default = _number(net.get("default_gbps", 10.0), "network: default_gbps")
         links: dict[tuple[str, str], float] = {}
         names = {n.name for n in nodes}
         for link in net.get("links") or []:
             if not isinstance(link, (list, tuple)) or len(link) != 3:
                 raise ValueError(f"network link {link!r}: expected [nodeA, nodeB, gbps]")
-            a, b, g = str(link[0]), str(link[1]), float(link[2])
+            a, b, g = str(link[0]), str(link[1]), _number(link[2], f"network link {link!r}: gbps")
             if a not in names or b not in names:
                 raise ValueError(f"network link {link!r}: unknown node")
             links[_pair(a, b)] = g
@@ -158,6 +157,26 @@ class Cluster:
         price = self.price_per_hour()
         return {key: sum(getattr(n.gpu, key) * n.count for n in self.nodes) / price
                 for key in ("tflops", "mem_gbps", "mem_gb")}
+
+
+def _number(value: Any, what: str, least: float | None = None, integer: bool = False) -> float:
+    """`value` as a number: above 0 (`least` None, for rates), or at least `least`; else a ValueError
+    that names `what`."""
+    if isinstance(value, str):  # YAML reads 1e3 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and integer:
+        ok = float(value).is_integer()
+    if ok:
+        ok = value > 0 if least is None else value >= least
+    if not ok:
+        kind = "a whole number" if integer else "a number"
+        bound = "above 0" if least is None else f">= {least:g}"
+        raise ValueError(f"{what} must be {kind} {bound}, not {value!r}")
+    return float(value)
 
 
 def _pair(a: str, b: str) -> tuple[str, str]:

@@ -1,5 +1,6 @@
 """The upper level: tabu search against exhaustive enumeration, the phase mix, slow links."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -49,8 +50,24 @@ def test_a_nodes_nic_is_its_fastest_link_unless_given():
     assert two.transfer_resources("a", "a") == [(("link", "a", "a"), two.node("a").intra_gbps)]
     assert Cluster.from_dict(two.to_dict()).nic_gbps("b") == 4
     assert "nic_gbps" not in Cluster.from_dict(two.to_dict()).to_dict()["nodes"][0]
-    with pytest.raises(ValueError, match="nic_gbps must be > 0"):
+    with pytest.raises(ValueError, match="nic_gbps must be a number above 0"):
         Cluster.from_dict({"nodes": [{"name": "a", "gpu": "A40", "nic_gbps": 0}]})
+    assert Cluster.from_dict({"nodes": [{"name": "a", "gpu": "A40", "nic_gbps": "1e3"}]}).nic_gbps("a") == 1000
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ({"network": {"default_gbps": 0}}, "default_gbps must be a number above 0, not 0"),  # was a ZeroDivisionError
+    ({"network": {"links": [["a", "b", -1]]}}, "gbps must be a number above 0"),
+    ({"network": "fast"}, "'network' must be a mapping"),
+    ({"nodes": [{"name": "a", "gpu": "A40", "count": "two"}]}, "count must be a whole number >= 1, not 'two'"),
+    ({"nodes": [{"name": "a", "gpu": "A40", "count": 1.5}]}, "count must be a whole number"),
+    ({"nodes": [{"name": "a", "gpu": "A40", "intra_gbps": True}]}, "intra_gbps must be a number above 0"),
+    ({"nodes": [{"name": "a", "gpu": "A40", "price_per_gpu_hour": -1}]}, "price_per_gpu_hour must be a number >= 0"),
+])
+def test_a_cluster_file_with_a_bad_number_names_it(spec, needle):
+    base = {"nodes": [{"name": "a", "gpu": "A40"}, {"name": "b", "gpu": "A40"}]}
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        Cluster.from_dict({**base, **spec})
 
 
 CASES = [(_paper(40), "llama-13b", "code"), (_paper(40), "llama-30b", "conversation"),
