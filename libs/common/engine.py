@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from thunderserve.common.models import check_device, load_model, resolve_model
 
@@ -40,8 +41,6 @@ def _attention(module, query, key, value, attention_mask, scaling=None, **kwargs
     attention in fp32: on CPUs torch's bf16 attention kernel is ~2.5x slower than its fp32 one.
     On a GPU, SDPA's fused kernels take both phases in the model's own dtype.
     """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     if query.is_cuda:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     if query.shape[2] != 1:

@@ -309,9 +309,8 @@ def main(phase: str, argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:  # a wrong model or device is the user's to fix: say so in one line, before connecting anywhere
         resolve_model(args.model)
-        if args.model.lower() != "mocker":
-            check_device(args.device)
-        if args.channel_backend == "nccl" and check_device(args.device).type != "cuda":
+        device = check_device(args.device) if args.model.lower() != "mocker" else None  # (the mocker has no model)
+        if args.channel_backend == "nccl" and (device is None or device.type != "cuda"):
             raise ValueError("--channel-backend nccl moves KV between GPUs: it needs --device cuda")
     except (ValueError, ModelNotFoundError) as exc:
         parser.error(str(exc))

@@ -42,6 +42,10 @@ class Cluster:
         self._by_name = {n.name: n for n in self.nodes}
         if len(self._by_name) != len(self.nodes):
             raise ValueError(f"cluster {self.name!r}: duplicate node names")
+        # each NIC's rate, once: the LP's rows and the simulator's transfers ask for it many times
+        self._nic = {n.name: n.nic_gbps if n.nic_gbps is not None else
+                     max((self.gbps(n.name, o.name) for o in self.nodes if o is not n), default=math.inf)
+                     for n in self.nodes}
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
@@ -119,16 +123,11 @@ class Cluster:
     def nic_gbps(self, name: str) -> float:
         """The rate of node `name`'s NIC, each way, Gbit/s: its `nic_gbps`, or else its fastest link
         to another node (infinite for a cluster of one node, which has no inter-node transfers)."""
-        node = self._by_name[name]
-        if node.nic_gbps is not None:
-            return node.nic_gbps
-        return max((self.gbps(name, o.name) for o in self.nodes if o.name != name), default=math.inf)
+        return self._nic[name]
 
     def path_gbps(self, a: str, b: str) -> float:
         """What one transfer from node a to node b gets alone: the pair's link, or a slower NIC."""
-        if a == b:
-            return self.gbps(a, a)
-        return min(self.gbps(a, b), self.nic_gbps(a), self.nic_gbps(b))
+        return min(gbps for _, gbps in self.transfer_resources(a, b))
 
     def transfer_resources(self, a: str, b: str) -> list[tuple[tuple[str, ...], float]]:
         """What a transfer from node a to node b occupies, each with its Gbit/s: the pair's link

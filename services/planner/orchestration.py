@@ -185,24 +185,21 @@ def solve(cluster: Cluster, prefills: list[ReplicaLoad], decodes: list[ReplicaLo
                 cols.append((i, j))
     if not cols:
         return Orchestration(0.0, routes=routes)
-    # one row per link (node pair) and per NIC direction a transfer uses: ("link", a, b), ("out", a), ("in", b)
-    rows: dict[tuple[str, ...], float] = {}  # resource -> Gbit/s
-    for i, j in cols:
-        for (a, b), _ in routes[(prefills[i].id, decodes[j].id)].link_bytes:
-            for key, gbps in cluster.transfer_resources(a, b):
-                rows.setdefault(key, gbps)
-    index = {key: k for k, key in enumerate(rows)}
+    # one row per link (node pair) and per NIC direction a transfer uses: ("link", a, b), ("out", a), ("in", b);
+    # per column, the seconds of each one's time a request takes
+    rows: dict[tuple[str, ...], int] = {}
+    busy = [[(rows.setdefault(key, len(rows)), nbytes / cm.gbps_to_Bps(gbps, calib))
+             for (a, b), nbytes in routes[(prefills[i].id, decodes[j].id)].link_bytes
+             for key, gbps in cluster.transfer_resources(a, b)] for i, j in cols]
     n_p, n_d = len(prefills), len(decodes)
     A = np.zeros((n_p + n_d + len(rows), len(cols)))
     b = np.ones(A.shape[0])
     b[n_p + n_d:] = calib.link_util_max  # links and NICs are FIFO servers: keep their queues short
     for c, (i, j) in enumerate(cols):
-        r = routes[(prefills[i].id, decodes[j].id)]
-        A[i, c] = 1.0 / r.cap
+        A[i, c] = 1.0 / routes[(prefills[i].id, decodes[j].id)].cap
         A[n_p + j, c] = 1.0 / decodes[j].capacity  # rows scaled to "fraction of capacity used"
-        for (a, b_), nbytes in r.link_bytes:
-            for key, gbps in cluster.transfer_resources(a, b_):
-                A[n_p + n_d + index[key], c] += nbytes / cm.gbps_to_Bps(gbps, calib)
+        for row, seconds in busy[c]:
+            A[n_p + n_d + row, c] += seconds
     res = linprog(-np.ones(len(cols)), A_ub=A, b_ub=b, bounds=(0, None), method="highs")
     if res.status != 0:
         return Orchestration(0.0, routes=routes)

@@ -26,6 +26,7 @@ from thunderserve.router.openai_schema import (
     ResponseBuilder,
     TokenizeBody,
     error_body,
+    validation_message,
 )
 
 log = logging.getLogger(__name__)
@@ -38,25 +39,6 @@ def _error(status: int, message: str, param: str | None = None, code: str | None
     # A client told to come back (overloaded, no replica yet) learns when: one second is a replica's heartbeat or two.
     headers = {"Retry-After": "1"} if status in (429, 503) else None
     return JSONResponse(error_body(message, status, param, code), status_code=status, headers=headers)
-
-
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    errors = exc.errors()
-    if not errors:
-        return "invalid request", None
-    first = errors[0]
-    if first.get("type") == "json_invalid":
-        return "the request body is not valid JSON", None
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
-    if param is None and first.get("type") in ("model_attributes_type", "dict_type"):  # JSON, but no object
-        return "the request body must be a JSON object", None
-    msg = first.get("msg", "invalid value").removeprefix("Value error, ")
-    if first.get("type") == "missing":
-        if param is None:  # the body itself is missing
-            return "the request has no body; send a JSON object", None
-        return f"missing required field '{param}'", param
-    return (f"invalid '{param}': {msg}" if param else msg), param
 
 
 def create_app(core: RouterCore, drain_timeout_s: float = 0.0, api_key: str | None = None) -> FastAPI:
@@ -92,7 +74,7 @@ def create_app(core: RouterCore, drain_timeout_s: float = 0.0, api_key: str | No
 
     @app.exception_handler(RequestValidationError)
     async def _on_invalid(request: Request, exc: RequestValidationError):
-        message, param = _validation_message(exc)
+        message, param = validation_message(exc.errors())
         return _error(400, message, param)
 
     @app.exception_handler(StarletteHTTPException)

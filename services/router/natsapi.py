@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Annotated
 
-from pydantic import Field, TypeAdapter, ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from thunderserve.common import aio, protocol, tracing
 from thunderserve.common.protocol import CompletionEvent, CompletionRequest, ReplayReply, ReplayRequest
 from thunderserve.router.core import RequestError, RouterCore
-from thunderserve.router.openai_schema import ChatMessage, chat_messages
+from thunderserve.router.openai_schema import ChatMessage, ChatMessages, chat_messages, validation_message
 
 log = logging.getLogger(__name__)
 
@@ -27,18 +26,16 @@ KEEP_S = 60.0  # how long a finished request's events stay available for replay
 MAX_REPLAY = 4096  # events per replay reply (the SDK asks again for the rest); ~50 bytes each
 
 
-_MESSAGES = TypeAdapter(Annotated[list[ChatMessage], Field(min_length=1)])
+_MESSAGES = TypeAdapter(ChatMessages)
 
 
 def _sdk_messages(messages: list) -> list[ChatMessage]:
-    """The SDK's chat messages under the HTTP API's rules (roles, text-only content parts), or the 400."""
+    """The SDK's chat messages under the HTTP API's rules (roles, text-only content parts), or its 400."""
     try:
         return _MESSAGES.validate_python(messages)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in ("messages", *first["loc"]))
-        raise RequestError(400, f"invalid '{where}': {first['msg'].removeprefix('Value error, ')}",
-                           param="messages") from None
+        message, param = validation_message(exc.errors(), ("messages",))
+        raise RequestError(400, message, param=param) from None
 
 
 class NatsEntry:

@@ -181,6 +181,9 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
+ChatMessages = Annotated[list[ChatMessage], Field(min_length=1)]  # a chat request's messages, at least one
+
+
 def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
     """The messages as the chat template takes them (OpenAI's "developer" role is a system message)."""
     role = {"developer": "system"}
@@ -188,7 +191,7 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
 
 
 class ChatBody(_Common):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    messages: ChatMessages
     max_completion_tokens: int | None = None
     logprobs: StrictBool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
@@ -217,7 +220,7 @@ class TokenizeBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     prompt: StrictStr | None = None
-    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    messages: ChatMessages | None = None
 
     @model_validator(mode="after")
     def _one_input(self):
@@ -245,6 +248,26 @@ def usage_dict(usage: Usage | None) -> dict:
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
     }
+
+
+def validation_message(errors: list[dict], root: tuple[str, ...] = ()) -> tuple[str, str | None]:
+    """(message, param) for the first of pydantic's `errors`, with the field named from `root` on (a request
+    body's own "body" left out): what the HTTP API and the SDK's entry say about a bad field."""
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return "the request body is not valid JSON", None
+    loc = [str(p) for p in (*root, *first.get("loc", ())) if p != "body"]
+    param = ".".join(loc) or None
+    if param is None and first.get("type") in ("model_attributes_type", "dict_type"):  # JSON, but no object
+        return "the request body must be a JSON object", None
+    msg = first.get("msg", "invalid value").removeprefix("Value error, ")
+    if first.get("type") == "missing":
+        if param is None:  # the body itself is missing
+            return "the request has no body; send a JSON object", None
+        return f"missing required field '{param}'", param
+    return (f"invalid '{param}': {msg}" if param else msg), param
 
 
 def error_body(message: str, status: int, param: str | None = None, code: str | None = None) -> dict:
